@@ -1,0 +1,37 @@
+# mtlab: two commands on a fresh machine with Python 3.11 and pip.
+#   make test     create .venv, install mtlab with test extras, run the test suite
+#   make report   create .venv if needed, run the main job, write reports/
+# constraints.txt pins torch==2.13.0 so a CPU machine never downloads a CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mtlab-installed
+PIP    := $(BIN)/pip install --constraint constraints.txt
+
+.PHONY: venv test report teacher lab clean
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+report: $(STAMP)
+	$(BIN)/python -m mtlab report --out reports
+
+# Retrain the bundled teacher (about 70 minutes on 2 CPU cores). Resumable: rerun after an
+# interruption. Long: run it as  nohup make teacher > runs/teacher.log 2>&1 &
+teacher: $(STAMP)
+	mkdir -p runs
+	$(BIN)/python -m mtlab teacher
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf reports runs .pytest_cache

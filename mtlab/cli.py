@@ -1,0 +1,43 @@
+"""`python -m mtlab <command>`: what the Makefile runs."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mtlab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("teacher", help="train (or resume) the bundled teacher and export it to data/teacher")
+    t.add_argument("--out", default=None, help="export directory (default data/teacher)")
+    t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
+    t.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume by rerunning)")
+    r = sub.add_parser("report", help="evaluate the bundled teacher and write reports/")
+    r.add_argument("--out", default="reports")
+    r.add_argument("--teacher", default=None)
+    r.add_argument("--limit", type=int, default=None, help="decode only the first N words of each split")
+    a = p.parse_args(argv)
+
+    if a.cmd == "teacher":
+        from .teacher import ROOT, TEACHER_DIR, TeacherConfig, train_teacher
+
+        cfg = TeacherConfig()
+        if a.steps:
+            cfg.train.steps = a.steps
+        t0 = time.time()
+        log = train_teacher(a.out or TEACHER_DIR, a.work or ROOT / "runs" / "teacher", cfg,
+                            max_seconds=a.max_minutes * 60 if a.max_minutes else None)
+        print(log.tail(5).to_string(index=False))
+        print(f"done in {time.time() - t0:.0f}s")
+    elif a.cmd == "report":
+        from .report import teacher_report
+
+        teacher_report(Path(a.out), a.teacher, a.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

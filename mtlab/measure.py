@@ -1,0 +1,117 @@
+"""What a compressed model costs: parameters per component, FLOPs, measured latency.
+
+Every helper returns a pandas DataFrame. FLOPs come from torch.utils.flop_counter,
+latency from torch.utils.benchmark (median of repeated greedy generations, with the
+thread count recorded, because CPU timings mean nothing without it).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from .anatomy import anatomy
+
+
+def _unique_numel(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def param_table(model: torch.nn.Module) -> pd.DataFrame:
+    """Parameters by component: each stack's FF sublayers, the rest of its blocks
+    (attention and norms), and everything outside the stacks (embeddings, head, final norms).
+    Tied parameters are counted once, so a merged model with shared FF weights shows its saving."""
+    ana = anatomy(model)
+    rows, in_stacks = [], set()
+    for name, stack in ana.stacks.items():
+        block_params = [p for layer in stack.layers for p in layer.parameters()]
+        ff_params = [p for i in range(len(stack)) for p in stack.layer(i).ff.params()]
+        ff_ids = {id(p) for p in ff_params}
+        rows.append({"component": "ff", "stack": name, "params": _unique_numel(ff_params)})
+        rows.append({"component": "attention_and_norms", "stack": name,
+                     "params": _unique_numel(p for p in block_params if id(p) not in ff_ids)})
+        in_stacks |= {id(p) for p in block_params}
+    rows.append({"component": "embeddings_and_head", "stack": "-",
+                 "params": _unique_numel(p for p in model.parameters() if id(p) not in in_stacks)})
+    df = pd.DataFrame(rows)
+    total = _unique_numel(model.parameters())
+    df.loc[len(df)] = {"component": "total", "stack": "-", "params": total}
+    df["share"] = df.params / total
+    df.attrs["family"] = ana.family
+    return df
+
+
+def stack_params(model: torch.nn.Module) -> int:
+    """Parameters in the layer stacks only: the denominator of the layer-stack compression ratio."""
+    ana = anatomy(model)
+    return _unique_numel(p for s in ana.stacks.values() for layer in s.layers for p in layer.parameters())
+
+
+def forward_flops(model: torch.nn.Module, inputs: dict) -> pd.DataFrame:
+    """FLOPs of one teacher-forced forward pass, total and per top-level stack module."""
+    model.eval()
+    counter = FlopCounterMode(display=False, depth=None)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    counts = counter.get_flop_counts()
+    ana = anatomy(model)
+    rows = [{"part": "total", "flops": counter.get_total_flops()}]
+    for name, stack in ana.stacks.items():
+        key = next((k for k in counts if k.endswith(stack.path) or k.endswith("." + stack.path)), None)
+        flops = sum(counts[key].values()) if key else sum(
+            sum(v.values()) for k, v in counts.items() if k.rsplit(".", 1)[0].endswith(stack.path) and k.rsplit(".", 1)[-1].isdigit())
+        rows.append({"part": name, "flops": flops})
+    return pd.DataFrame(rows)
+
+
+def generate_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen) -> int:
+    """FLOPs of a whole greedy generation (encoder once, decoder per step, with KV cache)."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1, **gen)
+    return counter.get_total_flops()
+
+
+def latency(
+    models: dict[str, torch.nn.Module],
+    task,
+    *,
+    batch_sizes=(1, 64),
+    split: str = "dev",
+    min_run_time: float = 1.0,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Median wall time of greedy `generate` per model and batch size, measured in one run
+    (interleaved by batch size) so ratios between models are fair on a noisy machine.
+
+    Inputs are the first `batch_size` words of a fixed shuffled order of `split`; every model
+    decodes exactly the same inputs. `max_new_tokens` fixes the decode length so models that
+    stop early are not favoured (default: the task's length bound)."""
+    rows = []
+    order = task.batches(split, max(batch_sizes), shuffle=True, seed=seed)[0]
+    for bs in batch_sizes:
+        batch = task.collate(split, order[:bs])
+        new = max_new_tokens or task.max_target_len(int(batch.attention_mask.sum(1).max()))
+        for name, model in models.items():
+            model.eval()
+            timer = benchmark.Timer(
+                stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
+                     "max_new_tokens=n, min_new_tokens=n)",
+                globals={"model": model, "x": batch.input_ids, "m": batch.attention_mask, "n": new},
+                num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}")
+            with torch.no_grad():
+                m = timer.blocked_autorange(min_run_time=min_run_time)
+            rows.append({"model": name, "batch_size": bs, "new_tokens": new, "seconds": m.median,
+                         "iqr": m.iqr, "runs": len(m.times), "threads": torch.get_num_threads()})
+    df = pd.DataFrame(rows)
+    ref = df.groupby("batch_size").seconds.transform("first")
+    df["speedup_vs_first"] = ref / df.seconds
+    return df

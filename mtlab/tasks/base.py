@@ -1,0 +1,164 @@
+"""The task interface every seq2seq task in mtlab implements.
+
+A task owns its text splits, how text becomes token ids and back, and how
+predictions are scored. Batching, decoding and evaluation are written once
+here so the G2P task and users' own text pairs behave identically.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class Batch:
+    """A padded batch: labels use -100 where there is padding."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: list[int]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.index)
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+class Seq2SeqTask:
+    """Base class: subclasses fill `self.splits` and implement the four codec/score methods."""
+
+    name = "seq2seq"
+    pad_id = 0
+    #: name of the metric that model selection minimises or maximises, and its direction
+    primary_metric = "loss"
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        self.splits: dict[str, tuple[list[str], list[str]]] = {}
+        self._encoded: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+
+    # ---- to implement -------------------------------------------------------------------
+    def encode_source(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_target(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode_target(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------
+    def texts(self, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+        if split not in self.splits:
+            raise KeyError(f"unknown split {split!r}; this task has {sorted(self.splits)}")
+        src, tgt = self.splits[split]
+        return (src[:limit], tgt[:limit]) if limit else (src, tgt)
+
+    def encoded(self, split: str) -> tuple[list[list[int]], list[list[int]]]:
+        if split not in self._encoded:
+            src, tgt = self.texts(split)
+            self._encoded[split] = ([self.encode_source(s) for s in src], [self.encode_target(t) for t in tgt])
+        return self._encoded[split]
+
+    def collate(self, split: str, index: Sequence[int]) -> Batch:
+        src, tgt = self.encoded(split)
+        input_ids = pad([src[i] for i in index], self.pad_id)
+        labels = pad([tgt[i] for i in index], -100)
+        return Batch(input_ids, (input_ids != self.pad_id).long(), labels, list(index))
+
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        limit: int | None = None,
+    ) -> list[list[int]]:
+        """Index lists of length-bucketed batches. Shuffled order depends only on (seed, epoch),
+        so a resumed run sees exactly the batches an uninterrupted run would."""
+        src, _ = self.encoded(split)
+        n = min(len(src), limit) if limit else len(src)
+        idx = list(range(n))
+        rng = random.Random(seed * 100_003 + epoch)
+        if shuffle:
+            rng.shuffle(idx)
+        # bucket: sort chunks of 50 batches by length so padding stays small
+        chunk = batch_size * 50
+        out = []
+        for c in range(0, n, chunk):
+            part = sorted(idx[c : c + chunk], key=lambda i: len(src[i]))
+            out += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+        if shuffle:
+            rng.shuffle(out)
+        return out
+
+    def iter_batches(self, split: str, batch_size: int, **kw) -> Iterator[Batch]:
+        for index in self.batches(split, batch_size, **kw):
+            yield self.collate(split, index)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model,
+        split: str,
+        *,
+        limit: int | None = None,
+        batch_size: int = 256,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """Decode a split with `model.generate` (greedy by default, beam search with num_beams>1)."""
+        src_text, tgt_text = self.texts(split, limit)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        hyps: dict[int, str] = {}
+        batches = self.batches(split, batch_size, limit=limit)
+        for index in tqdm(batches, desc=f"decode {split}", disable=not progress, leave=False):
+            b = self.collate(split, index).to(device)
+            longest = int(b.attention_mask.sum(1).max())
+            out = model.generate(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                num_beams=num_beams,
+                do_sample=False,
+                max_new_tokens=max_new_tokens or self.max_target_len(longest),
+            )
+            for i, ids in zip(index, out.tolist()):
+                hyps[i] = self.decode_target(ids)
+        model.train(was_training)
+        return pd.DataFrame({"source": src_text, "reference": tgt_text, "hypothesis": [hyps[i] for i in range(len(src_text))]})
+
+    def max_target_len(self, source_len: int) -> int:
+        return 2 * source_len + 10
+
+    def evaluate(self, model, split: str, **kw) -> dict[str, float]:
+        """Decode and score a split; returns the metrics plus n and wall seconds."""
+        t0 = time.perf_counter()
+        pred = self.predict(model, split, **kw)
+        metrics = self.score(pred.hypothesis.tolist(), pred.reference.tolist())
+        return {"split": split, "n": len(pred), **metrics, "seconds": time.perf_counter() - t0}

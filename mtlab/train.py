@@ -1,0 +1,213 @@
+"""ONE training loop for everything mtlab trains: the teacher, modules, recovery fine-tunes.
+
+Built on accelerate, so the same code runs in one CPU process or under
+`accelerate launch` on several GPUs. Deterministic data order from
+(seed, epoch), resumable from an atomic safetensors checkpoint, a progress bar,
+and a CSV log of losses and periodic evaluations.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_dir, load_training_state, save_training_state
+from .tasks.base import Batch, Seq2SeqTask
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128          # per process; global batch = batch_size * processes
+    lr: float = 1e-3
+    warmup: int = 500
+    min_lr_ratio: float = 0.05     # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "no"          # "no" (fp32) or "bf16" autocast
+    seed: int = 0
+    split: str = "train"
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_every: int = 0            # 0: only at the end
+    extra: dict = field(default_factory=dict)  # free-form, recorded with results
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+LossFn = Callable[[torch.nn.Module, Batch, int], "tuple[torch.Tensor, dict[str, float]]"]
+EvalFn = Callable[[torch.nn.Module], "dict[str, float]"]
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Token cross-entropy of a seq2seq model (padding ignored), optionally label-smoothed."""
+
+    def loss_fn(model, batch: Batch, step: int):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100,
+                               label_smoothing=label_smoothing)
+        return loss, {"ce": loss.item()}
+
+    return loss_fn
+
+
+def train(
+    model: torch.nn.Module,
+    task: Seq2SeqTask,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    params: list[torch.nn.Parameter] | None = None,
+    loss_fn: LossFn | None = None,
+    evaluate: EvalFn | None = None,
+    max_seconds: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train `params` (default: every parameter that requires grad) for cfg.steps steps.
+
+    Resumes from `out_dir/checkpoint` when present. `loss_fn(model, batch, step)` returns
+    (loss, parts) and defaults to token cross-entropy. Returns the log as a DataFrame.
+    `max_seconds` stops early (after a checkpoint) so long runs can be split across sessions.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    log_path = out / "log.csv"
+    accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    start = 0
+    if ckpt.exists():
+        start = load_training_state(ckpt, model, params, optimizer)["step"]
+        accel.print(f"resuming from {ckpt} at step {start}/{cfg.steps}")
+    _truncate_log(log_path, start)
+    wrapped, optimizer = accel.prepare(model, optimizer)
+    unwrapped = accel.unwrap_model(wrapped)
+    wrapped.train()
+
+    world, rank = accel.num_processes, accel.process_index
+    per_epoch = len(task.batches(cfg.split, cfg.batch_size)) // world
+    if per_epoch == 0:
+        raise ValueError(f"split {cfg.split!r} has fewer than {world} batches of {cfg.batch_size}")
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def batch_for(step: int) -> Batch:
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = task.batches(cfg.split, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        return task.collate(cfg.split, epoch_cache[epoch][i * world + rank]).to(accel.device)
+
+    t0, elapsed0 = time.perf_counter(), _logged_seconds(log_path)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accel.is_main_process)
+    step = start
+    running: dict[str, float] = {}
+    counted = 0
+    for step in bar:
+        lr = cfg.lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = batch_for(step)
+        with accel.autocast():
+            loss, parts = loss_fn(wrapped, batch, step)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                f"({ckpt if ckpt.exists() else 'none yet'}) is intact. Lower the learning rate "
+                f"(now {lr:.2e}), use precision='no', or check the data.")
+        accel.backward(loss)
+        if cfg.grad_clip:
+            accel.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for k, v in {"loss": loss.item(), **parts}.items():
+            running[k] = running.get(k, 0.0) + v
+        counted += 1
+        done = step + 1
+        row = None
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            # mean over the steps since the last row (fewer right after a resume)
+            row = {"step": done, "lr": lr, **{k: v / counted for k, v in running.items()}}
+            running, counted = {}, 0
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+        if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            row = row or {"step": done, "lr": lr}
+            if accel.is_main_process:
+                row.update({f"dev_{k}": v for k, v in evaluate(unwrapped).items() if isinstance(v, (int, float))})
+            wrapped.train()
+        out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if row is not None and accel.is_main_process:
+            row["seconds"] = elapsed0 + time.perf_counter() - t0
+            _append_log(log_path, row)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or out_of_time:
+            accel.wait_for_everyone()
+            if accel.is_main_process:
+                with atomic_dir(ckpt) as tmp:
+                    save_training_state(tmp, unwrapped, params, optimizer, done, {"config": asdict(cfg)})
+        if out_of_time:
+            accel.print(f"stopping at step {done} after {max_seconds:.0f}s; rerun the same command to resume")
+            break
+    bar.close()
+    accel.wait_for_everyone()
+    return read_log(log_path)
+
+
+def read_log(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+def _logged_seconds(path: Path) -> float:
+    log = read_log(path)
+    return float(log["seconds"].iloc[-1]) if len(log) and "seconds" in log else 0.0
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the checkpoint we resume from, so the CSV matches the weights."""
+    log = read_log(path)
+    if len(log):
+        log = log[log.step <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        log.to_csv(tmp, index=False)
+        tmp.replace(path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    log = read_log(path)
+    if len(log) and set(row) - set(log.columns):
+        # a new column (first evaluation): rewrite with the union of columns
+        pd.concat([log, pd.DataFrame([row])], ignore_index=True).to_csv(path, index=False)
+        return
+    cols = list(log.columns) if len(log) else list(row)
+    new = not path.exists() or not len(log)
+    with path.open("a" if not new else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            w.writeheader()
+        w.writerow(row)

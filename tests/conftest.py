@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def g2p_task():
+    from mtlab.tasks.g2p import G2PTask
+
+    return G2PTask()
+
+
+@pytest.fixture
+def tiny_t5(g2p_task):
+    """A 2+2-layer T5 of the teacher's shape family, random weights, for fast loop tests."""
+    from mtlab.teacher import TeacherConfig, build_teacher
+
+    torch.manual_seed(0)
+    return build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=2,
+                                                           num_decoder_layers=2, dropout=0.1))
