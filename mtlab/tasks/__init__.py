@@ -1,0 +1,6 @@
+"""Seq2seq tasks: the shared task interface, the bundled CMUdict G2P task, and users' own text pairs."""
+from .base import Seq2SeqTask
+from .g2p import G2PTask
+from .pairs import PairsTask
+
+__all__ = ["Seq2SeqTask", "G2PTask", "PairsTask"]
