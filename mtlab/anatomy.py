@@ -159,6 +159,8 @@ class ArchSpec:
     ff_container: DottedPath
     attn_out: DottedPath
     ff_act: DottedPath | None = None
+    # config attribute holding each stack's depth, updated when a stack is re-tiled
+    layer_counts: dict[str, str] = field(default_factory=lambda: {"layers": "num_hidden_layers"})
 
     def layer(self, index: int, block: nn.Module, where: str = "block") -> Layer:
         """Resolve this spec's paths in one block (`where` names it in errors)."""
@@ -219,6 +221,33 @@ def anatomy(model: nn.Module) -> Anatomy:
         if len(s):
             s.layer(0)
     return anat
+
+
+def set_stack_layers(model: nn.Module, stack: str, blocks: list[nn.Module], *, update_config: bool = True) -> None:
+    """Replace a stack's blocks (e.g. by an assembly of original layers and modules).
+
+    Installs a new nn.ModuleList at the stack's path, renumbers `layer_idx` (HF's
+    KV-cache slot) on every submodule that has one, and, unless update_config is
+    False (a transient swap during training), writes the new depth to the config
+    attribute named by the registry so save_pretrained/from_pretrained round-trips.
+    """
+    ana = anatomy(model)
+    st = ana.stack(stack)
+    if not blocks:
+        raise ValueError(f"{stack}: a stack needs at least one block")
+    parent_path, _, attr = st.path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList(blocks))
+    if update_config:
+        for i, block in enumerate(blocks):
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = i
+        key = st.spec.layer_counts.get(stack)
+        if key is None:
+            raise UnsupportedArchitectureError(f"{ana.family}: no config attribute registered for the depth of "
+                                               f"stack {stack!r}; add it to ArchSpec.layer_counts")
+        setattr(model.config, key, len(blocks))
 
 
 # ---------------------------------------------------------------------------
@@ -341,20 +370,22 @@ register(ArchSpec(
     ff_in=(f"{_T5_FF}.wi", f"{_T5_FF}.wi_1"),  # ReLU T5: wi; gated: wi_1 is the linear branch
     ff_gate=f"{_T5_FF}.wi_0",                  # gated only: act(wi_0(x)) * wi_1(x)
     ff_out=f"{_T5_FF}.wo", ff_container=_T5_FF, ff_act=f"{_T5_FF}.act",
-    attn_out="layer.0.SelfAttention.o"))
+    attn_out="layer.0.SelfAttention.o",
+    layer_counts={"encoder": "num_layers", "decoder": "num_decoder_layers"}))
 
 for _family in ("bart", "marian", "mbart"):  # fc1/fc2 live directly in the block
     register(ArchSpec(
         family=_family, model_types=(_family,),
         stacks={"encoder": "encoder.layers", "decoder": "decoder.layers"},
         ff_in="fc1", ff_gate=None, ff_out="fc2", ff_container="", ff_act="activation_fn",
-        attn_out="self_attn.out_proj"))
+        attn_out="self_attn.out_proj",
+        layer_counts={"encoder": "encoder_layers", "decoder": "decoder_layers"}))
 
 register(ArchSpec(
     family="gpt2", model_types=("gpt2",),
     stacks={"layers": "h"},
     ff_in="mlp.c_fc", ff_gate=None, ff_out="mlp.c_proj", ff_container="mlp", ff_act="mlp.act",
-    attn_out="attn.c_proj"))
+    attn_out="attn.c_proj", layer_counts={"layers": "n_layer"}))
 
 register(ArchSpec(  # also MiniLM, which is a BERT; RoBERTa shares the layout
     family="bert", model_types=("bert", "roberta"),

@@ -146,7 +146,10 @@ def load_teacher(path: str | Path = TEACHER_DIR, dtype=torch.float32):
         raise ValueError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model expects {config.vocab_size}: "
                          f"the tokenizer does not belong to this model; {fix}")
     model = T5ForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{weights} does not fit the config in {path} ({str(e).splitlines()[-1].strip()}); {fix}") from e
     missing = [m for m in missing if m not in ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]}); {fix}")

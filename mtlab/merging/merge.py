@@ -1,0 +1,518 @@
+"""Merge and tie feed-forward sublayers (Verma, Murray, Duh 2025), and save/load the tied model.
+
+A merge set is described by a `MergeSpec`, written as a short string:
+
+    STACK ":" LAYERS ["@" ANCHOR] ["/" METHOD]
+
+    STACK   a stack of the model, as `mtlab.anatomy` names it: encoder, decoder, layers
+    LAYERS  comma-separated layer indices and inclusive ranges: "2-4", "0,2,5", "1-3,6"
+    ANCHOR  first | middle | last | a layer index of the set      (default: first)
+            ("middle" of an even-sized set is the lower middle: 2-5@middle -> 3)
+    METHOD  permute | vanilla                                     (default: permute)
+
+e.g. "encoder:2-4@middle/permute", "layers:3-7@last/vanilla", "decoder:0,2,4@2" (an
+integer anchor must be a layer of the set). `str(spec)` writes the full canonical form.
+
+`merge_ffs(model, specs, correlations)`: for each set, every non-anchor layer is aligned
+to the anchor ("permute": the permutation from a linear assignment on the anchor-vs-layer
+correlation of FF pre-activation features; "vanilla": no alignment), the aligned w_in,
+w_gate, w_out weights and biases are averaged into the anchor, and then TIED.
+
+Tying: every non-anchor layer's FF projection modules are re-pointed to the anchor's
+Parameter objects (`module.weight = anchor_module.weight`, same for bias; "weight"/"bias"
+are the torch attributes of nn.Linear and GPT-2 Conv1D, not HF names). The modules stay
+distinct, so every HF forward runs unchanged, per-layer hooks (feature capture) still
+tell the layers apart, `model.parameters()` (and `measure.param_table`) counts the
+shared weights once, and training updates the one shared copy (its gradient sums over
+the tied layers). Sharing whole modules instead would break per-layer hooks and, in
+BART/BERT-like blocks where the FF lives directly in the block, would need block surgery.
+
+The applied specs are recorded as `model.config.mtlab_merges` (a list of spec strings),
+which `save_merged` persists and `load_merged` replays to re-tie. transformers 5.23's
+`save_pretrained` refuses to save such a model ("shared tensors ... which are not properly
+defined"), and older versions silently dropped the aliases; so `save_merged` writes the
+state dict itself: one safetensors file where every shared tensor is stored once (HF's own
+tied embeddings are de-duplicated the way save_pretrained does it), `config.json` (+
+`generation_config.json`), and `mtlab_merges.json` naming the merges and every dropped
+alias. Load it with `load_merged`; a plain `from_pretrained` would leave the non-anchor FF
+weights missing (randomly initialised, reported as missing keys).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..anatomy import FF, Anatomy, anatomy, in_features, set_weight_oi, weight_oi
+from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
+from .align import check_correlation, ff_width, match
+
+__all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs", "save_merged",
+           "load_merged", "ANCHORS", "METHODS", "WEIGHTS_NAME", "MERGES_NAME"]
+
+ANCHORS = ("first", "middle", "last")
+METHODS = ("permute", "vanilla")
+WEIGHTS_NAME = "model.safetensors"
+MERGES_NAME = "mtlab_merges.json"
+_FORMAT = 1
+
+Correlations = Mapping[tuple[str, int], object] | Callable[["MergeSpec"], Mapping[int, object]]
+
+_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?(?:/(?P<method>\w+))?$")
+_SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or 'layers:0,1' "
+           "(LAYERS: indices and inclusive ranges; ANCHOR: first|middle|last|a layer of the set; "
+           "METHOD: permute|vanilla)")
+
+
+# ---------------------------------------------------------------------------
+# MergeSpec
+
+def _runs(layers: Iterable[int]) -> str:
+    out, items = [], sorted(layers)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One merge set: `layers` of `stack` merged into one tied FF sublayer (see module docstring).
+
+    `layers` is kept sorted; duplicates are kept so that `validate` can report them.
+    `anchor` is "first", "middle", "last", or an int layer index inside the set.
+    """
+    stack: str
+    layers: tuple[int, ...]
+    anchor: str | int = "first"
+    method: str = "permute"
+
+    def __post_init__(self):
+        try:
+            layers = tuple(sorted(int(i) for i in self.layers))
+        except (TypeError, ValueError):
+            raise ValueError(f"MergeSpec.layers must be layer indices (ints), got {self.layers!r}") from None
+        object.__setattr__(self, "layers", layers)
+        anchor = self.anchor
+        if isinstance(anchor, str):
+            anchor = anchor.strip().lower()
+            if anchor.lstrip("-").isdigit():
+                anchor = int(anchor)
+        elif isinstance(anchor, bool) or not isinstance(anchor, int):
+            raise ValueError(f"MergeSpec.anchor must be one of {ANCHORS} or a layer index, got {self.anchor!r}")
+        object.__setattr__(self, "anchor", anchor)
+        object.__setattr__(self, "method", str(self.method).strip().lower())
+
+    # -- string form
+    @classmethod
+    def parse(cls, text: str) -> MergeSpec:
+        """Read the short form STACK:LAYERS[@ANCHOR][/METHOD] (see the module docstring)."""
+        if isinstance(text, MergeSpec):
+            return text
+        s = re.sub(r"\s+", "", str(text))
+        m = _SPEC_RE.match(s)
+        if not m:
+            raise ValueError(f"cannot parse merge spec {text!r}: expected {_SYNTAX}")
+        layers: list[int] = []
+        for part in m["layers"].split(","):
+            r = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not r:
+                raise ValueError(f"cannot parse layers {part!r} in merge spec {text!r}: expected {_SYNTAX}")
+            lo, hi = int(r[1]), int(r[2] if r[2] is not None else r[1])
+            if hi < lo:
+                raise ValueError(f"empty layer range {part!r} in merge spec {text!r}: write it low-high, "
+                                 f"e.g. {hi}-{lo}")
+            layers.extend(range(lo, hi + 1))
+        return cls(stack=m["stack"], layers=tuple(layers), anchor=m["anchor"] or "first",
+                   method=m["method"] or "permute")
+
+    def __str__(self) -> str:
+        return f"{self.stack}:{_runs(self.layers)}@{self.anchor}/{self.method}"
+
+    # -- meaning
+    def anchor_layer(self) -> int:
+        """The anchor's layer index ("middle" of an even-sized set is the lower middle)."""
+        if isinstance(self.anchor, int):
+            return self.anchor
+        if not self.layers:
+            raise ValueError(f"merge spec {self}: no layers")
+        k = len(self.layers)
+        return {"first": self.layers[0], "middle": self.layers[(k - 1) // 2], "last": self.layers[-1]}[self.anchor]
+
+    def others(self) -> tuple[int, ...]:
+        """The non-anchor layers, to be aligned to the anchor."""
+        a = self.anchor_layer()
+        return tuple(i for i in self.layers if i != a)
+
+    def validate(self, model_or_anatomy: nn.Module | Anatomy) -> None:
+        """Check the spec against a model: ValueError naming the problem and the fix."""
+        an = model_or_anatomy if isinstance(model_or_anatomy, Anatomy) else anatomy(model_or_anatomy)
+        where = f"merge spec {str(self)!r}"
+        if self.stack not in an.stacks:
+            raise ValueError(f"{where}: {type(an.model).__name__} ({an.family}) has no stack {self.stack!r}; "
+                             f"use one of {list(an.stacks)}")
+        n = len(an.stacks[self.stack])
+        if len(self.layers) < 2:
+            raise ValueError(f"{where}: a merge set needs at least 2 layers, got {list(self.layers)}; "
+                             f"name 2 or more layers of {self.stack!r} (0-{n - 1})")
+        dup = sorted({i for i in self.layers if self.layers.count(i) > 1})
+        if dup:
+            raise ValueError(f"{where}: layer(s) {dup} listed more than once; list each layer once")
+        bad = [i for i in self.layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{where}: layer(s) {bad} out of range for stack {self.stack!r} with {n} layers; "
+                             f"valid layers are 0-{n - 1}")
+        if isinstance(self.anchor, int):
+            if self.anchor not in self.layers:
+                raise ValueError(f"{where}: anchor layer {self.anchor} is not in the merge set "
+                                 f"{list(self.layers)}; pick one of them or first/middle/last")
+        elif self.anchor not in ANCHORS:
+            raise ValueError(f"{where}: unknown anchor {self.anchor!r}; use one of {ANCHORS} or a layer of the set")
+        if self.method not in METHODS:
+            raise ValueError(f"{where}: unknown method {self.method!r}; use one of {METHODS}")
+
+
+def _as_spec(s) -> MergeSpec:
+    if isinstance(s, MergeSpec):
+        return s
+    if isinstance(s, str):
+        return MergeSpec.parse(s)
+    raise ValueError(f"expected a MergeSpec or its string form ({_SYNTAX}), got {type(s).__name__}")
+
+
+def merged_specs(model: nn.Module) -> list[MergeSpec]:
+    """The merges already applied to `model` (recorded in model.config.mtlab_merges)."""
+    recorded = getattr(getattr(model, "config", None), "mtlab_merges", None) or []
+    return [MergeSpec.parse(s) for s in recorded]
+
+
+def validate_specs(specs: Iterable[MergeSpec | str], model_or_anatomy: nn.Module | Anatomy,
+                   existing: Iterable[MergeSpec | str] = ()) -> list[MergeSpec]:
+    """Validate each spec, and that no two sets (nor a set and an `existing` merge) share a layer
+    of the same stack. Returns the specs as MergeSpec objects."""
+    an = model_or_anatomy if isinstance(model_or_anatomy, Anatomy) else anatomy(model_or_anatomy)
+    specs = [_as_spec(s) for s in specs]
+    for s in specs:
+        s.validate(an)
+    taken: dict[tuple[str, int], tuple[MergeSpec, bool]] = {}
+    for s in [_as_spec(e) for e in existing]:
+        for i in s.layers:
+            taken[s.stack, i] = (s, True)
+    for s in specs:
+        for i in s.layers:
+            if (s.stack, i) in taken:
+                other, old = taken[s.stack, i]
+                common = sorted(set(s.layers) & set(other.layers))
+                if old:
+                    raise ValueError(f"merge spec {str(s)!r} overlaps the merge {str(other)!r} already applied "
+                                     f"to this model at {s.stack} layer(s) {common}; a layer can be tied once: "
+                                     "choose layers outside that set (or start from the unmerged model)")
+                raise ValueError(f"merge specs {str(other)!r} and {str(s)!r} overlap at {s.stack} layer(s) "
+                                 f"{common}; each layer can belong to one merge set: make the sets disjoint "
+                                 "(or write them as one set)")
+        for i in s.layers:
+            taken[s.stack, i] = (s, False)
+    return specs
+
+
+# ---------------------------------------------------------------------------
+# merging
+
+_ROLES = ("w_in", "w_gate", "w_out")
+
+
+def _set_ffs(an: Anatomy, spec: MergeSpec) -> dict[int, FF]:
+    stack = an.stacks[spec.stack]
+    return {i: stack.layer(i).ff for i in spec.layers}
+
+
+def _signature(ff: FF) -> tuple:
+    sig = []
+    for role in _ROLES:
+        m = getattr(ff, role)
+        if m is None:
+            sig.append((role, None))
+            continue
+        w, b = weight_oi(m), getattr(m, "bias", None)
+        sig.append((role, type(m).__name__, tuple(w.shape), w.dtype, w.device.type,
+                    None if b is None else tuple(b.shape)))
+    return tuple(sig)
+
+
+def _check_compatible(spec: MergeSpec, ffs: dict[int, FF]) -> None:
+    a = spec.anchor_layer()
+    ref = _signature(ffs[a])
+    for i, ff in ffs.items():
+        if _signature(ff) != ref:
+            raise ValueError(f"merge spec {str(spec)!r}: the FF sublayer of {spec.stack} layer {i} does not have "
+                             f"the shape of the anchor's (layer {a}): {_signature(ff)} vs {ref}; only FF "
+                             "sublayers of identical shape can be merged")
+
+
+def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, torch.Tensor]:
+    """Anchor-vs-layer correlation matrices for every non-anchor layer, checked."""
+    where = f"merge spec {str(spec)!r} (method permute)"
+    if correlations is None:
+        raise ValueError(f"{where}: missing correlations; pass correlations={{(stack, layer): d_ff x d_ff "
+                         "anchor-vs-layer matrix}} or a callable spec -> {layer: matrix}, or use method vanilla "
+                         f"('{spec.stack}:{_runs(spec.layers)}@{spec.anchor}/vanilla')")
+    if callable(correlations):
+        got = correlations(spec)
+        if not isinstance(got, Mapping):
+            raise ValueError(f"{where}: the correlate callable must return a dict {{layer: matrix}}, "
+                             f"got {type(got).__name__}")
+
+        def lookup(i):
+            return got.get(i, got.get((spec.stack, i)))
+    elif isinstance(correlations, Mapping):
+        def lookup(i):
+            return correlations.get((spec.stack, i))
+    else:
+        raise ValueError(f"correlations must be a dict {{(stack, layer): matrix}} or a callable, "
+                         f"got {type(correlations).__name__}")
+    out = {}
+    for i in spec.others():
+        c = lookup(i)
+        if c is None:
+            raise ValueError(f"{where}: missing correlation matrix for {spec.stack} layer {i} "
+                             f"(vs anchor layer {spec.anchor_layer()}); provide correlations[({spec.stack!r}, {i})]")
+        out[i] = check_correlation(c, d_ff, what=f"correlation of {spec.stack} layer {i} vs anchor "
+                                                 f"{spec.anchor_layer()} in {where}")
+    return out
+
+
+def _aligned(ff: FF, perm: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Role -> ((out, in) weight, bias) of `ff` after permuting its neurons by perm (out of place)."""
+    res = {}
+    for role in _ROLES:
+        m = getattr(ff, role)
+        if m is None:
+            continue
+        w, b = weight_oi(m).detach(), getattr(m, "bias", None)
+        b = None if b is None else b.detach()
+        if perm is not None:
+            p = perm.to(w.device)
+            if role == "w_out":
+                w = w[:, p]
+            else:
+                w, b = w[p], (None if b is None else b[p])
+        res[role] = (w, b)
+    return res
+
+
+def _share(dst: nn.Module, src: nn.Module) -> None:
+    """Make `dst` use `src`'s weight and bias Parameter objects."""
+    in_features(dst), in_features(src)  # type check: nn.Linear or Conv1D
+    dst.weight = src.weight
+    if getattr(src, "bias", None) is not None:
+        dst.bias = src.bias
+
+
+def _tie(an: Anatomy, spec: MergeSpec) -> None:
+    ffs = _set_ffs(an, spec)
+    anchor = ffs[spec.anchor_layer()]
+    for i in spec.others():
+        for role in _ROLES:
+            m = getattr(ffs[i], role)
+            if m is not None:
+                _share(m, getattr(anchor, role))
+
+
+def _record(model: nn.Module, specs: list[MergeSpec]) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    config.mtlab_merges = list(getattr(config, "mtlab_merges", None) or []) + [str(s) for s in specs]
+
+
+def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: Correlations | None = None) -> nn.Module:
+    """Merge the FF sublayers of each set into its anchor and tie them (in place; returns model).
+
+    `correlations` (needed by "permute" sets): a dict {(stack, layer): corr} with corr the
+    d_ff x d_ff correlation of the anchor's FF pre-activation features (rows) with that
+    layer's (columns), or a callable `correlate(spec) -> {layer: corr}` (e.g. built on
+    mtlab.merging.stats). Anchors need no entry. Everything (specs, overlaps with each
+    other and with merges already applied, FF shapes, correlations, assignments) is
+    checked before the model is touched, so on ValueError the model is unchanged; a
+    callable is therefore called for every set on the unmerged model.
+    """
+    specs = list(specs) if not isinstance(specs, (MergeSpec, str)) else [specs]
+    an = anatomy(model)
+    specs = validate_specs(specs, an, existing=merged_specs(model))
+    plans = []
+    for spec in specs:
+        ffs = _set_ffs(an, spec)
+        _check_compatible(spec, ffs)
+        perms: dict[int, torch.Tensor | None] = {i: None for i in spec.layers}
+        if spec.method == "permute":
+            corrs = _correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
+            for i, c in corrs.items():
+                perms[i] = match(c)
+        plans.append((spec, ffs, perms))
+
+    with torch.no_grad():
+        for spec, ffs, perms in plans:
+            aligned = [_aligned(ffs[i], perms[i]) for i in spec.layers]
+            anchor = ffs[spec.anchor_layer()]
+            for role, (w0, b0) in aligned[0].items():
+                w = torch.stack([a[role][0].double() for a in aligned]).mean(0)
+                b = None if b0 is None else torch.stack([a[role][1].double() for a in aligned]).mean(0)
+                m = getattr(anchor, role)
+                set_weight_oi(m, w.to(w0.dtype), bias=None if b is None else b.to(b0.dtype))
+            _tie(an, spec)
+    _record(model, specs)
+    return model
+
+
+def tie_ffs(model: nn.Module, specs: Iterable[MergeSpec | str]) -> nn.Module:
+    """Only TIE each set's FF sublayers to the anchor's Parameters (no averaging): the anchor's
+    values win. Used to re-establish the tying of a saved merged model; records the specs."""
+    an = anatomy(model)
+    specs = validate_specs(specs, an, existing=merged_specs(model))
+    for spec in specs:
+        _check_compatible(spec, _set_ffs(an, spec))
+    for spec in specs:
+        _tie(an, spec)
+    _record(model, specs)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# saving and loading
+
+def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with every shared tensor stored once, and {dropped key: kept key}.
+
+    FF ties keep the anchor's key. Other sharing (HF's tied embeddings) is handed to
+    transformers' own `remove_tied_weights_from_state_dict` where available, so the file
+    keeps the key a plain `from_pretrained` expects; otherwise the first key wins.
+    """
+    full = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for k, v in full.items():
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(id(v), []).append(k)
+    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    preferred = set()
+    an = anatomy(model)
+    for spec in merged_specs(model):
+        ff = an.stacks[spec.stack].layer(spec.anchor_layer()).ff
+        for role in _ROLES:
+            m = getattr(ff, role)
+            if m is not None:
+                preferred |= {f"{module_names[id(m)]}.{p}" for p in ("weight", "bias")}
+    aliases: dict[str, str] = {}
+    for keys in groups.values():
+        if len(keys) > 1:
+            keep = next((k for k in keys if k in preferred), None)
+            if keep is not None:
+                aliases.update({k: keep for k in keys if k != keep})
+    sd = {k: v.detach() for k, v in full.items() if k not in aliases}
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # other transformers versions: keep the first key of each group
+        remove_tied_weights_from_state_dict = None
+    hf_done = False
+    if remove_tied_weights_from_state_dict is not None and hasattr(model, "_tied_weights_keys"):
+        try:
+            sd = remove_tied_weights_from_state_dict(dict(sd), model)
+            hf_done = True
+        except RuntimeError:  # sharing transformers does not know about (e.g. ties made by hand)
+            pass
+    if not hf_done:
+        for keys in groups.values():
+            kept = [k for k in keys if k not in aliases]
+            for k in kept[1:]:
+                sd.pop(k, None)
+    key_of = {id(full[k]): k for k in sd}
+    for k, v in full.items():
+        if k not in sd and k not in aliases:
+            keep = key_of.get(id(v))
+            if keep is None:
+                raise RuntimeError(f"state dict entry {k} was dropped as a duplicate but no kept entry shares it")
+            aliases[k] = keep
+    return {k: v.contiguous().cpu() for k, v in sd.items()}, aliases
+
+
+def save_merged(model: nn.Module, path: str | Path) -> Path:
+    """Save a (merged) model atomically: `model.safetensors` with each shared tensor once,
+    `config.json` (with mtlab_merges), `generation_config.json` if any, and `mtlab_merges.json`
+    (format, model class, merges, the dropped aliases {key: stored key}, dtype)."""
+    path = Path(path)
+    tensors, aliases = _dedup_state_dict(model)
+    dtypes = sorted({str(t.dtype) for t in tensors.values() if t.is_floating_point()})
+    record = {"format": _FORMAT, "model_class": type(model).__name__,
+              "merges": [str(s) for s in merged_specs(model)], "weights": WEIGHTS_NAME,
+              "aliases": dict(sorted(aliases.items())), "dtypes": dtypes}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = getattr(model, "config", None)
+        if hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(tmp)
+        write_json(tmp / MERGES_NAME, record)
+    return path
+
+
+def load_merged(path: str | Path, model_class: type[nn.Module] | None = None) -> nn.Module:
+    """Load a directory written by `save_merged`: build the model from its config.json
+    (`model_class`, default the saved transformers class), re-tie the recorded merges, then
+    load the weights (aliases filled from the stored tensor). Returns the model in eval mode.
+    Missing, corrupt or mismatching files raise mtlab.checkpoint.CheckpointError."""
+    path = Path(path)
+    try:
+        record = json.loads((path / MERGES_NAME).read_text())
+        merges, aliases = list(record["merges"]), dict(record["aliases"])
+        weights_name = record.get("weights", WEIGHTS_NAME)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MERGES_NAME} is missing or unreadable ({e}); {path} is not a complete "
+                              "save_merged directory: save the model again") from e
+    if record.get("format", _FORMAT) > _FORMAT:
+        raise CheckpointError(f"{path} was written by a newer mtlab (format {record['format']}); upgrade mtlab")
+    if model_class is None:
+        import transformers
+        model_class = getattr(transformers, record.get("model_class", ""), None)
+        if model_class is None:
+            raise CheckpointError(f"{path}: model class {record.get('model_class')!r} is not a transformers class; "
+                                  "pass model_class=")
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}/config.json is missing or unreadable ({e}); save the model again") from e
+    config.mtlab_merges = []
+    tensors = load_tensors(path / weights_name)
+    model = model_class(config)
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floats) == 1:
+        model.to(floats.pop())
+    try:
+        tie_ffs(model, merges)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the recorded merges do not fit the model built from config.json ({e})") from e
+    for k, src in aliases.items():
+        if src not in tensors:
+            raise CheckpointError(f"{path}: alias {k} -> {src}, but {src} is not in {weights_name}; save the model again")
+        tensors[k] = tensors[src]
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise CheckpointError(f"{path}/{weights_name} does not fit {model_class.__name__}: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}; was it written for another model?")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}/{weights_name} does not fit {model_class.__name__} ({e})") from e
+    return model.eval()

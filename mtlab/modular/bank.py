@@ -1,0 +1,163 @@
+"""The module bank: every trained module, and assembling a plain HF model from a plan.
+
+Module m(stack, k, j) is one block of the teacher's own layer class that replaces the
+aligned span of teacher layers [j*k, (j+1)*k). Because modules are ordinary blocks, an
+assembled model is an ordinary model of the teacher's class with fewer layers:
+`save_pretrained` / `from_pretrained` work without mtlab.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..anatomy import anatomy, set_stack_layers
+from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
+from .plan import Plan, PlanError
+
+INITS = ("first", "middle", "last")
+
+
+def depths(model: nn.Module) -> dict[str, int]:
+    return {s: len(st) for s, st in anatomy(model).stacks.items()}
+
+
+def module_key(stack: str, k: int, j: int) -> str:
+    return f"{stack}_k{k}_j{j}"
+
+
+class ModuleBank(nn.Module):
+    """Modules per (stack, granularity, span index), built from and trained against one teacher."""
+
+    def __init__(self, blocks: Mapping[str, nn.Module], granularities: Mapping[str, tuple[int, ...]],
+                 depths: Mapping[str, int], init: str = "first"):
+        super().__init__()
+        self.blocks = nn.ModuleDict(dict(blocks))
+        self.granularities = {s: tuple(sorted(ks)) for s, ks in granularities.items()}
+        self.depths = dict(depths)
+        self.init = init
+
+    @classmethod
+    def build(cls, teacher: nn.Module, granularities: Iterable[int] | Mapping[str, Iterable[int]] = (2, 3, 6),
+              init: str = "first") -> "ModuleBank":
+        """One module per aligned span and granularity, initialised from a teacher layer of its span.
+
+        A span starting at layer 0 copies the structure of block 0 (which in T5 owns the
+        relative-position bias, so whatever block comes first in an assembly owns it), then
+        takes the weights of its init layer."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        ana = anatomy(teacher)
+        ks = granularities if isinstance(granularities, Mapping) else {s: tuple(granularities) for s in ana.stacks}
+        blocks, kept = {}, {}
+        for s, stack in ana.stacks.items():
+            n = len(stack)
+            kept[s] = tuple(sorted(k for k in ks.get(s, ()) if 2 <= k <= n))
+            bad = [k for k in ks.get(s, ()) if not 2 <= k <= n]
+            if bad:
+                raise ValueError(f"{s}: granularities {bad} impossible for a {n}-layer stack (need 2 <= k <= {n})")
+            for k in kept[s]:
+                for j in range(n // k):
+                    src = j * k + {"first": 0, "middle": (k - 1) // 2, "last": k - 1}[init]
+                    block = copy.deepcopy(stack.layers[0] if j == 0 else stack.layers[src])
+                    if j == 0 and src != 0:
+                        block.load_state_dict(stack.layers[src].state_dict(), strict=False)
+                    for p in block.parameters():
+                        p.requires_grad_(True)
+                    blocks[module_key(s, k, j)] = block
+        return cls(blocks, kept, {s: len(st) for s, st in ana.stacks.items()}, init)
+
+    def get(self, stack: str, k: int, j: int) -> nn.Module:
+        key = module_key(stack, k, j)
+        if key not in self.blocks:
+            raise PlanError(f"no trained module for {stack} granularity {k} span {j}; "
+                            f"trained granularities: {self.granularities.get(stack, ())}")
+        return self.blocks[key]
+
+    # ---- persistence: safetensors + JSON, atomic ------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                      str(tmp / "modules.safetensors"))
+            write_json(tmp / "bank.json", {"granularities": self.granularities, "depths": self.depths,
+                                           "init": self.init, "keys": list(self.blocks), **(extra or {})})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, teacher: nn.Module) -> "ModuleBank":
+        path = Path(path)
+        try:
+            meta = json.loads((path / "bank.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}/bank.json is missing or unreadable ({e}); retrain the modules") from e
+        if meta["depths"] != depths(teacher):
+            raise CheckpointError(f"modules in {path} were trained for stacks {meta['depths']}, "
+                                  f"but this teacher has {depths(teacher)}: they belong to another teacher")
+        bank = cls.build(teacher, {s: tuple(v) for s, v in meta["granularities"].items()}, meta["init"])
+        tensors = load_tensors(path / "modules.safetensors")
+        try:
+            bank.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}/modules.safetensors does not fit this teacher ({str(e)[:200]})") from e
+        return bank
+
+
+def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> nn.Module:
+    """A new model of the teacher's class: each span of the plan becomes the original
+    layer(s) or the trained module. The teacher and the bank are left untouched."""
+    d = depths(teacher)
+    plan = Plan.parse(plan, d) if isinstance(plan, str) else plan
+    plan.validate(d, bank.granularities if bank is not None else {s: () for s in d})
+    ana = anatomy(teacher)
+    model = copy.deepcopy(teacher)
+    for s in plan.stacks:
+        originals = ana.stack(s).layers
+        blocks = [copy.deepcopy(originals[start]) if k == 1 else copy.deepcopy(bank.get(s, k, start // k))
+                  for start, k in plan.blocks(s)]
+        set_stack_layers(model, s, blocks)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def block_params(model: nn.Module) -> dict[str, int]:
+    """Parameters of one block of each stack (the cost of one span in an assembly)."""
+    return {s: sum(p.numel() for p in st.layers[-1].parameters()) for s, st in anatomy(model).stacks.items()}
+
+
+def stack_block_flops(teacher: nn.Module, inputs: dict) -> dict[str, float]:
+    """Mean FLOPs of one block of each stack in a teacher-forced forward (flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ana = anatomy(teacher)
+    counter = FlopCounterMode(display=False, depth=None)
+    with torch.no_grad(), counter:
+        teacher(**inputs)
+    counts = counter.get_flop_counts()
+    out = {}
+    for s, st in ana.stacks.items():
+        per = [sum(v.values()) for k, v in counts.items()
+               if k.rsplit(".", 1)[0].endswith(st.path) and k.rsplit(".", 1)[-1].isdigit()]
+        out[s] = sum(per) / max(1, len(per))
+    out["total"] = counter.get_total_flops()
+    return out
+
+
+def plan_stats(plan: Plan, teacher_params: int, bparams: Mapping[str, int], bflops: Mapping[str, float]) -> dict:
+    """Parameters, compression ratios and FLOP-ideal speed-up of a plan, from per-block costs."""
+    removed = {s: sum(v) - len(v) for s, v in plan.spans}
+    params = teacher_params - sum(removed[s] * bparams[s] for s in removed)
+    stack_full = sum(sum(v) * bparams[s] for s, v in plan.spans)
+    stack_now = sum(len(v) * bparams[s] for s, v in plan.spans)
+    flops = bflops["total"] - sum(removed[s] * bflops[s] for s in removed)
+    return {"plan": str(plan), "params": params, "ratio": stack_full / stack_now,
+            "ratio_model": teacher_params / params, "ideal_speedup": bflops["total"] / flops,
+            "blocks": {s: len(v) for s, v in plan.spans}}

@@ -1,0 +1,156 @@
+"""Training modules by multi-grained module replacing with distillation (Theseus + KD).
+
+Each step, per stack, a tiling is sampled: walking up the stack, at every position where
+some module aligns, that module is swapped in with probability p (which rises linearly
+over training), otherwise the original layer runs. Only module parameters train; the
+teacher is frozen and also provides the targets: logits (KD at temperature T) and hidden
+states at every span boundary (MSE, padding excluded).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..anatomy import anatomy, set_stack_layers
+from ..tasks.base import Batch, Seq2SeqTask
+from ..train import TrainConfig, train
+from .bank import ModuleBank
+
+
+@dataclass
+class ReplacingConfig:
+    granularities: tuple[int, ...] = (2, 3, 6)
+    init: str = "first"              # teacher layer of its span a module starts from
+    p_start: float = 0.1             # replacement probability at step 0 ...
+    p_end: float = 1.0               # ... rising linearly to p_end at ramp * steps
+    ramp: float = 0.8
+    w_ce: float = 1.0                # task cross-entropy on the labels
+    w_kd: float = 1.0                # logit distillation (KL at temperature T, times T^2)
+    temperature: float = 2.0
+    w_hidden: float = 1.0            # MSE to the teacher's hidden state at each span boundary
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="bf16", log_every=50, ckpt_every=250))
+
+    def p_at(self, step: int) -> float:
+        t = min(1.0, step / max(1, self.ramp * self.train.steps))
+        return self.p_start + (self.p_end - self.p_start) * t
+
+
+def sample_tiling(depth: int, ks: tuple[int, ...], p: float, rng: random.Random) -> tuple[int, ...]:
+    """Walk up a stack; where modules align, take one (uniformly among them) with probability p."""
+    pos, out = 0, []
+    while pos < depth:
+        fits = [k for k in ks if pos % k == 0 and pos + k <= depth]
+        if fits and rng.random() < p:
+            k = rng.choice(fits)
+        else:
+            k = 1
+        out.append(k)
+        pos += k
+    return tuple(out)
+
+
+class Replacer(nn.Module):
+    """The frozen teacher plus the bank: what the training loop sees as `model`."""
+
+    def __init__(self, teacher: nn.Module, bank: ModuleBank):
+        super().__init__()
+        self.teacher = teacher
+        self.bank = bank
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.originals = {s: list(st.layers) for s, st in anatomy(teacher).stacks.items()}
+
+    def blocks_for(self, stack: str, tiling: tuple[int, ...]) -> tuple[list[nn.Module], list[int]]:
+        """Blocks of a tiling and the teacher layer index each block's output corresponds to."""
+        blocks, ends, pos = [], [], 0
+        for k in tiling:
+            blocks.append(self.originals[stack][pos] if k == 1 else self.bank.get(stack, k, pos // k))
+            pos += k
+            ends.append(pos - 1)
+        return blocks, ends
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def _capture(blocks: list[nn.Module], store: list):
+    return [b.register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, _out(o))) for n, b in enumerate(blocks)]
+
+
+def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
+    """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass, weighted loss."""
+    rng_by_step = lambda step: random.Random(seed * 1_000_003 + step)  # noqa: E731 - resumable sampling
+
+    def loss_fn(model: Replacer, batch: Batch, step: int):
+        teacher, rng = model.teacher, rng_by_step(step)
+        stacks = list(model.originals)
+        masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False)
+        teacher.eval()
+        t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
+        hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
+        try:
+            with torch.no_grad():
+                t_logits = teacher(**inputs).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        # sampled student: swap tilings in, run, swap the originals back
+        p = cfg.p_at(step)
+        tilings = {s: sample_tiling(len(model.originals[s]), model.bank.granularities.get(s, ()), p, rng) for s in stacks}
+        plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
+        s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
+        hooks = []
+        try:
+            for s in stacks:
+                set_stack_layers(teacher, s, plan_blocks[s][0], update_config=False)
+                hooks += _capture(plan_blocks[s][0], s_hidden[s])
+            model.bank.train()
+            s_logits = teacher(**inputs).logits
+        finally:
+            for h in hooks:
+                h.remove()
+            for s in stacks:
+                set_stack_layers(teacher, s, model.originals[s], update_config=False)
+        labels = batch.labels
+        keep = labels != -100
+        ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
+        T = cfg.temperature
+        kd = F.kl_div(F.log_softmax(s_logits.float()[keep] / T, -1), F.log_softmax(t_logits.float()[keep] / T, -1),
+                      log_target=True, reduction="batchmean") * T * T
+        mse, n = s_logits.new_zeros(()).float(), 0
+        for s in stacks:
+            m = masks[s]
+            for out, end in zip(s_hidden[s], plan_blocks[s][1]):
+                mse = mse + F.mse_loss(out.float()[m], t_hidden[s][end].float()[m])
+                n += 1
+        mse = mse / max(1, n)
+        loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
+        return loss, {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item(), "p": p,
+                      "modules_in": sum(k > 1 for t in tilings.values() for k in t)}
+
+    return loss_fn
+
+
+def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, out_dir: str | Path,
+                  *, max_seconds: float | None = None, progress: bool = True) -> tuple[ModuleBank, pd.DataFrame]:
+    """Build the bank from the teacher and train every module in ONE run; saves the bank to out_dir/bank.
+
+    Resumable (out_dir/checkpoint). Returns (bank, per-step log DataFrame with the config in attrs)."""
+    out = Path(out_dir)
+    bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
+    model = Replacer(teacher, bank)
+    log = train(model, task, cfg.train, out, params=list(bank.parameters()),
+                loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress)
+    if len(log) and int(log.step.max()) >= cfg.train.steps:
+        bank.save(out / "bank", {"config": asdict(cfg)})
+    log.attrs["config"] = asdict(cfg)
+    return bank, log

@@ -1,0 +1,140 @@
+"""Modular Transformers: plans, bank, assembly invariants, export, replacing training."""
+import pytest
+import torch
+
+from mtlab.modular import ModuleBank, Plan, PlanError, ReplacingConfig, assemble, enumerate_plans, size_first, speed_first, train_modules
+from mtlab.modular.replacing import sample_tiling
+from mtlab.train import TrainConfig
+
+DEPTHS = {"encoder": 6, "decoder": 6}
+KS = {"encoder": (2, 3, 6), "decoder": (2, 3, 6)}
+
+
+@pytest.fixture
+def teacher6(g2p_task):
+    from mtlab.teacher import TeacherConfig, build_teacher
+
+    torch.manual_seed(0)
+    return build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=6,
+                                                           num_decoder_layers=6, dropout=0.0)).eval()
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).logits
+
+
+def test_plan_text_round_trip_and_validation():
+    p = Plan.parse("e=1,1,2,2 d=33")
+    assert str(p) == "e=1122 d=33" and Plan.parse(str(p)) == p
+    p.validate(DEPTHS, KS)
+    assert p.modules_used() == [("encoder", 2, 1), ("encoder", 2, 2), ("decoder", 3, 0), ("decoder", 3, 1)]
+    with pytest.raises(PlanError, match="gap"):
+        Plan.parse("e=1,1,2 d=6").validate(DEPTHS, KS)
+    with pytest.raises(PlanError, match="run.* past the top|cover 7 layers"):
+        Plan.parse("e=1,2,2,2 d=6").validate(DEPTHS, KS)
+    with pytest.raises(PlanError, match="misaligned"):
+        Plan.parse("e=1,2,1,2 d=6").validate(DEPTHS, KS)
+    with pytest.raises(PlanError, match="no trained module of granularity 4"):
+        Plan.parse("e=4,1,1 d=6").validate(DEPTHS, KS)
+    with pytest.raises(PlanError, match="leaves stack 'decoder' out"):
+        Plan.parse("e=6").validate(DEPTHS, KS)
+    with pytest.raises(PlanError, match="unknown stack"):
+        Plan.parse("x=6")
+    with pytest.raises(PlanError, match="overlaps"):
+        Plan.from_ranges({"encoder": [(0, 2), (1, 3), (3, 6)]}, DEPTHS)
+    with pytest.raises(PlanError, match="gap: layers 2-2"):
+        Plan.from_ranges({"encoder": [(0, 2), (3, 6)]}, DEPTHS)
+
+
+def test_space_and_ladders():
+    space = enumerate_plans(DEPTHS, KS)
+    assert len(space) == 14 * 14 and len(set(space)) == len(space)
+    for p in space:
+        p.validate(DEPTHS, KS)
+    speed = speed_first(DEPTHS, KS)
+    assert [p.depth("decoder") for p in speed[:5]] == [5, 4, 3, 2, 1] and all(p.depth("encoder") == 6 for p in speed[:5])
+    assert str(speed[-1]) == "e=6 d=6"
+    size = size_first(DEPTHS, KS, {"encoder": 100, "decoder": 130})
+    blocks = [p.depth("encoder") + p.depth("decoder") for p in size]
+    assert blocks == sorted(blocks, reverse=True) and str(size[-1]) == "e=6 d=6"
+
+
+def test_sampled_tilings_are_valid_and_follow_p():
+    import random
+
+    rng = random.Random(0)
+    for p in (0.0, 0.5, 1.0):
+        for _ in range(50):
+            t = sample_tiling(6, (2, 3, 6), p, rng)
+            Plan.of({"encoder": t, "decoder": (1,) * 6}).validate(DEPTHS, KS)
+            if p == 0.0:
+                assert t == (1,) * 6
+            if p == 1.0:
+                assert 1 not in t[:1]
+
+
+def test_full_plan_equals_teacher_exactly_and_modules_assemble(g2p_task, teacher6):
+    bank = ModuleBank.build(teacher6, (2, 3, 6))
+    batch = g2p_task.collate("dev", list(range(8)))
+    same = assemble(teacher6, bank, Plan.teacher(DEPTHS))
+    assert torch.equal(outputs(same, batch), outputs(teacher6, batch))
+    small = assemble(teacher6, bank, "e=6 d=2,2,2")
+    assert len(small.encoder.block) == 1 and len(small.decoder.block) == 3
+    assert small.config.num_layers == 1 and small.config.num_decoder_layers == 3
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in teacher6.parameters())
+    # the first block of every assembly owns T5's relative position bias
+    assert small.encoder.block[0].layer[0].SelfAttention.has_relative_attention_bias
+    assert small.decoder.block[0].layer[0].SelfAttention.has_relative_attention_bias
+    assert outputs(small, batch).shape == outputs(teacher6, batch).shape
+
+
+def test_exported_assembly_reloads_without_mtlab(g2p_task, teacher6, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    bank = ModuleBank.build(teacher6, (2, 3, 6), init="last")
+    model = assemble(teacher6, bank, "e=1,1,2,2 d=3,3")
+    model.save_pretrained(tmp_path)
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    batch = g2p_task.collate("dev", list(range(8)))
+    assert torch.equal(outputs(again, batch), outputs(model, batch))
+    gen = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(again.generate(**gen), model.generate(**gen))
+
+
+def test_bank_save_load_and_wrong_teacher(teacher6, tmp_path, g2p_task):
+    from mtlab.checkpoint import CheckpointError
+    from mtlab.teacher import TeacherConfig, build_teacher
+
+    bank = ModuleBank.build(teacher6, (2, 3))
+    with torch.no_grad():
+        next(bank.parameters()).add_(1.0)
+    bank.save(tmp_path / "bank")
+    again = ModuleBank.load(tmp_path / "bank", teacher6)
+    assert all(torch.equal(a, b) for a, b in zip(bank.state_dict().values(), again.state_dict().values()))
+    other = build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=4, num_decoder_layers=4))
+    with pytest.raises(CheckpointError, match="another teacher"):
+        ModuleBank.load(tmp_path / "bank", other)
+
+
+def test_replacing_trains_only_modules_and_brings_assemblies_closer_to_the_teacher(g2p_task, teacher6, tmp_path):
+    import torch.nn.functional as F
+
+    batch = g2p_task.collate("dev", list(range(32)))
+    target = F.log_softmax(outputs(teacher6, batch), -1)
+
+    def gap(bank):  # KL(teacher || uniform-k2 assembly) on a fixed dev batch
+        got = F.log_softmax(outputs(assemble(teacher6, bank, "e=222 d=222"), batch), -1)
+        return F.kl_div(got, target, log_target=True, reduction="batchmean").item()
+
+    before = {k: v.clone() for k, v in teacher6.state_dict().items()}
+    untrained = gap(ModuleBank.build(teacher6, (2, 3, 6)))
+    cfg = ReplacingConfig(granularities=(2, 3, 6), p_start=1.0, train=TrainConfig(
+        steps=24, batch_size=32, lr=3e-3, warmup=2, log_every=8, ckpt_every=24, precision="no"))
+    bank, log = train_modules(teacher6, g2p_task, cfg, tmp_path, progress=False)
+    after = teacher6.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # teacher frozen and restored
+    assert {"ce", "kd", "hidden_mse", "p"} <= set(log.columns) and log.attrs["config"]["granularities"] == (2, 3, 6)
+    assert gap(bank) < untrained
+    assert (tmp_path / "bank" / "modules.safetensors").exists()
+    assert ModuleBank.load(tmp_path / "bank", teacher6).state_dict().keys() == bank.state_dict().keys()
