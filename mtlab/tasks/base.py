@@ -34,6 +34,19 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
 
+def fresh_cache(model):
+    """A KV cache that grows with the decoder it serves.
+
+    transformers 5.x sizes its default cache from `config.num_hidden_layers`, which for T5 and
+    BART is the ENCODER depth: an assembly or pruned model whose decoder is deeper than its
+    encoder then fails in `generate`. Passing an empty cache (no config) avoids that."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+    return DynamicCache()
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
@@ -147,6 +160,7 @@ class Seq2SeqTask:
                 num_beams=num_beams,
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.max_target_len(longest),
+                past_key_values=fresh_cache(model),
             )
             for i, ids in zip(index, out.tolist()):
                 hyps[i] = self.decode_target(ids)
