@@ -1,17 +1,54 @@
-"""Baselines measured on the same teacher: structural primitives shared by every baseline.
+"""Baselines measured on the same teacher, each a plain HF model of the teacher's class.
 
-`drop_layers` is layer dropping / layer pruning (Sajjad et al.; the FF-merging paper's
-baseline): the kept blocks are copied, renumbered and the config depth updated, so the
-result is a plain model of the teacher's class.
+Every trained baseline returns (student, log) with its training budget in
+`log.attrs["config"]` (steps, batch_size, train_runs = 1 per call, train_seconds), is
+resumable from `out_dir/checkpoint` (rerun the same call) and saves the finished model
+with `save_pretrained` under `out_dir/student` (LayerDrop: `out_dir/model`). The teacher
+is never modified (it may be moved to the training device).
+
+- `drop_layers` / `keep_only`: layer dropping / layer pruning (Sajjad et al.; the FF-merging
+  paper's baseline): the kept blocks are copied, renumbered and the config depth updated.
+- `layer_drop`: drop layers by a rule, then fine-tune the whole student with distillation
+  (`mtlab.distill`) from the teacher.
+- `shrink_and_finetune`: SFT (DistilBART): a shallower student initialised from evenly
+  spaced teacher layers, then the same distillation fine-tune. It is `layer_drop` with the
+  "spread" rule; only the layer choice differs.
+- `layerdrop_finetune` + `layerdrop_prune`: LayerDrop (Fan et al.; fairseq): fine-tune the
+  teacher ONCE with structured layer dropout, then prune to any depth with no further training.
+
+Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indices):
+
+- "top" (`keep_bottom`): drop the top layers, keep [0, depth). Sajjad et al.'s top dropping.
+- "alternate" (`keep_alternate`): drop the odd layers (0-based) from the top down; when all
+  are gone and the stack is still too deep, repeat on the layers that remain. 6 -> 3 keeps
+  [0, 2, 4], 6 -> 4 keeps [0, 1, 2, 4], 6 -> 2 keeps [0, 4]. This is Sajjad et al.'s
+  "even-alternate" dropping in their 1-based numbering, and for depth = ceil(n/2) it is
+  fairseq LayerDrop's "every other layer" ([0, 2, 4, ...]). Layer 0 is always kept.
+- "spread" (`keep_for_depth`, SFT and LayerDrop pruning to a plan's depth): evenly spaced,
+  layer floor(i * (n-1) / (depth-1)) for i = 0..depth-1, so the first and the last layer are
+  always kept (depth 1 keeps [0]). 6 -> 3 keeps [0, 2, 5]; 6 -> 4 [0, 1, 3, 5]; 6 -> 2 [0, 5].
+  For 6-layer teachers this is exactly DistilBART's hand-written LAYERS_TO_COPY table; for
+  12 layers that table rounds some picks up (12 -> 6: DistilBART [0, 2, 4, 7, 9, 11], ours
+  [0, 2, 4, 6, 8, 11]).
 """
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+import json
+import random
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
+import pandas as pd
 from torch import nn
 
 from .anatomy import anatomy, set_stack_layers
+from .checkpoint import atomic_dir, write_json
+from .distill import DistillConfig, distill_loss
+from .tasks.base import Seq2SeqTask
+from .train import EvalFn, TrainConfig, train
 
 
 def drop_layers(model: nn.Module, drop: dict[str, Iterable[int]]) -> nn.Module:
@@ -58,3 +95,322 @@ def _hand_over_first_block_state(first: nn.Module, new_first: nn.Module) -> None
         for flag, value in vars(src_parent).items():  # e.g. has_relative_attention_bias
             if isinstance(value, bool) and getattr(dst_parent, flag, None) is not value:
                 setattr(dst_parent, flag, value)
+
+
+# ---------------------------------------------------------------------------
+# Layer choice rules (see the module docstring)
+
+def _check_depth(depth: int, n: int, stack: str = "stack") -> None:
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= n:
+        raise ValueError(f"{stack}: depth {depth!r} impossible for a {n}-layer stack; choose 1 <= depth <= {n}")
+
+
+def keep_bottom(depth: int, n: int) -> list[int]:
+    """"top" rule: drop the top n - depth layers."""
+    _check_depth(depth, n)
+    return list(range(depth))
+
+
+def keep_alternate(depth: int, n: int) -> list[int]:
+    """"alternate" rule: drop odd layers top-down, repeating on what remains (6 -> 3: [0, 2, 4])."""
+    _check_depth(depth, n)
+    kept = list(range(n))
+    while len(kept) > depth:
+        victims = set(kept[1::2][::-1][: len(kept) - depth])
+        kept = [i for i in kept if i not in victims]
+    return kept
+
+
+def keep_for_depth(depth: int, n: int) -> list[int]:
+    """"spread" rule (SFT, LayerDrop to a given depth): evenly spaced, first and last always kept
+    (6 -> 3: [0, 2, 5]); layer floor(i * (n-1) / (depth-1)); depth 1 keeps [0]."""
+    _check_depth(depth, n)
+    if depth == 1:
+        return [0]
+    return [i * (n - 1) // (depth - 1) for i in range(depth)]
+
+
+KEEP_RULES: dict[str, Callable[[int, int], list[int]]] = {
+    "top": keep_bottom, "alternate": keep_alternate, "spread": keep_for_depth}
+
+
+def keep_layers(rule: str, depth: int, n: int) -> list[int]:
+    """The layers a rule keeps when a stack of n layers is cut to `depth`."""
+    if rule not in KEEP_RULES:
+        raise ValueError(f"unknown layer rule {rule!r}; use one of {sorted(KEEP_RULES)} or give the kept "
+                         "layers per stack, e.g. {'decoder': [0, 2, 4]}")
+    return KEEP_RULES[rule](depth, n)
+
+
+def _stack_depths(model: nn.Module) -> dict[str, int]:
+    return {s: len(st) for s, st in anatomy(model).stacks.items()}
+
+
+def _check_stacks(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    d = _stack_depths(model)
+    unknown = [s for s in names if s not in d]
+    if unknown:
+        raise ValueError(f"unknown stack(s) {unknown}: {type(model).__name__} has stacks {list(d)}")
+    return d
+
+
+def resolve_keep(model: nn.Module, keep, depths: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    """Kept layers per stack (every stack listed; unnamed stacks keep all their layers) from:
+    a rule name ("top", "alternate", "spread") with `depths` (target depth per stack);
+    {stack: depth} (the "spread" rule); {stack: [layers]} (explicit); or a modular Plan
+    (its depth per stack, "spread" rule). Raises ValueError naming the fix."""
+    from .modular.plan import Plan
+
+    if isinstance(keep, Plan):
+        d = _check_stacks(model, keep.stacks)
+        keep.validate(d)
+        keep = {s: keep.depth(s) for s in keep.stacks}
+    if isinstance(keep, str):
+        if keep not in KEEP_RULES:
+            raise ValueError(f"unknown layer rule {keep!r}; use one of {sorted(KEEP_RULES)} or give the kept "
+                             "layers per stack, e.g. {'decoder': [0, 2, 4]}")
+        if not depths:
+            raise ValueError(f"rule {keep!r} needs target depths per stack, e.g. depths={{'decoder': 3}}")
+        d = _check_stacks(model, depths)
+        out = {}
+        for s, n in d.items():
+            if s in depths:
+                _check_depth(depths[s], n, s)
+            out[s] = keep_layers(keep, depths[s], n) if s in depths else list(range(n))
+        return out
+    if not isinstance(keep, Mapping):
+        raise ValueError(f"keep must be a rule name, a Plan or a dict per stack, got {type(keep).__name__}")
+    d = _check_stacks(model, keep)
+    out = {}
+    for s, n in d.items():
+        v = keep.get(s)
+        if v is None:
+            out[s] = list(range(n))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            _check_depth(v, n, s)
+            out[s] = keep_for_depth(v, n)
+        else:
+            idx = [int(i) for i in v]
+            if not idx:
+                raise ValueError(f"{s}: no layer kept; keep at least one of layers 0-{n - 1}")
+            bad = [i for i in idx if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"{s}: layers {bad} out of range: valid layers are 0-{n - 1}")
+            if len(set(idx)) != len(idx):
+                raise ValueError(f"{s}: duplicate layers in {idx}; list each kept layer once")
+            out[s] = sorted(idx)
+    return out
+
+
+def keep_only(model: nn.Module, keep) -> nn.Module:
+    """A copy of `model` with only the kept layers (any form `resolve_keep` accepts with no
+    depths: {stack: [layers]}, {stack: depth}, a Plan), in teacher order, via drop_layers."""
+    kept = resolve_keep(model, keep)
+    d = _stack_depths(model)
+    return drop_layers(model, {s: [i for i in range(d[s]) if i not in k] for s, k in kept.items() if len(k) < d[s]})
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning with distillation (layer dropping, SFT)
+
+def _budget(log: pd.DataFrame, cfg: TrainConfig, **meta) -> dict:
+    done = int(log.step.max()) if len(log) and "step" in log else 0
+    seconds = float(log.seconds.max()) if len(log) and "seconds" in log else 0.0
+    return {**meta, "train": asdict(cfg), "steps": cfg.steps, "steps_done": done, "batch_size": cfg.batch_size,
+            "train_runs": 1, "train_seconds": seconds, "complete": done >= cfg.steps}
+
+
+def _claim(out: Path, meta: dict) -> None:
+    """Refuse to resume a checkpoint written for a different baseline or layer choice."""
+    meta = json.loads(json.dumps(meta))
+    tag = out / "baseline.json"
+    if (out / "checkpoint").exists() and tag.exists():
+        old = json.loads(tag.read_text())
+        if old != meta:
+            raise ValueError(f"{out} holds a checkpoint of another run ({old}); this call is {meta}. "
+                             "Use a fresh out_dir, or delete the old one to restart")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(tag, meta)
+
+
+def _save(model: nn.Module, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+
+
+def _trainable_copy(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _finetune_student(method: str, rule: str, teacher: nn.Module, task: Seq2SeqTask, kept: dict[str, list[int]],
+                      cfg: TrainConfig, distill: DistillConfig | None, out_dir, max_seconds, progress,
+                      evaluate) -> tuple[nn.Module, pd.DataFrame]:
+    distill = distill or DistillConfig()
+    out = Path(out_dir)
+    meta = {"method": method, "rule": rule, "keep": kept, "teacher_depths": _stack_depths(teacher),
+            "distill": asdict(distill)}
+    _claim(out, meta)
+    student = _trainable_copy(keep_only(teacher, kept))
+    log = train(student, task, cfg, out, loss_fn=distill_loss(teacher, distill), evaluate=evaluate,
+                max_seconds=max_seconds, progress=progress)
+    student.eval()
+    log.attrs["config"] = _budget(log, cfg, **meta, student_depths=_stack_depths(student),
+                                  params=_n_params(student), teacher_params=_n_params(teacher))
+    if log.attrs["config"]["complete"]:
+        _save(student, out / "student")
+    return student, log
+
+
+def layer_drop(teacher: nn.Module, task: Seq2SeqTask, keep, cfg: TrainConfig, distill: DistillConfig | None = None,
+               out_dir: str | Path = "runs/layer_drop", *, depths: Mapping[str, int] | None = None,
+               max_seconds: float | None = None, progress: bool = True,
+               evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+    """Layer dropping + distillation fine-tune of the whole student.
+
+    keep: "top" or "alternate" (or "spread") with `depths` = target depth per stack, or
+    {stack: [kept layers]}. Stacks not named keep all layers. Resumable from out_dir."""
+    if depths is not None and not isinstance(keep, str):
+        raise ValueError("depths goes with a rule name (keep='top' or 'alternate'); with explicit layers "
+                         "per stack, leave depths out")
+    kept = resolve_keep(teacher, keep, depths)
+    rule = keep if isinstance(keep, str) else "explicit"
+    return _finetune_student("layer_drop", rule, teacher, task, kept, cfg, distill, out_dir, max_seconds,
+                             progress, evaluate)
+
+
+def shrink_and_finetune(teacher: nn.Module, task: Seq2SeqTask, depths: Mapping[str, int], cfg: TrainConfig,
+                        distill: DistillConfig | None = None, out_dir: str | Path = "runs/sft", *,
+                        max_seconds: float | None = None, progress: bool = True,
+                        evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+    """SFT (DistilBART): `depths[s]` layers per stack copied from evenly spaced teacher layers
+    (the "spread" rule: first and last always kept, 6 -> 3 is [0, 2, 5]), then fine-tuned with
+    distillation. Same code as layer_drop; only the layer choice rule differs."""
+    if not isinstance(depths, Mapping) or not depths:
+        raise ValueError("depths must name the target depth per stack, e.g. {'encoder': 3, 'decoder': 3}")
+    kept = resolve_keep(teacher, "spread", depths)
+    return _finetune_student("sft", "spread", teacher, task, kept, cfg, distill, out_dir, max_seconds,
+                             progress, evaluate)
+
+
+# ---------------------------------------------------------------------------
+# LayerDrop
+
+_MISSING = object()
+
+
+def _lend_first_block_state(first: nn.Module, new_first: nn.Module) -> list[Callable[[], None]]:
+    """Transient version of _hand_over_first_block_state: block 0's extra submodules (T5's
+    relative position bias) are SHARED with the new first block, not copied, so training
+    updates block 0's own bias; returns the undo steps."""
+    undo: list[Callable[[], None]] = []
+    extra = set(dict(first.named_parameters())) - set(dict(new_first.named_parameters()))
+    for name in sorted({n.rsplit(".", 1)[0] for n in extra}):
+        parent_name, _, attr = name.rpartition(".")
+        src_parent = first.get_submodule(parent_name) if parent_name else first
+        dst_parent = new_first.get_submodule(parent_name) if parent_name else new_first
+        old = dst_parent._modules.get(attr, _MISSING)
+        setattr(dst_parent, attr, getattr(src_parent, attr))
+        undo.append(lambda p=dst_parent, a=attr, o=old: delattr(p, a) if o is _MISSING else setattr(p, a, o))
+        for flag, value in vars(src_parent).items():
+            if flag != "training" and isinstance(value, bool) and getattr(dst_parent, flag, None) is not value:
+                prev = getattr(dst_parent, flag, _MISSING)
+                setattr(dst_parent, flag, value)
+                undo.append(lambda p=dst_parent, f=flag, o=prev: delattr(p, f) if o is _MISSING else setattr(p, f, o))
+    return undo
+
+
+@contextmanager
+def transient_keep(model: nn.Module, keep: Mapping[str, list[int]]):
+    """Run `model` with only the kept layers of each named stack (same block objects, no copy:
+    gradients reach the model's own parameters); everything is restored on exit. When block 0
+    is skipped, the new first block borrows its stack-wide state, as drop_layers would copy it."""
+    ana = anatomy(model)
+    originals = {s: list(ana.stack(s).layers) for s in keep}
+    installed: list[str] = []
+    undo: list[Callable[[], None]] = []
+    try:
+        for s, idx in keep.items():
+            blocks = originals[s]
+            if list(idx) == list(range(len(blocks))):
+                continue
+            new = [blocks[i] for i in idx]
+            if idx[0] != 0:
+                undo += _lend_first_block_state(blocks[0], new[0])
+            installed.append(s)
+            set_stack_layers(model, s, new, update_config=False)
+        yield model
+    finally:
+        for f in reversed(undo):
+            f()
+        for s in installed:
+            set_stack_layers(model, s, originals[s], update_config=False)
+
+
+def sample_layerdrop(n: int, p: float, rng: random.Random) -> list[int]:
+    """Kept layers of one stack: each is skipped with probability p; at least one always runs
+    (if all were skipped, one chosen uniformly is kept)."""
+    kept = [i for i in range(n) if rng.random() >= p]
+    return kept or [rng.randrange(n)]
+
+
+def layerdrop_loss(student: nn.Module, teacher: nn.Module, distill: DistillConfig, p: float, seed: int = 0):
+    """loss_fn for mtlab.train: per step, sample the kept layers of every stack of `student` from
+    (seed, step) only (so a resumed run samples exactly the same), install them transiently and
+    compute the distillation loss. Note: under DDP, skipped layers have no gradient, so the
+    model would need find_unused_parameters=True."""
+    base = distill_loss(teacher, distill)
+    depths = _stack_depths(student)
+
+    def loss_fn(model: nn.Module, batch, step: int):
+        rng = random.Random(seed * 1_000_003 + step)
+        kept = {s: sample_layerdrop(n, p, rng) for s, n in depths.items()}
+        with transient_keep(student, kept):
+            loss, parts = base(model, batch, step)
+        return loss, {**parts, "layers_skipped": sum(depths[s] - len(k) for s, k in kept.items())}
+
+    return loss_fn
+
+
+def layerdrop_finetune(teacher: nn.Module, task: Seq2SeqTask, cfg: TrainConfig, distill: DistillConfig | None = None,
+                       out_dir: str | Path = "runs/layerdrop", p: float = 0.2, *, max_seconds: float | None = None,
+                       progress: bool = True, evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+    """LayerDrop: fine-tune a copy of the teacher ONCE with structured layer dropout (each step,
+    each layer of each stack skipped with probability p) and distillation from the frozen original
+    teacher. Returns the full-depth model; cut it to any depth with `layerdrop_prune`."""
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"p={p!r}: the layer drop probability must be in [0, 1); LayerDrop uses 0.1-0.5 (default 0.2)")
+    distill = distill or DistillConfig()
+    out = Path(out_dir)
+    meta = {"method": "layerdrop", "p": float(p), "teacher_depths": _stack_depths(teacher), "distill": asdict(distill)}
+    _claim(out, meta)
+    model = _trainable_copy(copy.deepcopy(teacher))
+    log = train(model, task, cfg, out, loss_fn=layerdrop_loss(model, teacher, distill, float(p), cfg.seed),
+                evaluate=evaluate, max_seconds=max_seconds, progress=progress)
+    model.eval()
+    log.attrs["config"] = _budget(log, cfg, **meta, params=_n_params(model),
+                                  students="layerdrop_prune(model, keep): no further training")
+    if log.attrs["config"]["complete"]:
+        _save(model, out / "model")
+    return model, log
+
+
+def layerdrop_prune(model: nn.Module, keep="every_other") -> nn.Module:
+    """A plain, pruned copy of a LayerDrop-trained model, no training.
+
+    keep: "every_other" (fairseq's inference rule: layers 0, 2, 4, ... of every stack), a modular
+    Plan (or its text) or {stack: depth} (evenly spaced layers, `keep_for_depth`), or
+    {stack: [layers]}. Stacks not named keep all layers."""
+    if isinstance(keep, str):
+        if keep in ("every_other", "alternate"):
+            keep = {s: list(range(0, n, 2)) for s, n in _stack_depths(model).items()}
+        else:
+            from .modular.plan import Plan
+
+            keep = Plan.parse(keep, _stack_depths(model))
+    return keep_only(model, keep).eval()
