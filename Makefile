@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+PROFILE ?= default
 report: $(STAMP)
-	$(BIN)/python -m mtlab report --out reports
+	$(BIN)/python -m mtlab report --out reports --profile $(PROFILE)
 
 # Retrain the bundled teacher (about 70 minutes on 2 CPU cores). Resumable: rerun after an
 # interruption. Long: run it as  nohup make teacher > runs/teacher.log 2>&1 &

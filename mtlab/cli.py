@@ -15,10 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
     t.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume by rerunning)")
-    r = sub.add_parser("report", help="evaluate the bundled teacher and write reports/")
+    r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
     r.add_argument("--out", default="reports")
     r.add_argument("--teacher", default=None)
     r.add_argument("--limit", type=int, default=None, help="decode only the first N words of each split")
+    r.add_argument("--profile", default="default", help="smoke | default | full (see mtlab/profiles.py)")
+    r.add_argument("--only", nargs="*", default=None, help="run only these notebooks (e.g. 02 04)")
+    r.add_argument("--no-notebooks", action="store_true", help="only the teacher evaluation")
     a = p.parse_args(argv)
 
     if a.cmd == "teacher":
@@ -33,9 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         print(log.tail(5).to_string(index=False))
         print(f"done in {time.time() - t0:.0f}s")
     elif a.cmd == "report":
+        from .notebooks import run_notebooks
+        from .profiles import get_profile
         from .report import teacher_report
 
+        get_profile(a.profile)  # fail fast on a typo
+        t0 = time.time()
         teacher_report(Path(a.out), a.teacher, a.limit)
+        if not a.no_notebooks:
+            print(run_notebooks(a.out, a.profile, a.only).to_string(index=False))
+        print(f"report done in {time.time() - t0:.0f}s: open {Path(a.out) / 'index.html'}")
     return 0
 
 

@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# one fresh artifact cache for the whole session: experiment tests and the smoke notebooks
+# share it (the notebook kernels inherit the environment), and nothing lands in ./cache
+os.environ["MTLAB_CACHE"] = tempfile.mkdtemp(prefix="mtlab-test-cache-")
 torch.set_num_threads(int(os.environ.get("MTLAB_TEST_THREADS", "1")))
 
 

@@ -33,9 +33,10 @@ class ReplacingConfig:
     w_ce: float = 1.0                # task cross-entropy on the labels
     w_kd: float = 1.0                # logit distillation (KL at temperature T, times T^2)
     temperature: float = 2.0
-    w_hidden: float = 1.0            # MSE to the teacher's hidden state at each span boundary
+    w_hidden: float = 1.0            # relative MSE to the teacher's hidden state at each span boundary
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="bf16", log_every=50, ckpt_every=250))
+        steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="no", log_every=50, ckpt_every=250))
+    # fp32: on CPU, bf16 autocast made a replacing step ~8x slower (1.6 s vs 0.2 s at batch 64)
 
     def p_at(self, step: int) -> float:
         t = min(1.0, step / max(1, self.ramp * self.train.steps))
@@ -54,6 +55,21 @@ def sample_tiling(depth: int, ks: tuple[int, ...], p: float, rng: random.Random)
         out.append(k)
         pos += k
     return tuple(out)
+
+
+def sample_tilings(depths: dict[str, int], granularities: dict[str, tuple[int, ...]], p: float,
+                   rng: random.Random) -> dict[str, tuple[int, ...]]:
+    """One tiling per stack; if no module was drawn anywhere, one aligned module chosen
+    uniformly is swapped in, so every step trains something (at low p most draws are empty)."""
+    out = {s: sample_tiling(n, granularities.get(s, ()), p, rng) for s, n in depths.items()}
+    if any(k > 1 for t in out.values() for k in t):
+        return out
+    choices = [(s, k, j) for s, n in depths.items() for k in granularities.get(s, ()) for j in range(n // k)]
+    if choices:
+        s, k, j = rng.choice(choices)
+        n = depths[s]
+        out[s] = (1,) * (j * k) + (k,) + (1,) * (n - (j + 1) * k)
+    return out
 
 
 class Replacer(nn.Module):
@@ -75,6 +91,12 @@ class Replacer(nn.Module):
             pos += k
             ends.append(pos - 1)
         return blocks, ends
+
+
+def relative_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||student - target||^2 / ||target||^2: scale-free, so T5's residual stream (whose norm
+    grows with depth to hundreds) weighs no more than the logit losses."""
+    return (student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
 
 def _out(o):
@@ -105,7 +127,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
                 h.remove()
         # sampled student: swap tilings in, run, swap the originals back
         p = cfg.p_at(step)
-        tilings = {s: sample_tiling(len(model.originals[s]), model.bank.granularities.get(s, ()), p, rng) for s in stacks}
+        tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
         plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
         s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
         hooks = []
@@ -130,7 +152,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         for s in stacks:
             m = masks[s]
             for out, end in zip(s_hidden[s], plan_blocks[s][1]):
-                mse = mse + F.mse_loss(out.float()[m], t_hidden[s][end].float()[m])
+                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m])
                 n += 1
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse

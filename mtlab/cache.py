@@ -1,0 +1,69 @@
+"""Artifacts keyed by a hash of the config that made them, written atomically.
+
+Notebooks, benchmarks and `make report` share one cache directory (`$MTLAB_CACHE`, default
+`cache/` at the repository root), so modules are trained once and tables computed once. The
+key includes everything that changes the result (the teacher's weights by content hash, the
+profile section, the code's config fields): an artifact from another teacher or config is
+never silently reused, it simply lives under another key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .checkpoint import atomic_dir, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MTLAB_CACHE", ROOT / "cache"))
+
+
+def config_hash(config) -> str:
+    """Stable short hash of a JSON-able config (dict keys sorted; tuples read as lists)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash of a file (e.g. the teacher's weights), read in chunks."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def artifact_dir(kind: str, config: dict) -> Path:
+    """The directory for an artifact of `kind` made from `config` (created, with config.json)."""
+    d = cache_root() / kind / config_hash(config)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = d / "config.json"
+    if not meta.exists():
+        write_json(meta, config)
+    return d
+
+
+def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *, refresh: bool = False) -> pd.DataFrame:
+    """`compute()` once per config; later calls read the CSV. The config rides in `df.attrs`."""
+    d = artifact_dir(kind, config)
+    path = d / "table.csv"
+    if path.exists() and not refresh:
+        df = pd.read_csv(path)
+    else:
+        df = compute()
+        tmp = path.with_name(path.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    df.attrs["config"] = config
+    df.attrs["cache"] = str(path)
+    return df
+
+
+__all__ = ["cache_root", "config_hash", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]

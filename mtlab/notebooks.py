@@ -1,0 +1,91 @@
+"""Run every notebook of `notebooks/` with papermill under a profile and render it to HTML.
+
+This is the main job's engine (`make report`): notebooks run in name order, each with the
+parameters PROFILE and OUT (the reports directory, where notebooks write their CSVs),
+sharing the artifact cache (`mtlab.cache`) so none recomputes another's work. Each
+executed notebook becomes reports/NAME.html; reports/index.html links them with the
+profile, git revision, machine and wall time of each.
+"""
+from __future__ import annotations
+
+import html
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .cache import ROOT
+from .profiles import get_profile
+
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.stem.startswith(o) or p.stem == o for o in only)]
+        if not paths:
+            raise ValueError(f"no notebook matches {only}; have {[p.stem for p in sorted(NOTEBOOKS.glob('*.ipynb'))]}")
+    return paths
+
+
+def run_notebooks(out: str | Path = "reports", profile: str = "default", only: list[str] | None = None,
+                  kernel: str = "python3") -> pd.DataFrame:
+    """Execute and render each notebook; returns (and writes) reports/notebooks.csv."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    prof = get_profile(profile)
+    out = Path(out).resolve()
+    (out / "executed").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in notebook_paths(only):
+        print(f"== {path.name} (profile {prof.name})", flush=True)
+        executed = out / "executed" / path.name
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            papermill.execute_notebook(str(path), str(executed), parameters={"PROFILE": prof.name, "OUT": str(out)},
+                                       kernel_name=kernel, cwd=str(path.parent), progress_bar=True,
+                                       log_output=False)
+        except papermill.PapermillExecutionError as e:
+            status = f"failed: {e.ename}: {e.evalue}"[:300]
+        seconds = time.perf_counter() - t0
+        if executed.exists():
+            body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(executed, as_version=4))
+            (out / f"{path.stem}.html").write_text(body)
+        rows.append({"notebook": path.stem, "profile": prof.name, "seconds": round(seconds, 1), "status": status})
+        print(f"   {status} in {seconds:.0f}s", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "notebooks.csv", index=False)
+    write_index(out, df, prof.name)
+    failed = df[df.status != "ok"]
+    if len(failed):
+        raise RuntimeError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
+                           "for the cell that failed")
+    return df
+
+
+def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
+    from .report import git_revision
+
+    links = "\n".join(
+        f"<tr><td><a href='{r.notebook}.html'>{html.escape(r.notebook)}</a></td><td>{r.seconds:.0f}</td>"
+        f"<td>{html.escape(r.status)}</td></tr>" for r in runs.itertuples())
+    csvs = "\n".join(f"<li><a href='{p.name}'>{p.name}</a></li>" for p in sorted(out.glob("*.csv")))
+    extra = "<li><a href='teacher.html'>teacher.html</a> (bundled teacher: dev/test PER/WER)</li>" \
+        if (out / "teacher.html").exists() else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mtlab reports</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
+<h1>mtlab reports</h1>
+<p>Profile <b>{html.escape(profile)}</b> · git {git_revision()} · {html.escape(platform.node())}
+({platform.machine()}, {platform.python_version()}) · total {runs.seconds.sum():.0f} s</p>
+<table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>
+{links}</table>
+<h2>Tables</h2><ul>{extra}{csvs}</ul></body></html>"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path

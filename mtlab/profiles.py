@@ -1,0 +1,85 @@
+"""Run profiles: how much work a notebook, benchmark or `make report` does.
+
+One switch (`PROFILE=smoke|default|full`) shrinks or grows every experiment, as
+TransformerLens' notebooks do under CI:
+
+- `smoke`   : seconds per notebook; CI runs every notebook this way. Numbers are not meaningful.
+- `default` : what `make report` runs on a 2-core CPU (the whole report in about 30 minutes).
+- `full`    : paper-scale budgets, for a GPU: every ratio trained for the baselines, full
+              dev/test decoding, 100k-token statistics.
+
+Each experiment reads only its own section, so adding one is one dataclass and one field.
+A profile's sections are recorded with every result (`asdict`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+NAMES = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class ModularProfile:
+    steps: int = 2000               # module-replacing steps (ONE run for every granularity)
+    batch_size: int = 64
+    granularities: tuple[int, ...] = (2, 3, 6)
+    baseline_steps: int = 2000      # each baseline run gets the same steps and batch as the module run
+    baseline_depths: tuple[int, ...] = (3,)   # per-stack depths the per-ratio baselines are trained for
+    eval_limit: int | None = None   # words decoded per split (None: the whole split)
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_words: int = 64         # words timed per batch size
+    latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size
+
+
+@dataclass(frozen=True)
+class MergingProfile:
+    align_tokens: int = 10_000      # tokens of train data for the FF correlations
+    cka_tokens: int = 10_000        # tokens for the similarity heatmaps
+    select_limit: int | None = 1000  # dev words scoring each window
+    window_sizes: tuple[int, ...] = (2, 3)
+    recovery_steps: int = 300
+    eval_limit: int | None = None   # test words for the final table (None: all)
+    minilm_sentences: int | None = 1000
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = "default"
+    modular: ModularProfile = field(default_factory=ModularProfile)
+    merging: MergingProfile = field(default_factory=MergingProfile)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        "smoke",
+        ModularProfile(steps=20, batch_size=16, baseline_steps=10, baseline_depths=(3,), eval_limit=32,
+                       latency_batches=(1, 8), latency_words=8, latency_seconds=0.02),
+        MergingProfile(align_tokens=500, cka_tokens=500, select_limit=32, window_sizes=(3,), recovery_steps=5,
+                       eval_limit=64, minilm_sentences=60),
+    ),
+    "default": Profile("default"),
+    "full": Profile(
+        "full",
+        ModularProfile(steps=20_000, batch_size=128, baseline_steps=20_000, baseline_depths=(5, 4, 3, 2, 1),
+                       latency_words=256, latency_seconds=2.0),
+        MergingProfile(align_tokens=100_000, cka_tokens=100_000, select_limit=None, window_sizes=(2, 3, 4),
+                       recovery_steps=3000, minilm_sentences=None),
+    ),
+}
+
+
+def get_profile(name: str | Profile | None = None) -> Profile:
+    """A profile by name; None reads $MTLAB_PROFILE (default 'default')."""
+    if isinstance(name, Profile):
+        return name
+    name = name or os.environ.get("MTLAB_PROFILE", "default")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: use one of {NAMES} (PROFILE=... for make report)")
+    return PROFILES[name]
+
+
+__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "get_profile", "replace"]
