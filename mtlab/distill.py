@@ -3,8 +3,7 @@
     loss = w_ce * CE(student, labels) + w_kd * T^2 * KL(teacher_T || student_T)
 
 over the non-padding label positions (labels != -100), where `_T` is the softmax at
-temperature T. The KD term is written exactly as in `mtlab.modular.replacing.replacing_loss`
-(`logit_kd` below is that expression), so the two can later share one function.
+temperature T. `logit_kd` is also the KD term of `mtlab.modular.replacing.replacing_loss`.
 """
 from __future__ import annotations
 

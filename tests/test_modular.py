@@ -138,3 +138,61 @@ def test_replacing_trains_only_modules_and_brings_assemblies_closer_to_the_teach
     assert gap(bank) < untrained
     assert (tmp_path / "bank" / "modules.safetensors").exists()
     assert ModuleBank.load(tmp_path / "bank", teacher6).state_dict().keys() == bank.state_dict().keys()
+
+
+@pytest.fixture
+def bart4(g2p_task):
+    import transformers as T
+
+    torch.manual_seed(0)
+    n = len(g2p_task.tokenizer)
+    return T.BartForConditionalGeneration(T.BartConfig(
+        d_model=16, encoder_layers=4, decoder_layers=4, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=n, max_position_embeddings=64, dropout=0.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None,
+        init_std=0.3)).eval()  # large weights: every layer matters, so a span cannot be skipped for free
+
+
+def test_bart_teacher_modules_assemble_export_and_train(g2p_task, bart4, tmp_path):
+    """The same code serves a BART-family teacher through the registry."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForSeq2SeqLM
+
+    batch = g2p_task.collate("dev", list(range(16)))
+    bank = ModuleBank.build(bart4, (2, 4))
+    assert torch.equal(outputs(assemble(bart4, bank, "e=1111 d=1111"), batch), outputs(bart4, batch))
+    small = assemble(bart4, bank, "e=22 d=4")
+    assert len(small.model.encoder.layers) == 2 and len(small.model.decoder.layers) == 1
+    small.save_pretrained(tmp_path / "export")
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export").eval()
+    assert torch.equal(outputs(again, batch), outputs(small, batch))
+
+    target = F.log_softmax(outputs(bart4, batch), -1)
+
+    def gap(b):
+        got = F.log_softmax(outputs(assemble(bart4, b, "e=22 d=22"), batch), -1)
+        return F.kl_div(got, target, log_target=True, reduction="batchmean").item()
+
+    cfg = ReplacingConfig(granularities=(2, 4), p_start=1.0, train=TrainConfig(
+        steps=24, batch_size=32, lr=3e-3, warmup=2, log_every=8, ckpt_every=24, precision="no"))
+    untrained = gap(bank)
+    trained, log = train_modules(bart4, g2p_task, cfg, tmp_path / "run", progress=False)
+    assert gap(trained) < untrained
+
+
+def test_plans_refuse_gaps_overlaps_misalignment_and_untrained_modules(teacher6):
+    bank = ModuleBank.build(teacher6, (2, 3))
+    for text, why in [("e=11111 d=111111", "gap"), ("e=1111111 d=111111", "past the top"),
+                      ("e=1221 d=111111", "misaligned"), ("e=6 d=111111", "no trained module"),
+                      ("x=111111", "unknown stack")]:
+        with pytest.raises(PlanError, match=why):
+            assemble(teacher6, bank, text)
+    with pytest.raises(PlanError, match="overlaps"):
+        Plan.from_ranges({"encoder": [(0, 2), (1, 3), (3, 6)]}, DEPTHS)
+
+
+def test_attention_distillation_is_optional_and_finite(g2p_task, teacher6, tmp_path):
+    cfg = ReplacingConfig(granularities=(2, 3), p_start=1.0, w_attn=1.0, train=TrainConfig(
+        steps=4, batch_size=16, lr=1e-3, warmup=1, log_every=2, ckpt_every=4, precision="no"))
+    _, log = train_modules(teacher6, g2p_task, cfg, tmp_path, progress=False)
+    assert "attn_kl" in log and (log.attn_kl >= 0).all() and log.attn_kl.notna().all()

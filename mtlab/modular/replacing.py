@@ -19,6 +19,7 @@ from torch import nn
 
 from ..anatomy import anatomy, set_stack_layers
 from ..tasks.base import Batch, Seq2SeqTask
+from ..distill import logit_kd
 from ..train import TrainConfig, train
 from .bank import ModuleBank
 
@@ -34,6 +35,8 @@ class ReplacingConfig:
     w_kd: float = 1.0                # logit distillation (KL at temperature T, times T^2)
     temperature: float = 2.0
     w_hidden: float = 1.0            # relative MSE to the teacher's hidden state at each span boundary
+    w_attn: float = 0.0              # KL of each block's self-attention maps to those of the teacher
+                                     # layer its span ends at (needs eager attention: slower)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="no", log_every=50, ckpt_every=250))
     # fp32: on CPU, bf16 autocast made a replacing step ~8x slower (1.6 s vs 0.2 s at batch 64)
@@ -107,6 +110,26 @@ def _capture(blocks: list[nn.Module], store: list):
     return [b.register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, _out(o))) for n, b in enumerate(blocks)]
 
 
+ATTENTIONS = {"encoder": "encoder_attentions", "decoder": "decoder_attentions", "layers": "attentions"}
+
+
+def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of KL(teacher layer at the span's end || block) between self-attention
+    maps, summed over keys and averaged over heads and real (unpadded) query positions."""
+    total, n = None, 0
+    for s, block_ends in ends.items():
+        t_att, s_att = getattr(t_out, ATTENTIONS[s]), getattr(s_out, ATTENTIONS[s])
+        if not t_att or not s_att:
+            raise ValueError("attention distillation (w_attn > 0) needs attention maps: use eager attention "
+                             "(train_modules switches the teacher to it) or set w_attn=0")
+        for i, end in enumerate(block_ends):
+            t, q = t_att[end].float(), s_att[i].float()
+            kl = (t * (t.clamp_min(1e-9).log() - q.clamp_min(1e-9).log())).sum(-1).mean(1)  # (batch, queries)
+            term = kl[masks[s]].mean()
+            total, n = (term if total is None else total + term), n + 1
+    return total / max(1, n)
+
+
 def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
     """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass, weighted loss."""
     rng_by_step = lambda step: random.Random(seed * 1_000_003 + step)  # noqa: E731 - resumable sampling
@@ -115,13 +138,14 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         teacher, rng = model.teacher, rng_by_step(step)
         stacks = list(model.originals)
         masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False,
+                      output_attentions=cfg.w_attn > 0)
         teacher.eval()
         t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
         hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
         try:
             with torch.no_grad():
-                t_logits = teacher(**inputs).logits
+                t_out = teacher(**inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -136,18 +160,16 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
                 set_stack_layers(teacher, s, plan_blocks[s][0], update_config=False)
                 hooks += _capture(plan_blocks[s][0], s_hidden[s])
             model.bank.train()
-            s_logits = teacher(**inputs).logits
+            s_out = teacher(**inputs)
         finally:
             for h in hooks:
                 h.remove()
             for s in stacks:
                 set_stack_layers(teacher, s, model.originals[s], update_config=False)
-        labels = batch.labels
+        s_logits, labels = s_out.logits, batch.labels
         keep = labels != -100
         ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
-        T = cfg.temperature
-        kd = F.kl_div(F.log_softmax(s_logits.float()[keep] / T, -1), F.log_softmax(t_logits.float()[keep] / T, -1),
-                      log_target=True, reduction="batchmean") * T * T
+        kd = logit_kd(s_logits, t_out.logits, keep, cfg.temperature)
         mse, n = s_logits.new_zeros(()).float(), 0
         for s in stacks:
             m = masks[s]
@@ -156,8 +178,12 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
                 n += 1
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
-        return loss, {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item(), "p": p,
-                      "modules_in": sum(k > 1 for t in tilings.values() for k in t)}
+        parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
+        if cfg.w_attn > 0:
+            attn = attention_kd(s_out, t_out, {s: plan_blocks[s][1] for s in stacks}, masks)
+            loss = loss + cfg.w_attn * attn
+            parts["attn_kl"] = attn.item()
+        return loss, {**parts, "p": p, "modules_in": sum(k > 1 for t in tilings.values() for k in t)}
 
     return loss_fn
 
@@ -168,6 +194,13 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
 
     Resumable (out_dir/checkpoint). Returns (bank, per-step log DataFrame with the config in attrs)."""
     out = Path(out_dir)
+    if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
+        teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
+    if cfg.w_attn > 0:
+        # transformers installs its output-capturing hooks on the blocks present at the first forward;
+        # run one before the bank copies the blocks, so modules report attention maps too
+        with torch.no_grad():
+            teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
     model = Replacer(teacher, bank)
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
