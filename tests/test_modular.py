@@ -196,3 +196,15 @@ def test_attention_distillation_is_optional_and_finite(g2p_task, teacher6, tmp_p
         steps=4, batch_size=16, lr=1e-3, warmup=1, log_every=2, ckpt_every=4, precision="no"))
     _, log = train_modules(teacher6, g2p_task, cfg, tmp_path, progress=False)
     assert "attn_kl" in log and (log.attn_kl >= 0).all() and log.attn_kl.notna().all()
+
+
+def test_plan_table_reports_ratios_and_measures_on_request(g2p_task, teacher6):
+    from mtlab.modular import plan_table
+
+    bank = ModuleBank.build(teacher6, (2, 3, 6))
+    df = plan_table(teacher6, bank, ["e=111111 d=111111", "e=222 d=33", "e=6 d=6"], g2p_task, measure=True,
+                    batch_sizes=(1, 4), min_run_time=0.01)
+    assert df.ratio.tolist()[0] == 1 and df.ratio.tolist()[2] == pytest.approx(6)
+    assert df.ideal_speedup.is_monotonic_increasing and df.speedup_b1.notna().all() and df.speedup_b4.notna().all()
+    with pytest.raises(PlanError, match="misaligned"):
+        plan_table(teacher6, bank, ["e=1221 d=111111"], g2p_task)

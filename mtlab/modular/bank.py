@@ -161,3 +161,27 @@ def plan_stats(plan: Plan, teacher_params: int, bparams: Mapping[str, int], bflo
     return {"plan": str(plan), "params": params, "ratio": stack_full / stack_now,
             "ratio_model": teacher_params / params, "ideal_speedup": bflops["total"] / flops,
             "blocks": {s: len(v) for s, v in plan.spans}}
+
+
+def plan_table(teacher: nn.Module, bank: ModuleBank | None, plans, task, *, measure: bool = False,
+               batch_sizes=(1, 64), min_run_time: float = 0.5):
+    """plan_stats of each plan (str or Plan) as a DataFrame; with `measure`, the measured greedy
+    generation speed-up over the teacher at each batch size (`speedup_b{n}`), timed in one run."""
+    import pandas as pd
+
+    from ..measure import latency
+
+    d = depths(teacher)
+    plans = [Plan.parse(p, d) if isinstance(p, str) else p for p in plans]
+    inputs = task.collate("dev", task.batches("dev", 64)[0]).model_inputs()
+    costs, bparams = stack_block_flops(teacher, inputs), block_params(teacher)
+    n = sum(p.numel() for p in teacher.parameters())
+    df = pd.DataFrame([plan_stats(p.validate(d, bank.granularities if bank else {}), n, bparams, costs)
+                       for p in plans])
+    if measure:
+        models = {"teacher": teacher, **{str(p): assemble(teacher, bank, p) for p in plans}}
+        lat = latency(models, task, batch_sizes=batch_sizes, min_run_time=min_run_time)
+        for bs in batch_sizes:
+            sp = lat[lat.batch_size == bs].set_index("model").speedup_vs_first
+            df[f"speedup_b{bs}"] = df.plan.map(sp)
+    return df
