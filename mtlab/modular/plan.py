@@ -215,14 +215,14 @@ def size_first(depths: Mapping[str, int], granularities: Mapping[str, Iterable[i
                block_params: Mapping[str, int], targets: Iterable[float] = DEFAULT_TARGETS) -> list[Plan]:
     """Size-first ladder: for each target parameter ratio, the least disruptive plan that reaches it.
 
-    Disruption of a plan = sum over stacks of (blocks removed)^2, then finer modules: cuts are
-    spread over the stacks (a stack that loses many layers degrades faster than two stacks
-    that lose a few each), and the parameter axis decides the rungs. Our choice: the paper
-    does not publish its ladder."""
+    Disruption of a plan = sum of k^2 over its modules, then sum over stacks of (blocks
+    removed)^2: a k-module's error grows faster than k (on the bundled teacher one 6-module
+    costs far more than two 3-modules), and cuts are spread over the stacks. The parameter
+    axis decides the rungs. Our choice: the paper does not publish its ladder."""
     cands = _combos(depths, granularities)
 
     def key(c):
-        return (sum(disruption(v)[0] ** 2 for v in c.values()), sum(disruption(v)[1] for v in c.values()),
+        return (sum(disruption(v)[1] for v in c.values()), sum(disruption(v)[0] ** 2 for v in c.values()),
                 -stack_ratio(c, block_params))
 
     out: list[Plan] = []
