@@ -134,7 +134,8 @@ def test_replacing_trains_only_modules_and_brings_assemblies_closer_to_the_teach
     bank, log = train_modules(teacher6, g2p_task, cfg, tmp_path, progress=False)
     after = teacher6.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher frozen and restored
-    assert {"ce", "kd", "hidden_mse", "p"} <= set(log.columns) and log.attrs["config"]["granularities"] == (2, 3, 6)
+    assert {"ce", "kd", "hidden_mse", "local_mse", "p"} <= set(log.columns)
+    assert log.attrs["config"]["granularities"] == (2, 3, 6)
     assert gap(bank) < untrained
     assert (tmp_path / "bank" / "modules.safetensors").exists()
     assert ModuleBank.load(tmp_path / "bank", teacher6).state_dict().keys() == bank.state_dict().keys()
@@ -208,3 +209,33 @@ def test_plan_table_reports_ratios_and_measures_on_request(g2p_task, teacher6):
     assert df.ideal_speedup.is_monotonic_increasing and df.speedup_b1.notna().all() and df.speedup_b4.notna().all()
     with pytest.raises(PlanError, match="misaligned"):
         plan_table(teacher6, bank, ["e=1221 d=111111"], g2p_task)
+
+
+def test_local_loss_is_zero_for_a_module_that_reproduces_its_span(g2p_task, teacher6):
+    """A 1-layer 'span' check of the plumbing: a k=2 module holding the weights of layer 0 and fed
+    layer 0's exact input reproduces layer 0's output, so regressing layer 1's output is the only error."""
+    import copy
+
+    from mtlab.modular.replacing import Replacer, local_loss, _capture
+
+    bank = ModuleBank.build(teacher6, (2,))
+    rep = Replacer(teacher6, bank)
+    batch = g2p_task.collate("dev", list(range(8)))
+    masks = {"encoder": batch.attention_mask.bool(), "decoder": batch.labels != -100}
+    t_hidden = {s: [None] * 6 for s in ("encoder", "decoder")}
+    span_inputs = {}
+    hooks = [h for s in t_hidden for h in _capture(rep.originals[s], t_hidden[s])]
+    hooks += [rep.originals[s][i].register_forward_pre_hook(
+        lambda m, a, kw, key=(s, i): span_inputs.__setitem__(key, (a, kw)), with_kwargs=True)
+        for s in t_hidden for i in (0, 2, 4)]
+    with torch.no_grad():
+        teacher6(**batch.model_inputs(), use_cache=False)  # as in replacing_loss
+    for h in hooks:
+        h.remove()
+    # make every module's target its own first layer's output: then the local loss is exactly 0
+    for s in t_hidden:
+        for j in range(3):
+            t_hidden[s][2 * j + 1] = t_hidden[s][2 * j]
+            bank.blocks[f"{s}_k2_j{j}"].load_state_dict(copy.deepcopy(rep.originals[s][2 * j].state_dict()))
+    bank.eval()
+    assert local_loss(rep, span_inputs, t_hidden, masks).item() < 1e-10

@@ -35,6 +35,8 @@ class ReplacingConfig:
     w_kd: float = 1.0                # logit distillation (KL at temperature T, times T^2)
     temperature: float = 2.0
     w_hidden: float = 1.0            # relative MSE to the teacher's hidden state at each span boundary
+    w_local: float = 1.0             # every module, fed the teacher's input to its span, regresses the
+                                     # teacher's output of the span (relative MSE): all modules learn every step
     w_attn: float = 0.0              # KL of each block's self-attention maps to those of the teacher
                                      # layer its span ends at (needs eager attention: slower)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -130,6 +132,21 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
     return total / max(1, n)
 
 
+def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict) -> torch.Tensor:
+    """Mean relative MSE of every module run on the teacher's input to its span (the exact call
+    the teacher's first layer of the span received) against the teacher's output of the span."""
+    total, n = None, 0
+    for (s, start), (args, kwargs) in span_inputs.items():
+        for k in model.bank.granularities.get(s, ()):
+            if start % k or start + k > len(model.originals[s]):
+                continue
+            out = _out(model.bank.get(s, k, start // k)(*args, **kwargs))
+            m = masks[s]
+            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m])
+            total, n = (term if total is None else total + term), n + 1
+    return total / max(1, n)
+
+
 def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
     """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass, weighted loss."""
     rng_by_step = lambda step: random.Random(seed * 1_000_003 + step)  # noqa: E731 - resumable sampling
@@ -143,6 +160,13 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         teacher.eval()
         t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
         hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
+        span_inputs: dict[tuple[str, int], tuple] = {}
+        if cfg.w_local > 0:
+            starts = {(s, j * k) for s in stacks for k in model.bank.granularities.get(s, ())
+                      for j in range(len(model.originals[s]) // k)}
+            hooks += [model.originals[s][i].register_forward_pre_hook(
+                lambda m, a, kw, key=(s, i): span_inputs.__setitem__(key, (a, kw)), with_kwargs=True)
+                for s, i in starts]
         try:
             with torch.no_grad():
                 t_out = teacher(**inputs)
@@ -179,6 +203,10 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
         parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
+        if cfg.w_local > 0:
+            local = local_loss(model, span_inputs, t_hidden, masks)
+            loss = loss + cfg.w_local * local
+            parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
             attn = attention_kd(s_out, t_out, {s: plan_blocks[s][1] for s in stacks}, masks)
             loss = loss + cfg.w_attn * attn
