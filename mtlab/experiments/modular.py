@@ -41,7 +41,7 @@ def teacher_key() -> str:
 
 def replacing_config(p: ModularProfile) -> ReplacingConfig:
     return ReplacingConfig(granularities=tuple(p.granularities), train=TrainConfig(
-        steps=p.steps, batch_size=p.batch_size, lr=5e-4, warmup=max(1, min(200, p.steps // 10)), precision="no",
+        steps=p.steps, batch_size=p.batch_size, lr=1e-3, warmup=max(1, min(200, p.steps // 10)), precision="no",
         log_every=max(1, min(50, p.steps // 10)), ckpt_every=250))
 
 
