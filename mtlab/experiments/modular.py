@@ -124,7 +124,8 @@ def modular_table(profile=None, *, progress: bool = True, refresh: bool = False)
     Modules rows share ONE training run: it is counted on the teacher-free first module row
     (`train_runs` 1) and as 0 on the others, so column sums give each method's total cost."""
     prof = get_profile(profile)
-    key = {"teacher": teacher_key(), "profile": asdict(prof.modular)}
+    key = {"teacher": teacher_key(), "profile": asdict(prof.modular),
+           "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular))}
     return cached_frame("modular_table", key, lambda: _modular_table(prof, progress), refresh=refresh)
 
 
