@@ -21,10 +21,10 @@ NAMES = ("smoke", "default", "full")
 
 @dataclass(frozen=True)
 class ModularProfile:
-    steps: int = 2000               # module-replacing steps (ONE run for every granularity)
+    steps: int = 1000               # module-replacing steps (ONE run for every granularity)
     batch_size: int = 64
     granularities: tuple[int, ...] = (2, 3, 6)
-    baseline_steps: int = 2000      # each baseline run gets the same steps and batch as the module run
+    baseline_steps: int = 1000      # each baseline run gets the same steps and batch as the module run
     baseline_depths: tuple[int, ...] = (3,)   # per-stack depths the per-ratio baselines are trained for
     eval_limit: int | None = None   # words decoded per split (None: the whole split)
     latency_batches: tuple[int, ...] = (1, 64)
@@ -41,6 +41,9 @@ class MergingProfile:
     recovery_steps: int = 300
     eval_limit: int | None = None   # test words for the final table (None: all)
     minilm_sentences: int | None = 1000
+    recovery_lr: float = 3e-4       # AdamW peak lr of the recovery fine-tune (10% warmup, cosine)
+    recovery_batch_size: int = 64   # one budget (steps x batch) for every method
+    window_starts: tuple[int, ...] | None = None  # only windows starting there (None: every window)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,14 @@ PROFILES: dict[str, Profile] = {
         ModularProfile(steps=20, batch_size=16, baseline_steps=10, baseline_depths=(3,), eval_limit=32,
                        latency_batches=(1, 8), latency_words=8, latency_seconds=0.02),
         MergingProfile(align_tokens=500, cka_tokens=500, select_limit=32, window_sizes=(3,), recovery_steps=5,
-                       eval_limit=64, minilm_sentences=60),
+                       eval_limit=64, minilm_sentences=60, recovery_batch_size=16,
+                       window_starts=(1,)),
     ),
-    "default": Profile("default"),
+    # default: the merge table must fit in ~6 minutes on 2 CPU cores, so only 3-layer windows
+    # (what the combined 4-of-12 candidate needs), 300 dev words per window, 50 recovery steps,
+    # 1000 test words; `full` searches sizes 2-4 on the whole splits.
+    "default": Profile("default", merging=MergingProfile(select_limit=300, window_sizes=(3,), recovery_steps=50,
+                                                         eval_limit=1000)),
     "full": Profile(
         "full",
         ModularProfile(steps=20_000, batch_size=128, baseline_steps=20_000, baseline_depths=(5, 4, 3, 2, 1),

@@ -35,8 +35,9 @@ class ReplacingConfig:
     w_kd: float = 1.0                # logit distillation (KL at temperature T, times T^2)
     temperature: float = 2.0
     w_hidden: float = 1.0            # relative MSE to the teacher's hidden state at each span boundary
-    w_local: float = 1.0             # every module, fed the teacher's input to its span, regresses the
-                                     # teacher's output of the span (relative MSE): all modules learn every step
+    w_local: float = 1.0             # modules fed the teacher's input to their span regress the teacher's
+                                     # output of the span (relative MSE); each step, per stack, the modules
+                                     # of ONE granularity drawn at random (a third of the cost of all)
     w_attn: float = 0.0              # KL of each block's self-attention maps to those of the teacher
                                      # layer its span ends at (needs eager attention: slower)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -132,12 +133,14 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
     return total / max(1, n)
 
 
-def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict) -> torch.Tensor:
-    """Mean relative MSE of every module run on the teacher's input to its span (the exact call
-    the teacher's first layer of the span received) against the teacher's output of the span."""
+def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict,
+               granularities: dict | None = None) -> torch.Tensor:
+    """Mean relative MSE of each module (of `granularities` per stack; default all) run on the
+    teacher's input to its span (the exact call the span's first teacher layer received)
+    against the teacher's output of the span."""
     total, n = None, 0
     for (s, start), (args, kwargs) in span_inputs.items():
-        for k in model.bank.granularities.get(s, ()):
+        for k in (granularities or model.bank.granularities).get(s, ()):
             if start % k or start + k > len(model.originals[s]):
                 continue
             out = _out(model.bank.get(s, k, start // k)(*args, **kwargs))
@@ -204,7 +207,8 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
         parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
         if cfg.w_local > 0:
-            local = local_loss(model, span_inputs, t_hidden, masks)
+            ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
+            local = local_loss(model, span_inputs, t_hidden, masks, ks)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
