@@ -9,7 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # one fresh artifact cache for the whole session: experiment tests and the smoke notebooks
 # share it (the notebook kernels inherit the environment), and nothing lands in ./cache
 os.environ["MTLAB_CACHE"] = tempfile.mkdtemp(prefix="mtlab-test-cache-")
-torch.set_num_threads(int(os.environ.get("MTLAB_TEST_THREADS", "1")))
+THREADS = os.environ.get("MTLAB_TEST_THREADS", "1")
+torch.set_num_threads(int(THREADS))
+# notebook kernels (separate processes) inherit this: one thread each, as the suite itself runs
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,433 @@
+"""FF-sublayer similarity and merging (Verma, Murray, Duh 2025) as cached tables.
+
+Notebooks 01/04, `benchmarks/merge.py` and `make report` call these functions; each returns a
+DataFrame with its config in `df.attrs["config"]`, computed once and then read back from the
+artifact cache (`mtlab.cache.cached_frame`). The key holds the weights' content hash (teacher,
+MiniLM), the profile's merging section and VERSION, so a table made from other weights, another
+budget or older code is never reused.
+
+Data discipline (methods.md section 2): FF statistics and similarity on the teacher's train split
+(MiniLM: its `align` sentences), windows chosen on dev, test read only for the final numbers of
+the models chosen on dev. Recovery fine-tunes get one budget (steps, batch, lr, seed) for every
+method, so permute, vanilla and layer pruning see the same batches.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..cache import cached_frame, file_hash
+from ..checkpoint import write_json
+from ..merging.merge import MergeSpec
+from ..merging.search import _FIXED as SEARCH_FIXED  # window_search's non-score columns
+from ..merging.search import (CorrelationCache, build_candidate, count_params, final_eval, merge_model, recover,
+                              window_search)
+from ..profiles import MergingProfile, get_profile
+from ..teacher import TEACHER_DIR, load_teacher
+from ..train import TrainConfig
+
+VERSION = 1                      # bump when a change of code changes what a table holds
+ALIGN_BATCH, SEED = 64, 0        # alignment batches: shuffled train split, as window_search builds them
+ANCHOR = "middle"
+COMBINED_SIZE = 3                # the combined candidate: one 3-layer set per stack (4 of 12 FF for 6+6)
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # MiniLM's sentences come from stdlib docstrings
+METHOD = {"none": "original", "prune": "layer_prune", "permute": "permute", "vanilla": "vanilla"}
+RANK = {"kind": {"original": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order of rows
+        "compare": {"-": 0, "single window": 1, "equal FF sublayers": 2, "equal params": 3},
+        "stack": {"-": 0, "encoder": 1, "layers": 1, "decoder": 2, "encoder+decoder": 3},
+        "method": {"original": 0, "none": 0, "permute": 1, "vanilla": 2, "layer_prune": 3, "prune": 3}}
+COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac", "recovery_steps",
+           "dev_per", "dev_wer", "test_per", "test_wer", "mean_cos", "recall_at_10"]
+MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pearson correlation)"}
+
+
+# ---------------------------------------------------------------------------
+# cache keys
+
+def teacher_hash() -> str:
+    return file_hash(TEACHER_DIR / "model.safetensors")
+
+
+def minilm_hash() -> str:
+    from ..minilm import model_dir
+
+    return file_hash(model_dir() / "model.safetensors")
+
+
+def config_for(kind: str, profile=None, **weights) -> dict:
+    """The cache key of a table: kind, VERSION, the profile's merging section, the weights' hashes."""
+    return {"kind": kind, "version": VERSION, "merging": asdict(get_profile(profile).merging), **weights}
+
+
+def _cached(kind: str, config: dict, compute) -> pd.DataFrame:
+    """cached_frame, plus: the computed frame goes through the CSV once, so the first call returns
+    exactly what later calls read back; its own attrs["config"] is kept as details.json."""
+    details = {}
+
+    def run():
+        df = compute()
+        details.update(df.attrs.get("config", {}))
+        return pd.read_csv(io.StringIO(df.to_csv(index=False)))
+
+    df = cached_frame(kind, config, run)
+    path = Path(df.attrs["cache"]).with_name("details.json")
+    if details:
+        write_json(path, details)
+    if path.exists():
+        df.attrs["details"] = json.loads(path.read_text())
+    return df
+
+
+def save_csv(df: pd.DataFrame, out: str | Path | None, name: str) -> Path | None:
+    """Write `df` to OUT/name when a notebook is given an output directory (None: nothing)."""
+    if out is None:
+        return None
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def _align_batches(task):
+    return lambda: task.iter_batches("train", ALIGN_BATCH, shuffle=True, seed=SEED)
+
+
+# ---------------------------------------------------------------------------
+# similarity
+
+def _long(model: str, df: pd.DataFrame) -> pd.DataFrame:
+    cfg = df.attrs["config"]
+    measure = "cka" if "CKA" in cfg["measure"] else "matching"
+    return pd.DataFrame([{"model": model, "measure": measure, "point": cfg["point"], "row": r, "col": c,
+                          "value": df.at[r, c], "tokens": cfg["tokens"][r.rsplit(".", 1)[0]]}
+                         for r in df.index for c in df.columns])
+
+
+def similarity_frames(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Layer x layer similarity of the teacher (train-split tokens) and MiniLM (align sentences),
+    long format (model, measure, point, row, col, value, tokens): linear CKA of FF outputs
+    (`ff_out`) and attention outputs (`attn_out`) on `cka_tokens` tokens per stack, and
+    neuron-matching scores of FF pre-activations (`ff_pre`) on `align_tokens`. Cross-stack
+    cells are NaN (encoder and decoder see different tokens). See `similarity_matrix`."""
+    from ..minilm import batches, load_minilm, sentences
+    from ..similarity import cka_matrix, matching_matrix
+
+    p = get_profile(profile)
+    m = p.merging
+
+    def compute():
+        teacher, task = load_teacher()
+        mini, tok = load_minilm()
+        align = sentences(m.minilm_sentences)["align"]
+        models = {"teacher": (teacher, _align_batches(task)), "minilm": (mini, lambda: batches(tok, align))}
+        jobs = [(name, kind, point) for name in models for kind, point in
+                (("cka", "ff_out"), ("cka", "attn_out"), ("matching", "ff_pre"))]
+        parts = []
+        for name, kind, point in tqdm(jobs, desc="similarity", disable=not progress):
+            net, data = models[name]
+            df = (cka_matrix(net, data, point, max_tokens=m.cka_tokens, progress=False) if kind == "cka"
+                  else matching_matrix(net, data, point, max_tokens=m.align_tokens, progress=False))
+            parts.append(_long(name, df))
+        return pd.concat(parts, ignore_index=True)
+
+    cfg = config_for("similarity", p, teacher=teacher_hash(), minilm=minilm_hash(), python=PYTHON)
+    return _cached("similarity", cfg, compute)
+
+
+def similarity_matrix(frames: pd.DataFrame, model: str, measure: str = "cka", point: str = "ff_out") -> pd.DataFrame:
+    """One square layer x layer matrix out of `similarity_frames`, ready for `similarity.heatmap`."""
+    sel = frames[(frames.model == model) & (frames.measure == measure) & (frames.point == point)]
+    if sel.empty:
+        have = sorted(set(zip(frames.model, frames.measure, frames.point)))
+        raise ValueError(f"no {measure} of {point} for {model!r} in these frames; have {have}")
+    order = list(dict.fromkeys(sel.row))
+    M = sel.pivot(index="row", columns="col", values="value").reindex(index=order, columns=order)
+    M.index.name = M.columns.name = None
+    M.attrs["config"] = {"measure": MEASURES[measure], "point": point,
+                         "tokens": {r.rsplit(".", 1)[0]: int(t) for r, t in zip(sel.row, sel.tokens)}}
+    return M
+
+
+def similarity_summary(frames: pd.DataFrame) -> pd.DataFrame:
+    """Per model, measure, point and stack: mean similarity of adjacent layers and of all pairs
+    (the paper's observation: FF outputs stay similar across layers, attention outputs less)."""
+    rows = []
+    for (model, measure, point), g in frames.groupby(["model", "measure", "point"], sort=False):
+        M = similarity_matrix(frames, model, measure, point)
+        for stack in dict.fromkeys(r.rsplit(".", 1)[0] for r in M.index):
+            idx = [r for r in M.index if r.rsplit(".", 1)[0] == stack]
+            S = M.loc[idx, idx].to_numpy()
+            pairs = [(i, j) for i in range(len(idx)) for j in range(i + 1, len(idx))]
+            rows.append({"model": model, "measure": measure, "point": point, "stack": stack,
+                         "adjacent_mean": sum(S[i, i + 1] for i in range(len(idx) - 1)) / max(1, len(idx) - 1),
+                         "all_pairs_mean": sum(S[i, j] for i, j in pairs) / max(1, len(pairs))})
+    return pd.DataFrame(rows)
+
+
+def similarity_figure(frames: pd.DataFrame, model: str):
+    """Three heatmaps of one model: CKA of FF outputs, CKA of attention outputs, FF neuron matching."""
+    import matplotlib.pyplot as plt
+
+    from ..similarity import heatmap
+
+    panels = [("cka", "ff_out"), ("cka", "attn_out"), ("matching", "ff_pre")]
+    n = similarity_matrix(frames, model).shape[0]
+    size = min(3 + 0.35 * n, 8)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * size, size * 0.85))
+    for ax, (measure, point) in zip(axes, panels):
+        heatmap(similarity_matrix(frames, model, measure, point), ax=ax, title=f"{model}: {measure} of {point}",
+                annot=n <= 6, fmt=".2f")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# the teacher: window search, candidates, recovery, final numbers
+
+def recovery_config(m: MergingProfile) -> TrainConfig:
+    """ONE recovery budget for every method: same steps, batch, lr schedule and data order (seed)."""
+    steps = m.recovery_steps
+    return TrainConfig(steps=steps, batch_size=m.recovery_batch_size, lr=m.recovery_lr, warmup=steps // 10,
+                       label_smoothing=0.1, precision="no", seed=SEED, log_every=max(1, steps // 5),
+                       ckpt_every=max(1, steps))
+
+
+def _search(p, model=None, task=None, cache=None, progress: bool = True) -> pd.DataFrame:
+    m = p.merging
+
+    def compute():
+        nonlocal model, task
+        if model is None:
+            model, task = load_teacher()
+        return window_search(model, task, sizes=m.window_sizes, anchor=ANCHOR, align_tokens=m.align_tokens,
+                             select_limit=m.select_limit, starts=m.window_starts, batch_size=ALIGN_BATCH, seed=SEED,
+                             cache=cache, progress=progress)
+
+    return _cached("teacher_windows", config_for("teacher_windows", p, teacher=teacher_hash()), compute)
+
+
+def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """`window_search` on both stacks of the teacher (window sizes of the profile; permute, vanilla
+    and layer pruning; aligned on train, scored on `select_limit` dev words); `best` marks the
+    window chosen per (stack, size, method)."""
+    return _search(get_profile(profile), progress=progress)
+
+
+def _removed(specs: list[str]) -> tuple[int, int]:
+    """(FF sublayers, blocks) that a candidate's specs remove."""
+    ff = blocks = 0
+    for s in specs:
+        if s.startswith("prune"):
+            a, b = s.split(":")[1].split("-")
+            ff, blocks = ff + int(b) - int(a), blocks + int(b) - int(a)
+        else:
+            ff += len(MergeSpec.parse(s).layers) - 1
+    return ff, blocks
+
+
+def candidates(search: pd.DataFrame) -> list[dict]:
+    """The models of the final table, all chosen on dev: the best window per (stack, size, method);
+    per method the combination of its best 3-layer window in every stack (4 of 12 FF sublayers for
+    the 6+6 teacher); and layer pruning at (nearly) the merges' parameters removed: the combination
+    of best pruning windows (or none) per stack whose removed parameters come closest."""
+    best = search[search.best]
+    stacks = list(dict.fromkeys(search["stack"][search.kind != "original"]))
+    ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, RANK["method"][r.method]))
+    out = [{"kind": "window", "compare": "single window", "method": METHOD[r.method], "stack": r.stack,
+            "layers": r.layers, "specs": [r.spec]} for r in ranked]
+    three = best[best["size"] == COMBINED_SIZE]
+    if set(three["stack"]) != set(stacks):
+        warnings.warn(f"no combined candidate: window size {COMBINED_SIZE} is not searched in every stack; add it "
+                      "to the profile's window_sizes", stacklevel=2)
+        return out
+
+    def combo(rows, method, compare):
+        return {"kind": "combined", "compare": compare, "method": method,
+                "stack": "+".join(r.stack for r in rows),
+                "layers": rows[0].layers if len(rows) == 1 else " ".join(f"{r.stack}:{r.layers}" for r in rows),
+                "specs": [r.spec for r in rows]}
+
+    for method in ("permute", "vanilla", "prune"):
+        rows = [r for s in stacks for r in three[(three["stack"] == s) & (three.method == method)].itertuples()]
+        if len(rows) == len(stacks):
+            out.append(combo(rows, METHOD[method], "equal FF sublayers"))
+    merged = three[three.method.isin(["permute", "vanilla"])]
+    if len(merged):
+        target = merged.groupby("method").params_removed.sum().iloc[0]
+        options = [[None, *best[(best["stack"] == s) & (best.method == "prune")].itertuples()] for s in stacks]
+        combos = [[r for r in c if r is not None] for c in itertools.product(*options)]
+        pick = min((c for c in combos if c), key=lambda c: abs(sum(r.params_removed for r in c) - target))
+        if [r.spec for r in pick] != next((c["specs"] for c in out if c["compare"] == "equal FF sublayers"
+                                           and c["method"] == "layer_prune"), None):
+            out.append(combo(pick, "layer_prune", "equal params"))
+    return out
+
+
+def build(model, specs: list[str], cache: CorrelationCache):
+    """A copy of `model` with every spec of a candidate applied (merges tied, pruned blocks gone)."""
+    merges = [s for s in specs if not s.startswith("prune")]
+    net = merge_model(model, merges, cache=cache) if merges else copy.deepcopy(model)
+    for s in specs:
+        if s.startswith("prune"):
+            net = build_candidate(net, s)
+    return net
+
+
+def _scores(net, task, m: MergingProfile, searched: dict | None = None) -> dict:
+    """dev_* (select_limit words) and test_* (eval_limit words) metrics of a model. `searched`: its
+    window_search row, whose dev scores are reused (same model, same words, greedy decoding)."""
+    skip = {"split", "n", "seconds", "name", "params", "n_eval", "eval_seconds"}
+    if searched is None:
+        dev = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
+    else:
+        dev = {k: v for k, v in searched.items() if k not in SEARCH_FIXED or k == "n_eval"}
+        dev["n"] = dev.pop("n_eval")
+    test = final_eval({"model": net}, task, "test", limit=m.eval_limit, progress=False).iloc[0].to_dict()
+    out = {f"dev_{k}": v for k, v in dev.items() if k not in skip}
+    out.update({f"test_{k}": v for k, v in test.items() if k not in skip})
+    return {**out, "dev_n": dev["n"], "test_n": test["n_eval"]}
+
+
+def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Final numbers of the teacher's merge candidates (see `candidates`), before and after the
+    recovery fine-tune: one row per (candidate, stage) with method (original / permute / vanilla /
+    layer_prune), stack, layers, spec, params, params_removed(_frac), ff_removed, blocks_removed,
+    recovery_steps (0: before), dev_* on `select_limit` dev words, test_* on `eval_limit` test words."""
+    p = get_profile(profile)
+    m = p.merging
+    rcfg = recovery_config(m)
+
+    def compute():
+        model, task = load_teacher()
+        cache = CorrelationCache(model, _align_batches(task), max_tokens=m.align_tokens)
+        search = _search(p, model, task, cache, progress)
+        searched = {r["spec"]: r for r in search.to_dict("records")}
+        n0 = count_params(model)
+        rows = [{"kind": "original", "compare": "-", "method": "original", "stack": "-", "layers": "-",
+                 "spec": "original", "params": n0, "ff_removed": 0, "blocks_removed": 0, "recovery_steps": 0,
+                 **_scores(model, task, m, searched.get("original"))}]
+        done: dict[tuple, list[dict]] = {}
+        cands = candidates(search)
+        bar = tqdm(cands, desc="merge table", disable=not progress)
+        for c in bar:
+            key = tuple(c["specs"])
+            bar.set_postfix_str("; ".join(key))
+            if key not in done:
+                net = build(model, c["specs"], cache)
+                stages = [{"recovery_steps": 0, **_scores(net, task, m, searched.get("; ".join(key)))}]
+                if rcfg.steps > 0:
+                    t0 = time.perf_counter()
+                    with tempfile.TemporaryDirectory() as d:
+                        recover(net, task, rcfg, d, progress=False, save=False)
+                    stages.append({"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0,
+                                   **_scores(net, task, m)})
+                ff, blocks = _removed(c["specs"])
+                done[key] = [{"params": count_params(net), "ff_removed": ff, "blocks_removed": blocks, **s}
+                             for s in stages]
+                del net
+            info = {k: v for k, v in c.items() if k != "specs"}
+            rows += [{**info, "spec": "; ".join(key), **s} for s in done[key]]
+        df = pd.DataFrame(rows)
+        df.insert(df.columns.get_loc("params") + 1, "params_removed", n0 - df.params)
+        df.insert(df.columns.get_loc("params_removed") + 1, "params_removed_frac", (n0 - df.params) / n0)
+        df.attrs["config"] = {"recovery": asdict(rcfg), "search": search.attrs.get("details", {}),
+                              "combined_size": COMBINED_SIZE}
+        return df
+
+    cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg))
+    return _cached("teacher_merge", cfg, compute)
+
+
+def before_after(table: pd.DataFrame, metrics=("test_per", "test_wer")) -> pd.DataFrame:
+    """Each candidate on one row: its test numbers before and after recovery, side by side."""
+    idx = ["kind", "compare", "method", "stack", "layers", "params_removed_frac"]
+    wide = table.pivot_table(index=idx, columns="recovery_steps", values=list(metrics), sort=False)
+    wide.columns = [f"{metric}@{steps}" for metric, steps in wide.columns]
+    return _ranked(wide.reset_index(), ["kind", "compare", "stack", "method"]).reset_index(drop=True)
+
+
+def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
+    """Quality against the share of parameters removed, per method, before/after recovery."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    hue = [k for k in RANK["method"] if k in set(table.method)]
+    d = table.assign(removed_pct=100 * table.params_removed_frac,
+                     stage=table.recovery_steps.map(lambda s: f"after {s} recovery steps" if s else "before recovery"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4))
+    for ax, metric in zip(list(axes) if len(metrics) > 1 else [axes], metrics):
+        sns.scatterplot(data=d, x="removed_pct", y=metric, hue="method", hue_order=hue, style="stage", s=70, ax=ax)
+        ax.axhline(d.loc[d.method == "original", metric].iloc[0], color="grey", ls="--", lw=1, label="original")
+        ax.set(xlabel="parameters removed (%)", ylabel=f"{metric} (%, lower is better)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# MiniLM and the merge.csv report
+
+def minilm_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """`minilm_merge_vs_prune` on all-MiniLM-L6-v2 with the profile's window sizes, sentences and
+    alignment tokens: every window scored on dev by fidelity to the original embeddings, the best
+    per (size, method) and the original measured on test (test_cosine, test_recall_at_10)."""
+    from ..minilm import minilm_merge_vs_prune
+
+    p = get_profile(profile)
+    m = p.merging
+
+    def compute():
+        return minilm_merge_vs_prune(n=m.minilm_sentences, sizes=m.window_sizes, anchor=ANCHOR,
+                                     align_tokens=m.align_tokens, starts=m.window_starts, k=10, progress=progress)
+
+    return _cached("minilm_merge", config_for("minilm_merge", p, minilm=minilm_hash(), python=PYTHON), compute)
+
+
+def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
+    """The original and the window chosen on dev per (size, method), with dev and test fidelity."""
+    cols = ["layers", "method", "params_removed_share", "cosine", "test_cosine", "test_recall_at_10"]
+    chosen = _ranked(table[table.best | (table.kind == "original")], ["kind", "size", "method"])
+    return chosen.assign(method=chosen.method.map(METHOD), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
+
+
+def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Rows in reading order: the original first, then by stack, size, and permute, vanilla, layer_prune."""
+    return df.sort_values(cols, kind="stable",
+                          key=lambda c: c.map(RANK[c.name]).fillna(9) if c.name in RANK else c)
+
+
+def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """The rows of reports/merge.csv (exactly COLUMNS): teacher candidates before/after recovery with
+    dev and test PER/WER, MiniLM's original and best windows with test mean cosine and recall@10."""
+    p = get_profile(profile)
+    teacher = teacher_merge_table(p, progress=progress)
+    mini = minilm_merge_table(p, progress=progress)
+
+    def compute():
+        t = _ranked(teacher, ["kind", "stack", "method"]).assign(model="teacher")
+        mm = _ranked(mini[mini.best | (mini.kind == "original")], ["kind", "size", "method"])
+        mm = pd.DataFrame({"model": "minilm", "method": mm.method.map(METHOD),
+                           "stack": mm["stack"].fillna("-"), "layers": mm.layers.fillna("-").replace("", "-"),
+                           "params": mm.params, "params_removed_frac": mm.params_removed_share, "recovery_steps": 0,
+                           "mean_cos": mm.test_cosine, "recall_at_10": mm.test_recall_at_10})
+        t = t.drop_duplicates(["method", "stack", "layers", "recovery_steps"])  # "equal params" may repeat a window
+        return pd.concat([t, mm], ignore_index=True).reindex(columns=COLUMNS)
+
+    cfg = {"kind": "merge_csv", "version": VERSION, "teacher": teacher.attrs["config"], "minilm": mini.attrs["config"]}
+    return _cached("merge_csv", cfg, compute)
+
+
+__all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
+           "teacher_window_search", "candidates", "build", "teacher_merge_table", "before_after", "quality_plot",
+           "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
+           "minilm_hash", "COLUMNS"]

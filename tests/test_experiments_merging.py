@@ -1,0 +1,120 @@
+"""mtlab.experiments.merging: the merge.csv rows in the smoke profile, and the artifact cache
+(reused on a second call; another teacher or profile gets another key)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtlab.cache import config_hash
+from mtlab.experiments import merging as X
+from mtlab.profiles import get_profile
+from mtlab.teacher import TEACHER_DIR
+
+METHODS = {"original", "permute", "vanilla", "layer_prune"}
+STEPS = get_profile("smoke").merging.recovery_steps
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp("cache")
+        mp.setenv("MTLAB_CACHE", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def table(cache_dir):
+    return X.merge_csv("smoke", progress=False)
+
+
+def test_merge_csv_has_the_columns_and_methods(table):
+    assert list(table.columns) == X.COLUMNS
+    assert set(table.model) == {"teacher", "minilm"}
+    for model, g in table.groupby("model"):
+        assert set(g.method) == METHODS, model
+        assert (g.method == "original").sum() == 1
+    t = table[table.model == "teacher"]
+    assert set(t.recovery_steps) == {0, STEPS}
+    for method in METHODS - {"original"}:  # every method before and after the same recovery budget
+        steps = t[t.method == method].groupby(["stack", "layers"]).recovery_steps.apply(set)
+        assert all(s == {0, STEPS} for s in steps), method
+    combined = t[t["stack"] == "encoder+decoder"]
+    assert set(combined.method) == {"permute", "vanilla", "layer_prune"}
+    assert (table[table.model == "minilm"].recovery_steps == 0).all()
+
+
+def test_params_removed_frac_matches_params(table):
+    cfg = json.loads((TEACHER_DIR / "config.json").read_text())
+    ff = 2 * cfg["d_model"] * cfg["d_ff"]  # ReLU T5 FF: wi and wo, no bias
+    for model, g in table.groupby("model"):
+        n0 = g.loc[g.method == "original", "params"].item()
+        np.testing.assert_allclose(g.params_removed_frac, 1 - g.params / n0, atol=1e-12)
+        assert ((g.params_removed_frac >= 0) & (g.params_removed_frac < 1)).all()
+        assert (g.loc[g.method != "original", "params_removed_frac"] > 0).all()
+    t = table[(table.model == "teacher") & (table["stack"] == "encoder+decoder")]
+    n0 = table.loc[(table.model == "teacher") & (table.method == "original"), "params"].item()
+    for method in ("permute", "vanilla"):  # the combined candidate ties away 4 of the 12 FF sublayers
+        assert set(n0 - t[t.method == method].params) == {4 * ff}
+    assert (n0 - t[t.method == "layer_prune"].params > 4 * ff).all()  # pruning drops attention too
+
+
+def test_quality_columns_are_finite_where_they_apply(table):
+    teacher, mini = table[table.model == "teacher"], table[table.model == "minilm"]
+    for c in ("dev_per", "dev_wer", "test_per", "test_wer"):
+        assert np.isfinite(teacher[c]).all() and (teacher[c] >= 0).all(), c
+        assert mini[c].isna().all(), c
+    for c in ("mean_cos", "recall_at_10"):
+        assert np.isfinite(mini[c]).all() and mini[c].between(-1, 1).all(), c
+        assert teacher[c].isna().all(), c
+    orig = mini[mini.method == "original"].iloc[0]
+    assert math.isclose(orig.mean_cos, 1, abs_tol=1e-5) and orig.recall_at_10 == 1
+
+
+def test_second_call_reads_the_cache(table, cache_dir, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("recomputed although the table is cached")
+
+    monkeypatch.setattr(X, "load_teacher", boom)
+    monkeypatch.setattr(X, "window_search", boom)
+    monkeypatch.setattr("mtlab.minilm.minilm_merge_vs_prune", boom)
+    again = X.merge_csv("smoke", progress=False)
+    pd.testing.assert_frame_equal(again, table)
+    assert again.attrs["config"] == table.attrs["config"]
+    assert str(cache_dir) in again.attrs["cache"]
+    assert X.teacher_merge_table("smoke").attrs["details"]["recovery"]["steps"] == STEPS
+
+
+def test_other_teacher_or_profile_gets_another_key(table, monkeypatch):
+    base = X.config_for("teacher_merge", "smoke", teacher=X.teacher_hash())
+    assert config_hash(base) != config_hash(X.config_for("teacher_merge", "smoke", teacher="0" * 12))
+    assert config_hash(base) != config_hash(X.config_for("teacher_merge", "default", teacher=X.teacher_hash()))
+
+    class Recomputed(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Recomputed
+
+    monkeypatch.setattr(X, "load_teacher", load)
+    monkeypatch.setattr(X, "teacher_hash", lambda: "0" * 12)  # other weights: the cached table is not reused
+    with pytest.raises(Recomputed):
+        X.teacher_merge_table("smoke", progress=False)
+
+
+def test_equal_params_pruning_picks_the_closest_removal():
+    rows = [("-", 0, "original", "none", 0, False)]
+    for stack, removed in (("encoder", 400), ("decoder", 520)):
+        rows += [(stack, 3, "1-3", m, 260, True) for m in ("permute", "vanilla")]
+        rows += [(stack, 3, "1-3", "prune", removed, True)]
+    search = pd.DataFrame(rows, columns=["stack", "size", "layers", "method", "params_removed", "best"])
+    search["kind"] = search.method.map({"none": "original", "prune": "prune"}).fillna("merge")
+    search["spec"] = [f"{m} {s}" if m == "prune" else f"{s}:1-3@middle/{m}" for s, m in zip(search["stack"], search.method)]
+    search.loc[search.method == "prune", "spec"] = ["prune encoder:1-3", "prune decoder:1-3"]
+    cands = X.candidates(search)
+    equal = [c for c in cands if c["compare"] == "equal params"]
+    assert len(equal) == 1 and equal[0]["specs"] == ["prune decoder:1-3"]  # 520 is closest to 2 x 260
+    assert {c["method"] for c in cands if c["kind"] == "combined"} == {"permute", "vanilla", "layer_prune"}
