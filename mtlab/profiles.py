@@ -29,7 +29,7 @@ class ModularProfile:
     eval_limit: int | None = None   # words decoded per split (None: the whole split)
     latency_batches: tuple[int, ...] = (1, 64)
     latency_words: int = 64         # words timed per batch size
-    latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size
+    latency_seconds: float = 1.0    # torch.utils.benchmark min_run_time per model and batch size
 
 
 @dataclass(frozen=True)
