@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from .tasks.g2p import EOS, PAD, G2PTask, G2PTokenizer
-from .train import TrainConfig, read_log, train
+from .train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "data" / "teacher"
