@@ -27,7 +27,8 @@ from .bank import ModuleBank
 @dataclass
 class ReplacingConfig:
     granularities: tuple[int, ...] = (2, 3, 6)
-    init: str = "first"              # teacher layer of its span a module starts from
+    init: str = "last"               # teacher layer of its span a module starts from: "last" (its output
+                                     # already looks like the span's) beat "first" by 4.7 WER at 2x (1000 steps)
     p_start: float = 0.1             # replacement probability at step 0 ...
     p_end: float = 1.0               # ... rising linearly to p_end at ramp * steps
     ramp: float = 0.8
