@@ -17,8 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from .checkpoint import atomic_dir, write_json
-
-ROOT = Path(__file__).resolve().parent.parent
+from .teacher import ROOT
 
 
 def cache_root() -> Path:

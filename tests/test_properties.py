@@ -40,6 +40,22 @@ def _ff_numel(model, stack: str) -> int:
     return sum(p.numel() for p in anatomy(model).stack(stack).layer(0).ff.params())
 
 
+def _build_or_refuse(build, model):
+    """build() -> the built model, or None after a ValueError that names the problem and left
+    `model` exactly as it was."""
+    before = _state(model)
+    try:
+        out = build()
+    except ValueError as e:
+        event("refused")
+        assert str(e)  # names the problem
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "model changed after an error"
+        return None
+    event("built")
+    return out
+
+
 @pytest.mark.parametrize("case", MERGE_FAMILIES)
 @SETTINGS
 @given(data=st.data())
@@ -60,16 +76,10 @@ def test_random_merge_specs_build_or_raise_value_error(case, data):
         anchor = data.draw(st.sampled_from(["first", "middle", "last", "sideways"]))
     text = f"{stack}:{','.join(map(str, layers))}@{anchor}/vanilla"
     model = copy.deepcopy(base)
-    before, n_before = _state(model), sum(p.numel() for p in model.parameters())
-    try:
-        merged = merge_ffs(model, [text])
-    except ValueError as e:
-        event("refused")
-        assert str(e)  # names the problem
-        after = model.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), "model changed after an error"
+    n_before = sum(p.numel() for p in model.parameters())
+    merged = _build_or_refuse(lambda: merge_ffs(model, [text]), model)
+    if merged is None:
         return
-    event("built")
     k = len(set(layers))
     assert sum(p.numel() for p in merged.parameters()) == n_before - (k - 1) * _ff_numel(base, stack)
     assert torch.isfinite(_run(merged, case)).all()
@@ -87,16 +97,9 @@ def test_random_plans_assemble_or_raise_value_error(case, data):
     else:  # anything: gaps, overlaps, misaligned or untrained spans, zero
         spans = {s: data.draw(st.lists(st.integers(0, n + 1), min_size=1, max_size=n + 1)) for s, n in depths.items()}
     text = " ".join(f"{s}={','.join(map(str, v))}" for s, v in spans.items())
-    before = _state(teacher)
-    try:
-        model = assemble(teacher, bank, text)
-    except ValueError as e:
-        event("refused")
-        assert str(e)
-        after = teacher.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), "teacher changed after an error"
+    model = _build_or_refuse(lambda: assemble(teacher, bank, text), teacher)
+    if model is None:
         return
-    event("built")
     bp = block_params(teacher)
     removed = sum((sum(v) - len(v)) * bp[s] for s, v in spans.items())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in teacher.parameters()) - removed

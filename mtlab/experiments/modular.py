@@ -13,6 +13,7 @@ resumes where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict
 
@@ -209,9 +210,9 @@ def step_cost_ratio(batch_size: int = 64, steps: int = 20, granularities=(2, 3, 
     from ..train import cross_entropy_loss
 
     teacher, task = load_teacher()
+    student = copy.deepcopy(teacher).train()
     cfg = ReplacingConfig(granularities=tuple(granularities), train=TrainConfig(steps=1000, batch_size=batch_size))
     replacer = Replacer(teacher, ModuleBank.build(teacher, cfg.granularities))
-    student = load_teacher()[0].train()
     for x in student.parameters():
         x.requires_grad_(True)
     rep_loss, ce_loss = replacing_loss(cfg), cross_entropy_loss()
