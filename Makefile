@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlab-installed
 PIP    := $(BIN)/pip install --constraint constraints.txt
 
-.PHONY: venv test report teacher lab clean
+.PHONY: venv test browser-test report teacher lab clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# only the real-browser test (JupyterLab + /usr/bin/chromium); screenshots in test-artifacts/browser/
+browser-test: $(STAMP)
+	$(BIN)/python -m pytest tests/test_browser.py
 
 PROFILE ?= default
 report: $(STAMP)

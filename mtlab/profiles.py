@@ -47,10 +47,21 @@ class MergingProfile:
 
 
 @dataclass(frozen=True)
+class ExploreProfile:
+    screen_limit: int | None = 1000  # dev words the whole assembly space is screened on (teacher forcing)
+    screen_batch: int = 64
+    picks: int = 8                  # plans chosen off the screened frontier, besides the two ladders
+    combined: int = 2               # assemblies that also get FF merges (size-first rungs near 1.5x and 2x)
+    eval_limit: int | None = 1000   # dev and test words each frontier candidate is decoded on
+    bench_limit: int = 256          # dev words of the per-plan vs prefix-shared benchmark
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "default"
     modular: ModularProfile = field(default_factory=ModularProfile)
     merging: MergingProfile = field(default_factory=MergingProfile)
+    explore: ExploreProfile = field(default_factory=ExploreProfile)
 
     def record(self) -> dict:
         return asdict(self)
@@ -60,10 +71,11 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke",
         ModularProfile(steps=20, batch_size=16, baseline_steps=10, baseline_depths=(3,), eval_limit=32,
-                       latency_batches=(1, 8), latency_words=8, latency_seconds=0.02),
+                       latency_batches=(1, 64), latency_words=8, latency_seconds=0.02),
         MergingProfile(align_tokens=500, cka_tokens=500, select_limit=32, window_sizes=(3,), recovery_steps=5,
                        eval_limit=64, minilm_sentences=60, recovery_batch_size=16,
                        window_starts=(1,)),
+        ExploreProfile(screen_limit=32, screen_batch=16, picks=2, combined=1, eval_limit=32, bench_limit=16),
     ),
     # default: the merge table must fit in ~6 minutes on 2 CPU cores, so only 3-layer windows
     # (what the combined 4-of-12 candidate needs), 300 dev words per window, 50 recovery steps,
@@ -76,6 +88,7 @@ PROFILES: dict[str, Profile] = {
                        latency_words=256, latency_seconds=2.0),
         MergingProfile(align_tokens=100_000, cka_tokens=100_000, select_limit=None, window_sizes=(2, 3, 4),
                        recovery_steps=3000, minilm_sentences=None),
+        ExploreProfile(screen_limit=None, picks=16, combined=4, eval_limit=None, bench_limit=1000),
     ),
 }
 
@@ -90,4 +103,4 @@ def get_profile(name: str | Profile | None = None) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "get_profile", "replace"]
+__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "get_profile", "replace"]

@@ -1,0 +1,270 @@
+"""The exploration study on the bundled teacher: screen every assembly, decode and time a
+frontier of candidates from every method, in one run.
+
+1. `screen_table`: the whole assembly space of the profile's module bank (196 plans for 6+6
+   with {2, 3, 6}), teacher-forced on `screen_limit` dev words, prefix-shared.
+2. `frontier_table`: candidates decoded greedily (dev and test, `eval_limit` words each) and
+   timed (batch 1 and 64 generation, one run, ratios to the teacher):
+   - modules: both ladders, plus `picks` plans spread along the screened frontier;
+   - combined: size-first assemblies with one permute merge of the top (up to) 3 blocks' FF
+     sublayers per stack, recovered with the FF-merging budget;
+   - merge / layer_prune: the FF-merging study's combined candidates (chosen on dev), recovered;
+   - layer_drop / sft / layerdrop: the Modular Transformers baselines (their cached runs).
+   `on_frontier` marks test WER vs measured batch-64 speed-up, `on_frontier_params` test WER vs
+   parameters.
+Everything is cached under keys that hold the teacher's hash and the profile.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import artifact_dir, cached_frame
+from ..explore.frontier import mark_frontiers, pareto_mask, spearman
+from ..explore.screen import block_evals_per_plan, max_abs_diff, screen, screen_per_plan
+from ..explore.space import AssemblySpace, space_sizes
+from ..modular import Plan, assemble
+from ..modular.bank import block_params, depths
+from ..modular.plan import size_first
+from ..profiles import get_profile
+from ..teacher import load_teacher
+from .modular import evaluate_models, ladders, replacing_config, teacher_key, trained_bank, trained_baselines
+
+VERSION = 1
+COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
+           "dev_per", "dev_wer", "test_per", "test_wer", "screen_nll", "screen_token_acc", "screen_tf_word_acc",
+           "on_frontier", "on_frontier_params", "train_runs", "train_seconds"]
+COMBINED_TARGETS = (1.5, 2.0, 3.0, 1.25)   # size-first rungs that get FF merges, in this order
+COMBINED_WINDOW = 3                        # blocks per stack whose FF sublayers are merged (top of the stack)
+
+
+def _bank_key(prof) -> dict:
+    return {"teacher": teacher_key(), "replacing": asdict(replacing_config(prof.modular))}
+
+
+def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
+    if teacher is None:
+        teacher, task = load_teacher()
+    if bank is None:
+        bank, _ = trained_bank(prof, teacher, task, progress)
+    return teacher, task, bank
+
+
+def screen_table(profile=None, teacher=None, task=None, bank=None, *, progress: bool = True) -> pd.DataFrame:
+    """The whole assembly space screened on dev (see `mtlab.explore.screen.screen`), cached."""
+    prof = get_profile(profile)
+    e = prof.explore
+
+    def compute():
+        t, tk, b = _loaded(prof, teacher, task, bank, progress)
+        df = screen(t, b, tk, split="dev", limit=e.screen_limit, batch_size=e.screen_batch, progress=progress)
+        df["block_evals"], df["seconds"] = df.attrs["block_evals"], df.attrs["seconds"]
+        return df
+
+    key = {"version": VERSION, "bank": _bank_key(prof), "limit": e.screen_limit, "batch": e.screen_batch}
+    return cached_frame("screen", key, compute)
+
+
+def picks(screen_df: pd.DataFrame, n: int, exclude=()) -> list[str]:
+    """`n` plans spread along the screened frontier (ideal speed-up vs token NLL), skipping `exclude`."""
+    on = screen_df[pareto_mask(screen_df, "ideal_speedup", "nll")]
+    on = on[~on.plan.isin(set(exclude))].sort_values("ideal_speedup")
+    if n <= 0 or not len(on):
+        return []
+    idx = np.unique(np.linspace(0, len(on) - 1, min(n, len(on))).round().astype(int))
+    return list(on.plan.iloc[idx])
+
+
+def _align(task):
+    from .merging import _align_batches
+
+    return _align_batches(task)
+
+
+def _recovered(build_net, task, prof, out_key: dict, progress: bool):
+    """`build_net()` (a merged model) recovered with the FF-merging budget; cached (safetensors),
+    so a rerun loads it without building or training."""
+    from ..merging.merge import load_merged
+    from ..merging.search import recover
+    from .merging import recovery_config
+
+    rcfg = recovery_config(prof.merging)
+    d = artifact_dir("frontier_recovered", {**out_key, "recovery": asdict(rcfg)})
+    if (d / "model").exists():
+        return load_merged(d / "model"), rcfg
+    t0 = time.perf_counter()
+    net = build_net()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    recover(net.train(), task, rcfg, d, progress=progress)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    (d / "seconds.txt").write_text(f"{time.perf_counter() - t0:.3f}\n")
+    return net, rcfg
+
+
+def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
+    """The FF-merging study's combined candidates (same search, chosen on dev), recovered."""
+    from ..merging.search import CorrelationCache
+    from .merging import build, candidates, teacher_window_search
+
+    search = teacher_window_search(prof, progress=progress)
+    cache = CorrelationCache(teacher, _align(task), max_tokens=prof.merging.align_tokens)
+    out = []
+    for c in candidates(search):
+        if c["kind"] != "combined":
+            continue
+        net, rcfg = _recovered(lambda c=c: build(teacher, c["specs"], cache), task, prof,
+                               {"teacher": teacher_key(), "specs": c["specs"]}, progress)
+        kind = "layer_prune" if c["method"] == "layer_prune" else "merge"
+        out.append({"kind": kind, "method": kind, "strategy": f"{c['method']} ({c['compare']})",
+                    "plan": "; ".join(c["specs"]), "model": net, "train_runs": 1, "train_steps": rcfg.steps})
+    return out
+
+
+def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[str]:
+    """One permute merge per stack over its top `window` blocks (fewer in a shallower stack)."""
+    out = []
+    for s in plan.stacks:
+        d = plan.depth(s)
+        w = min(window, d)
+        if w >= 2:
+            out.append(f"{s}:{d - w}-{d - 1}@middle/permute")
+    return out
+
+
+def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict]:
+    """Assemblies of the size-first ladder with FF merges inside, recovered."""
+    from ..merging.search import CorrelationCache, merge_model
+
+    ladder = size_first(depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
+    out = []
+    for plan in ladder[: prof.explore.combined]:
+        specs = combined_specs(plan)
+        if not specs:
+            continue
+        key = {"teacher": teacher_key(), "bank": _bank_key(prof), "plan": str(plan), "specs": specs}
+
+        def build(plan=plan, specs=specs):
+            asm = assemble(teacher, bank, plan)
+            return merge_model(asm, specs, cache=CorrelationCache(asm, _align(task), max_tokens=prof.merging.align_tokens))
+
+        net, rcfg = _recovered(build, task, prof, key, progress)
+        out.append({"kind": "combined", "method": "combined", "strategy": "size_first + permute",
+                    "plan": f"{plan} + {'; '.join(specs)}", "model": net, "train_runs": 1, "train_steps": rcfg.steps})
+    return out
+
+
+def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Every candidate decoded and timed in one run, frontiers marked (columns `COLUMNS` + more)."""
+    prof = get_profile(profile)
+    key = {"version": VERSION, "bank": _bank_key(prof), "profile": prof.record()}
+    return cached_frame("frontier", key, lambda: _frontier(prof, progress))
+
+
+def _frontier(prof, progress: bool) -> pd.DataFrame:
+    torch.manual_seed(0)
+    teacher, task, bank = _loaded(prof, progress=progress)
+    scr = screen_table(prof, teacher, task, bank, progress=progress).set_index("plan")
+    rows, seen = [], set()
+    for strategy, plan in ladders(teacher, bank):
+        if str(plan) in seen:
+            continue
+        seen.add(str(plan))
+        kind = "teacher" if strategy == "teacher" else "modules"
+        rows.append({"kind": kind, "method": kind, "strategy": strategy, "plan": str(plan),
+                     "model": assemble(teacher, bank, plan)})
+    for p in picks(scr.reset_index(), prof.explore.picks, exclude=seen):
+        rows.append({"kind": "modules", "method": "modules", "strategy": "screened", "plan": p,
+                     "model": assemble(teacher, bank, p)})
+    rows += combined_rows(prof, teacher, task, bank, progress)
+    rows += merge_rows(prof, teacher, task, progress)
+    for b in trained_baselines(prof, teacher, task, progress):
+        rows.append({**b, "kind": b["method"]})
+    e = prof.explore
+    df = evaluate_models(rows, teacher, task, replace(prof.modular, eval_limit=e.eval_limit), progress)
+    for c in ("nll", "token_acc", "tf_word_acc"):
+        df[f"screen_{c}"] = df.plan.map(scr[c])
+    df = mark_frontiers(df)
+    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
+
+
+def rank_agreement(frontier: pd.DataFrame, screened: str = "screen_nll", decoded: str = "dev_wer") -> float:
+    """Spearman correlation between screened quality and decoded WER over the module candidates
+    (the teacher included): how well the cheap screen orders what decoding would."""
+    m = frontier[frontier.kind.isin(["teacher", "modules"])]
+    return spearman(m[screened], m[decoded])
+
+
+def screening_bench(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Per-plan vs prefix-shared screening of the whole assembly space in the same run
+    (`bench_limit` dev words): block evaluations, seconds, largest difference."""
+    prof = get_profile(profile)
+    teacher, task, bank = _loaded(prof, progress=progress)
+    plans = list(AssemblySpace.of(teacher, bank))
+    kw = dict(split="dev", limit=prof.explore.bench_limit, batch_size=prof.explore.screen_batch, progress=progress)
+    shared = screen(teacher, bank, task, plans, **kw)
+    plain = screen_per_plan(teacher, bank, task, plans, **kw)
+    sizes = space_sizes(teacher, bank, prof.merging.window_sizes)
+    return pd.DataFrame([{
+        "plans": len(plans), "words": prof.explore.bench_limit,
+        "batches": plain.attrs["block_evals"] // block_evals_per_plan(plans),
+        "block_evals_per_plan": plain.attrs["block_evals"], "block_evals_shared": shared.attrs["block_evals"],
+        "block_eval_ratio": plain.attrs["block_evals"] / shared.attrs["block_evals"],
+        "seconds_per_plan": plain.attrs["seconds"], "seconds_shared": shared.attrs["seconds"],
+        "time_ratio": plain.attrs["seconds"] / shared.attrs["seconds"],
+        "max_abs_diff": max_abs_diff(shared, plain), "threads": torch.get_num_threads(), **sizes}])
+
+
+def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: bool = False):
+    """The assembly explorer over the profile's screened space (and its decoded frontier)."""
+    from ..widgets import AssemblyExplorer
+
+    prof = get_profile(profile)
+    teacher, task, bank = _loaded(prof, progress=progress)
+    scr = screen_table(prof, teacher, task, bank, progress=progress)
+    fr = frontier_table(prof, progress=progress) if with_frontier else None
+    return AssemblyExplorer(scr, depths(teacher), bank.granularities, block_params(teacher), fr)
+
+
+def merge_explorer(profile=None, *, progress: bool = False):
+    """The merge-set explorer on the teacher: CKA of FF outputs per stack, merges scored on the
+    merging study's dev words (`select_limit`), correlations computed once per layer pair."""
+    from ..anatomy import anatomy
+    from ..merging.search import CorrelationCache, count_params
+    from ..widgets import MergeExplorer
+    from .merging import build, similarity_frames, similarity_matrix
+
+    prof = get_profile(profile)
+    m = prof.merging
+    teacher, task = load_teacher()
+    M = similarity_matrix(similarity_frames(prof, progress=progress), "teacher", "cka", "ff_out")
+    sims = {}
+    for s in depths(teacher):
+        idx = [r for r in M.index if r.rsplit(".", 1)[0] == s]
+        sims[s] = M.loc[idx, idx].rename(index=lambda r: r.rsplit(".", 1)[1], columns=lambda r: r.rsplit(".", 1)[1])
+    cache = CorrelationCache(teacher, _align(task), max_tokens=m.align_tokens)
+    ana = anatomy(teacher)
+
+    def evaluate(specs: list[str]) -> dict:
+        net = build(teacher, specs, cache)
+        r = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
+        return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"]}
+
+    def prune_blocks(stack: str, a: int, b: int) -> int:
+        """Blocks whose parameters come closest to the (b - a) FF sublayers a merge removes."""
+        layer = ana.stack(stack).layer(a)
+        ff = sum(p.numel() for p in layer.ff.params())
+        block = sum(p.numel() for p in layer.block.parameters())
+        return round((b - a) * ff / block)
+
+    return MergeExplorer(sims, depths(teacher), evaluate, prune_blocks)
+
+
+__all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "COLUMNS"]

@@ -1,0 +1,289 @@
+"""Screening the whole assembly space with teacher-forced metrics, sharing common prefixes.
+
+Plans that start with the same blocks compute the same hidden states until they part ways.
+`screen` walks a trie over each stack's block sequences: every trie node (a distinct prefix)
+runs ONE block on its parent's output, and the decoder's trie runs once per distinct encoder
+output (a decoder block reads the encoder through cross-attention, so nothing is shared across
+encoder plans). `screen_per_plan` is the plain way, one full forward per plan; both return the
+same numbers (tested to 1e-5) and count the blocks they ran.
+
+How a block is run outside its stack, for any HF encoder-decoder: the stack itself is asked to
+call a stand-in block (`_Catch`) that records the exact arguments it receives (masks, T5's
+position bias from whatever block came first, cross-attention inputs) and stops the forward.
+A stand-in that returns a stored output (`_Replay`) lets the stack finish (final layer norm,
+LM head) from a trie leaf. No architecture-specific code.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy
+from ..modular.bank import ModuleBank, block_params, depths, plan_stats, stack_block_flops
+from ..modular.plan import Plan
+from .space import AssemblySpace
+
+METRICS = ("nll", "token_acc", "tf_word_acc")
+
+
+class _Stop(Exception):
+    """Raised by _Catch to end a forward once the arguments of a block are known."""
+
+
+class _Catch(nn.Module):
+    def forward(self, *args, **kwargs):
+        self.call = (args, kwargs)
+        raise _Stop
+
+
+class _Replay(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_hidden(call, h):
+    args, kwargs = call
+    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
+class _Swapper:
+    """Install a temporary block list in a stack (and put the original ModuleList back)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.where = {}
+        for s, st in anatomy(model).stacks.items():
+            parent_path, _, attr = st.path.rpartition(".")
+            self.where[s] = (model.get_submodule(parent_path) if parent_path else model, attr)
+
+    @contextmanager
+    def __call__(self, stack: str, blocks: list[nn.Module]):
+        parent, attr = self.where[stack]
+        old = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList(blocks))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, old)
+
+
+def _require_seq2seq(model: nn.Module) -> None:
+    names = list(anatomy(model).stacks)
+    if names != ["encoder", "decoder"] or not hasattr(model, "get_encoder"):
+        raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder); this one has {names}. "
+                         "Evaluate single-stack assemblies with mtlab.modular.assemble and the task's own metric")
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Sums over the batch: token NLL, correct tokens, tokens, words with every token right, words."""
+    mask = labels != -100
+    logp = F.log_softmax(logits.float(), -1)
+    nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    right = (logits.argmax(-1) == labels) | ~mask
+    return {"nll_sum": float(nll[mask].sum()), "correct": int((right & mask).sum()), "tokens": int(mask.sum()),
+            "words_right": int(right.all(-1).sum()), "words": int(labels.shape[0])}
+
+
+class _Runner:
+    """Runs the teacher's stacks for one batch with any block list swapped in."""
+
+    def __init__(self, teacher: nn.Module, bank: ModuleBank | None, batch):
+        self.model, self.bank, self.batch = teacher, bank, batch
+        self.swap = _Swapper(teacher)
+        self.originals = {s: list(st.layers) for s, st in anatomy(teacher).stacks.items()}
+        self.blocks_run = 0
+
+    def block(self, stack: str, start: int, k: int) -> nn.Module:
+        return self.originals[stack][start] if k == 1 else self.bank.get(stack, k, start // k)
+
+    def run(self, stack: str, enc_out=None):
+        """The stack's forward: encoder output, or the decoder's logits given the encoder output."""
+        b = self.batch
+        if stack == "encoder":
+            return self.model.get_encoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        return self.model(encoder_outputs=(enc_out,), attention_mask=b.attention_mask, labels=b.labels,
+                          use_cache=False).logits
+
+    def caught(self, stack: str, blocks: list[nn.Module], enc_out=None):
+        """The arguments the stack passes to the block after `blocks`."""
+        catch = _Catch()
+        with self.swap(stack, [*blocks, catch]):
+            try:
+                self.run(stack, enc_out)
+            except _Stop:
+                return catch.call
+        raise RuntimeError(f"{stack}: the stack never called its blocks")
+
+    def finish(self, stack: str, out, enc_out=None):
+        with self.swap(stack, [_Replay(out)]):
+            return self.run(stack, enc_out)
+
+    def walk(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+        """(tiling, stack output) for every tiling; each distinct prefix runs one block."""
+        ends = set(tilings)
+        children: dict[tuple, list[int]] = {}
+        for t in ends:
+            for i in range(len(t)):
+                kids = children.setdefault(t[:i], [])
+                if t[i] not in kids:
+                    kids.append(t[i])
+        first_call = self.caught(stack, [], enc_out)
+
+        def visit(prefix, out, call):
+            if prefix in ends:
+                yield prefix, self.finish(stack, out, enc_out)
+            for k in sorted(children.get(prefix, ())):
+                block = self.block(stack, sum(prefix), k)
+                if prefix:
+                    args, kwargs = _with_hidden(call, _hidden(out))
+                    o, rest = block(*args, **kwargs), call
+                else:  # the first block may make state the others read (T5's position bias)
+                    o = block(*first_call[0], **first_call[1])
+                    rest = self.caught(stack, [_Replay(o)], enc_out)
+                self.blocks_run += 1
+                yield from visit(prefix + (k,), o, rest)
+
+        yield from visit((), None, None)
+
+
+def _plan_rows(sums: dict, stats: dict) -> pd.DataFrame:
+    rows = []
+    for plan, s in sums.items():
+        rows.append({**stats.get(plan, {"plan": plan}), "nll": s["nll_sum"] / s["tokens"],
+                     "token_acc": s["correct"] / s["tokens"], "tf_word_acc": s["words_right"] / s["words"],
+                     "tokens": s["tokens"], "words": s["words"]})
+    return pd.DataFrame(rows)
+
+
+def _add(sums: dict, key: str, m: dict) -> None:
+    acc = sums.setdefault(key, dict.fromkeys(m, 0))
+    for k, v in m.items():
+        acc[k] += v
+
+
+def _setup(teacher, bank, task, plans, split, limit, batch_size):
+    _require_seq2seq(teacher)
+    if split == "test":
+        raise ValueError("screening chooses models: use the dev split (test is read only for final numbers)")
+    d = depths(teacher)
+    space = AssemblySpace.of(teacher, bank)
+    plans = list(space) if plans is None else [Plan.parse(p, d) if isinstance(p, str) else p for p in plans]
+    for p in plans:
+        p.validate(d, bank.granularities if bank is not None else {s: () for s in d})
+    if not plans:
+        raise ValueError("no plans to screen")
+    index = task.batches(split, batch_size, limit=limit)
+    if not index:
+        raise ValueError(f"split {split!r} has no examples to screen on (limit={limit})")
+    inputs = task.collate(split, index[0]).model_inputs()
+    n = sum(p.numel() for p in teacher.parameters())
+    costs, bparams = stack_block_flops(teacher, inputs), block_params(teacher)
+    stats = {str(p): plan_stats(p, n, bparams, costs) for p in plans}
+    for s in stats.values():
+        s.pop("blocks")
+    return plans, index, stats
+
+
+@contextmanager
+def _eval_mode(*modules):
+    """Dropout off in the teacher AND the bank (a bank fresh from training is in train mode),
+    restored afterwards."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def screen(teacher: nn.Module, bank: ModuleBank | None, task, plans: Iterable[Plan | str] | None = None, *,
+           split: str = "dev", limit: int | None = 1000, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Teacher-forced quality of every plan (default: the whole assembly space) on `limit` words
+    of `split`, prefix-shared. One row per plan: plan, params, ratio, ratio_model,
+    ideal_speedup (forward FLOPs), nll (mean token NLL), token_acc, tf_word_acc (words whose
+    every token is the argmax under teacher forcing), tokens, words. `attrs`: config, block_evals,
+    seconds."""
+    plans, index, stats = _setup(teacher, bank, task, plans, split, limit, batch_size)
+    with _eval_mode(teacher, bank):
+        return _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress)
+
+
+def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
+    by_enc: dict[tuple, set] = {}
+    for p in plans:
+        by_enc.setdefault(p.stack("encoder"), set()).add(p.stack("decoder"))
+    names = {(p.stack("encoder"), p.stack("decoder")): str(p) for p in plans}
+    sums: dict[str, dict] = {}
+    t0, evals = time.perf_counter(), 0
+    for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
+        r = _Runner(teacher, bank, task.collate(split, idx))
+        for enc, enc_out in list(r.walk("encoder", by_enc)):
+            for dec, logits in r.walk("decoder", by_enc[enc], enc_out):
+                _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
+        evals += r.blocks_run
+    df = _plan_rows(sums, stats)
+    df.attrs.update(config={"split": split, "limit": limit, "batch_size": batch_size, "plans": len(plans)},
+                    block_evals=evals, seconds=time.perf_counter() - t0, method="prefix-shared")
+    return df
+
+
+@torch.no_grad()
+def screen_per_plan(teacher: nn.Module, bank: ModuleBank | None, task, plans: Iterable[Plan | str] | None = None, *,
+                    split: str = "dev", limit: int | None = 1000, batch_size: int = 64,
+                    progress: bool = True) -> pd.DataFrame:
+    """The same table as `screen`, computed the plain way: each plan's blocks swapped into the
+    teacher and one full forward per plan and batch (the reference `screen` must match)."""
+    plans, index, stats = _setup(teacher, bank, task, plans, split, limit, batch_size)
+    with _eval_mode(teacher, bank):
+        return _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress)
+
+
+def _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
+    r0 = _Runner(teacher, bank, None)
+    sums: dict[str, dict] = {}
+    t0, evals = time.perf_counter(), 0
+    for idx in tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress):
+        b = task.collate(split, idx)
+        for p in plans:
+            with r0.swap("encoder", [r0.block("encoder", a, k) for a, k in p.blocks("encoder")]), \
+                    r0.swap("decoder", [r0.block("decoder", a, k) for a, k in p.blocks("decoder")]):
+                logits = teacher(**b.model_inputs(), use_cache=False).logits
+            evals += p.depth("encoder") + p.depth("decoder")
+            _add(sums, str(p), _metrics(logits, b.labels))
+    df = _plan_rows(sums, stats)
+    df.attrs.update(config={"split": split, "limit": limit, "batch_size": batch_size, "plans": len(plans)},
+                    block_evals=evals, seconds=time.perf_counter() - t0, method="per-plan")
+    return df
+
+
+def max_abs_diff(a: pd.DataFrame, b: pd.DataFrame, cols: Iterable[str] = METRICS) -> float:
+    """Largest difference between two screens of the same plans (matched by plan)."""
+    m = a[["plan", *cols]].merge(b[["plan", *cols]], on="plan", how="outer", suffixes=("", "_b"))
+    if m.isna().any().any():
+        raise ValueError("the two screens cover different plans")
+    return float(max((m[c] - m[f"{c}_b"]).abs().max() for c in cols))
+
+
+def block_evals_per_plan(plans: Iterable[Plan]) -> int:
+    """Blocks one batch costs when every plan runs its own forward."""
+    return sum(sum(p.depth(s) for s in p.stacks) for p in plans)
+
