@@ -21,15 +21,15 @@ NAMES = ("smoke", "default", "full")
 
 @dataclass(frozen=True)
 class ModularProfile:
-    steps: int = 1000               # module-replacing steps (ONE run for every granularity)
+    steps: int = 600                # module-replacing steps (ONE run for every granularity)
     batch_size: int = 64
     granularities: tuple[int, ...] = (2, 3, 6)
-    baseline_steps: int = 1000      # each baseline run gets the same steps and batch as the module run
+    baseline_steps: int = 600       # each baseline run gets the same steps and batch as the module run
     baseline_depths: tuple[int, ...] = (3,)   # per-stack depths the per-ratio baselines are trained for
-    eval_limit: int | None = None   # words decoded per split (None: the whole split)
+    eval_limit: int | None = 1000   # words decoded per split (None: the whole split)
     latency_batches: tuple[int, ...] = (1, 64)
     latency_words: int = 64         # words timed per batch size
-    latency_seconds: float = 1.0    # torch.utils.benchmark min_run_time per model and batch size
+    latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         "full",
         ModularProfile(steps=20_000, batch_size=128, baseline_steps=20_000, baseline_depths=(5, 4, 3, 2, 1),
-                       latency_words=256, latency_seconds=2.0),
+                       eval_limit=None, latency_words=256, latency_seconds=2.0),
         MergingProfile(align_tokens=100_000, cka_tokens=100_000, select_limit=None, window_sizes=(2, 3, 4),
                        recovery_steps=3000, minilm_sentences=None),
         ExploreProfile(screen_limit=None, picks=16, combined=4, eval_limit=None, bench_limit=1000),

@@ -112,12 +112,15 @@ class _Runner:
         return self.originals[stack][start] if k == 1 else self.bank.get(stack, k, start // k)
 
     def run(self, stack: str, enc_out=None):
-        """The stack's forward: encoder output, or the decoder's logits given the encoder output."""
+        """The stack's forward: encoder output, or the decoder's logits given the encoder output
+        (teacher forcing: the decoder reads the labels shifted right)."""
         b = self.batch
         if stack == "encoder":
             return self.model.get_encoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-        return self.model(encoder_outputs=(enc_out,), attention_mask=b.attention_mask, labels=b.labels,
-                          use_cache=False).logits
+        if not hasattr(self, "decoder_input_ids"):
+            self.decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=b.labels)
+        return self.model(encoder_outputs=(enc_out,), attention_mask=b.attention_mask,
+                          decoder_input_ids=self.decoder_input_ids, use_cache=False).logits
 
     def caught(self, stack: str, blocks: list[nn.Module], enc_out=None):
         """The arguments the stack passes to the block after `blocks`."""
@@ -129,12 +132,22 @@ class _Runner:
                 return catch.call
         raise RuntimeError(f"{stack}: the stack never called its blocks")
 
-    def finish(self, stack: str, out, enc_out=None):
-        with self.swap(stack, [_Replay(out)]):
-            return self.run(stack, enc_out)
+    def finish(self, stack: str, outs: list, enc_out=None) -> list[torch.Tensor]:
+        """The stack's outputs (after its final norm, and the LM head for the decoder) for several
+        last-block outputs at once: they are stacked along the batch, which nothing after the
+        last block mixes."""
+        first = outs[0]
+        h = torch.cat([_hidden(o) for o in outs])
+        with self.swap(stack, [_Replay((h, *first[1:]) if isinstance(first, tuple) else h)]):
+            return list(self.run(stack, enc_out).split(_hidden(first).shape[0]))
 
-    def walk(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-        """(tiling, stack output) for every tiling; each distinct prefix runs one block."""
+    def outputs(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> dict[tuple, torch.Tensor]:
+        """{tiling: stack output} for every tiling, finished together."""
+        leaves = dict(self.walk(stack, tilings, enc_out))
+        return dict(zip(leaves, self.finish(stack, list(leaves.values()), enc_out)))
+
+    def walk(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> Iterator[tuple[tuple[int, ...], object]]:
+        """(tiling, output of its last block) for every tiling; each distinct prefix runs one block."""
         ends = set(tilings)
         children: dict[tuple, list[int]] = {}
         for t in ends:
@@ -146,7 +159,7 @@ class _Runner:
 
         def visit(prefix, out, call):
             if prefix in ends:
-                yield prefix, self.finish(stack, out, enc_out)
+                yield prefix, out
             for k in sorted(children.get(prefix, ())):
                 block = self.block(stack, sum(prefix), k)
                 if prefix:
@@ -236,8 +249,8 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
         r = _Runner(teacher, bank, task.collate(split, idx))
-        for enc, enc_out in list(r.walk("encoder", by_enc)):
-            for dec, logits in r.walk("decoder", by_enc[enc], enc_out):
+        for enc, enc_out in r.outputs("encoder", by_enc).items():
+            for dec, logits in r.outputs("decoder", by_enc[enc], enc_out).items():
                 _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
         evals += r.blocks_run
     df = _plan_rows(sums, stats)
