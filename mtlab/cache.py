@@ -49,13 +49,45 @@ def artifact_dir(kind: str, config: dict) -> Path:
     return d
 
 
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(obj, default=str)}
+
+
+def stale_note(kind: str, config: dict) -> str | None:
+    """Why an existing artifact of `kind` is not reused: which config fields differ from the
+    newest one (another teacher's weights, another profile, newer code). None if there is none."""
+    here = config_hash(config)
+    others = sorted((p for p in (cache_root() / kind).glob("*/config.json") if p.parent.name != here),
+                    key=lambda p: p.stat().st_mtime)
+    if not others:
+        return None
+    try:
+        old = _flat(json.loads(others[-1].read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None
+    new = _flat(json.loads(json.dumps(config, default=str)))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
+    return (f"cache: {kind} for this config ({here}) is new; the cached one in {others[-1].parent} differs in "
+            f"{shown or 'nothing readable'}, so it is kept but not reused")
+
+
 def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *, refresh: bool = False) -> pd.DataFrame:
-    """`compute()` once per config; later calls read the CSV. The config rides in `df.attrs`."""
+    """`compute()` once per config; later calls read the CSV. The config rides in `df.attrs`.
+    When only tables of other configs exist, says what differs (`stale_note`) before computing."""
     d = artifact_dir(kind, config)
     path = d / "table.csv"
     if path.exists() and not refresh:
         df = pd.read_csv(path)
     else:
+        note = None if refresh else stale_note(kind, config)
+        if note:
+            print(note, flush=True)
         df = compute()
         tmp = path.with_name(path.name + ".tmp")
         df.to_csv(tmp, index=False)
@@ -65,4 +97,4 @@ def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *
     return df
 
 
-__all__ = ["cache_root", "config_hash", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]
+__all__ = ["cache_root", "config_hash", "stale_note", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]

@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         teacher_report(Path(a.out), a.teacher, a.limit)
         if not a.no_notebooks:
-            print(run_notebooks(a.out, a.profile, a.only).to_string(index=False))
+            from .notebooks import ReportError
+
+            try:
+                print(run_notebooks(a.out, a.profile, a.only).to_string(index=False))
+            except ReportError as e:
+                print(f"make report: {e}", file=sys.stderr)
+                return 2
         print(f"report done in {time.time() - t0:.0f}s: open {Path(a.out) / 'index.html'}")
     return 0
 

@@ -9,7 +9,9 @@ profile, git revision, machine and wall time of each.
 from __future__ import annotations
 
 import html
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,9 +32,37 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
+REQUIRED = ("papermill", "nbconvert", "nbformat", "ipykernel", "ipywidgets", "matplotlib", "seaborn", "scipy")
+
+
+class ReportError(RuntimeError):
+    """`make report` cannot run or did not finish; the message says what to do."""
+
+
+def check_dependencies(kernel: str = "python3", required=REQUIRED) -> None:
+    """Fail before running anything when a notebook dependency or the Jupyter kernel is missing."""
+    import importlib.util
+
+    missing = [m for m in required if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ReportError(f"the notebooks need {', '.join(missing)}, which this Python ({sys.executable}) lacks: "
+                          "run `make venv` (or `pip install -e '.[test]'`) and retry")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel:
+        raise ReportError(f"no Jupyter kernel named {kernel!r}: run `{sys.executable} -m ipykernel install --user "
+                          f"--name {kernel}` and retry") from None
+
+
 def run_notebooks(out: str | Path = "reports", profile: str = "default", only: list[str] | None = None,
                   kernel: str = "python3") -> pd.DataFrame:
-    """Execute and render each notebook; returns (and writes) reports/notebooks.csv."""
+    """Execute and render each notebook; returns (and writes) reports/notebooks.csv.
+
+    Interrupt it at any point and run it again: training runs resume from their last checkpoint
+    and finished tables are read back from the artifact cache."""
+    check_dependencies(kernel)
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -52,6 +82,10 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
                                        log_output=False)
         except papermill.PapermillExecutionError as e:
             status = f"failed: {e.ename}: {e.evalue}"[:300]
+        except KeyboardInterrupt:
+            print(f"\ninterrupted in {path.name}: run the same command again to resume (finished training runs "
+                  "and tables are cached; an unfinished run restarts from its last checkpoint)", flush=True)
+            raise
         seconds = time.perf_counter() - t0
         if executed.exists():
             body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(executed, as_version=4))
@@ -63,7 +97,7 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
     write_index(out, df, prof.name)
     failed = df[df.status != "ok"]
     if len(failed):
-        raise RuntimeError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
+        raise ReportError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
                            "for the cell that failed")
     return df
 
@@ -82,7 +116,7 @@ def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
 td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
 <h1>mtlab reports</h1>
 <p>Profile <b>{html.escape(profile)}</b> · git {git_revision()} · {html.escape(platform.node())}
-({platform.machine()}, {platform.python_version()}) · total {runs.seconds.sum():.0f} s</p>
+({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}) · total {runs.seconds.sum():.0f} s</p>
 <table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>
 {links}</table>
 <h2>Tables</h2><ul>{extra}{csvs}</ul></body></html>"""
