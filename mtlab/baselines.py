@@ -48,7 +48,7 @@ from .anatomy import anatomy, set_stack_layers
 from .checkpoint import atomic_dir, write_json
 from .distill import DistillConfig, distill_loss
 from .tasks.base import Seq2SeqTask
-from .train import EvalFn, TrainConfig, train
+from .train import EvalFn, TrainConfig, on_main_process, train
 
 
 def drop_layers(model: nn.Module, drop: dict[str, Iterable[int]]) -> nn.Module:
@@ -230,12 +230,15 @@ def _claim(out: Path, meta: dict) -> None:
             raise ValueError(f"{out} holds a checkpoint of another run ({old}); this call is {meta}. "
                              "Use a fresh out_dir, or delete the old one to restart")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(tag, meta)
+    on_main_process(lambda: write_json(tag, meta))
 
 
 def _save(model: nn.Module, path: Path) -> None:
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+    def write():
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+
+    on_main_process(write)
 
 
 def _trainable_copy(model: nn.Module) -> nn.Module:
@@ -362,8 +365,8 @@ def sample_layerdrop(n: int, p: float, rng: random.Random) -> list[int]:
 def layerdrop_loss(student: nn.Module, teacher: nn.Module, distill: DistillConfig, p: float, seed: int = 0):
     """loss_fn for mtlab.train: per step, sample the kept layers of every stack of `student` from
     (seed, step) only (so a resumed run samples exactly the same), install them transiently and
-    compute the distillation loss. Note: under DDP, skipped layers have no gradient, so the
-    model would need find_unused_parameters=True."""
+    compute the distillation loss. Skipped layers get no gradient: mtlab.train handles that
+    under N processes too (a parameter unused on every process keeps grad None)."""
     base = distill_loss(teacher, distill)
     depths = _stack_depths(student)
 

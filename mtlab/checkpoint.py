@@ -47,6 +47,15 @@ class _AtomicDir:
         return False
 
 
+def latest_dir(final: str | Path) -> Path | None:
+    """`final`, or None if there is none; if a kill fell between atomic_dir's two renames, `final`
+    is missing but its previous version is complete under `final.old`: that one (read-only, the
+    next atomic_dir replaces it)."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    return final if final.exists() else old if old.exists() else None
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)

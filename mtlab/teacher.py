@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from .tasks.g2p import EOS, PAD, G2PTask, G2PTokenizer
-from .train import TrainConfig, train
+from .train import TrainConfig, on_main_process, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "data" / "teacher"
@@ -65,7 +65,7 @@ def train_teacher(out_dir: str | Path = TEACHER_DIR, work_dir: str | Path = ROOT
                 evaluate=lambda m: task.evaluate(m, "dev", limit=cfg.eval_limit, progress=False))
     if not len(log) or int(log.step.max()) < cfg.train.steps:
         return log  # interrupted by max_seconds: rerun to resume
-    export_teacher(model, task, cfg, log, out_dir)
+    on_main_process(lambda: export_teacher(model, task, cfg, log, out_dir))
     return log
 
 

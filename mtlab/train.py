@@ -4,6 +4,11 @@ Built on accelerate, so the same code runs in one CPU process or under
 `accelerate launch` on several GPUs. Deterministic data order from
 (seed, epoch), resumable from an atomic safetensors checkpoint, a progress bar,
 and a CSV log of losses and periodic evaluations.
+
+Under N processes every process builds the same global batches (N * batch_size
+examples) and takes every N-th example of each; its loss is weighted by its share
+of the global batch's target tokens and the gradients are averaged, so the update
+is the one-process update on the global batch, exactly for token-mean losses.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_dir, load_training_state, save_training_state
+from .checkpoint import atomic_dir, latest_dir, load_training_state, save_training_state
 from .tasks.base import Batch, Seq2SeqTask
 
 
@@ -84,7 +89,8 @@ def train(
     """Train `params` (default: every parameter that requires grad) for cfg.steps steps.
 
     Resumes from `out_dir/checkpoint` when present. `loss_fn(model, batch, step)` returns
-    (loss, parts) and defaults to token cross-entropy. Returns the log as a DataFrame.
+    (loss, parts), a mean over the batch's target tokens (see the module docstring), and
+    defaults to token cross-entropy. Returns the log as a DataFrame.
     `max_seconds` stops early (after a checkpoint) so long runs can be split across sessions.
     """
     from accelerate import Accelerator
@@ -103,26 +109,41 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     start = 0
-    if ckpt.exists():
-        start = load_training_state(ckpt, model, params, optimizer)["step"]
-        accel.print(f"resuming from {ckpt} at step {start}/{cfg.steps}")
-    _truncate_log(log_path, start)
-    wrapped, optimizer = accel.prepare(model, optimizer)
-    unwrapped = accel.unwrap_model(wrapped)
-    wrapped.train()
-
+    if (found := latest_dir(ckpt)) is not None:
+        start = load_training_state(found, model, params, optimizer)["step"]
+        accel.print(f"resuming from {found} at step {start}/{cfg.steps}")
+    if accel.is_main_process:
+        _truncate_log(log_path, start)
+    # the model is not wrapped in DDP: loss_fns call submodules (a Replacer's teacher and bank, a
+    # distillation teacher) rather than the model's forward, and leave parameters unused in a step
+    model.to(accel.device)
+    optimizer = accel.prepare(optimizer)
     world, rank = accel.num_processes, accel.process_index
-    per_epoch = len(task.batches(cfg.split, cfg.batch_size)) // world
+    if world > 1:
+        _broadcast_from_main(model)
+    model.train()
+
+    def global_batches(**kw) -> list[list[int]]:
+        """One global batch per step; a (rare) last batch with fewer examples than processes is skipped."""
+        return [b for b in task.batches(cfg.split, cfg.batch_size * world, **kw) if len(b) >= world]
+
+    per_epoch = len(global_batches())
     if per_epoch == 0:
-        raise ValueError(f"split {cfg.split!r} has fewer than {world} batches of {cfg.batch_size}")
+        raise ValueError(f"split {cfg.split!r} has fewer than {world} examples")
+    targets = task.encoded(cfg.split)[1]
     epoch_cache: dict[int, list[list[int]]] = {}
 
-    def batch_for(step: int) -> Batch:
+    def batch_for(step: int) -> tuple[Batch, float]:
+        """This process's share of the step's global batch, and the weight of its loss: its share
+        of the global batch's target tokens, times N (1 in one process)."""
         epoch, i = divmod(step, per_epoch)
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[epoch] = task.batches(cfg.split, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
-        return task.collate(cfg.split, epoch_cache[epoch][i * world + rank]).to(accel.device)
+            epoch_cache[epoch] = global_batches(shuffle=True, seed=cfg.seed, epoch=epoch)
+        full = epoch_cache[epoch][i]
+        mine = full[rank::world]
+        weight = world * sum(len(targets[j]) for j in mine) / sum(len(targets[j]) for j in full) if world > 1 else 1.0
+        return task.collate(cfg.split, mine).to(accel.device), weight
 
     t0, elapsed0 = time.perf_counter(), _logged_seconds(log_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accel.is_main_process)
@@ -133,20 +154,23 @@ def train(
         lr = cfg.lr_at(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        batch = batch_for(step)
+        batch, weight = batch_for(step)
         with accel.autocast():
-            loss, parts = loss_fn(wrapped, batch, step)
-        if not torch.isfinite(loss):
+            loss, parts = loss_fn(model, batch, step)
+        accel.backward(loss * weight if world > 1 else loss)
+        parts = {"loss": loss.item(), **parts}
+        if world > 1:
+            parts = _average_gradients(params, parts, weight)
+        if not math.isfinite(parts["loss"]):  # the global batch's loss: every process stops here
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step}; training stopped. The last good checkpoint "
+                f"loss is {parts['loss']} at step {step}; training stopped. The last good checkpoint "
                 f"({ckpt if ckpt.exists() else 'none yet'}) is intact. Lower the learning rate "
                 f"(now {lr:.2e}), use precision='no', or check the data.")
-        accel.backward(loss)
         if cfg.grad_clip:
             accel.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for k, v in {"loss": loss.item(), **parts}.items():
+        for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
         counted += 1
         done = step + 1
@@ -159,9 +183,13 @@ def train(
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             row = row or {"step": done, "lr": lr}
             if accel.is_main_process:
-                row.update({f"dev_{k}": v for k, v in evaluate(unwrapped).items() if isinstance(v, (int, float))})
-            wrapped.train()
+                row.update({f"dev_{k}": v for k, v in evaluate(model).items() if isinstance(v, (int, float))})
+            model.train()
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if max_seconds is not None and world > 1:  # every process stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=accel.device)
+            torch.distributed.all_reduce(flag)
+            out_of_time = bool(flag.item())
         if row is not None and accel.is_main_process:
             row["seconds"] = elapsed0 + time.perf_counter() - t0
             _append_log(log_path, row)
@@ -169,13 +197,48 @@ def train(
             accel.wait_for_everyone()
             if accel.is_main_process:
                 with atomic_dir(ckpt) as tmp:
-                    save_training_state(tmp, unwrapped, params, optimizer, done, {"config": asdict(cfg)})
+                    save_training_state(tmp, model, params, optimizer, done, {"config": asdict(cfg)})
         if out_of_time:
             accel.print(f"stopping at step {done} after {max_seconds:.0f}s; rerun the same command to resume")
             break
     bar.close()
     accel.wait_for_everyone()
     return read_log(log_path)
+
+
+def on_main_process(write: Callable[[], object]) -> None:
+    """Run `write` (saving a training result) in the main process only, as N processes would race
+    on the same files, then wait for it, so that no process reads a half-written result."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        write()
+    state.wait_for_everyone()
+
+
+def _broadcast_from_main(model: torch.nn.Module) -> None:
+    """Every process starts from the main process's weights and buffers, as DDP would make them."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(t, 0)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], parts: dict[str, float], weight: float) -> dict[str, float]:
+    """Mean of the (loss-weighted) gradients over processes, as DDP computes it, flattened into one
+    all-reduce; a parameter no process used in this step keeps grad None, as in one process.
+    Returns the logged loss parts averaged the same way: those of the global batch."""
+    world = torch.distributed.get_world_size()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    extra = torch.tensor([float(p.grad is not None) for p in params] + [v * weight for v in parts.values()],
+                         dtype=torch.float64, device=flat.device)
+    for t in (flat, extra):
+        torch.distributed.all_reduce(t)
+    flat, extra = flat / world, (extra / world).tolist()
+    for p, g, avg, used in zip(params, grads, flat.split([g.numel() for g in grads]), extra):
+        p.grad = avg.view_as(g) if used else None
+    return dict(zip(parts, extra[len(params):]))
 
 
 def read_log(path: str | Path) -> pd.DataFrame:

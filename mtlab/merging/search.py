@@ -424,7 +424,7 @@ def recover(model: nn.Module, task, cfg, out_dir: str | Path, *, loss_fn=None, e
     `save_merged` (load it with `load_merged`). Returns (model in eval mode, log DataFrame).
     The paper's recipe: AdamW, lr ~5e-5, a short run.
     """
-    from ..train import train
+    from ..train import on_main_process, train
 
     _refuse_test(cfg.split, "cfg.split")
     check_ties(model)
@@ -440,5 +440,5 @@ def recover(model: nn.Module, task, cfg, out_dir: str | Path, *, loss_fn=None, e
         raise AssertionError(f"parameter count changed during training: {n0} -> {count_params(model)}")
     done = bool(len(log)) and "step" in log and int(log.step.max()) >= cfg.steps
     if save and done:
-        save_merged(model, Path(out_dir) / "model")
+        on_main_process(lambda: save_merged(model, Path(out_dir) / "model"))
     return model.eval(), log

@@ -20,7 +20,7 @@ from torch import nn
 from ..anatomy import anatomy, set_stack_layers
 from ..tasks.base import Batch, Seq2SeqTask
 from ..distill import logit_kd
-from ..train import TrainConfig, train
+from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
 
 
@@ -239,6 +239,6 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress)
     if len(log) and int(log.step.max()) >= cfg.train.steps:
-        bank.save(out / "bank", {"config": asdict(cfg)})
+        on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
     return bank, log
