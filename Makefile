@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlab-installed
 PIP    := $(BIN)/pip install --constraint constraints.txt
 
-.PHONY: venv test browser-test report teacher lab clean
+.PHONY: venv test browser-test report figures teacher lab clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -28,6 +28,14 @@ browser-test: $(STAMP)
 PROFILE ?= default
 report: $(STAMP)
 	$(BIN)/python -m mtlab report --out reports --profile $(PROFILE)
+
+# The README's figures (docs/img/) from the report's cache; the explorer screenshot from a real
+# browser (needs /usr/bin/chromium). Run `make report` first or this computes what is missing.
+figures: $(STAMP)
+	$(BIN)/python -m mtlab figures --out docs/img --profile $(PROFILE)
+	MTLAB_TEST_CACHE=$${MTLAB_CACHE:-$(CURDIR)/cache} MTLAB_BROWSER_PROFILE=$(PROFILE) MTLAB_ARTIFACTS=$(CURDIR)/runs/figures \
+	  $(BIN)/python -m pytest -q tests/test_browser.py
+	cp runs/figures/browser/explorer-span-changed-widget.png docs/img/explorer.png
 
 # Retrain the bundled teacher (about 70 minutes on 2 CPU cores). Resumable: rerun after an
 # interruption. Long: run it as  nohup make teacher > runs/teacher.log 2>&1 &

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="default", help="smoke | default | full (see mtlab/profiles.py)")
     r.add_argument("--only", nargs="*", default=None, help="run only these notebooks (e.g. 02 04)")
     r.add_argument("--no-notebooks", action="store_true", help="only the teacher evaluation")
+    f = sub.add_parser("figures", help="redraw the README's figures from the artifact cache")
+    f.add_argument("--out", default="docs/img")
+    f.add_argument("--profile", default="default")
     a = p.parse_args(argv)
 
     if a.cmd == "teacher":
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"make report: {e}", file=sys.stderr)
                 return 2
         print(f"report done in {time.time() - t0:.0f}s: open {Path(a.out) / 'index.html'}")
+    elif a.cmd == "figures":
+        from .figures import write_figures
+
+        for path in write_figures(a.out, a.profile):
+            print(f"wrote {path}")
     return 0
 
 

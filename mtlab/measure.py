@@ -90,30 +90,43 @@ def latency(
     min_run_time: float = 1.0,
     max_new_tokens: int | None = None,
     seed: int = 0,
+    rounds: int = 3,
 ) -> pd.DataFrame:
-    """Median wall time of greedy `generate` per model and batch size, measured in one run
-    (interleaved by batch size) so ratios between models are fair on a noisy machine.
+    """Wall time of greedy `generate` per model and batch size, measured in one run so ratios
+    between models are fair on a noisy machine: `rounds` passes over all models (each timing
+    `min_run_time / rounds` seconds, torch.utils.benchmark), and `speedup_vs_first` is the median
+    over rounds of the first model's time over this model's time IN THE SAME ROUND, so a slow
+    spell on a shared machine shifts both sides of a ratio instead of one.
 
     Inputs are the first `batch_size` words of a fixed shuffled order of `split`; every model
     decodes exactly the same inputs. `max_new_tokens` fixes the decode length so models that
     stop early are not favoured (default: the task's length bound)."""
+    import numpy as np
+
     rows = []
     order = task.batches(split, max(batch_sizes), shuffle=True, seed=seed)[0]
     for bs in batch_sizes:
         batch = task.collate(split, order[:bs])
         new = max_new_tokens or task.max_target_len(int(batch.attention_mask.sum(1).max()))
-        for name, model in models.items():
-            model.eval()
-            timer = benchmark.Timer(
-                stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
-                     "max_new_tokens=n, min_new_tokens=n, past_key_values=fresh_cache(model))",
-                globals={"fresh_cache": fresh_cache, "model": model, "x": batch.input_ids, "m": batch.attention_mask, "n": new},
-                num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}")
-            with torch.no_grad():
-                m = timer.blocked_autorange(min_run_time=min_run_time)
-            rows.append({"model": name, "batch_size": bs, "new_tokens": new, "seconds": m.median,
-                         "iqr": m.iqr, "runs": len(m.times), "threads": torch.get_num_threads()})
-    df = pd.DataFrame(rows)
-    ref = df.groupby("batch_size").seconds.transform("first")
-    df["speedup_vs_first"] = ref / df.seconds
-    return df
+        times: dict[str, list[float]] = {name: [] for name in models}
+        runs: dict[str, int] = dict.fromkeys(models, 0)
+        for _ in range(rounds):
+            for name, model in models.items():
+                model.eval()
+                timer = benchmark.Timer(
+                    stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
+                         "max_new_tokens=n, min_new_tokens=n, past_key_values=fresh_cache(model))",
+                    globals={"fresh_cache": fresh_cache, "model": model, "x": batch.input_ids,
+                             "m": batch.attention_mask, "n": new},
+                    num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}")
+                with torch.no_grad():
+                    m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
+                times[name].append(m.median)
+                runs[name] += len(m.times)
+        first = np.array(times[next(iter(models))])
+        for name in models:
+            t = np.array(times[name])
+            rows.append({"model": name, "batch_size": bs, "new_tokens": new, "seconds": float(np.median(t)),
+                         "spread": float(t.max() - t.min()), "runs": runs[name], "rounds": rounds,
+                         "threads": torch.get_num_threads(), "speedup_vs_first": float(np.median(first / t))})
+    return pd.DataFrame(rows)

@@ -30,6 +30,7 @@ class ModularProfile:
     latency_batches: tuple[int, ...] = (1, 64)
     latency_words: int = 64         # words timed per batch size
     latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size
+    latency_rounds: int = 3         # interleaved passes over all models; speed-up = median per-round ratio
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke",
         ModularProfile(steps=20, batch_size=16, baseline_steps=10, baseline_depths=(3,), eval_limit=32,
-                       latency_batches=(1, 64), latency_words=8, latency_seconds=0.02),
+                       latency_batches=(1, 64), latency_words=8, latency_seconds=0.02, latency_rounds=1),
         MergingProfile(align_tokens=500, cka_tokens=500, select_limit=32, window_sizes=(3,), recovery_steps=5,
                        eval_limit=64, minilm_sentences=60, recovery_batch_size=16,
                        window_starts=(1,)),

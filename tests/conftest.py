@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # one fresh artifact cache for the whole session: experiment tests and the smoke notebooks
 # share it (the notebook kernels inherit the environment), and nothing lands in ./cache
-os.environ["MTLAB_CACHE"] = tempfile.mkdtemp(prefix="mtlab-test-cache-")
+# (MTLAB_TEST_CACHE points it elsewhere, e.g. `make figures` reuses the report's cache/)
+os.environ["MTLAB_CACHE"] = os.environ.get("MTLAB_TEST_CACHE") or tempfile.mkdtemp(prefix="mtlab-test-cache-")
 THREADS = os.environ.get("MTLAB_TEST_THREADS", "1")
 torch.set_num_threads(int(THREADS))
 # notebook kernels (separate processes) inherit this: one thread each, as the suite itself runs

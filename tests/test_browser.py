@@ -104,7 +104,7 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
     shots.mkdir()
     nb_name = "03_assembly_explorer.ipynb"
     shutil.copy(notebook, root / nb_name)
-    env = {"MTLAB_PROFILE": "smoke", "OMP_NUM_THREADS": "1", "MTLAB_CACHE": os.environ["MTLAB_CACHE"]}
+    env = {"MTLAB_PROFILE": os.environ.get("MTLAB_BROWSER_PROFILE", "smoke"), "OMP_NUM_THREADS": "1", "MTLAB_CACHE": os.environ["MTLAB_CACHE"]}
     console: list[str] = []
     lab = None
     try:

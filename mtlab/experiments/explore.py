@@ -36,7 +36,7 @@ from ..teacher import load_teacher
 from .modular import (QUALITY, evaluate_models, ladders, modular_table, replacing_config, teacher_key, trained_bank,
                       trained_baselines)
 
-VERSION = 1
+VERSION = 2   # 2: speed-ups are medians of per-round ratios (measure.latency rounds)
 COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
            "dev_per", "dev_wer", "test_per", "test_wer", "screen_nll", "screen_token_acc", "screen_tf_word_acc",
            "on_frontier", "on_frontier_params", "train_runs", "train_seconds"]

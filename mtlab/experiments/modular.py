@@ -37,6 +37,7 @@ COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "idea
 
 
 QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer")
+VERSION = 2   # bump when a code change changes what the table holds (2: per-round latency ratios)
 
 
 def teacher_key() -> str:
@@ -128,7 +129,7 @@ def modular_table(profile=None, *, progress: bool = True, refresh: bool = False)
     Modules rows share ONE training run: it is counted on the teacher-free first module row
     (`train_runs` 1) and as 0 on the others, so column sums give each method's total cost."""
     prof = get_profile(profile)
-    key = {"teacher": teacher_key(), "profile": asdict(prof.modular),
+    key = {"version": VERSION, "teacher": teacher_key(), "profile": asdict(prof.modular),
            "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular))}
     return cached_frame("modular_table", key, lambda: _modular_table(prof, progress), refresh=refresh)
 
@@ -184,12 +185,11 @@ def evaluate_models(rows: list[dict], teacher: nn.Module, task, p: ModularProfil
     for r in rows:
         models.setdefault(id(r["model"]), r["model"])
     lat = latency({str(k): m for k, m in models.items()}, task, batch_sizes=tuple(p.latency_batches),
-                  max_new_tokens=new, min_run_time=p.latency_seconds)
-    teacher_id = str(id(rows[0]["model"]))
+                  max_new_tokens=new, min_run_time=p.latency_seconds, rounds=p.latency_rounds)  # teacher first
     for bs in p.latency_batches:
-        sec = lat[lat.batch_size == bs].set_index("model").seconds
+        speedup = lat[lat.batch_size == bs].set_index("model").speedup_vs_first
         for r in rows:
-            r[f"speedup_b{bs}"] = sec[teacher_id] / sec[str(id(r["model"]))]
+            r[f"speedup_b{bs}"] = speedup[str(id(r["model"]))]
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "model"} for r in rows])
     for c in COLUMNS:
         if c not in df:
