@@ -28,7 +28,42 @@ def _table(items: Mapping[str, str]) -> str:
     return f"<table>{rows}</table>"
 
 
-class AssemblyExplorer:
+class _Explorer:
+    """What both explorers share: read-outs, an inline error line, a plot, and a guard that turns
+    any invalid state into a message in the error line instead of a traceback."""
+
+    def _outputs(self) -> None:
+        import ipywidgets as W
+
+        self.readout, self.error, self.plot = W.HTML(), W.HTML(), W.Output()
+        for w, cls in ((self.readout, "mtlab-readout"), (self.error, "mtlab-error"), (self.plot, "mtlab-plot")):
+            w.add_class(cls)
+        self.renders = 0
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            self.error.value = ""
+            fn()
+        except (ValueError, KeyError) as e:   # PlanError is a ValueError
+            self.error.value = f"<span style='color:#b00'>{html.escape(str(e.args[0] if e.args else e))}</span>"
+
+    def _refresh(self) -> None:
+        from IPython.display import display
+
+        self.readout.value = _table(self.readouts())
+        fig = self.figure()
+        with self.plot:
+            self.plot.clear_output(wait=True)
+            display(fig)
+        self.renders += 1
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class AssemblyExplorer(_Explorer):
     """Pick a plan per span position or by strategy and target ratio; see its size, FLOP-ideal
     speed-up, screened quality and its place among every screened plan.
 
@@ -49,7 +84,6 @@ class AssemblyExplorer:
         self.depths, self.block_params = dict(depths), dict(block_params)
         self.granularities = {s: tuple(sorted(granularities.get(s, ()))) for s in self.depths}
         self._busy = False
-        self.renders = 0
         self.current = Plan.teacher(self.depths)
 
         self.strategy = W.Dropdown(options=STRATEGIES, value="size_first", description="strategy")
@@ -74,12 +108,7 @@ class AssemblyExplorer:
                 boxes.append(dd)
             self.spans[s] = boxes
             rows.append(W.HBox(boxes))
-        self.readout = W.HTML()
-        self.readout.add_class("mtlab-readout")
-        self.error = W.HTML()
-        self.error.add_class("mtlab-error")
-        self.plot = W.Output()
-        self.plot.add_class("mtlab-plot")
+        self._outputs()
         for w in (self.strategy, self.ratio):
             w.observe(lambda ch: self._on_strategy(), names="value")
         self.custom.observe(lambda ch: self._on_custom(), names="value")
@@ -180,13 +209,6 @@ class AssemblyExplorer:
         self._busy = False
         self._guard(lambda: self.set_plan(plan))
 
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            self.error.value = ""
-            fn()
-        except (PlanError, ValueError, KeyError) as e:
-            self.error.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
-
     # ---- read-outs ------------------------------------------------------------------------
     def readouts(self) -> dict[str, str]:
         plan = self.plan
@@ -225,23 +247,6 @@ class AssemblyExplorer:
         plt.close(fig)
         return fig
 
-    def _refresh(self) -> None:
-        from IPython.display import display
-
-        items = self.readouts()
-        self.readout.value = _table(items)
-        fig = self.figure()
-        with self.plot:
-            self.plot.clear_output(wait=True)
-            display(fig)
-        self.renders += 1
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
-
-
 def _valid(plan: Plan, depths, granularities) -> bool:
     try:
         plan.validate(depths, granularities)
@@ -250,7 +255,7 @@ def _valid(plan: Plan, depths, granularities) -> bool:
         return False
 
 
-class MergeExplorer:
+class MergeExplorer(_Explorer):
     """Pick, per stack, a window of layers whose FF sublayers merge (anchor, method); see the
     CKA heatmap with the window outlined, the merged model's size and quality, and layer pruning
     at (nearly) the same size.
@@ -282,14 +287,8 @@ class MergeExplorer:
                 w.observe(lambda ch: self._guard(self._refresh), names="value")
             self.controls[s] = {"on": on, "range": rng, "anchor": anchor, "method": method}
             rows.append(W.HBox([on, rng, anchor, method]))
-        self.readout = W.HTML()
-        self.readout.add_class("mtlab-readout")
-        self.error = W.HTML()
-        self.error.add_class("mtlab-error")
-        self.plot = W.Output()
-        self.plot.add_class("mtlab-plot")
+        self._outputs()
         self.widget = W.VBox([*rows, self.error, W.HBox([self.readout, self.plot])])
-        self.renders = 0
         first = next(iter(self.depths))
         self.controls[first]["on"].value = True   # triggers the first refresh
 
@@ -350,28 +349,6 @@ class MergeExplorer:
         fig.tight_layout()
         plt.close(fig)
         return fig
-
-    def _refresh(self) -> None:
-        from IPython.display import display
-
-        self.readout.value = _table(self.readouts())
-        fig = self.figure()
-        with self.plot:
-            self.plot.clear_output(wait=True)
-            display(fig)
-        self.renders += 1
-
-    def _guard(self, fn) -> None:
-        try:
-            self.error.value = ""
-            fn()
-        except (ValueError, KeyError) as e:
-            self.error.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
 
 
 __all__ = ["AssemblyExplorer", "MergeExplorer", "STRATEGIES"]
