@@ -255,17 +255,21 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows past the checkpoint we resume from, so the CSV matches the weights."""
     log = read_log(path)
     if len(log):
-        log = log[log.step <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        log.to_csv(tmp, index=False)
-        tmp.replace(path)
+        _write_log(path, log[log.step <= step])
+
+
+def _write_log(path: Path, log: pd.DataFrame) -> None:
+    """Rewrite the whole log atomically (temporary file, then rename): a kill leaves the old or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    log.to_csv(tmp, index=False)
+    tmp.replace(path)
 
 
 def _append_log(path: Path, row: dict) -> None:
     log = read_log(path)
     if len(log) and set(row) - set(log.columns):
         # a new column (first evaluation): rewrite with the union of columns
-        pd.concat([log, pd.DataFrame([row])], ignore_index=True).to_csv(path, index=False)
+        _write_log(path, pd.concat([log, pd.DataFrame([row])], ignore_index=True))
         return
     cols = list(log.columns) if len(log) else list(row)
     new = not path.exists() or not len(log)
