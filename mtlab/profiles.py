@@ -54,7 +54,7 @@ class ExploreProfile:
     picks: int = 8                  # plans chosen off the screened frontier, besides the two ladders
     combined: int = 2               # assemblies that also get FF merges (size-first rungs near 1.5x and 2x)
     eval_limit: int | None = 1000   # dev and test words each frontier candidate is decoded on
-    bench_limit: int = 256          # dev words of the per-plan vs prefix-shared benchmark
+    bench_limit: int = 128          # dev words of the per-plan vs prefix-shared benchmark
 
 
 @dataclass(frozen=True)

@@ -208,15 +208,23 @@ def rank_agreement(frontier: pd.DataFrame, screened: str = "screen_nll", decoded
     return spearman(m[screened], m[decoded])
 
 
-def screening_bench(profile=None, *, progress: bool = True) -> pd.DataFrame:
+def screening_bench(profile=None, *, repeats: int = 3, progress: bool = True) -> pd.DataFrame:
     """Per-plan vs prefix-shared screening of the whole assembly space in the same run
-    (`bench_limit` dev words): block evaluations, seconds, largest difference."""
+    (`bench_limit` dev words): block evaluations, seconds, largest difference. The two
+    alternate `repeats` times (after a warm-up) and each keeps its median time, so a slow
+    spell of a shared machine does not decide the ratio."""
+    import statistics
+
     prof = get_profile(profile)
     teacher, task, bank = _loaded(prof, progress=progress)
     plans = list(AssemblySpace.of(teacher, bank))
     kw = dict(split="dev", limit=prof.explore.bench_limit, batch_size=prof.explore.screen_batch, progress=progress)
-    shared = screen(teacher, bank, task, plans, **kw)
-    plain = screen_per_plan(teacher, bank, task, plans, **kw)
+    screen(teacher, bank, task, plans[:2], **{**kw, "limit": prof.explore.screen_batch})   # warm-up
+    runs = [(screen(teacher, bank, task, plans, **kw), screen_per_plan(teacher, bank, task, plans, **kw))
+            for _ in range(repeats)]
+    shared, plain = runs[-1]
+    shared.attrs["seconds"] = statistics.median(a.attrs["seconds"] for a, _ in runs)
+    plain.attrs["seconds"] = statistics.median(b.attrs["seconds"] for _, b in runs)
     sizes = space_sizes(teacher, bank, prof.merging.window_sizes)
     return pd.DataFrame([{
         "plans": len(plans), "words": prof.explore.bench_limit,
@@ -225,7 +233,8 @@ def screening_bench(profile=None, *, progress: bool = True) -> pd.DataFrame:
         "block_eval_ratio": plain.attrs["block_evals"] / shared.attrs["block_evals"],
         "seconds_per_plan": plain.attrs["seconds"], "seconds_shared": shared.attrs["seconds"],
         "time_ratio": plain.attrs["seconds"] / shared.attrs["seconds"],
-        "max_abs_diff": max_abs_diff(shared, plain), "threads": torch.get_num_threads(), **sizes}])
+        "max_abs_diff": max(max_abs_diff(a, b) for a, b in runs), "repeats": repeats,
+        "threads": torch.get_num_threads(), **sizes}])
 
 
 def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: bool = False):
