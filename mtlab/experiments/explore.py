@@ -165,7 +165,9 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict
 def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """Every candidate decoded and timed in one run, frontiers marked (columns `COLUMNS` + more)."""
     prof = get_profile(profile)
-    key = {"version": VERSION, "bank": _bank_key(prof), "profile": prof.record()}
+    explore = {k: v for k, v in asdict(prof.explore).items() if k != "bench_limit"}  # the benchmark's own knob
+    key = {"version": VERSION, "bank": _bank_key(prof), "modular": asdict(prof.modular),
+           "merging": asdict(prof.merging), "explore": explore}
     return cached_frame("frontier", key, lambda: _frontier(prof, progress))
 
 
