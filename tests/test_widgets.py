@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 
 from mtlab.explore.space import AssemblySpace
-from mtlab.modular import Plan
 from mtlab.widgets import COVERED, AssemblyExplorer, MergeExplorer
 
 DEPTHS = {"encoder": 6, "decoder": 6}

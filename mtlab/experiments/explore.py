@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..cache import artifact_dir, cached_frame
 from ..explore.frontier import mark_frontiers, pareto_mask, spearman
@@ -87,15 +86,14 @@ def _align(task):
     return _align_batches(task)
 
 
-def _recovered(build_net, task, prof, out_key: dict, progress: bool):
-    """`build_net()` (a merged model) recovered with the FF-merging budget; cached (safetensors),
-    so a rerun loads it without building or training."""
+def _recovered(build_net, task, prof, d, progress: bool):
+    """`build_net()` (a merged model) recovered with the FF-merging budget in the cache directory
+    `d`; a rerun (or a candidate notebook 04 already recovered) loads it instead."""
     from ..merging.merge import load_merged
     from ..merging.search import recover
     from .merging import recovery_config
 
     rcfg = recovery_config(prof.merging)
-    d = artifact_dir("frontier_recovered", {**out_key, "recovery": asdict(rcfg)})
     if (d / "model").exists():
         return load_merged(d / "model"), rcfg
     t0 = time.perf_counter()
@@ -113,8 +111,9 @@ def _recovered(build_net, task, prof, out_key: dict, progress: bool):
 def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
     """The FF-merging study's combined candidates (same search, chosen on dev), recovered."""
     from ..merging.search import CorrelationCache
-    from .merging import build, candidates, teacher_window_search
+    from .merging import build, candidates, recovery_config, recovery_dir, teacher_window_search
 
+    rcfg = recovery_config(prof.merging)
     search = teacher_window_search(prof, progress=progress)
     cache = CorrelationCache(teacher, _align(task), max_tokens=prof.merging.align_tokens)
     out = []
@@ -122,7 +121,7 @@ def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
         if c["kind"] != "combined":
             continue
         net, rcfg = _recovered(lambda c=c: build(teacher, c["specs"], cache), task, prof,
-                               {"teacher": teacher_key(), "specs": c["specs"]}, progress)
+                               recovery_dir(c["specs"], rcfg), progress)
         kind = "layer_prune" if c["method"] == "layer_prune" else "merge"
         out.append({"kind": kind, "method": kind, "strategy": f"{c['method']} ({c['compare']})",
                     "plan": "; ".join(c["specs"]), "model": net, "train_runs": 1, "train_steps": rcfg.steps})
@@ -143,6 +142,7 @@ def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[str]:
 def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict]:
     """Assemblies of the size-first ladder with FF merges inside, recovered."""
     from ..merging.search import CorrelationCache, merge_model
+    from .merging import recovery_config
 
     ladder = size_first(depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
     out = []
@@ -150,13 +150,14 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict
         specs = combined_specs(plan)
         if not specs:
             continue
-        key = {"teacher": teacher_key(), "bank": _bank_key(prof), "plan": str(plan), "specs": specs}
+        d = artifact_dir("recovered", {"bank": _bank_key(prof), "plan": str(plan), "specs": specs,
+                                       "recovery": asdict(recovery_config(prof.merging))})
 
         def build(plan=plan, specs=specs):
             asm = assemble(teacher, bank, plan)
             return merge_model(asm, specs, cache=CorrelationCache(asm, _align(task), max_tokens=prof.merging.align_tokens))
 
-        net, rcfg = _recovered(build, task, prof, key, progress)
+        net, rcfg = _recovered(build, task, prof, d, progress)
         out.append({"kind": "combined", "method": "combined", "strategy": "size_first + permute",
                     "plan": f"{plan} + {'; '.join(specs)}", "model": net, "train_runs": 1, "train_steps": rcfg.steps})
     return out

@@ -18,7 +18,6 @@ import io
 import itertools
 import json
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -63,6 +62,14 @@ def minilm_hash() -> str:
     from ..minilm import model_dir
 
     return file_hash(model_dir() / "model.safetensors")
+
+
+def recovery_dir(specs: list[str], rcfg: TrainConfig) -> Path:
+    """Where a candidate's recovery run and recovered model (`model/`) live in the artifact cache,
+    so the frontier (notebook 05) loads what this study trained instead of training it again."""
+    from ..cache import artifact_dir
+
+    return artifact_dir("recovered", {"teacher": teacher_hash(), "specs": list(specs), "recovery": asdict(rcfg)})
 
 
 def config_for(kind: str, profile=None, **weights) -> dict:
@@ -328,8 +335,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
                 stages = [{"recovery_steps": 0, **_scores(net, task, m, searched.get("; ".join(key)))}]
                 if rcfg.steps > 0:
                     t0 = time.perf_counter()
-                    with tempfile.TemporaryDirectory() as d:
-                        recover(net, task, rcfg, d, progress=False, save=False)
+                    recover(net, task, rcfg, recovery_dir(c["specs"], rcfg), progress=False)
                     stages.append({"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0,
                                    **_scores(net, task, m)})
                 ff, blocks = _removed(c["specs"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Iterable, Iterator
 
 import pandas as pd
@@ -117,10 +118,12 @@ class _Runner:
         b = self.batch
         if stack == "encoder":
             return self.model.get_encoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-        if not hasattr(self, "decoder_input_ids"):
-            self.decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=b.labels)
         return self.model(encoder_outputs=(enc_out,), attention_mask=b.attention_mask,
                           decoder_input_ids=self.decoder_input_ids, use_cache=False).logits
+
+    @cached_property
+    def decoder_input_ids(self) -> torch.Tensor:
+        return self.model.prepare_decoder_input_ids_from_labels(labels=self.batch.labels)
 
     def caught(self, stack: str, blocks: list[nn.Module], enc_out=None):
         """The arguments the stack passes to the block after `blocks`."""
