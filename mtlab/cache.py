@@ -39,6 +39,14 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
+def teacher_hash() -> str:
+    """Content hash of the bundled teacher's weights: the part of every cache key that ties an
+    artifact to the teacher it was made from."""
+    from .teacher import TEACHER_DIR
+
+    return file_hash(TEACHER_DIR / "model.safetensors")
+
+
 def artifact_dir(kind: str, config: dict) -> Path:
     """The directory for an artifact of `kind` made from `config` (created, with config.json)."""
     d = cache_root() / kind / config_hash(config)
@@ -97,4 +105,4 @@ def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *
     return df
 
 
-__all__ = ["cache_root", "config_hash", "stale_note", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]
+__all__ = ["cache_root", "config_hash", "stale_note", "teacher_hash", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]

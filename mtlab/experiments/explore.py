@@ -16,14 +16,13 @@ Everything is cached under keys that hold the teacher's hash and the profile.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import artifact_dir, cached_frame
+from ..cache import artifact_dir, cached_frame, teacher_hash
 from ..explore.frontier import mark_frontiers, pareto_mask, spearman
 from ..explore.screen import block_evals_per_plan, max_abs_diff, screen, screen_per_plan
 from ..explore.space import AssemblySpace, space_sizes
@@ -32,7 +31,7 @@ from ..modular.bank import block_params, depths
 from ..modular.plan import size_first
 from ..profiles import get_profile
 from ..teacher import load_teacher
-from .modular import (QUALITY, evaluate_models, ladders, modular_table, replacing_config, teacher_key, trained_bank,
+from .modular import (QUALITY, evaluate_models, ladders, modular_table, replacing_config, trained_bank,
                       trained_baselines)
 
 VERSION = 2   # 2: speed-ups are medians of per-round ratios (measure.latency rounds)
@@ -44,7 +43,7 @@ COMBINED_WINDOW = 3                        # blocks per stack whose FF sublayers
 
 
 def _bank_key(prof) -> dict:
-    return {"teacher": teacher_key(), "replacing": asdict(replacing_config(prof.modular))}
+    return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular))}
 
 
 def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
@@ -86,26 +85,21 @@ def _align(task):
     return _align_batches(task)
 
 
-def _recovered(build_net, task, prof, d, progress: bool):
-    """`build_net()` (a merged model) recovered with the FF-merging budget in the cache directory
-    `d`; a rerun (or a candidate notebook 04 already recovered) loads it instead."""
+def _recovered(build_net, task, rcfg, d, progress: bool):
+    """`build_net()` (a merged model) recovered with the FF-merging budget `rcfg` in the cache
+    directory `d`; a rerun (or a candidate notebook 04 already recovered) loads it instead."""
     from ..merging.merge import load_merged
     from ..merging.search import recover
-    from .merging import recovery_config
 
-    rcfg = recovery_config(prof.merging)
     if (d / "model").exists():
-        return load_merged(d / "model"), rcfg
-    t0 = time.perf_counter()
+        return load_merged(d / "model")
     net = build_net()
     for p in net.parameters():
         p.requires_grad_(True)
     recover(net.train(), task, rcfg, d, progress=progress)
-    net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    (d / "seconds.txt").write_text(f"{time.perf_counter() - t0:.3f}\n")
-    return net, rcfg
+    return net.eval()
 
 
 def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
@@ -120,8 +114,8 @@ def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
     for c in candidates(search):
         if c["kind"] != "combined":
             continue
-        net, rcfg = _recovered(lambda c=c: build(teacher, c["specs"], cache), task, prof,
-                               recovery_dir(c["specs"], rcfg), progress)
+        net = _recovered(lambda c=c: build(teacher, c["specs"], cache), task, rcfg, recovery_dir(c["specs"], rcfg),
+                         progress)
         kind = "layer_prune" if c["method"] == "layer_prune" else "merge"
         out.append({"kind": kind, "method": kind, "strategy": f"{c['method']} ({c['compare']})",
                     "plan": "; ".join(c["specs"]), "model": net, "train_runs": 1, "train_steps": rcfg.steps})
@@ -144,6 +138,7 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict
     from ..merging.search import CorrelationCache, merge_model
     from .merging import recovery_config
 
+    rcfg = recovery_config(prof.merging)
     ladder = size_first(depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
     out = []
     for plan in ladder[: prof.explore.combined]:
@@ -151,13 +146,13 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict
         if not specs:
             continue
         d = artifact_dir("recovered", {"bank": _bank_key(prof), "plan": str(plan), "specs": specs,
-                                       "recovery": asdict(recovery_config(prof.merging))})
+                                       "recovery": asdict(rcfg)})
 
         def build(plan=plan, specs=specs):
             asm = assemble(teacher, bank, plan)
             return merge_model(asm, specs, cache=CorrelationCache(asm, _align(task), max_tokens=prof.merging.align_tokens))
 
-        net, rcfg = _recovered(build, task, prof, d, progress)
+        net = _recovered(build, task, rcfg, d, progress)
         out.append({"kind": "combined", "method": "combined", "strategy": "size_first + permute",
                     "plan": f"{plan} + {'; '.join(specs)}", "model": net, "train_runs": 1, "train_steps": rcfg.steps})
     return out

@@ -26,14 +26,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..cache import cached_frame, file_hash
+from ..cache import cached_frame, file_hash, teacher_hash
 from ..checkpoint import write_json
 from ..merging.merge import MergeSpec
 from ..merging.search import _FIXED as SEARCH_FIXED  # window_search's non-score columns
 from ..merging.search import (CorrelationCache, build_candidate, count_params, final_eval, merge_model, recover,
                               window_search)
 from ..profiles import MergingProfile, get_profile
-from ..teacher import TEACHER_DIR, load_teacher
+from ..teacher import load_teacher
 from ..train import TrainConfig
 
 VERSION = 1                      # bump when a change of code changes what a table holds
@@ -53,10 +53,6 @@ MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pear
 
 # ---------------------------------------------------------------------------
 # cache keys
-
-def teacher_hash() -> str:
-    return file_hash(TEACHER_DIR / "model.safetensors")
-
 
 def minilm_hash() -> str:
     from ..minilm import model_dir

@@ -23,12 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..baselines import layer_drop, layerdrop_finetune, layerdrop_prune, shrink_and_finetune
-from ..cache import artifact_dir, cached_frame, file_hash
+from ..cache import artifact_dir, cached_frame, teacher_hash
 from ..measure import generate_flops, latency, stack_params
 from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, size_first, speed_first, train_modules
 from ..modular.bank import block_params, depths
 from ..profiles import ModularProfile, get_profile
-from ..teacher import TEACHER_DIR, load_teacher
+from ..teacher import load_teacher
 from ..train import TrainConfig
 
 COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1",
@@ -38,10 +38,6 @@ COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "idea
 
 QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer")
 VERSION = 2   # bump when a code change changes what the table holds (2: per-round latency ratios)
-
-
-def teacher_key() -> str:
-    return file_hash(TEACHER_DIR / "model.safetensors")
 
 
 def replacing_config(p: ModularProfile) -> ReplacingConfig:
@@ -63,7 +59,7 @@ def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -
     if teacher is None:
         teacher, task = load_teacher()
     cfg = replacing_config(p)
-    d = artifact_dir("modules", {"teacher": teacher_key(), "replacing": asdict(cfg)})
+    d = artifact_dir("modules", {"teacher": teacher_hash(), "replacing": asdict(cfg)})
     bank, log = train_modules(teacher, task, cfg, d, progress=progress)
     log.attrs["config"] = asdict(cfg)
     log.attrs["dir"] = str(d)
@@ -86,7 +82,7 @@ def trained_baselines(profile=None, teacher=None, task=None, progress: bool = Tr
     if teacher is None:
         teacher, task = load_teacher()
     cfg = baseline_config(p)
-    key = {"teacher": teacher_key(), "train": asdict(cfg)}
+    key = {"teacher": teacher_hash(), "train": asdict(cfg)}
     stacks = list(depths(teacher))
     out = []
 
@@ -129,7 +125,7 @@ def modular_table(profile=None, *, progress: bool = True, refresh: bool = False)
     Modules rows share ONE training run: it is counted on the teacher-free first module row
     (`train_runs` 1) and as 0 on the others, so column sums give each method's total cost."""
     prof = get_profile(profile)
-    key = {"version": VERSION, "teacher": teacher_key(), "profile": asdict(prof.modular),
+    key = {"version": VERSION, "teacher": teacher_hash(), "profile": asdict(prof.modular),
            "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular))}
     return cached_frame("modular_table", key, lambda: _modular_table(prof, progress), refresh=refresh)
 
