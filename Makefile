@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlab-installed
 PIP    := $(BIN)/pip install --constraint constraints.txt
 
-.PHONY: venv test browser-test report figures teacher lab clean
+.PHONY: venv test browser-test report figures teacher modules lab clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -42,6 +42,12 @@ figures: $(STAMP)
 teacher: $(STAMP)
 	mkdir -p runs
 	$(BIN)/python -m mtlab teacher
+
+# Train the shipped module bank (data/modules; about 60 minutes on 2 CPU cores). Resumable.
+# Long: run it as  mkdir -p runs && nohup make modules > runs/modules.log 2>&1 &
+modules: $(STAMP)
+	mkdir -p runs
+	$(BIN)/python -m mtlab modules
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

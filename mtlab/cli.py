@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
     t.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume by rerunning)")
+    m = sub.add_parser("modules", help="train (or resume) the shipped module bank and export it to data/modules")
+    m.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    m.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume by rerunning)")
     r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
     r.add_argument("--out", default="reports")
     r.add_argument("--teacher", default=None)
@@ -37,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         log = train_teacher(a.out or TEACHER_DIR, a.work or ROOT / "runs" / "teacher", cfg,
                             max_seconds=a.max_minutes * 60 if a.max_minutes else None)
         print(log.tail(5).to_string(index=False))
+        print(f"done in {time.time() - t0:.0f}s")
+    elif a.cmd == "modules":
+        from .experiments.artifacts import bank_recipe, train_bank
+
+        cfg = bank_recipe(**({"steps": a.steps} if a.steps else {}))
+        t0 = time.time()
+        train_bank(cfg, max_seconds=a.max_minutes * 60 if a.max_minutes else None)
         print(f"done in {time.time() - t0:.0f}s")
     elif a.cmd == "report":
         from .notebooks import run_notebooks

@@ -222,10 +222,12 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
 
 def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, out_dir: str | Path,
-                  *, max_seconds: float | None = None, progress: bool = True) -> tuple[ModuleBank, pd.DataFrame]:
+                  *, max_seconds: float | None = None, progress: bool = True,
+                  evaluate=None) -> tuple[ModuleBank, pd.DataFrame]:
     """Build the bank from the teacher and train every module in ONE run; saves the bank to out_dir/bank.
 
-    Resumable (out_dir/checkpoint). Returns (bank, per-step log DataFrame with the config in attrs)."""
+    Resumable (out_dir/checkpoint). `evaluate(replacer)` (optional) adds dev scores to the log
+    every `cfg.train.eval_every` steps. Returns (bank, per-step log DataFrame with the config in attrs)."""
     out = Path(out_dir)
     if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
         teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
@@ -237,7 +239,8 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
     model = Replacer(teacher, bank)
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
-                loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress)
+                loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
+                evaluate=evaluate)
     if len(log) and int(log.step.max()) >= cfg.train.steps:
         on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
