@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlab-installed
 PIP    := $(BIN)/pip install --constraint constraints.txt
 
-.PHONY: venv test browser-test report figures teacher modules lab clean
+.PHONY: venv test browser-test report figures teacher modules baselines lab clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -48,6 +48,12 @@ teacher: $(STAMP)
 modules: $(STAMP)
 	mkdir -p runs
 	$(BIN)/python -m mtlab modules
+
+# Train the shipped baselines (data/baselines: SFT and layer dropping at depths 4, 3, 2, LayerDrop once),
+# each with the module run's steps and batch. Resumable; long: nohup make baselines > runs/baselines.log 2>&1 &
+baselines: $(STAMP)
+	mkdir -p runs
+	$(BIN)/python -m mtlab baselines
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("modules", help="train (or resume) the shipped module bank and export it to data/modules")
     m.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     m.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume by rerunning)")
+    b = sub.add_parser("baselines", help="train (or resume) the shipped baselines and export them to data/baselines")
+    b.add_argument("--only", nargs="*", default=None, help="these runs only (e.g. sft-3 layerdrop)")
+    b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    b.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (resume by rerunning)")
     r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
     r.add_argument("--out", default="reports")
     r.add_argument("--teacher", default=None)
@@ -48,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         train_bank(cfg, max_seconds=a.max_minutes * 60 if a.max_minutes else None)
         print(f"done in {time.time() - t0:.0f}s")
+    elif a.cmd == "baselines":
+        from .experiments.artifacts import baseline_names, baseline_recipe, train_baseline
+
+        names = a.only or baseline_names()
+        bad = sorted(set(names) - set(baseline_names()))
+        if bad:
+            p.error(f"unknown baseline(s) {bad}: choose from {baseline_names()}")
+        cfg = baseline_recipe(**({"steps": a.steps} if a.steps else {}))
+        for name in names:
+            t0 = time.time()
+            train_baseline(name, cfg, max_seconds=a.max_minutes * 60 if a.max_minutes else None)
+            print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
     elif a.cmd == "report":
         from .notebooks import run_notebooks
         from .profiles import get_profile

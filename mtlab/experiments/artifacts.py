@@ -20,6 +20,7 @@ from ..cache import teacher_hash
 from ..modular import ModuleBank, ReplacingConfig, assemble, train_modules
 from ..shipped import verify, write_artifact
 from ..teacher import ROOT, load_teacher
+from ..tasks.diagnosis import score_splits
 from ..train import TrainConfig, on_main_process
 
 BANK_DIR = ROOT / "data" / "modules"
@@ -80,17 +81,10 @@ def train_bank(cfg: ReplacingConfig | None = None, out: str | Path = BANK_DIR, w
     bank.eval()
     rows, scored = [], {}
     for strategy, plan in ladders(teacher, bank):
-        if str(plan) in scored:  # a plan on both ladders is decoded once
-            rows.append({**scored[str(plan)], "strategy": strategy})
-            continue
-        model = assemble(teacher, bank, plan)
-        row = scored[str(plan)] = {"strategy": strategy, "plan": str(plan)}
-        for split in ("dev", "test"):
-            pred = task.predict(model, split, limit=ladder_words, progress=progress)
-            s = task.score(pred.hypothesis.tolist(), pred.reference.tolist())
-            row.update({f"{split}_per": round(s["per"], 3), f"{split}_wer": round(s["wer"], 3),
-                        f"{split}_len_ratio": round(length_ratio(pred), 4)})
-        rows.append(row)
+        if str(plan) not in scored:  # a plan on both ladders is decoded once
+            model = assemble(teacher, bank, plan)
+            scored[str(plan)] = _rounded(score_splits(model, task, limit=ladder_words, progress=progress))
+        rows.append({"strategy": strategy, "plan": str(plan), **scored[str(plan)]})
     card = {
         "what": "module bank of the bundled teacher (Modular Transformers, multi-grained module replacing + KD)",
         "teacher_hash": teacher_hash(), "config": bank_card_config(cfg),
@@ -110,9 +104,15 @@ def train_bank(cfg: ReplacingConfig | None = None, out: str | Path = BANK_DIR, w
     return log
 
 
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
 def render_bank_card(card: dict, log: pd.DataFrame) -> str:
     cfg = card["config"]["replacing"]
-    ladder = pd.DataFrame(card["ladders"])
+    cols = ["strategy", "plan"] + [f"{s}_{m}" for s in ("dev", "test")
+                                   for m in ("per", "wer", "len_ratio", "eos_rate", "sub", "ins", "del")]
+    ladder = pd.DataFrame(card["ladders"])[cols]
     curve_cols = ["step", "seconds"] + [c for c in log.columns if c.startswith("dev_")]
     curve = log.dropna(subset=[c for c in curve_cols if c.startswith("dev_")][:1]) if len(curve_cols) > 2 else log.iloc[0:0]
     return f"""# mtlab module bank for the bundled teacher
@@ -128,6 +128,9 @@ module-replacing run with distillation (logit KD, hidden-state MSE at span bound
 
 ## Every ladder rung, greedy decoding ({card['ladder_words']} words per split)
 
+PER, WER, and the PER's substitutions / insertions / deletions in % of reference phones;
+output length over reference length; share of outputs that end with end-of-sequence.
+
 {ladder.to_markdown(index=False, floatfmt='.2f')}
 
 ## Learning curve (first {CURVE_WORDS} dev words: PER, WER in %, output/reference length)
@@ -142,4 +145,115 @@ def load_bank(cfg: ReplacingConfig, teacher, path: str | Path = BANK_DIR) -> tup
     return ModuleBank.load(Path(path) / "bank", teacher), card
 
 
-__all__ = ["BANK_DIR", "bank_recipe", "curve_evaluator", "length_ratio", "load_bank", "train_bank"]
+
+
+# ---- baselines: one run per method and depth, each with the module run's steps and batch ----
+
+BASELINE_DIR = ROOT / "data" / "baselines"
+BASELINE_WORK = ROOT / "runs" / "baselines"
+BASELINE_COMMAND = "make baselines"
+BASELINE_DEPTHS = (4, 3, 2)  # per-stack depths: 1.5x, 2x, 3x of a 6+6 teacher
+
+
+def baseline_recipe(steps: int = 20_000, batch_size: int = 64, lr: float = 3e-4) -> TrainConfig:
+    """The per-run budget of every baseline: the module run's steps and batch, a fine-tuning rate
+    (3e-4: the better of 3e-4 and 1e-3 for shrink-and-fine-tune at 3,000 steps, leads.md)."""
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, min(200, steps // 10)),
+                       precision="no", log_every=max(1, min(50, steps // 10)), ckpt_every=250)
+
+
+def baseline_names(depths=BASELINE_DEPTHS) -> list[str]:
+    """layer_drop-D and sft-D for each depth D, and the one LayerDrop run."""
+    return [f"{m}-{d}" for d in depths for m in ("sft", "layer_drop")] + ["layerdrop"]
+
+
+def _run_baseline(name: str, teacher, task, cfg: TrainConfig, work: Path, max_seconds, progress):
+    from ..baselines import layer_drop, layerdrop_finetune, shrink_and_finetune
+
+    method, _, depth = name.partition("-")
+    stacks = list(teacher_depths(teacher))
+    want = {s: int(depth) for s in stacks} if depth else None
+    if method == "sft":
+        return shrink_and_finetune(teacher, task, want, cfg, out_dir=work, max_seconds=max_seconds, progress=progress)
+    if method == "layer_drop":
+        return layer_drop(teacher, task, "alternate", cfg, depths=want, out_dir=work, max_seconds=max_seconds,
+                          progress=progress)
+    if method == "layerdrop":
+        return layerdrop_finetune(teacher, task, cfg, out_dir=work, max_seconds=max_seconds, progress=progress)
+    raise ValueError(f"unknown baseline {name!r}: use one of {baseline_names()}")
+
+
+def train_baseline(name: str, cfg: TrainConfig | None = None, out_root: str | Path = BASELINE_DIR,
+                   work_root: str | Path = BASELINE_WORK, *, max_seconds: float | None = None,
+                   progress: bool = True, words: int | None = None) -> pd.DataFrame:
+    """Train (or resume) one baseline, then export its model (bf16, scored after the round trip,
+    as the teacher is) with a card to out_root/name. Returns the training log."""
+    cfg = cfg or baseline_recipe()
+    teacher, task = load_teacher()
+    model, log = _run_baseline(name, teacher, task, cfg, Path(work_root) / name, max_seconds, progress)
+    meta = log.attrs["config"]
+    if not meta["complete"]:
+        print(f"{name}: stopped at step {meta['steps_done']}/{cfg.steps}; rerun `{BASELINE_COMMAND}` to resume")
+        return log
+    model = model.to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
+    scored = {}
+    if name == "layerdrop":
+        from ..baselines import layerdrop_prune
+
+        for d in BASELINE_DEPTHS:
+            pruned = layerdrop_prune(model, {s: d for s in teacher_depths(teacher)})
+            scored[f"{d}"] = _rounded(score_splits(pruned, task, limit=words, progress=progress))
+    else:
+        scored["trained"] = _rounded(score_splits(model, task, limit=words, progress=progress))
+    run = {k: v for k, v in meta.items() if k not in ("train_seconds", "steps_done", "complete")}
+    card = {"what": f"baseline {name} of the bundled teacher", "teacher_hash": teacher_hash(),
+            "config": {"train": asdict(cfg), "name": name}, "run": run, "steps": meta["steps_done"],
+            "batch_size": cfg.batch_size, "examples_seen": meta["steps_done"] * cfg.batch_size,
+            "train_seconds": meta["train_seconds"],
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "words": words or "all", "scores": scored, "command": BASELINE_COMMAND}
+
+    def files(tmp: Path) -> None:
+        model.to(torch.bfloat16).save_pretrained(tmp / "model", safe_serialization=True)
+        model.to(torch.float32)
+        log.to_csv(tmp / "training_log.csv", index=False)
+
+    on_main_process(lambda: write_artifact(Path(out_root) / name, files, card, render_baseline_card(card)))
+    return log
+
+
+def render_baseline_card(card: dict) -> str:
+    scores = pd.DataFrame([{"model": k, **v} for k, v in card["scores"].items()])
+    return f"""# mtlab baseline `{card['config']['name']}` for the bundled teacher
+
+- Teacher: `data/teacher` (weights hash `{card['teacher_hash']}`); refused for any other.
+- Run: `{json.dumps(card['run'])}`
+- Budget: {card['steps']:,} steps at batch {card['batch_size']} = {card['examples_seen']:,} examples (the module
+  run's budget), {card['train_seconds'] / 60:.1f} minutes on {card['machine']}.
+- Reproduce: `{card['command']}` (resumable). Weights: bf16 safetensors; scores are of the bf16 weights.
+
+## Greedy decoding ({card['words']} words per split)
+
+{scores.to_markdown(index=False, floatfmt='.2f')}
+"""
+
+
+def load_baseline(name: str, cfg: TrainConfig, root: str | Path = BASELINE_DIR):
+    """A shipped baseline model (float32) and its card, after `shipped.verify`."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path = Path(root) / name
+    card = verify(path, teacher_hash=teacher_hash(), config={"train": asdict(cfg), "name": name},
+                  remake=BASELINE_COMMAND)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path / "model", dtype=torch.float32).eval()
+    return model, card
+
+
+def teacher_depths(teacher) -> dict[str, int]:
+    from ..modular.bank import depths
+
+    return depths(teacher)
+
+
+__all__ = ["BANK_DIR", "BASELINE_DIR", "baseline_names", "baseline_recipe", "bank_recipe", "curve_evaluator",
+           "length_ratio", "load_bank", "load_baseline", "train_bank", "train_baseline"]

@@ -150,6 +150,9 @@ class Seq2SeqTask:
         model.eval()
         device = next(model.parameters()).device
         hyps: dict[int, str] = {}
+        ended: dict[int, bool] = {}  # the output holds an end-of-sequence token (did not hit the length cap)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
         batches = self.batches(split, batch_size, limit=limit)
         for index in tqdm(batches, desc=f"decode {split}", disable=not progress, leave=False):
             b = self.collate(split, index).to(device)
@@ -164,8 +167,10 @@ class Seq2SeqTask:
             )
             for i, ids in zip(index, out.tolist()):
                 hyps[i] = self.decode_target(ids)
+                ended[i] = any(t in eos for t in ids[1:])
         model.train(was_training)
-        return pd.DataFrame({"source": src_text, "reference": tgt_text, "hypothesis": [hyps[i] for i in range(len(src_text))]})
+        return pd.DataFrame({"source": src_text, "reference": tgt_text, "hypothesis": [hyps[i] for i in range(len(src_text))],
+                             "ended": [ended[i] for i in range(len(src_text))]})
 
     def max_target_len(self, source_len: int) -> int:
         return 2 * source_len + 10
