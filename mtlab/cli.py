@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--only", nargs="*", default=None, help="these runs only (e.g. sft-3 layerdrop)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     b.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (resume by rerunning)")
+    ab = sub.add_parser("ablation", help="train every recipe variant at one budget; write data/ablation/modular_ablation.csv")
+    ab.add_argument("--steps", type=int, default=3000, help="steps per variant (batch 64)")
+    ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
+    ab.add_argument("--only", nargs="*", default=None, help="these variants only")
     r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
     r.add_argument("--out", default="reports")
     r.add_argument("--teacher", default=None)
@@ -64,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             train_baseline(name, cfg, max_seconds=a.max_minutes * 60 if a.max_minutes else None)
             print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+    elif a.cmd == "ablation":
+        from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table
+
+        bad = sorted(set(a.only or ()) - set(VARIANTS))
+        if bad:
+            p.error(f"unknown variant(s) {bad}: choose from {sorted(VARIANTS)}")
+        table = ablation_table(a.steps, words=a.words, variants=a.only)
+        ABLATION_CSV.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ABLATION_CSV.with_name(ABLATION_CSV.name + ".tmp")
+        table.to_csv(tmp, index=False)
+        tmp.replace(ABLATION_CSV)
+        print(table.to_string(index=False))
     elif a.cmd == "report":
         from .notebooks import run_notebooks
         from .profiles import get_profile

@@ -139,10 +139,14 @@ output length over reference length; share of outputs that end with end-of-seque
 """
 
 
-def load_bank(cfg: ReplacingConfig, teacher, path: str | Path = BANK_DIR) -> tuple[ModuleBank, dict]:
-    """The shipped bank, after `shipped.verify` (teacher hash, recipe, file hashes)."""
+def load_bank(cfg: ReplacingConfig, teacher, path: str | Path | None = None) -> tuple[ModuleBank, pd.DataFrame]:
+    """The shipped bank (default `BANK_DIR`) and its training log, with the card in `log.attrs`,
+    after `shipped.verify` (teacher hash, recipe, file hashes)."""
+    path = Path(path or BANK_DIR)
     card = verify(path, teacher_hash=teacher_hash(), config=bank_card_config(cfg), remake=BANK_COMMAND)
-    return ModuleBank.load(Path(path) / "bank", teacher), card
+    log = pd.read_csv(path / "training_log.csv")
+    log.attrs.update(config=asdict(cfg), card=card, dir=path.name)
+    return ModuleBank.load(path / "bank", teacher), log
 
 
 
@@ -200,9 +204,9 @@ def train_baseline(name: str, cfg: TrainConfig | None = None, out_root: str | Pa
     if name == "layerdrop":
         from ..baselines import layerdrop_prune
 
-        for d in BASELINE_DEPTHS:
-            pruned = layerdrop_prune(model, {s: d for s in teacher_depths(teacher)})
-            scored[f"{d}"] = _rounded(score_splits(pruned, task, limit=words, progress=progress))
+        for _, label, keep in layerdrop_cuts(teacher, BASELINE_DEPTHS):
+            pruned = layerdrop_prune(model, keep)
+            scored[label.split()[0]] = _rounded(score_splits(pruned, task, limit=words, progress=progress))
     else:
         scored["trained"] = _rounded(score_splits(model, task, limit=words, progress=progress))
     run = {k: v for k, v in meta.items() if k not in ("train_seconds", "steps_done", "complete")}
@@ -238,15 +242,24 @@ def render_baseline_card(card: dict) -> str:
 """
 
 
-def load_baseline(name: str, cfg: TrainConfig, root: str | Path = BASELINE_DIR):
-    """A shipped baseline model (float32) and its card, after `shipped.verify`."""
+def load_baseline(name: str, cfg: TrainConfig, root: str | Path | None = None):
+    """A shipped baseline model (float32) and its card (default root `BASELINE_DIR`), after `shipped.verify`."""
     from transformers import AutoModelForSeq2SeqLM
 
-    path = Path(root) / name
+    path = Path(root or BASELINE_DIR) / name
     card = verify(path, teacher_hash=teacher_hash(), config={"train": asdict(cfg), "name": name},
                   remake=BASELINE_COMMAND)
     model = AutoModelForSeq2SeqLM.from_pretrained(path / "model", dtype=torch.float32).eval()
     return model, card
+
+
+def layerdrop_cuts(teacher, per_stack_depths) -> list[tuple[str, str, object]]:
+    """(strategy, label, keep) of each model cut from the one LayerDrop run: fairseq's every-other
+    rule where it gives the depth, evenly spaced layers otherwise. Labels start with the depth."""
+    d = teacher_depths(teacher)
+    n = max(d.values())
+    return [("every_other", f"{k} per stack (every other layer)", "every_other") if 2 * k == n
+            else ("spread", f"{k} per stack", {s: k for s in d}) for k in per_stack_depths]
 
 
 def teacher_depths(teacher) -> dict[str, int]:
@@ -256,4 +269,4 @@ def teacher_depths(teacher) -> dict[str, int]:
 
 
 __all__ = ["BANK_DIR", "BASELINE_DIR", "baseline_names", "baseline_recipe", "bank_recipe", "curve_evaluator",
-           "length_ratio", "load_bank", "load_baseline", "train_bank", "train_baseline"]
+           "layerdrop_cuts", "length_ratio", "load_bank", "load_baseline", "train_bank", "train_baseline"]

@@ -185,7 +185,8 @@ def _frontier(prof, progress: bool) -> pd.DataFrame:
     rows += combined_rows(prof, teacher, task, bank, progress)
     rows += merge_rows(prof, teacher, task, progress)
     for b in trained_baselines(prof, teacher, task, progress):
-        rows.append({**b, "kind": b["method"]})
+        if b["model"] is not None:  # a baseline not shipped yet has no model to place
+            rows.append({**b, "kind": b["method"]})
     e = prof.explore
     if prof.modular.eval_limit == e.eval_limit:  # same models, same words: reuse notebook 02's decoding
         known = modular_table(prof, progress=progress).drop_duplicates(["method", "plan"]).set_index(["method", "plan"])

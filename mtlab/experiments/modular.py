@@ -24,6 +24,11 @@ from tqdm.auto import tqdm
 
 from ..baselines import layer_drop, layerdrop_finetune, layerdrop_prune, shrink_and_finetune
 from ..cache import artifact_dir, cached_frame, teacher_hash
+from ..shipped import ArtifactMismatch
+from ..tasks.diagnosis import score_splits
+from . import artifacts
+from .artifacts import (bank_recipe, baseline_names, baseline_recipe, curve_evaluator,
+                        layerdrop_cuts, load_bank, load_baseline)
 from ..measure import generate_flops, latency, stack_params
 from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, size_first, speed_first, train_modules
 from ..modular.bank import block_params, depths
@@ -36,31 +41,33 @@ COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "idea
            "train_seconds"]
 
 
-QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer")
-VERSION = 2   # bump when a code change changes what the table holds (2: per-round latency ratios)
+EXTRA = ["rel_word_acc", "rel_per_acc", "len_ratio", "eos_rate", "train_examples"]
+QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer", "test_len_ratio", "test_eos_rate")
+VERSION = 3   # bump when a code change changes what the table holds (3: diagnosis columns, shipped artifacts)
 
 
 def replacing_config(p: ModularProfile) -> ReplacingConfig:
-    return ReplacingConfig(granularities=tuple(p.granularities), train=TrainConfig(
-        steps=p.steps, batch_size=p.batch_size, lr=1e-3, warmup=max(1, min(200, p.steps // 10)), precision="no",
-        log_every=max(1, min(50, p.steps // 10)), ckpt_every=250))
+    """The module run of a profile: the shipped bank's recipe at the profile's budget."""
+    return bank_recipe(p.steps, p.batch_size, p.granularities, eval_every=p.curve_every)
 
 
 def baseline_config(p: ModularProfile) -> TrainConfig:
     """The per-run budget of every baseline: the module run's steps and batch, a fine-tuning rate."""
-    return TrainConfig(steps=p.baseline_steps, batch_size=p.batch_size, lr=3e-4,
-                       warmup=max(1, min(200, p.baseline_steps // 10)), precision="no",
-                       log_every=max(1, min(50, p.baseline_steps // 10)), ckpt_every=250)
+    return baseline_recipe(p.baseline_steps, p.batch_size)
 
 
 def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -> tuple[ModuleBank, pd.DataFrame]:
-    """The module bank of a profile: trained once (resumable), then read from the cache."""
+    """The module bank of a profile: the shipped one (verified against this recipe and teacher), or
+    trained once in the cache (resumable) and read from there afterwards."""
     p = get_profile(profile).modular
     if teacher is None:
         teacher, task = load_teacher()
     cfg = replacing_config(p)
+    if p.shipped:
+        return load_bank(cfg, teacher)
     d = artifact_dir("modules", {"teacher": teacher_hash(), "replacing": asdict(cfg)})
-    bank, log = train_modules(teacher, task, cfg, d, progress=progress)
+    bank, log = train_modules(teacher, task, cfg, d, progress=progress,
+                              evaluate=curve_evaluator(task) if cfg.train.eval_every else None)
     log.attrs["config"] = asdict(cfg)
     log.attrs["dir"] = str(d)
     return bank, log
@@ -77,10 +84,13 @@ def ladders(teacher: nn.Module, bank: ModuleBank) -> list[tuple[str, Plan]]:
 
 def trained_baselines(profile=None, teacher=None, task=None, progress: bool = True) -> list[dict]:
     """Every baseline model of a profile, with its training budget: dicts of method, strategy,
-    plan (kept layers), model, train_runs, train_steps, train_seconds."""
+    plan (kept layers), model, train_runs, train_steps, train_seconds (and, for shipped baselines,
+    their scores from the card; a baseline not shipped yet is a row with model None and a note)."""
     p = get_profile(profile).modular
     if teacher is None:
         teacher, task = load_teacher()
+    if p.shipped:
+        return shipped_baselines(p, teacher)
     cfg = baseline_config(p)
     key = {"teacher": teacher_hash(), "train": asdict(cfg)}
     stacks = list(depths(teacher))
@@ -100,20 +110,49 @@ def trained_baselines(profile=None, teacher=None, task=None, progress: bool = Tr
         out.append({"method": "sft", "strategy": "spread", "plan": _kept(log), "model": m, **budget(log)})
     full, log = layerdrop_finetune(teacher, task, cfg, progress=progress, out_dir=artifact_dir("layerdrop", key))
     b = budget(log)
-    b_shared = {**b, "train_runs": 0, "train_steps": 0, "train_seconds": 0.0}  # the one run is counted once
-    out.append({"method": "layerdrop", "strategy": "every_other", "plan": "every other layer",
-                "model": layerdrop_prune(full, "every_other"), **b})
-    for depth in p.baseline_depths:
-        if depth * 2 == max(depths(teacher).values()):
-            continue  # same model as every_other for a 6-layer stack
-        out.append({"method": "layerdrop", "strategy": "spread", "plan": f"{depth} per stack",
-                    "model": layerdrop_prune(full, {s: depth for s in stacks}), **b_shared})
+    for i, (strategy, label, keep) in enumerate(layerdrop_cuts(teacher, p.baseline_depths)):
+        out.append({"method": "layerdrop", "strategy": strategy, "plan": label,
+                    "model": layerdrop_prune(full, keep), **(b if i == 0 else _NO_RUN)})
     return out
 
 
 def _kept(log: pd.DataFrame) -> str:
-    keep = log.attrs["config"]["keep"]
+    return kept_label(log.attrs["config"]["keep"])
+
+
+def kept_label(keep: dict) -> str:
+    """{'encoder': [0, 2, 5], ...} as 'e=0,2,5 d=...'."""
     return " ".join(f"{s[0]}={','.join(map(str, v))}" for s, v in keep.items())
+
+
+_NO_RUN = {"train_runs": 0, "train_steps": 0, "train_seconds": 0.0}  # a shared run is counted once
+
+
+def shipped_baselines(p: ModularProfile, teacher) -> list[dict]:
+    """The baselines shipped under data/baselines, scores from their cards (full splits)."""
+    cfg, out = baseline_config(p), []
+    for name in baseline_names(p.baseline_depths):
+        method = name.partition("-")[0]
+        try:
+            model, card = load_baseline(name, cfg)
+        except ArtifactMismatch as e:
+            if (artifacts.BASELINE_DIR / name).exists():
+                raise
+            print(f"baseline {name} is not shipped yet ({e}); its row stays empty", flush=True)
+            out.append({"method": method, "strategy": "", "plan": name, "model": None, **_NO_RUN,
+                        "note": "not shipped: make baselines"})
+            continue
+        cost = {"train_runs": 1, "train_steps": card["steps"], "train_seconds": card["train_seconds"]}
+        if method != "layerdrop":
+            strategy = {"sft": "spread", "layer_drop": "alternate"}[method]
+            out.append({"method": method, "strategy": strategy, "model": model, **cost, **card["scores"]["trained"],
+                        "plan": kept_label(card["run"]["keep"])})
+            continue
+        for i, (strategy, label, keep) in enumerate(layerdrop_cuts(teacher, p.baseline_depths)):
+            out.append({"method": "layerdrop", "strategy": strategy, "plan": label,
+                        "model": layerdrop_prune(model, keep), **(cost if i == 0 else _NO_RUN),
+                        **card["scores"][label.split()[0]]})
+    return out
 
 
 def modular_table(profile=None, *, progress: bool = True, refresh: bool = False) -> pd.DataFrame:
@@ -136,6 +175,9 @@ def _modular_table(prof, progress: bool) -> pd.DataFrame:
     teacher, task = load_teacher()
     bank, log = trained_bank(prof, teacher, task, progress)
     module_seconds = float(log.seconds.max()) if len(log) else 0.0
+    # the shipped bank's card holds every ladder rung scored on the full splits: not decoded again
+    card_scores = {r["plan"]: {k: v for k, v in r.items() if k.startswith(("dev_", "test_"))}
+                   for r in log.attrs.get("card", {}).get("ladders", [])}
     rows, seen = [], {}
     for strategy, plan in ladders(teacher, bank):
         first = not any(r["method"] == "modules" for r in rows)
@@ -146,7 +188,8 @@ def _modular_table(prof, progress: bool) -> pd.DataFrame:
             continue
         cost = ({"train_runs": 1, "train_steps": p.steps, "train_seconds": module_seconds} if method == "modules"
                 and first else {"train_runs": 0, "train_steps": 0, "train_seconds": 0.0})
-        row = {"method": method, "strategy": strategy, "plan": str(plan), "model": assemble(teacher, bank, plan), **cost}
+        row = {"method": method, "strategy": strategy, "plan": str(plan), "model": assemble(teacher, bank, plan), **cost,
+               **card_scores.get(str(plan), {})}
         rows.append(row)
         seen[str(plan)] = row
     rows += trained_baselines(prof, teacher, task, progress)
@@ -164,13 +207,13 @@ def evaluate_models(rows: list[dict], teacher: nn.Module, task, p: ModularProfil
     evaluated: dict[int, dict] = {}
     for r in tqdm(rows, desc="evaluate models", disable=not progress):
         m = r["model"]
+        if m is None:  # an artifact that is not there yet: an empty row, with its note
+            continue
         if id(m) not in evaluated:
             t0 = time.perf_counter()
-            q = {k: r[k] for k in QUALITY if k in r}
-            if len(q) < len(QUALITY):  # not decoded yet on these words (rows may carry known numbers)
-                for split in ("dev", "test"):
-                    s = task.evaluate(m, split, limit=p.eval_limit, progress=False)
-                    q[f"{split}_per"], q[f"{split}_wer"] = s["per"], s["wer"]
+            q = {k: v for k, v in r.items() if k.startswith(("dev_", "test_"))}
+            if not all(k in q for k in QUALITY):  # not decoded yet (shipped rows carry their scores)
+                q = score_splits(m, task, limit=p.eval_limit)
             f = generate_flops(m, b.input_ids, b.attention_mask, max_new_tokens=new, min_new_tokens=new)
             evaluated[id(m)] = {**q, "params": sum(x.numel() for x in m.parameters()),
                                 "ratio": t_stack / stack_params(m),
@@ -179,19 +222,33 @@ def evaluate_models(rows: list[dict], teacher: nn.Module, task, p: ModularProfil
         r["ratio_model"] = t_all / r["params"]
     models = {}
     for r in rows:
-        models.setdefault(id(r["model"]), r["model"])
+        if r["model"] is not None:
+            models.setdefault(id(r["model"]), r["model"])
     lat = latency({str(k): m for k, m in models.items()}, task, batch_sizes=tuple(p.latency_batches),
                   max_new_tokens=new, min_run_time=p.latency_seconds, rounds=p.latency_rounds)  # teacher first
     for bs in p.latency_batches:
         speedup = lat[lat.batch_size == bs].set_index("model").speedup_vs_first
         for r in rows:
-            r[f"speedup_b{bs}"] = speedup[str(id(r["model"]))]
+            r[f"speedup_b{bs}"] = speedup[str(id(r["model"]))] if r["model"] is not None else float("nan")
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "model"} for r in rows])
     for c in COLUMNS:
         if c not in df:
             df[c] = float("nan")
     df["rel_word_acc"] = (100 - df.test_wer) / (100 - df.test_wer.iloc[0])
-    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
+    df["rel_per_acc"] = (100 - df.test_per) / (100 - df.test_per.iloc[0])
+    df["len_ratio"], df["eos_rate"] = df.test_len_ratio, df.test_eos_rate
+    df["train_examples"] = df.train_steps * p.batch_size
+    lead = COLUMNS + EXTRA
+    return df[lead + [c for c in df.columns if c not in lead]]
+
+
+def diagnosis_table(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Why each model errs: output/reference length, share of outputs that end with EOS, share
+    looping into the length cap, and the PER split into substitutions, insertions, deletions."""
+    cols = ["per", "wer", "len_ratio", "eos_rate", "loops", "sub", "ins", "del"]
+    t = table.drop_duplicates("plan")
+    return t[["method", "plan", "ratio"] + [f"{split}_{c}" for c in cols]].rename(
+        columns={f"{split}_{c}": c for c in cols}).reset_index(drop=True)
 
 
 def method_budget(table: pd.DataFrame) -> pd.DataFrame:
@@ -235,3 +292,58 @@ def step_cost_ratio(batch_size: int = 64, steps: int = 20, granularities=(2, 3, 
     out["ratio"] = out["replacing_seconds"] / out["finetune_seconds"]
     out["batch_size"] = batch_size
     return out
+
+
+TARGETS = {1.1: 0.99, 1.5: 0.95, 2.0: 0.93, 3.0: 0.80}  # relative word accuracy the study aims for (issue #12)
+
+
+def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0)) -> pd.DataFrame:
+    """At each ratio: the module plan and the best baseline (lowest test WER) of that ratio."""
+    rows = []
+    for r in ratios:
+        at = table[(table.ratio - r).abs() < 0.01]
+        mods = at[at.method == "modules"].sort_values("test_wer")
+        base = at[~at.method.isin(["modules", "teacher"])].dropna(subset=["test_wer"]).sort_values("test_wer")
+        if not len(mods):
+            continue
+        m = mods.iloc[0]
+        row = {"ratio": r, "modules_plan": m.plan, "modules_test_wer": m.test_wer, "modules_test_per": m.test_per}
+        if len(base):
+            b = base.iloc[0]
+            row.update(baseline=f"{b.method} {b.plan}", baseline_test_wer=b.test_wer, baseline_test_per=b.test_per,
+                       wer_gap=m.test_wer - b.test_wer, per_gap=m.test_per - b.test_per)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def conclusion(table: pd.DataFrame) -> str:
+    """A short written result of the modular table, computed from it (markdown)."""
+    lines = []
+    teacher = table[table.method == "teacher"].iloc[0]
+    lines.append(f"The teacher scores {teacher.test_wer:.1f}% WER / {teacher.test_per:.1f}% PER on "
+                 f"{int(teacher.get('test_n', 0)) or 'the'} test words.")
+    for r in head_to_head(table).itertuples():
+        if not hasattr(r, "baseline") or pd.isna(getattr(r, "baseline", float("nan"))):
+            lines.append(f"At {r.ratio:g}x the modules ({r.modules_plan}) reach {r.modules_test_wer:.1f}% WER; "
+                         "no baseline of that ratio is available.")
+            continue
+        verdict = "beat" if r.wer_gap < 0 and r.per_gap < 0 else "lose to" if r.wer_gap > 0 and r.per_gap > 0 else "tie with"
+        lines.append(f"At {r.ratio:g}x the modules ({r.modules_plan}) {verdict} the best baseline ({r.baseline}): "
+                     f"{r.modules_test_wer:.1f} vs {r.baseline_test_wer:.1f}% WER, "
+                     f"{r.modules_test_per:.1f} vs {r.baseline_test_per:.1f}% PER.")
+    mods = table[table.method == "modules"]
+    for ratio, target in TARGETS.items():
+        at = mods[(mods.ratio - ratio).abs() < 0.06]
+        if len(at):
+            best = at.rel_word_acc.max()
+            lines.append(f"Relative word accuracy at {ratio:g}x: {best:.3f} (target {target:.2f}: "
+                         f"{'met' if best >= target else 'missed'}).")
+    out = mods[(mods.len_ratio < 0.9) | (mods.len_ratio > 1.1)].drop_duplicates("plan")
+    if len(out):
+        worst = out.loc[(out.len_ratio - 1).abs().idxmax()]
+        lines.append(f"{len(out)} module plan(s) have an output/reference length ratio outside 0.9-1.1 "
+                     f"(worst {worst.plan}: {worst.len_ratio:.2f}, {100 * worst.get('test_loops', 0):.1f}% of words loop "
+                     "into the length cap).")
+    else:
+        lines.append("Every module plan's output/reference length ratio is inside 0.9-1.1: no decoder collapses.")
+    return "\n".join(f"- {x}" for x in lines)
