@@ -40,7 +40,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy
-from ..baselines import drop_layers
+from ..measure import count_params
+from ..surgery import drop_blocks
 from .merge import _ROLES, METHODS, _runs, MergeSpec, merge_ffs, merged_specs, save_merged
 from .stats import merge_correlations
 
@@ -123,11 +124,6 @@ class CorrelationCache:
 # ---------------------------------------------------------------------------
 # building candidates
 
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied ones once: model.parameters() yields each Parameter once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec | str,
                 batches_fn: BatchesFn | Sequence | None = None, max_tokens: int | None = 10_000, *,
                 cache: CorrelationCache | None = None, progress: bool = False) -> nn.Module:
@@ -157,7 +153,7 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     if size < 2 or start < 0 or start + size > depth:
         raise ValueError(f"window start={start} size={size} does not fit stack {stack!r} with {depth} layers "
                          f"(need size >= 2 and start + size <= {depth})")
-    out = drop_layers(model, {stack: list(range(start + 1, start + size))})
+    out = drop_blocks(model, {stack: list(range(start + 1, start + size))})
     config = getattr(out, "config", None)
     if config is not None:
         config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [
