@@ -49,9 +49,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..anatomy import FF, Anatomy, anatomy, in_features, set_weight_oi, weight_oi
+from ..anatomy import FF, FF_ROLES, Anatomy, anatomy, set_weight_oi, weight_oi
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
-from .align import check_correlation, ff_width, match
+from ..surgery import tie_params
+from .align import check_correlation, ff_width, match, permuted_weights
 
 __all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs", "save_merged",
            "load_merged", "ANCHORS", "METHODS", "WEIGHTS_NAME", "MERGES_NAME"]
@@ -73,7 +74,7 @@ _SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or
 # ---------------------------------------------------------------------------
 # MergeSpec
 
-def _runs(layers: Iterable[int]) -> str:
+def layer_runs(layers: Iterable[int]) -> str:
     out, items = [], sorted(layers)
     i = 0
     while i < len(items):
@@ -137,7 +138,7 @@ class MergeSpec:
                    method=m["method"] or "permute")
 
     def __str__(self) -> str:
-        return f"{self.stack}:{_runs(self.layers)}@{self.anchor}/{self.method}"
+        return f"{self.stack}:{layer_runs(self.layers)}@{self.anchor}/{self.method}"
 
     # -- meaning
     def anchor_layer(self) -> int:
@@ -228,8 +229,6 @@ def validate_specs(specs: Iterable[MergeSpec | str], model_or_anatomy: nn.Module
 # ---------------------------------------------------------------------------
 # merging
 
-_ROLES = ("w_in", "w_gate", "w_out")
-
 
 def _set_ffs(an: Anatomy, spec: MergeSpec) -> dict[int, FF]:
     stack = an.stacks[spec.stack]
@@ -238,7 +237,7 @@ def _set_ffs(an: Anatomy, spec: MergeSpec) -> dict[int, FF]:
 
 def _signature(ff: FF) -> tuple:
     sig = []
-    for role in _ROLES:
+    for role in FF_ROLES:
         m = getattr(ff, role)
         if m is None:
             sig.append((role, None))
@@ -265,7 +264,7 @@ def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, tor
     if correlations is None:
         raise ValueError(f"{where}: missing correlations; pass correlations={{(stack, layer): d_ff x d_ff "
                          "anchor-vs-layer matrix}} or a callable spec -> {layer: matrix}, or use method vanilla "
-                         f"('{spec.stack}:{_runs(spec.layers)}@{spec.anchor}/vanilla')")
+                         f"('{spec.stack}:{layer_runs(spec.layers)}@{spec.anchor}/vanilla')")
     if callable(correlations):
         got = correlations(spec)
         if not isinstance(got, Mapping):
@@ -291,41 +290,14 @@ def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, tor
     return out
 
 
-def _aligned(ff: FF, perm: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Role -> ((out, in) weight, bias) of `ff` after permuting its neurons by perm (out of place)."""
-    res = {}
-    for role in _ROLES:
-        m = getattr(ff, role)
-        if m is None:
-            continue
-        w, b = weight_oi(m).detach(), getattr(m, "bias", None)
-        b = None if b is None else b.detach()
-        if perm is not None:
-            p = perm.to(w.device)
-            if role == "w_out":
-                w = w[:, p]
-            else:
-                w, b = w[p], (None if b is None else b[p])
-        res[role] = (w, b)
-    return res
-
-
-def _share(dst: nn.Module, src: nn.Module) -> None:
-    """Make `dst` use `src`'s weight and bias Parameter objects."""
-    in_features(dst), in_features(src)  # type check: nn.Linear or Conv1D
-    dst.weight = src.weight
-    if getattr(src, "bias", None) is not None:
-        dst.bias = src.bias
-
-
 def _tie(an: Anatomy, spec: MergeSpec) -> None:
     ffs = _set_ffs(an, spec)
     anchor = ffs[spec.anchor_layer()]
     for i in spec.others():
-        for role in _ROLES:
+        for role in FF_ROLES:
             m = getattr(ffs[i], role)
             if m is not None:
-                _share(m, getattr(anchor, role))
+                tie_params(m, getattr(anchor, role))
 
 
 def _record(model: nn.Module, specs: list[MergeSpec]) -> None:
@@ -362,7 +334,7 @@ def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: 
 
     with torch.no_grad():
         for spec, ffs, perms in plans:
-            aligned = [_aligned(ffs[i], perms[i]) for i in spec.layers]
+            aligned = [permuted_weights(ffs[i], perms[i]) for i in spec.layers]
             anchor = ffs[spec.anchor_layer()]
             for role, (w0, b0) in aligned[0].items():
                 w = torch.stack([a[role][0].double() for a in aligned]).mean(0)
@@ -407,7 +379,7 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     an = anatomy(model)
     for spec in merged_specs(model):
         ff = an.stacks[spec.stack].layer(spec.anchor_layer()).ff
-        for role in _ROLES:
+        for role in FF_ROLES:
             m = getattr(ff, role)
             if m is not None:
                 preferred |= {f"{module_names[id(m)]}.{p}" for p in ("weight", "bias")}

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy
+from ..anatomy import FF_ROLES, anatomy
 from ..measure import count_params
 from ..surgery import drop_blocks
-from .merge import _ROLES, METHODS, _runs, MergeSpec, merge_ffs, merged_specs, save_merged
+from .merge import METHODS, MergeSpec, layer_runs, merge_ffs, merged_specs, save_merged
 from .stats import merge_correlations
 
 __all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "build_candidate", "count_params",
@@ -157,7 +157,7 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     config = getattr(out, "config", None)
     if config is not None:
         config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [
-            f"{stack}:{_runs(list(range(start + 1, start + size)))}"]
+            f"{stack}:{layer_runs(list(range(start + 1, start + size)))}"]
     return out
 
 
@@ -319,17 +319,17 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
         if method == "prune":
             cand = prune_model(model, s, start, k)
             spec, kind, anchor_layer = _prune_spec(s, start, k), "prune", start
-            removed, blocks = f"{s}:{_runs(layers[1:])}", k - 1
+            removed, blocks = f"{s}:{layer_runs(layers[1:])}", k - 1
         else:
             ms = MergeSpec(s, tuple(layers), anchor, method)
             ms.validate(an)
             cand = merge_model(model, [ms], cache=cache)
             anchor_layer = ms.anchor_layer()
-            spec, kind, removed, blocks = str(ms), "merge", f"{s}:{_runs(ms.others())}", 0
+            spec, kind, removed, blocks = str(ms), "merge", f"{s}:{layer_runs(ms.others())}", 0
         built = time.perf_counter() - t0
         n = count_params(cand)
         bar.set_postfix_str(spec)
-        row(stack=s, start=start, size=k, layers=_runs(layers), kind=kind, method=method, anchor=anchor_layer,
+        row(stack=s, start=start, size=k, layers=layer_runs(layers), kind=kind, method=method, anchor=anchor_layer,
             spec=spec, removed=removed, params=n, params_removed=n0 - n, params_removed_share=(n0 - n) / n0,
             ff_removed=k - 1, blocks_removed=blocks, **scores(cand), build_seconds=built)
         del cand
@@ -389,7 +389,7 @@ def tie_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     groups = []
     for spec in merged_specs(model):
         st = an.stack(spec.stack)
-        for role in _ROLES:
+        for role in FF_ROLES:
             for attr in ("weight", "bias"):
                 ps = []
                 for i in spec.layers:
