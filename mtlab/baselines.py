@@ -34,10 +34,11 @@ Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indice
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -334,3 +335,112 @@ def layerdrop_prune(model: nn.Module, keep="every_other") -> nn.Module:
 
             keep = Plan.parse(keep, stack_depths(model))
     return keep_only(model, keep).eval()
+
+
+# ---------------------------------------------------------------------------
+# The baseline registry: recipes turning a teacher, a task and a budget into models
+
+def default_run_dir(name: str, key: dict) -> Path:
+    """runs/NAME/HASH, HASH naming `key` (so different depths never share a checkpoint)."""
+    return Path("runs") / name / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class BaselineBudget:
+    """What every baseline recipe gets: the per-run training budget, the target depths (each applied
+    to every stack), and `run_dir(recipe, key) -> Path`, where a run keyed by `key` lives (resumable;
+    the experiments pass the artifact cache)."""
+    train: TrainConfig
+    depths: tuple[int, ...]
+    run_dir: Callable[[str, dict], Path] = field(default_factory=lambda: default_run_dir)
+    progress: bool = True
+
+
+Recipe = Callable[[nn.Module, Seq2SeqTask, BaselineBudget], list[dict]]
+_BASELINES: dict[str, Recipe] = {}
+
+
+def baseline(name: str) -> Callable[[Recipe], Recipe]:
+    """Decorator: register `recipe(teacher, task, budget) -> [row, ...]` as baseline `name`. Each row is a
+    dict with method, strategy, plan (text), model, train_runs, train_steps, train_seconds (a run shared
+    by several models counts once). `build_baselines` and the experiments run every registered recipe."""
+    def register(fn: Recipe) -> Recipe:
+        _BASELINES[name] = fn
+        return fn
+
+    return register
+
+
+def baselines() -> tuple[str, ...]:
+    """The registered baselines, in registration order (built in: layer_drop, sft, layerdrop)."""
+    return tuple(_BASELINES)
+
+
+def unregister_baseline(name: str) -> None:
+    _BASELINES.pop(name, None)
+
+
+def build_baselines(teacher: nn.Module, task: Seq2SeqTask, budget: BaselineBudget,
+                    names: Iterable[str] | None = None) -> list[dict]:
+    """The rows of every registered baseline recipe (`names`, default all), in registry order."""
+    names = baselines() if names is None else tuple(names)
+    unknown = [n for n in names if n not in _BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; use {baselines()} or register one with "
+                         "@mtlab.baselines.baseline(name)")
+    return [row for n in names for row in _BASELINES[n](teacher, task, budget)]
+
+
+def run_cost(log: pd.DataFrame) -> dict:
+    """train_runs / train_steps / train_seconds of one finished baseline run (its log's config)."""
+    c = log.attrs["config"]
+    return {"train_runs": 1, "train_steps": c["steps_done"], "train_seconds": c["train_seconds"]}
+
+
+def kept_text(log: pd.DataFrame) -> str:
+    """The kept layers of a run as plan-like text, e.g. "e=0,2,4 d=0,2,4"."""
+    keep = log.attrs["config"]["keep"]
+    return " ".join(f"{s[0]}={','.join(map(str, v))}" for s, v in keep.items())
+
+
+@baseline("layer_drop")
+def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """Sajjad et al.'s alternate dropping to each depth, then a distillation fine-tune."""
+    out = []
+    for depth in budget.depths:
+        want = {s: depth for s in stack_depths(teacher)}
+        m, log = layer_drop(teacher, task, "alternate", budget.train, depths=want, progress=budget.progress,
+                            out_dir=budget.run_dir("layer_drop", {"depths": want}))
+        out.append({"method": "layer_drop", "strategy": "alternate", "plan": kept_text(log), "model": m,
+                    **run_cost(log)})
+    return out
+
+
+@baseline("sft")
+def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """DistilBART's shrink and fine-tune to each depth."""
+    out = []
+    for depth in budget.depths:
+        want = {s: depth for s in stack_depths(teacher)}
+        m, log = shrink_and_finetune(teacher, task, want, budget.train, progress=budget.progress,
+                                     out_dir=budget.run_dir("sft", {"depths": want}))
+        out.append({"method": "sft", "strategy": "spread", "plan": kept_text(log), "model": m, **run_cost(log)})
+    return out
+
+
+@baseline("layerdrop")
+def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """LayerDrop: ONE fine-tune, pruned to every other layer and to each depth (counted once)."""
+    d = stack_depths(teacher)
+    full, log = layerdrop_finetune(teacher, task, budget.train, progress=budget.progress,
+                                   out_dir=budget.run_dir("layerdrop", {}))
+    cost = run_cost(log)
+    shared = {**cost, "train_runs": 0, "train_steps": 0, "train_seconds": 0.0}
+    out = [{"method": "layerdrop", "strategy": "every_other", "plan": "every other layer",
+            "model": layerdrop_prune(full, "every_other"), **cost}]
+    for depth in budget.depths:
+        if depth * 2 == max(d.values()):
+            continue  # same model as every_other for a 6-layer stack
+        out.append({"method": "layerdrop", "strategy": "spread", "plan": f"{depth} per stack",
+                    "model": layerdrop_prune(full, {s: depth for s in d}), **shared})
+    return out

@@ -103,8 +103,10 @@ class MergeSpace:
 
 def merge_specs(windows: Mapping[str, Iterable[tuple[int, int]]], anchor: str = "middle",
                 method: str = "permute") -> list[str]:
-    """Merge-spec strings (`stack:a-b@anchor/method`) for a set of windows."""
-    return [f"{s}:{a}-{a + k - 1}@{anchor}/{method}" for s, ws in windows.items() for a, k in ws]
+    """Merge-spec strings (`stack:a-b@anchor/method`, `str(MergeSpec)`) for a set of windows."""
+    from ..merging.merge import MergeSpec
+
+    return [str(MergeSpec(s, tuple(range(a, a + k)), anchor, method)) for s, ws in windows.items() for a, k in ws]
 
 
 @dataclass(frozen=True)

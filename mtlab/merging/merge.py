@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,13 +52,13 @@ from torch import nn
 from ..anatomy import FF, FF_ROLES, Anatomy, anatomy, set_weight_oi, weight_oi
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from ..surgery import tie_params
-from .align import check_correlation, ff_width, match, permuted_weights
+from .align import check_correlation, ff_width, permuted_weights
+from .methods import get_merge_method, merge_methods
 
 __all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs", "save_merged",
            "load_merged", "ANCHORS", "METHODS", "WEIGHTS_NAME", "MERGES_NAME"]
 
 ANCHORS = ("first", "middle", "last")
-METHODS = ("permute", "vanilla")
 WEIGHTS_NAME = "model.safetensors"
 MERGES_NAME = "mtlab_merges.json"
 _FORMAT = 1
@@ -73,6 +73,12 @@ _SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or
 
 # ---------------------------------------------------------------------------
 # MergeSpec
+
+def __getattr__(name: str):
+    if name == "METHODS":  # the registered merge methods, read when asked (mtlab.merging.methods)
+        return merge_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def layer_runs(layers: Iterable[int]) -> str:
     out, items = [], sorted(layers)
@@ -179,8 +185,9 @@ class MergeSpec:
                                  f"{list(self.layers)}; pick one of them or first/middle/last")
         elif self.anchor not in ANCHORS:
             raise ValueError(f"{where}: unknown anchor {self.anchor!r}; use one of {ANCHORS} or a layer of the set")
-        if self.method not in METHODS:
-            raise ValueError(f"{where}: unknown method {self.method!r}; use one of {METHODS}")
+        if self.method not in merge_methods():
+            raise ValueError(f"{where}: unknown method {self.method!r}; use one of {merge_methods()} (or register "
+                             "one with @mtlab.merging.methods.merge_method)")
 
 
 def _as_spec(s) -> MergeSpec:
@@ -260,11 +267,11 @@ def _check_compatible(spec: MergeSpec, ffs: dict[int, FF]) -> None:
 
 def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, torch.Tensor]:
     """Anchor-vs-layer correlation matrices for every non-anchor layer, checked."""
-    where = f"merge spec {str(spec)!r} (method permute)"
+    where = f"merge spec {str(spec)!r} (method {spec.method})"
     if correlations is None:
         raise ValueError(f"{where}: missing correlations; pass correlations={{(stack, layer): d_ff x d_ff "
                          "anchor-vs-layer matrix}} or a callable spec -> {layer: matrix}, or use method vanilla "
-                         f"('{spec.stack}:{layer_runs(spec.layers)}@{spec.anchor}/vanilla')")
+                         f"('{replace(spec, method='vanilla')}')")
     if callable(correlations):
         got = correlations(spec)
         if not isinstance(got, Mapping):
@@ -325,11 +332,11 @@ def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: 
     for spec in specs:
         ffs = _set_ffs(an, spec)
         _check_compatible(spec, ffs)
+        method = get_merge_method(spec.method)
+        corrs = (_correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
+                 if method.needs_correlations else None)
         perms: dict[int, torch.Tensor | None] = {i: None for i in spec.layers}
-        if spec.method == "permute":
-            corrs = _correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
-            for i, c in corrs.items():
-                perms[i] = match(c)
+        perms.update(method.align(ffs, spec.anchor_layer(), corrs))
         plans.append((spec, ffs, perms))
 
     with torch.no_grad():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,10 +43,11 @@ from tqdm.auto import tqdm
 from ..anatomy import FF_ROLES, anatomy
 from ..measure import count_params
 from ..surgery import drop_blocks
-from .merge import METHODS, MergeSpec, layer_runs, merge_ffs, merged_specs, save_merged
+from .merge import MergeSpec, layer_runs, merge_ffs, merged_specs, save_merged
+from .methods import get_merge_method, merge_methods
 from .stats import merge_correlations
 
-__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "build_candidate", "count_params",
+__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "PruneSpec", "candidate_spec", "build_candidate", "count_params",
            "window_search", "final_eval", "recover", "tie_groups", "check_ties"]
 
 ScoreFn = Callable[[nn.Module], Mapping[str, float]]
@@ -106,7 +108,7 @@ class CorrelationCache:
         missing = [i for i in spec.others() if (spec.stack, a, i) not in self._corr]
         if missing:
             if self.batches_fn is None:
-                raise ValueError(f"merge spec {str(spec)!r} needs alignment data (method permute): pass batches_fn, "
+                raise ValueError(f"merge spec {str(spec)!r} needs alignment data (method {spec.method}): pass batches_fn, "
                                  "a callable returning fresh batches of the alignment split")
             t0 = time.perf_counter()
             st = merge_correlations(self.model, self.batches_fn, spec.stack, missing, a,
@@ -153,33 +155,71 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     if size < 2 or start < 0 or start + size > depth:
         raise ValueError(f"window start={start} size={size} does not fit stack {stack!r} with {depth} layers "
                          f"(need size >= 2 and start + size <= {depth})")
-    out = drop_blocks(model, {stack: list(range(start + 1, start + size))})
+    dropped = PruneSpec.window(stack, start, size).dropped()
+    out = drop_blocks(model, {stack: dropped})
     config = getattr(out, "config", None)
     if config is not None:
-        config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [
-            f"{stack}:{layer_runs(list(range(start + 1, start + size)))}"]
+        config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [f"{stack}:{layer_runs(dropped)}"]
     return out
 
 
-_PRUNE_RE = re.compile(r"^prune\s+(?P<stack>[A-Za-z_][\w.]*):(?P<a>\d+)-(?P<b>\d+)$")
+@dataclass(frozen=True)
+class PruneSpec:
+    """One layer-pruning candidate: the window `start..end` (inclusive) of `stack`, whose first block
+    is kept and whose other blocks are dropped. Text form "prune STACK:START-END", e.g.
+    "prune encoder:2-4" (layers 3 and 4 disappear); `PruneSpec.parse(str(p)) == p`."""
+    stack: str
+    start: int
+    end: int
 
+    _RE = re.compile(r"^prune\s+(?P<stack>[A-Za-z_][\w.]*):(?P<a>\d+)-(?P<b>\d+)$")
 
-def _prune_spec(stack: str, start: int, size: int) -> str:
-    return f"prune {stack}:{start}-{start + size - 1}"
+    @classmethod
+    def window(cls, stack: str, start: int, size: int) -> PruneSpec:
+        return cls(stack, int(start), int(start) + int(size) - 1)
 
+    @staticmethod
+    def is_prune(text) -> bool:
+        """Whether `text` is meant as a pruning spec (it starts with "prune")."""
+        return isinstance(text, PruneSpec) or (isinstance(text, str) and text.strip().startswith("prune"))
 
-def build_candidate(model: nn.Module, spec: str | MergeSpec, batches_fn: BatchesFn | Sequence | None = None,
-                    max_tokens: int | None = 10_000, *, cache: CorrelationCache | None = None) -> nn.Module:
-    """The model of one `window_search` row, from its `spec` column: a merge spec string
-    ("encoder:2-4@3/permute") or "prune STACK:START-END" (window START..END, first block kept)."""
-    if isinstance(spec, str):
-        m = _PRUNE_RE.match(spec.strip())
-        if m:
-            a, b = int(m["a"]), int(m["b"])
-            return prune_model(model, m["stack"], a, b - a + 1)
-        if spec.strip().startswith("prune"):
-            raise ValueError(f"cannot parse {spec!r}: a pruning spec reads 'prune STACK:START-END', e.g. "
+    @classmethod
+    def parse(cls, text: str | PruneSpec) -> PruneSpec:
+        if isinstance(text, PruneSpec):
+            return text
+        m = cls._RE.match(str(text).strip())
+        if not m:
+            raise ValueError(f"cannot parse {text!r}: a pruning spec reads 'prune STACK:START-END', e.g. "
                              "'prune encoder:2-4'")
+        return cls(m["stack"], int(m["a"]), int(m["b"]))
+
+    def __str__(self) -> str:
+        return f"prune {self.stack}:{self.start}-{self.end}"
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+    def dropped(self) -> list[int]:
+        """The blocks that disappear: every block of the window after its first."""
+        return list(range(self.start + 1, self.end + 1))
+
+
+def candidate_spec(text: str | MergeSpec | PruneSpec) -> MergeSpec | PruneSpec:
+    """A `window_search` row's spec (or one part of a candidate) as its typed spec."""
+    if isinstance(text, MergeSpec):
+        return text
+    return PruneSpec.parse(text) if PruneSpec.is_prune(text) else MergeSpec.parse(text)
+
+
+def build_candidate(model: nn.Module, spec: str | MergeSpec | PruneSpec, batches_fn: BatchesFn | Sequence | None = None,
+                    max_tokens: int | None = 10_000, *, cache: CorrelationCache | None = None) -> nn.Module:
+    """The model of one `window_search` row, from its `spec` column: a merge spec
+    ("encoder:2-4@3/permute") or a pruning spec "prune STACK:START-END" (window START..END,
+    first block kept)."""
+    if PruneSpec.is_prune(spec):
+        p = PruneSpec.parse(spec)
+        return prune_model(model, p.stack, p.start, p.size)
     return merge_model(model, [spec], batches_fn, max_tokens, cache=cache)
 
 
@@ -217,7 +257,7 @@ def _mark_best(df: pd.DataFrame, metric: str, higher_is_better: bool) -> pd.Seri
 
 def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None = None,
                   sizes: Iterable[int] | None = (2, 3), anchor: str = "middle",
-                  methods: Sequence[str] = ("permute", "vanilla"), include_pruning: bool = True,
+                  methods: Sequence[str] | None = None, include_pruning: bool = True,
                   align_split: str = "train", select_split: str = "dev", align_tokens: int | None = 10_000,
                   select_limit: int | None = None, *, score_fn: ScoreFn | None = None,
                   align_batches: BatchesFn | Sequence | None = None, metric: str | None = None,
@@ -252,10 +292,11 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     if task is not None and align_split == select_split and align_batches is None:
         warnings.warn(f"align_split == select_split == {align_split!r}: windows are selected on the data their "
                       "alignment was computed on; align on 'train' and select on 'dev'", stacklevel=2)
-    methods = list(methods)
-    bad = [m for m in methods if m not in METHODS]
+    methods = list(merge_methods() if methods is None else methods)
+    bad = [m for m in methods if m not in merge_methods()]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; use {METHODS}")
+        raise ValueError(f"unknown method(s) {bad}; use {merge_methods()} (or register one with "
+                         "@mtlab.merging.methods.merge_method)")
     if not methods and not include_pruning:
         raise ValueError("nothing to search: no merge method and include_pruning=False")
     eval_kw = dict(eval_kw or {})
@@ -271,9 +312,10 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     if align_batches is None and task is not None:
         def align_batches():
             return task.iter_batches(align_split, batch_size, shuffle=True, seed=seed)
-    if "permute" in methods and align_batches is None:
-        raise ValueError("method 'permute' needs alignment data: pass align_batches (a callable returning fresh "
-                         "batches) or a task")
+    aligned = [m for m in methods if get_merge_method(m).needs_correlations]
+    if aligned and align_batches is None:
+        raise ValueError(f"method {aligned[0]!r} needs alignment data: pass align_batches (a callable returning "
+                         "fresh batches) or a task")
     if cache is None:
         cache = CorrelationCache(model, align_batches, max_tokens=align_tokens)
     elif cache.model is not model:
@@ -318,7 +360,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
         t0 = time.perf_counter()
         if method == "prune":
             cand = prune_model(model, s, start, k)
-            spec, kind, anchor_layer = _prune_spec(s, start, k), "prune", start
+            spec, kind, anchor_layer = str(PruneSpec.window(s, start, k)), "prune", start
             removed, blocks = f"{s}:{layer_runs(layers[1:])}", k - 1
         else:
             ms = MergeSpec(s, tuple(layers), anchor, method)
@@ -338,9 +380,9 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
 
     df = pd.DataFrame(rows)
     if metric is None:
-        metric = next((c for c in df.columns if c not in _FIXED), None)
+        metric = next((c for c in df.columns if c not in FIXED_COLUMNS), None)
     if metric not in df.columns:
-        raise ValueError(f"metric {metric!r} is not among the scores {[c for c in df.columns if c not in _FIXED]}")
+        raise ValueError(f"metric {metric!r} is not among the scores {[c for c in df.columns if c not in FIXED_COLUMNS]}")
     df["best"] = _mark_best(df, metric, bool(higher_is_better))
     df.attrs["config"] = {
         "model": type(model).__name__, "family": an.family, "stacks": {s: len(an.stack(s)) for s in stacks},
@@ -358,7 +400,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     return df
 
 
-_FIXED = {"stack", "start", "size", "layers", "kind", "method", "anchor", "spec", "removed", "params",
+FIXED_COLUMNS = {"stack", "start", "size", "layers", "kind", "method", "anchor", "spec", "removed", "params",
           "params_removed", "params_removed_share", "ff_removed", "blocks_removed", "build_seconds", "best",
           "n_eval", "eval_seconds"}
 

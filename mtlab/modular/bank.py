@@ -20,7 +20,7 @@ from ..anatomy import anatomy
 from ..measure import count_params
 from ..surgery import replace_blocks, span_block, stack_blocks, stack_depths
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, ladders
 
 INITS = ("first", "middle", "last")
 
@@ -130,6 +130,11 @@ def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> n
 def block_params(model: nn.Module) -> dict[str, int]:
     """Parameters of one block of each stack (the cost of one span in an assembly)."""
     return {s: sum(p.numel() for p in st.layers[-1].parameters()) for s, st in anatomy(model).stacks.items()}
+
+
+def teacher_ladders(teacher: nn.Module, bank: ModuleBank) -> list[tuple[str, Plan]]:
+    """(strategy, plan) of every registered assembly strategy for this teacher and bank, teacher first."""
+    return ladders(stack_depths(teacher), bank.granularities, block_params(teacher))
 
 
 def stack_block_flops(teacher: nn.Module, inputs: dict) -> dict[str, float]:
