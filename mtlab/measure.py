@@ -24,10 +24,10 @@ def _unique_numel(params) -> int:
     return total
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Unique parameters of a model: tied (shared) Parameters are counted once, so a merged
-    model shows its saving. The one parameter count of mtlab."""
-    return _unique_numel(model.parameters())
+def count_params(model) -> int:
+    """Unique parameters of a module (or of an iterable of Parameters): tied (shared) Parameters
+    are counted once, so a merged model shows its saving. The one parameter count of mtlab."""
+    return _unique_numel(model.parameters() if isinstance(model, torch.nn.Module) else model)
 
 
 def param_table(model: torch.nn.Module) -> pd.DataFrame:

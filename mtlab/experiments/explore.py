@@ -274,8 +274,8 @@ def merge_explorer(profile=None, *, progress: bool = False):
     def prune_blocks(stack: str, a: int, b: int) -> int:
         """Blocks whose parameters come closest to the (b - a) FF sublayers a merge removes."""
         layer = ana.stack(stack).layer(a)
-        ff = sum(p.numel() for p in layer.ff.params())
-        block = sum(p.numel() for p in layer.block.parameters())
+        ff = count_params(layer.ff.params())
+        block = count_params(layer.block)
         return round((b - a) * ff / block)
 
     return MergeExplorer(sims, stack_depths(teacher), evaluate, prune_blocks)

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..cache import cached_frame, file_hash, teacher_hash
-from ..checkpoint import write_json
+from ..checkpoint import write_csv, write_json
 from ..merging.merge import MergeSpec
 from ..merging.methods import merge_methods
 from ..merging.search import FIXED_COLUMNS as SEARCH_FIXED  # window_search's non-score columns
@@ -105,8 +105,7 @@ def save_csv(df: pd.DataFrame, out: str | Path | None, name: str) -> Path | None
         return None
     path = Path(out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
-    return path
+    return write_csv(path, df)
 
 
 def align_batches(task):

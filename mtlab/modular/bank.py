@@ -129,7 +129,7 @@ def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> n
 
 def block_params(model: nn.Module) -> dict[str, int]:
     """Parameters of one block of each stack (the cost of one span in an assembly)."""
-    return {s: sum(p.numel() for p in st.layers[-1].parameters()) for s, st in anatomy(model).stacks.items()}
+    return {s: count_params(st.layers[-1]) for s, st in anatomy(model).stacks.items()}
 
 
 def teacher_ladders(teacher: nn.Module, bank: ModuleBank) -> list[tuple[str, Plan]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 ALIASES = {"e": "encoder", "enc": "encoder", "encoder": "encoder", "d": "decoder", "dec": "decoder",
            "decoder": "decoder", "l": "layers", "layers": "layers"}
@@ -167,12 +167,24 @@ def tilings(depth: int, granularities: tuple[int, ...]) -> tuple[tuple[int, ...]
     return from_pos(0)
 
 
-def enumerate_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> list[Plan]:
-    """The whole assembly space: the product of every stack's tilings."""
+def stack_tilings(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Every valid tiling of each stack."""
+    return {s: tilings(depths[s], tuple(sorted(granularities.get(s, ())))) for s in depths}
+
+
+def iter_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> Iterator[Plan]:
+    """The whole assembly space, lazily: the product of every stack's tilings (the one enumeration;
+    `mtlab.explore.AssemblySpace` iterates with it)."""
     from itertools import product
 
-    per = [tilings(depths[s], tuple(sorted(granularities.get(s, ())))) for s in depths]
-    return [Plan.of(dict(zip(depths, combo))) for combo in product(*per)]
+    per = stack_tilings(depths, granularities)
+    for combo in product(*per.values()):
+        yield Plan.of(dict(zip(per, combo)))
+
+
+def enumerate_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> list[Plan]:
+    """The whole assembly space as a list (see `iter_plans`)."""
+    return list(iter_plans(depths, granularities))
 
 
 def disruption(spans: tuple[int, ...]) -> tuple[int, int]:
