@@ -6,7 +6,7 @@ artifact cache (`mtlab.cache.cached_frame`). The key holds the weights' content 
 MiniLM), the profile's merging section and VERSION, so a table made from other weights, another
 budget or older code is never reused.
 
-Data discipline (methods.md section 2): FF statistics and similarity on the teacher's train split
+Data discipline (docs/methods.md, section 2): FF statistics and similarity on the teacher's train split
 (MiniLM: its `align` sentences), windows chosen on dev, test read only for the final numbers of
 the models chosen on dev. Recovery fine-tunes get one budget (steps, batch, lr, seed) for every
 method, so permute, vanilla and layer pruning see the same batches.

@@ -1,6 +1,6 @@
 """Merge-set selection by sliding windows, the layer-pruning baseline, recovery fine-tuning.
 
-The FF-merging recipe (methods.md section 2): slide a window of k adjacent layers over a
+The FF-merging recipe (docs/methods.md, section 2): slide a window of k adjacent layers over a
 stack, merge the window's FF sublayers (permute or vanilla) into one tied sublayer, score
 every merged model on VALIDATION data and keep the best window per k; then fine-tune the
 tied model briefly. The baseline is layer pruning at the same k.
