@@ -28,8 +28,6 @@ rebuilds the model of any row.
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,7 +41,8 @@ from tqdm.auto import tqdm
 from ..anatomy import FF_ROLES, anatomy
 from ..measure import count_params
 from ..surgery import drop_blocks
-from .merge import MergeSpec, layer_runs, merge_ffs, merged_specs, save_merged
+from .spec import MergeSpec, PruneSpec, candidate_spec, layer_runs
+from .merge import merge_ffs, merged_specs, save_merged
 from .methods import get_merge_method, merge_methods
 from .stats import merge_correlations
 
@@ -161,55 +160,6 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     if config is not None:
         config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [f"{stack}:{layer_runs(dropped)}"]
     return out
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """One layer-pruning candidate: the window `start..end` (inclusive) of `stack`, whose first block
-    is kept and whose other blocks are dropped. Text form "prune STACK:START-END", e.g.
-    "prune encoder:2-4" (layers 3 and 4 disappear); `PruneSpec.parse(str(p)) == p`."""
-    stack: str
-    start: int
-    end: int
-
-    _RE = re.compile(r"^prune\s+(?P<stack>[A-Za-z_][\w.]*):(?P<a>\d+)-(?P<b>\d+)$")
-
-    @classmethod
-    def window(cls, stack: str, start: int, size: int) -> PruneSpec:
-        return cls(stack, int(start), int(start) + int(size) - 1)
-
-    @staticmethod
-    def is_prune(text) -> bool:
-        """Whether `text` is meant as a pruning spec (it starts with "prune")."""
-        return isinstance(text, PruneSpec) or (isinstance(text, str) and text.strip().startswith("prune"))
-
-    @classmethod
-    def parse(cls, text: str | PruneSpec) -> PruneSpec:
-        if isinstance(text, PruneSpec):
-            return text
-        m = cls._RE.match(str(text).strip())
-        if not m:
-            raise ValueError(f"cannot parse {text!r}: a pruning spec reads 'prune STACK:START-END', e.g. "
-                             "'prune encoder:2-4'")
-        return cls(m["stack"], int(m["a"]), int(m["b"]))
-
-    def __str__(self) -> str:
-        return f"prune {self.stack}:{self.start}-{self.end}"
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start + 1
-
-    def dropped(self) -> list[int]:
-        """The blocks that disappear: every block of the window after its first."""
-        return list(range(self.start + 1, self.end + 1))
-
-
-def candidate_spec(text: str | MergeSpec | PruneSpec) -> MergeSpec | PruneSpec:
-    """A `window_search` row's spec (or one part of a candidate) as its typed spec."""
-    if isinstance(text, MergeSpec):
-        return text
-    return PruneSpec.parse(text) if PruneSpec.is_prune(text) else MergeSpec.parse(text)
 
 
 def build_candidate(model: nn.Module, spec: str | MergeSpec | PruneSpec, batches_fn: BatchesFn | Sequence | None = None,
