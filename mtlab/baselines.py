@@ -16,6 +16,10 @@ is never modified (it may be moved to the training device).
 - `layerdrop_finetune` + `layerdrop_prune`: LayerDrop (Fan et al.; fairseq): fine-tune the
   teacher ONCE with structured layer dropout, then prune to any depth with no further training.
 
+Each baseline is also a registered recipe (`@baseline(name)`: layer_drop, sft, layerdrop) turning
+a teacher, a task and a `BaselineBudget` into model rows; `build_baselines` runs them all. Layer
+surgery (dropping blocks, transient installs) is `mtlab.surgery`'s.
+
 Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indices):
 
 - "top" (`keep_bottom`): drop the top layers, keep [0, depth). Sajjad et al.'s top dropping.
