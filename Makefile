@@ -6,17 +6,37 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.mtlab-installed
 PIP    := $(BIN)/pip install --constraint constraints.txt
+
+# One stamp per install: core (`.`), the extras of pyproject.toml ([notebooks], [minilm], [report], [test]).
+# `make test` installs '.[test]' (everything: the CI path); the other targets install only what they need.
+STAMP        := $(VENV)/.mtlab-test
+STAMP_CORE   := $(VENV)/.mtlab-core
+STAMP_REPORT := $(VENV)/.mtlab-report
+STAMP_LAB    := $(VENV)/.mtlab-lab
+LAB_EXTRAS   := .[notebooks,minilm]
 
 .PHONY: venv test browser-test report figures teacher modules baselines ablation lab clean
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(PIP) --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PIP) --quiet -e '$(1)'
+	touch $@
+endef
+
+$(STAMP): pyproject.toml constraints.txt
+	$(call install,.[test])
+
+$(STAMP_CORE): pyproject.toml constraints.txt
+	$(call install,.)
+
+$(STAMP_REPORT): pyproject.toml constraints.txt
+	$(call install,.[report])
+
+$(STAMP_LAB): pyproject.toml constraints.txt
+	$(call install,$(LAB_EXTRAS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -26,7 +46,7 @@ browser-test: $(STAMP)
 	$(BIN)/python -m pytest tests/test_browser.py
 
 PROFILE ?= default
-report: $(STAMP)
+report: $(STAMP_REPORT)
 	$(BIN)/python -m mtlab report --out reports --profile $(PROFILE)
 
 # The README's figures (docs/img/) from the report's cache; the explorer screenshot from a real
@@ -39,28 +59,28 @@ figures: $(STAMP)
 
 # Retrain the bundled teacher (about 70 minutes on 2 CPU cores). Resumable: rerun after an
 # interruption. Long: run it as  nohup make teacher > runs/teacher.log 2>&1 &
-teacher: $(STAMP)
+teacher: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab teacher
 
 # Train the shipped module bank (data/modules; about 60 minutes on 2 CPU cores). Resumable.
 # Long: run it as  mkdir -p runs && nohup make modules > runs/modules.log 2>&1 &
-modules: $(STAMP)
+modules: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab modules
 
 # Train the shipped baselines (data/baselines: SFT and layer dropping at depths 4, 3, 2, LayerDrop once),
 # each with the module run's steps and batch. Resumable; long: nohup make baselines > runs/baselines.log 2>&1 &
-baselines: $(STAMP)
+baselines: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab baselines
 
 # Recipe ablation: every variant of mtlab/experiments/ablation.py at 3,000 steps (about 8 minutes each
 # on 2 cores), written to data/ablation/modular_ablation.csv. Cached, so a rerun only adds new variants.
-ablation: $(STAMP)
+ablation: $(STAMP_CORE)
 	$(BIN)/python -m mtlab ablation
 
-lab: $(STAMP)
+lab: $(STAMP_LAB)
 	$(BIN)/jupyter lab notebooks/
 
 clean:

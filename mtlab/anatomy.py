@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-DottedPath = str | tuple[str, ...]  # a dotted path, or alternatives tried in order
+DottedPath = str | tuple[str, ...]
+FF_ROLES = ("w_in", "w_gate", "w_out")  # the projections of an FF sublayer, in this order  # a dotted path, or alternatives tried in order
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -16,6 +16,10 @@ is never modified (it may be moved to the training device).
 - `layerdrop_finetune` + `layerdrop_prune`: LayerDrop (Fan et al.; fairseq): fine-tune the
   teacher ONCE with structured layer dropout, then prune to any depth with no further training.
 
+Each baseline is also a registered recipe (`@baseline(name)`: layer_drop, sft, layerdrop) turning
+a teacher, a task and a `BaselineBudget` into model rows; `build_baselines` runs them all. Layer
+surgery (dropping blocks, transient installs) is `mtlab.surgery`'s.
+
 Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indices):
 
 - "top" (`keep_bottom`): drop the top layers, keep [0, depth). Sajjad et al.'s top dropping.
@@ -34,67 +38,26 @@ Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indice
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
-from contextlib import contextmanager
-from dataclasses import asdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import pandas as pd
 from torch import nn
 
-from .anatomy import anatomy, set_stack_layers
 from .checkpoint import atomic_dir, write_json
 from .distill import DistillConfig, distill_loss
+from .measure import count_params
+from .surgery import drop_blocks, first_block_state_lent, stack_blocks, stack_depths, swapped
 from .tasks.base import Seq2SeqTask
 from .train import EvalFn, TrainConfig, on_main_process, train
 
 
-def drop_layers(model: nn.Module, drop: dict[str, Iterable[int]]) -> nn.Module:
-    """A copy of `model` without the given layers, e.g. {"decoder": [4, 5]}.
-
-    Raises ValueError naming the problem for unknown stacks, out-of-range or duplicate
-    indices, or a stack left empty. The input model is never modified."""
-    ana = anatomy(model)
-    plan = {}
-    for stack, idx in drop.items():
-        st = ana.stack(stack)
-        idx = list(idx)
-        n = len(st)
-        bad = [i for i in idx if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"{stack}: layers {bad} out of range: valid layers are 0-{n - 1}")
-        if len(set(idx)) != len(idx):
-            raise ValueError(f"{stack}: duplicate layers in {idx}")
-        if len(set(idx)) >= n:
-            raise ValueError(f"{stack}: dropping {sorted(idx)} would leave no layer; keep at least one")
-        plan[stack] = sorted(set(idx))
-    out = copy.deepcopy(model)
-    out_ana = anatomy(out)
-    for stack, idx in plan.items():
-        layers = out_ana.stack(stack).layers
-        kept = [layers[i] for i in range(len(layers)) if i not in idx]
-        if 0 in idx and len(kept):
-            _hand_over_first_block_state(layers[0], kept[0])
-        set_stack_layers(out, stack, kept)
-    return out
-
-
-def _hand_over_first_block_state(first: nn.Module, new_first: nn.Module) -> None:
-    """Some families keep stack-wide state in block 0 (T5's relative position bias). When block 0
-    is dropped, the new first block must own it: copy block 0's extra submodules and flags over."""
-    extra = set(dict(first.named_parameters())) - set(dict(new_first.named_parameters()))
-    if not extra:
-        return
-    for name in sorted({n.rsplit(".", 1)[0] for n in extra}):
-        parent_name, _, attr = name.rpartition(".")
-        src_parent = first.get_submodule(parent_name) if parent_name else first
-        dst_parent = new_first.get_submodule(parent_name) if parent_name else new_first
-        setattr(dst_parent, attr, copy.deepcopy(getattr(src_parent, attr)))
-        for flag, value in vars(src_parent).items():  # e.g. has_relative_attention_bias
-            if isinstance(value, bool) and getattr(dst_parent, flag, None) is not value:
-                setattr(dst_parent, flag, value)
+drop_layers = drop_blocks  # the layer-dropping baseline is plain surgery: mtlab.surgery.drop_blocks
 
 
 # ---------------------------------------------------------------------------
@@ -142,12 +105,8 @@ def keep_layers(rule: str, depth: int, n: int) -> list[int]:
     return KEEP_RULES[rule](depth, n)
 
 
-def _stack_depths(model: nn.Module) -> dict[str, int]:
-    return {s: len(st) for s, st in anatomy(model).stacks.items()}
-
-
 def _check_stacks(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
-    d = _stack_depths(model)
+    d = stack_depths(model)
     unknown = [s for s in names if s not in d]
     if unknown:
         raise ValueError(f"unknown stack(s) {unknown}: {type(model).__name__} has stacks {list(d)}")
@@ -206,7 +165,7 @@ def keep_only(model: nn.Module, keep) -> nn.Module:
     """A copy of `model` with only the kept layers (any form `resolve_keep` accepts with no
     depths: {stack: [layers]}, {stack: depth}, a Plan), in teacher order, via drop_layers."""
     kept = resolve_keep(model, keep)
-    d = _stack_depths(model)
+    d = stack_depths(model)
     return drop_layers(model, {s: [i for i in range(d[s]) if i not in k] for s, k in kept.items() if len(k) < d[s]})
 
 
@@ -247,24 +206,20 @@ def _trainable_copy(model: nn.Module) -> nn.Module:
     return model.train()
 
 
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _finetune_student(method: str, rule: str, teacher: nn.Module, task: Seq2SeqTask, kept: dict[str, list[int]],
                       cfg: TrainConfig, distill: DistillConfig | None, out_dir, max_seconds, progress,
                       evaluate) -> tuple[nn.Module, pd.DataFrame]:
     distill = distill or DistillConfig()
     out = Path(out_dir)
-    meta = {"method": method, "rule": rule, "keep": kept, "teacher_depths": _stack_depths(teacher),
+    meta = {"method": method, "rule": rule, "keep": kept, "teacher_depths": stack_depths(teacher),
             "distill": asdict(distill)}
     _claim(out, meta)
     student = _trainable_copy(keep_only(teacher, kept))
     log = train(student, task, cfg, out, loss_fn=distill_loss(teacher, distill), evaluate=evaluate,
                 max_seconds=max_seconds, progress=progress)
     student.eval()
-    log.attrs["config"] = _budget(log, cfg, **meta, student_depths=_stack_depths(student),
-                                  params=_n_params(student), teacher_params=_n_params(teacher))
+    log.attrs["config"] = _budget(log, cfg, **meta, student_depths=stack_depths(student),
+                                  params=count_params(student), teacher_params=count_params(teacher))
     if log.attrs["config"]["complete"]:
         _save(student, out / "student")
     return student, log
@@ -304,55 +259,22 @@ def shrink_and_finetune(teacher: nn.Module, task: Seq2SeqTask, depths: Mapping[s
 # ---------------------------------------------------------------------------
 # LayerDrop
 
-_MISSING = object()
-
-
-def _lend_first_block_state(first: nn.Module, new_first: nn.Module) -> list[Callable[[], None]]:
-    """Transient version of _hand_over_first_block_state: block 0's extra submodules (T5's
-    relative position bias) are SHARED with the new first block, not copied, so training
-    updates block 0's own bias; returns the undo steps."""
-    undo: list[Callable[[], None]] = []
-    extra = set(dict(first.named_parameters())) - set(dict(new_first.named_parameters()))
-    for name in sorted({n.rsplit(".", 1)[0] for n in extra}):
-        parent_name, _, attr = name.rpartition(".")
-        src_parent = first.get_submodule(parent_name) if parent_name else first
-        dst_parent = new_first.get_submodule(parent_name) if parent_name else new_first
-        old = dst_parent._modules.get(attr, _MISSING)
-        setattr(dst_parent, attr, getattr(src_parent, attr))
-        undo.append(lambda p=dst_parent, a=attr, o=old: delattr(p, a) if o is _MISSING else setattr(p, a, o))
-        for flag, value in vars(src_parent).items():
-            if flag != "training" and isinstance(value, bool) and getattr(dst_parent, flag, None) is not value:
-                prev = getattr(dst_parent, flag, _MISSING)
-                setattr(dst_parent, flag, value)
-                undo.append(lambda p=dst_parent, f=flag, o=prev: delattr(p, f) if o is _MISSING else setattr(p, f, o))
-    return undo
-
-
 @contextmanager
 def transient_keep(model: nn.Module, keep: Mapping[str, list[int]]):
     """Run `model` with only the kept layers of each named stack (same block objects, no copy:
     gradients reach the model's own parameters); everything is restored on exit. When block 0
     is skipped, the new first block borrows its stack-wide state, as drop_layers would copy it."""
-    ana = anatomy(model)
-    originals = {s: list(ana.stack(s).layers) for s in keep}
-    installed: list[str] = []
-    undo: list[Callable[[], None]] = []
-    try:
-        for s, idx in keep.items():
-            blocks = originals[s]
-            if list(idx) == list(range(len(blocks))):
-                continue
-            new = [blocks[i] for i in idx]
-            if idx[0] != 0:
-                undo += _lend_first_block_state(blocks[0], new[0])
-            installed.append(s)
-            set_stack_layers(model, s, new, update_config=False)
-        yield model
-    finally:
-        for f in reversed(undo):
-            f()
-        for s in installed:
-            set_stack_layers(model, s, originals[s], update_config=False)
+    originals = stack_blocks(model)
+    for s in keep:
+        if s not in originals:
+            raise KeyError(f"{type(model).__name__} has no stack {s!r}; valid: {list(originals)}")
+    new = {s: [originals[s][i] for i in idx] for s, idx in keep.items() if list(idx) != list(range(len(originals[s])))}
+    with ExitStack() as lent:
+        for s, blocks in new.items():
+            if keep[s][0] != 0:
+                lent.enter_context(first_block_state_lent(originals[s][0], blocks[0]))
+        with swapped(model, new):
+            yield model
 
 
 def sample_layerdrop(n: int, p: float, rng: random.Random) -> list[int]:
@@ -368,7 +290,7 @@ def layerdrop_loss(student: nn.Module, teacher: nn.Module, distill: DistillConfi
     compute the distillation loss. Skipped layers get no gradient: mtlab.train handles that
     under N processes too (a parameter unused on every process keeps grad None)."""
     base = distill_loss(teacher, distill)
-    depths = _stack_depths(student)
+    depths = stack_depths(student)
 
     def loss_fn(model: nn.Module, batch, step: int):
         rng = random.Random(seed * 1_000_003 + step)
@@ -390,13 +312,13 @@ def layerdrop_finetune(teacher: nn.Module, task: Seq2SeqTask, cfg: TrainConfig, 
         raise ValueError(f"p={p!r}: the layer drop probability must be in [0, 1); LayerDrop uses 0.1-0.5 (default 0.2)")
     distill = distill or DistillConfig()
     out = Path(out_dir)
-    meta = {"method": "layerdrop", "p": float(p), "teacher_depths": _stack_depths(teacher), "distill": asdict(distill)}
+    meta = {"method": "layerdrop", "p": float(p), "teacher_depths": stack_depths(teacher), "distill": asdict(distill)}
     _claim(out, meta)
     model = _trainable_copy(copy.deepcopy(teacher))
     log = train(model, task, cfg, out, loss_fn=layerdrop_loss(model, teacher, distill, float(p), cfg.seed),
                 evaluate=evaluate, max_seconds=max_seconds, progress=progress)
     model.eval()
-    log.attrs["config"] = _budget(log, cfg, **meta, params=_n_params(model),
+    log.attrs["config"] = _budget(log, cfg, **meta, params=count_params(model),
                                   students="layerdrop_prune(model, keep): no further training")
     if log.attrs["config"]["complete"]:
         _save(model, out / "model")
@@ -411,9 +333,118 @@ def layerdrop_prune(model: nn.Module, keep="every_other") -> nn.Module:
     {stack: [layers]}. Stacks not named keep all layers."""
     if isinstance(keep, str):
         if keep in ("every_other", "alternate"):
-            keep = {s: list(range(0, n, 2)) for s, n in _stack_depths(model).items()}
+            keep = {s: list(range(0, n, 2)) for s, n in stack_depths(model).items()}
         else:
             from .modular.plan import Plan
 
-            keep = Plan.parse(keep, _stack_depths(model))
+            keep = Plan.parse(keep, stack_depths(model))
     return keep_only(model, keep).eval()
+
+
+# ---------------------------------------------------------------------------
+# The baseline registry: recipes turning a teacher, a task and a budget into models
+
+def default_run_dir(name: str, key: dict) -> Path:
+    """runs/NAME/HASH, HASH naming `key` (so different depths never share a checkpoint)."""
+    return Path("runs") / name / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class BaselineBudget:
+    """What every baseline recipe gets: the per-run training budget, the target depths (each applied
+    to every stack), and `run_dir(recipe, key) -> Path`, where a run keyed by `key` lives (resumable;
+    the experiments pass the artifact cache)."""
+    train: TrainConfig
+    depths: tuple[int, ...]
+    run_dir: Callable[[str, dict], Path] = field(default_factory=lambda: default_run_dir)
+    progress: bool = True
+
+
+Recipe = Callable[[nn.Module, Seq2SeqTask, BaselineBudget], list[dict]]
+_BASELINES: dict[str, Recipe] = {}
+
+
+def baseline(name: str) -> Callable[[Recipe], Recipe]:
+    """Decorator: register `recipe(teacher, task, budget) -> [row, ...]` as baseline `name`. Each row is a
+    dict with method, strategy, plan (text), model, train_runs, train_steps, train_seconds (a run shared
+    by several models counts once). `build_baselines` and the experiments run every registered recipe."""
+    def register(fn: Recipe) -> Recipe:
+        _BASELINES[name] = fn
+        return fn
+
+    return register
+
+
+def baselines() -> tuple[str, ...]:
+    """The registered baselines, in registration order (built in: layer_drop, sft, layerdrop)."""
+    return tuple(_BASELINES)
+
+
+def unregister_baseline(name: str) -> None:
+    _BASELINES.pop(name, None)
+
+
+def build_baselines(teacher: nn.Module, task: Seq2SeqTask, budget: BaselineBudget,
+                    names: Iterable[str] | None = None) -> list[dict]:
+    """The rows of every registered baseline recipe (`names`, default all), in registry order."""
+    names = baselines() if names is None else tuple(names)
+    unknown = [n for n in names if n not in _BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; use {baselines()} or register one with "
+                         "@mtlab.baselines.baseline(name)")
+    return [row for n in names for row in _BASELINES[n](teacher, task, budget)]
+
+
+def run_cost(log: pd.DataFrame) -> dict:
+    """train_runs / train_steps / train_seconds of one finished baseline run (its log's config)."""
+    c = log.attrs["config"]
+    return {"train_runs": 1, "train_steps": c["steps_done"], "train_seconds": c["train_seconds"]}
+
+
+def kept_text(log: pd.DataFrame) -> str:
+    """The kept layers of a run as plan-like text, e.g. "e=0,2,4 d=0,2,4"."""
+    keep = log.attrs["config"]["keep"]
+    return " ".join(f"{s[0]}={','.join(map(str, v))}" for s, v in keep.items())
+
+
+@baseline("layer_drop")
+def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """Sajjad et al.'s alternate dropping to each depth, then a distillation fine-tune."""
+    out = []
+    for depth in budget.depths:
+        want = {s: depth for s in stack_depths(teacher)}
+        m, log = layer_drop(teacher, task, "alternate", budget.train, depths=want, progress=budget.progress,
+                            out_dir=budget.run_dir("layer_drop", {"depths": want}))
+        out.append({"method": "layer_drop", "strategy": "alternate", "plan": kept_text(log), "model": m,
+                    **run_cost(log)})
+    return out
+
+
+@baseline("sft")
+def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """DistilBART's shrink and fine-tune to each depth."""
+    out = []
+    for depth in budget.depths:
+        want = {s: depth for s in stack_depths(teacher)}
+        m, log = shrink_and_finetune(teacher, task, want, budget.train, progress=budget.progress,
+                                     out_dir=budget.run_dir("sft", {"depths": want}))
+        out.append({"method": "sft", "strategy": "spread", "plan": kept_text(log), "model": m, **run_cost(log)})
+    return out
+
+
+@baseline("layerdrop")
+def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+    """LayerDrop: ONE fine-tune, pruned to every other layer and to each depth (counted once)."""
+    d = stack_depths(teacher)
+    full, log = layerdrop_finetune(teacher, task, budget.train, progress=budget.progress,
+                                   out_dir=budget.run_dir("layerdrop", {}))
+    cost = run_cost(log)
+    shared = {**cost, "train_runs": 0, "train_steps": 0, "train_seconds": 0.0}
+    out = [{"method": "layerdrop", "strategy": "every_other", "plan": "every other layer",
+            "model": layerdrop_prune(full, "every_other"), **cost}]
+    for depth in budget.depths:
+        if depth * 2 == max(d.values()):
+            continue  # same model as every_other for a 6-layer stack
+        out.append({"method": "layerdrop", "strategy": "spread", "plan": f"{depth} per stack",
+                    "model": layerdrop_prune(full, {s: depth for s in d}), **shared})
+    return out

@@ -16,7 +16,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .checkpoint import atomic_dir, write_json
+from .checkpoint import atomic_dir, write_csv, write_json
 from .teacher import ROOT
 
 
@@ -97,9 +97,7 @@ def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *
         if note:
             print(note, flush=True)
         df = compute()
-        tmp = path.with_name(path.name + ".tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        write_csv(path, df)
     df.attrs["config"] = config
     df.attrs["cache"] = str(path)
     return df

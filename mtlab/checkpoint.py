@@ -64,6 +64,16 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_csv(path: str | Path, df) -> Path:
+    """Write a DataFrame as CSV (no index) atomically (temp file + rename): a kill leaves the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file with an error that says what to do when it is missing or corrupt."""
     path = Path(path)

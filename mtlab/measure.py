@@ -24,6 +24,12 @@ def _unique_numel(params) -> int:
     return total
 
 
+def count_params(model) -> int:
+    """Unique parameters of a module (or of an iterable of Parameters): tied (shared) Parameters
+    are counted once, so a merged model shows its saving. The one parameter count of mtlab."""
+    return _unique_numel(model.parameters() if isinstance(model, torch.nn.Module) else model)
+
+
 def param_table(model: torch.nn.Module) -> pd.DataFrame:
     """Parameters by component: each stack's FF sublayers, the rest of its blocks
     (attention and norms), and everything outside the stacks (embeddings, head, final norms).

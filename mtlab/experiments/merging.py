@@ -6,7 +6,7 @@ artifact cache (`mtlab.cache.cached_frame`). The key holds the weights' content 
 MiniLM), the profile's merging section and VERSION, so a table made from other weights, another
 budget or older code is never reused.
 
-Data discipline (methods.md section 2): FF statistics and similarity on the teacher's train split
+Data discipline (docs/methods.md, section 2): FF statistics and similarity on the teacher's train split
 (MiniLM: its `align` sentences), windows chosen on dev, test read only for the final numbers of
 the models chosen on dev. Recovery fine-tunes get one budget (steps, batch, lr, seed) for every
 method, so permute, vanilla and layer pruning see the same batches.
@@ -27,11 +27,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..cache import cached_frame, file_hash, teacher_hash
-from ..checkpoint import write_json
+from ..checkpoint import write_csv, write_json
 from ..merging.merge import MergeSpec
-from ..merging.search import _FIXED as SEARCH_FIXED  # window_search's non-score columns
-from ..merging.search import (CorrelationCache, build_candidate, count_params, final_eval, merge_model, recover,
-                              window_search)
+from ..merging.methods import merge_methods
+from ..merging.search import FIXED_COLUMNS as SEARCH_FIXED  # window_search's non-score columns
+from ..merging.search import (CorrelationCache, PruneSpec, candidate_spec, count_params, final_eval, merge_model,
+                              prune_model, recover, window_search)
 from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
@@ -41,7 +42,7 @@ ALIGN_BATCH, SEED = 64, 0        # alignment batches: shuffled train split, as w
 ANCHOR = "middle"
 COMBINED_SIZE = 3                # the combined candidate: one 3-layer set per stack (4 of 12 FF for 6+6)
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # MiniLM's sentences come from stdlib docstrings
-METHOD = {"none": "original", "prune": "layer_prune", "permute": "permute", "vanilla": "vanilla"}
+METHOD = {"none": "original", "prune": "layer_prune"}  # table names; a merge method keeps its registered name
 RANK = {"kind": {"original": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order of rows
         "compare": {"-": 0, "single window": 1, "equal FF sublayers": 2, "equal params": 3},
         "stack": {"-": 0, "encoder": 1, "layers": 1, "decoder": 2, "encoder+decoder": 3},
@@ -53,6 +54,12 @@ MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pear
 
 # ---------------------------------------------------------------------------
 # cache keys
+
+def method_label(method: str) -> str:
+    """A search row's method as the tables name it: none -> original, prune -> layer_prune, a merge
+    method (any registered one) -> its name."""
+    return METHOD.get(method, method)
+
 
 def minilm_hash() -> str:
     from ..minilm import model_dir
@@ -98,11 +105,10 @@ def save_csv(df: pd.DataFrame, out: str | Path | None, name: str) -> Path | None
         return None
     path = Path(out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
-    return path
+    return write_csv(path, df)
 
 
-def _align_batches(task):
+def align_batches(task):
     return lambda: task.iter_batches("train", ALIGN_BATCH, shuffle=True, seed=SEED)
 
 
@@ -133,7 +139,7 @@ def similarity_frames(profile=None, *, progress: bool = True) -> pd.DataFrame:
         teacher, task = load_teacher()
         mini, tok = load_minilm()
         align = sentences(m.minilm_sentences)["align"]
-        models = {"teacher": (teacher, _align_batches(task)), "minilm": (mini, lambda: batches(tok, align))}
+        models = {"teacher": (teacher, align_batches(task)), "minilm": (mini, lambda: batches(tok, align))}
         jobs = [(name, kind, point) for name in models for kind, point in
                 (("cka", "ff_out"), ("cka", "attn_out"), ("matching", "ff_pre"))]
         parts = []
@@ -230,12 +236,11 @@ def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFram
 def _removed(specs: list[str]) -> tuple[int, int]:
     """(FF sublayers, blocks) that a candidate's specs remove."""
     ff = blocks = 0
-    for s in specs:
-        if s.startswith("prune"):
-            a, b = s.split(":")[1].split("-")
-            ff, blocks = ff + int(b) - int(a), blocks + int(b) - int(a)
+    for spec in map(candidate_spec, specs):
+        if isinstance(spec, PruneSpec):
+            ff, blocks = ff + spec.size - 1, blocks + spec.size - 1
         else:
-            ff += len(MergeSpec.parse(s).layers) - 1
+            ff += len(spec.layers) - 1
     return ff, blocks
 
 
@@ -246,8 +251,8 @@ def candidates(search: pd.DataFrame) -> list[dict]:
     of best pruning windows (or none) per stack whose removed parameters come closest."""
     best = search[search.best]
     stacks = list(dict.fromkeys(search["stack"][search.kind != "original"]))
-    ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, RANK["method"][r.method]))
-    out = [{"kind": "window", "compare": "single window", "method": METHOD[r.method], "stack": r.stack,
+    ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, RANK["method"].get(r.method, 9)))
+    out = [{"kind": "window", "compare": "single window", "method": method_label(r.method), "stack": r.stack,
             "layers": r.layers, "specs": [r.spec]} for r in ranked]
     three = best[best["size"] == COMBINED_SIZE]
     if set(three["stack"]) != set(stacks):
@@ -261,11 +266,11 @@ def candidates(search: pd.DataFrame) -> list[dict]:
                 "layers": rows[0].layers if len(rows) == 1 else " ".join(f"{r.stack}:{r.layers}" for r in rows),
                 "specs": [r.spec for r in rows]}
 
-    for method in ("permute", "vanilla", "prune"):
+    for method in (*merge_methods(), "prune"):
         rows = [r for s in stacks for r in three[(three["stack"] == s) & (three.method == method)].itertuples()]
         if len(rows) == len(stacks):
-            out.append(combo(rows, METHOD[method], "equal FF sublayers"))
-    merged = three[three.method.isin(["permute", "vanilla"])]
+            out.append(combo(rows, method_label(method), "equal FF sublayers"))
+    merged = three[three.method.isin(merge_methods())]
     if len(merged):
         target = merged.groupby("method").params_removed.sum().iloc[0]
         options = [[None, *best[(best["stack"] == s) & (best.method == "prune")].itertuples()] for s in stacks]
@@ -279,11 +284,12 @@ def candidates(search: pd.DataFrame) -> list[dict]:
 
 def build(model, specs: list[str], cache: CorrelationCache):
     """A copy of `model` with every spec of a candidate applied (merges tied, pruned blocks gone)."""
-    merges = [s for s in specs if not s.startswith("prune")]
+    parsed = [candidate_spec(s) for s in specs]
+    merges = [s for s in parsed if isinstance(s, MergeSpec)]
     net = merge_model(model, merges, cache=cache) if merges else copy.deepcopy(model)
-    for s in specs:
-        if s.startswith("prune"):
-            net = build_candidate(net, s)
+    for p in parsed:
+        if isinstance(p, PruneSpec):
+            net = prune_model(net, p.stack, p.start, p.size)
     return net
 
 
@@ -313,7 +319,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
 
     def compute():
         model, task = load_teacher()
-        cache = CorrelationCache(model, _align_batches(task), max_tokens=m.align_tokens)
+        cache = CorrelationCache(model, align_batches(task), max_tokens=m.align_tokens)
         search = _search(p, model, task, cache, progress)
         searched = {r["spec"]: r for r in search.to_dict("records")}
         n0 = count_params(model)
@@ -364,7 +370,7 @@ def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    hue = [k for k in RANK["method"] if k in set(table.method)]
+    hue = sorted(set(table.method), key=lambda k: (RANK["method"].get(k, 9), k))
     d = table.assign(removed_pct=100 * table.params_removed_frac,
                      stage=table.recovery_steps.map(lambda s: f"after {s} recovery steps" if s else "before recovery"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4))
@@ -399,7 +405,7 @@ def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
     """The original and the window chosen on dev per (size, method), with dev and test fidelity."""
     cols = ["layers", "method", "params_removed_share", "cosine", "test_cosine", "test_recall_at_10"]
     chosen = _ranked(table[table.best | (table.kind == "original")], ["kind", "size", "method"])
-    return chosen.assign(method=chosen.method.map(METHOD), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
+    return chosen.assign(method=chosen.method.map(method_label), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
 
 
 def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
@@ -418,7 +424,7 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         t = _ranked(teacher, ["kind", "stack", "method"]).assign(model="teacher")
         mm = _ranked(mini[mini.best | (mini.kind == "original")], ["kind", "size", "method"])
-        mm = pd.DataFrame({"model": "minilm", "method": mm.method.map(METHOD),
+        mm = pd.DataFrame({"model": "minilm", "method": mm.method.map(method_label),
                            "stack": mm["stack"].fillna("-"), "layers": mm.layers.fillna("-").replace("", "-"),
                            "params": mm.params, "params_removed_frac": mm.params_removed_share, "recovery_steps": 0,
                            "mean_cos": mm.test_cosine, "recall_at_10": mm.test_recall_at_10})

@@ -27,8 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy
-from ..modular.bank import ModuleBank, block_params, depths, plan_stats, stack_block_flops
+from ..measure import count_params
+from ..modular.bank import ModuleBank, block_params, plan_stats, stack_block_flops
 from ..modular.plan import Plan
+from ..surgery import Swapper, span_block, stack_blocks, stack_depths
 from .space import AssemblySpace
 
 METRICS = ("nll", "token_acc", "tf_word_acc")
@@ -62,27 +64,6 @@ def _with_hidden(call, h):
     return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
 
-class _Swapper:
-    """Install a temporary block list in a stack (and put the original ModuleList back)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.where = {}
-        for s, st in anatomy(model).stacks.items():
-            parent_path, _, attr = st.path.rpartition(".")
-            self.where[s] = (model.get_submodule(parent_path) if parent_path else model, attr)
-
-    @contextmanager
-    def __call__(self, stack: str, blocks: list[nn.Module]):
-        parent, attr = self.where[stack]
-        old = getattr(parent, attr)
-        setattr(parent, attr, nn.ModuleList(blocks))
-        try:
-            yield
-        finally:
-            setattr(parent, attr, old)
-
-
 def _require_seq2seq(model: nn.Module) -> None:
     names = list(anatomy(model).stacks)
     if names != ["encoder", "decoder"] or not hasattr(model, "get_encoder"):
@@ -105,12 +86,12 @@ class _Runner:
 
     def __init__(self, teacher: nn.Module, bank: ModuleBank | None, batch):
         self.model, self.bank, self.batch = teacher, bank, batch
-        self.swap = _Swapper(teacher)
-        self.originals = {s: list(st.layers) for s, st in anatomy(teacher).stacks.items()}
+        self.swap = Swapper(teacher)
+        self.originals = stack_blocks(teacher)
         self.blocks_run = 0
 
     def block(self, stack: str, start: int, k: int) -> nn.Module:
-        return self.originals[stack][start] if k == 1 else self.bank.get(stack, k, start // k)
+        return span_block(self.originals, self.bank, stack, start, k)
 
     def run(self, stack: str, enc_out=None):
         """The stack's forward: encoder output, or the decoder's logits given the encoder output
@@ -196,7 +177,7 @@ def _setup(teacher, bank, task, plans, split, limit, batch_size):
     _require_seq2seq(teacher)
     if split == "test":
         raise ValueError("screening chooses models: use the dev split (test is read only for final numbers)")
-    d = depths(teacher)
+    d = stack_depths(teacher)
     space = AssemblySpace.of(teacher, bank)
     plans = list(space) if plans is None else [Plan.parse(p, d) if isinstance(p, str) else p for p in plans]
     for p in plans:
@@ -207,7 +188,7 @@ def _setup(teacher, bank, task, plans, split, limit, batch_size):
     if not index:
         raise ValueError(f"split {split!r} has no examples to screen on (limit={limit})")
     inputs = task.collate(split, index[0]).model_inputs()
-    n = sum(p.numel() for p in teacher.parameters())
+    n = count_params(teacher)
     costs, bparams = stack_block_flops(teacher, inputs), block_params(teacher)
     stats = {str(p): plan_stats(p, n, bparams, costs) for p in plans}
     for s in stats.values():

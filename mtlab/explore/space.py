@@ -18,7 +18,7 @@ from functools import lru_cache
 from itertools import product
 from typing import Iterable, Iterator, Mapping
 
-from ..modular.plan import Plan, tilings
+from ..modular.plan import Plan, iter_plans, stack_tilings
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ class AssemblySpace:
 
     @classmethod
     def of(cls, teacher, bank) -> "AssemblySpace":
-        from ..modular.bank import depths
+        from ..surgery import stack_depths
 
-        return cls(depths(teacher), dict(bank.granularities) if bank is not None else {})
+        return cls(stack_depths(teacher), dict(bank.granularities) if bank is not None else {})
 
     def tilings(self, stack: str) -> tuple[tuple[int, ...], ...]:
-        return tilings(self.depths[stack], tuple(sorted(self.granularities.get(stack, ()))))
+        return stack_tilings({stack: self.depths[stack]}, self.granularities)[stack]
 
     @property
     def stacks(self) -> list[str]:
@@ -48,8 +48,7 @@ class AssemblySpace:
         return n
 
     def __iter__(self) -> Iterator[Plan]:
-        for combo in product(*(self.tilings(s) for s in self.stacks)):
-            yield Plan.of(dict(zip(self.stacks, combo)))
+        return iter_plans(self.depths, self.granularities)
 
     def sizes(self) -> dict[str, int]:
         """Tilings per stack and the total number of plans."""
@@ -103,8 +102,10 @@ class MergeSpace:
 
 def merge_specs(windows: Mapping[str, Iterable[tuple[int, int]]], anchor: str = "middle",
                 method: str = "permute") -> list[str]:
-    """Merge-spec strings (`stack:a-b@anchor/method`) for a set of windows."""
-    return [f"{s}:{a}-{a + k - 1}@{anchor}/{method}" for s, ws in windows.items() for a, k in ws]
+    """Merge-spec strings (`stack:a-b@anchor/method`, `str(MergeSpec)`) for a set of windows."""
+    from ..merging.merge import MergeSpec
+
+    return [str(MergeSpec(s, tuple(range(a, a + k)), anchor, method)) for s, ws in windows.items() for a, k in ws]
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,9 @@ class CombinedSpace:
 
 def space_sizes(teacher, bank, merge_sizes: tuple[int, ...] | None = None) -> dict[str, int]:
     """Sizes of the three spaces for a teacher and its module bank."""
-    from ..modular.bank import depths
+    from ..surgery import stack_depths
 
     a = AssemblySpace.of(teacher, bank)
-    m = MergeSpace(depths(teacher), merge_sizes)
+    m = MergeSpace(stack_depths(teacher), merge_sizes)
     return {**{f"{s}_tilings": len(a.tilings(s)) for s in a.stacks}, "assembly_plans": len(a),
             "merge_sets": len(m), "combined": len(CombinedSpace(a, merge_sizes))}

@@ -1,7 +1,7 @@
 """Aligning FF neurons across layers: linear assignment on a correlation matrix, and
 function-preserving permutation of an FF sublayer.
 
-Convention (shared with `mtlab.merging.stats`): a correlation matrix `corr` is
+Convention (shared with `mtlab.stats`): a correlation matrix `corr` is
 d_ff x d_ff, rows = the ANCHOR layer's neurons, columns = the OTHER layer's
 neurons. `match(corr)` returns `perm` with "other-layer neuron perm[i] is
 aligned to anchor neuron i", and `permute_ff(other_ff, perm)` reorders the
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..anatomy import FF, out_features, set_weight_oi, weight_oi
+from ..anatomy import FF, FF_ROLES, out_features, set_weight_oi, weight_oi
+from ..stats import assign
 
-__all__ = ["match", "check_correlation", "check_permutation", "permute_ff", "ff_width"]
+__all__ = ["match", "check_correlation", "check_permutation", "permuted_weights", "permute_ff", "ff_width"]
 
 
 def ff_width(ff: FF) -> int:
@@ -58,11 +58,7 @@ def match(corr) -> torch.Tensor:
     LongTensor `perm` of length d_ff: other-layer neuron perm[i] is aligned to anchor
     neuron i (feed it to `permute_ff(other_ff, perm)`).
     """
-    c = check_correlation(corr)
-    rows, cols = linear_sum_assignment(c.numpy(), maximize=True)
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
-    return torch.from_numpy(perm)
+    return assign(check_correlation(corr))[0]
 
 
 def check_permutation(perm, n: int) -> torch.Tensor:
@@ -92,24 +88,42 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
     return getattr(m, "bias", None)
 
 
-def permute_ff(ff: FF, perm) -> None:
-    """Reorder the FF neurons in place: neuron i becomes old neuron perm[i].
+def permuted_weights(ff: FF, perm=None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Role -> ((out, in) weight, bias) of `ff` with neuron i taken from old neuron perm[i]
+    (None: as is), out of place: the rows of w_in and w_gate with their biases, the columns
+    of w_out (whose bias is per output feature and stays). The one FF permutation of mtlab."""
+    p = None if perm is None else check_permutation(perm, ff_width(ff))
+    res = {}
+    for role in FF_ROLES:
+        m = getattr(ff, role)
+        if m is None:
+            continue
+        w, b = weight_oi(m).detach(), _bias(m)
+        b = None if b is None else b.detach()
+        if p is not None:
+            idx = p.to(w.device)
+            if role == "w_out":
+                w = w[:, idx]
+            else:
+                w, b = w[idx], (None if b is None else b[idx])
+        res[role] = (w, b)
+    return res
 
-    Permutes the rows (output features) of w_in and, for a GLU FF, of w_gate, with their
-    biases, and the columns (input features) of w_out; w_out's bias is per output feature
-    and stays. Values are copied into the existing Parameters, so Parameter objects (and
-    ties, optimizer state) survive. The layer's function is unchanged.
+
+def permute_ff(ff: FF, perm) -> None:
+    """Reorder the FF neurons in place: neuron i becomes old neuron perm[i] (`permuted_weights`).
+
+    Values are copied into the existing Parameters, so Parameter objects (and ties,
+    optimizer state) survive. The layer's function is unchanged.
     """
     d_ff = ff_width(ff)
     if ff.w_gate is not None and out_features(ff.w_gate) != d_ff:
         raise ValueError(f"w_gate has {out_features(ff.w_gate)} outputs but w_in has {d_ff}")
-    p = check_permutation(perm, d_ff)
+    new = permuted_weights(ff, perm)
     with torch.no_grad():
-        for m in (ff.w_in, ff.w_gate):
-            if m is None:
-                continue
-            w, b = weight_oi(m), _bias(m)
-            idx = p.to(w.device)
-            set_weight_oi(m, w[idx].clone(), bias=None if b is None else b[idx].clone())
-        w = weight_oi(ff.w_out)
-        set_weight_oi(ff.w_out, w[:, p.to(w.device)].clone())
+        for role, (w, b) in new.items():
+            m = getattr(ff, role)
+            if role == "w_out":
+                set_weight_oi(m, w.clone())
+            else:
+                set_weight_oi(m, w.clone(), bias=None if b is None else b.clone())

@@ -1,21 +1,13 @@
 """Merge and tie feed-forward sublayers (Verma, Murray, Duh 2025), and save/load the tied model.
 
-A merge set is described by a `MergeSpec`, written as a short string:
-
-    STACK ":" LAYERS ["@" ANCHOR] ["/" METHOD]
-
-    STACK   a stack of the model, as `mtlab.anatomy` names it: encoder, decoder, layers
-    LAYERS  comma-separated layer indices and inclusive ranges: "2-4", "0,2,5", "1-3,6"
-    ANCHOR  first | middle | last | a layer index of the set      (default: first)
-            ("middle" of an even-sized set is the lower middle: 2-5@middle -> 3)
-    METHOD  permute | vanilla                                     (default: permute)
-
-e.g. "encoder:2-4@middle/permute", "layers:3-7@last/vanilla", "decoder:0,2,4@2" (an
-integer anchor must be a layer of the set). `str(spec)` writes the full canonical form.
+A merge set is described by a `MergeSpec` (`mtlab.merging.spec`, re-exported here), written
+as a short string STACK:LAYERS[@ANCHOR][/METHOD], e.g. "encoder:2-4@middle/permute",
+"layers:3-7@last/vanilla", "decoder:0,2,4@2". Merge methods are registered in
+`mtlab.merging.methods` (built in: permute, vanilla).
 
 `merge_ffs(model, specs, correlations)`: for each set, every non-anchor layer is aligned
-to the anchor ("permute": the permutation from a linear assignment on the anchor-vs-layer
-correlation of FF pre-activation features; "vanilla": no alignment), the aligned w_in,
+to the anchor by the set's method ("permute": the permutation from a linear assignment on the
+anchor-vs-layer correlation of FF pre-activation features; "vanilla": no alignment), the aligned w_in,
 w_gate, w_out weights and biases are averaged into the anchor, and then TIED.
 
 Tying: every non-anchor layer's FF projection modules are re-pointed to the anchor's
@@ -40,154 +32,37 @@ weights missing (randomly initialised, reported as missing keys).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..anatomy import FF, Anatomy, anatomy, in_features, set_weight_oi, weight_oi
+from ..anatomy import FF, FF_ROLES, Anatomy, anatomy, set_weight_oi, weight_oi
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
-from .align import check_correlation, ff_width, match
+from ..surgery import tie_params
+from .align import check_correlation, ff_width, permuted_weights
+from .methods import get_merge_method, merge_methods
+from .spec import ANCHORS, MergeSpec, as_merge_spec
 
 __all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs", "save_merged",
            "load_merged", "ANCHORS", "METHODS", "WEIGHTS_NAME", "MERGES_NAME"]
 
-ANCHORS = ("first", "middle", "last")
-METHODS = ("permute", "vanilla")
 WEIGHTS_NAME = "model.safetensors"
 MERGES_NAME = "mtlab_merges.json"
 _FORMAT = 1
 
 Correlations = Mapping[tuple[str, int], object] | Callable[["MergeSpec"], Mapping[int, object]]
 
-_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?(?:/(?P<method>\w+))?$")
-_SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or 'layers:0,1' "
-           "(LAYERS: indices and inclusive ranges; ANCHOR: first|middle|last|a layer of the set; "
-           "METHOD: permute|vanilla)")
-
-
 # ---------------------------------------------------------------------------
-# MergeSpec
+# MergeSpec (in mtlab.merging.spec) and the merges applied to a model
 
-def _runs(layers: Iterable[int]) -> str:
-    out, items = [], sorted(layers)
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """One merge set: `layers` of `stack` merged into one tied FF sublayer (see module docstring).
-
-    `layers` is kept sorted; duplicates are kept so that `validate` can report them.
-    `anchor` is "first", "middle", "last", or an int layer index inside the set.
-    """
-    stack: str
-    layers: tuple[int, ...]
-    anchor: str | int = "first"
-    method: str = "permute"
-
-    def __post_init__(self):
-        try:
-            layers = tuple(sorted(int(i) for i in self.layers))
-        except (TypeError, ValueError):
-            raise ValueError(f"MergeSpec.layers must be layer indices (ints), got {self.layers!r}") from None
-        object.__setattr__(self, "layers", layers)
-        anchor = self.anchor
-        if isinstance(anchor, str):
-            anchor = anchor.strip().lower()
-            if anchor.lstrip("-").isdigit():
-                anchor = int(anchor)
-        elif isinstance(anchor, bool) or not isinstance(anchor, int):
-            raise ValueError(f"MergeSpec.anchor must be one of {ANCHORS} or a layer index, got {self.anchor!r}")
-        object.__setattr__(self, "anchor", anchor)
-        object.__setattr__(self, "method", str(self.method).strip().lower())
-
-    # -- string form
-    @classmethod
-    def parse(cls, text: str) -> MergeSpec:
-        """Read the short form STACK:LAYERS[@ANCHOR][/METHOD] (see the module docstring)."""
-        if isinstance(text, MergeSpec):
-            return text
-        s = re.sub(r"\s+", "", str(text))
-        m = _SPEC_RE.match(s)
-        if not m:
-            raise ValueError(f"cannot parse merge spec {text!r}: expected {_SYNTAX}")
-        layers: list[int] = []
-        for part in m["layers"].split(","):
-            r = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not r:
-                raise ValueError(f"cannot parse layers {part!r} in merge spec {text!r}: expected {_SYNTAX}")
-            lo, hi = int(r[1]), int(r[2] if r[2] is not None else r[1])
-            if hi < lo:
-                raise ValueError(f"empty layer range {part!r} in merge spec {text!r}: write it low-high, "
-                                 f"e.g. {hi}-{lo}")
-            layers.extend(range(lo, hi + 1))
-        return cls(stack=m["stack"], layers=tuple(layers), anchor=m["anchor"] or "first",
-                   method=m["method"] or "permute")
-
-    def __str__(self) -> str:
-        return f"{self.stack}:{_runs(self.layers)}@{self.anchor}/{self.method}"
-
-    # -- meaning
-    def anchor_layer(self) -> int:
-        """The anchor's layer index ("middle" of an even-sized set is the lower middle)."""
-        if isinstance(self.anchor, int):
-            return self.anchor
-        if not self.layers:
-            raise ValueError(f"merge spec {self}: no layers")
-        k = len(self.layers)
-        return {"first": self.layers[0], "middle": self.layers[(k - 1) // 2], "last": self.layers[-1]}[self.anchor]
-
-    def others(self) -> tuple[int, ...]:
-        """The non-anchor layers, to be aligned to the anchor."""
-        a = self.anchor_layer()
-        return tuple(i for i in self.layers if i != a)
-
-    def validate(self, model_or_anatomy: nn.Module | Anatomy) -> None:
-        """Check the spec against a model: ValueError naming the problem and the fix."""
-        an = model_or_anatomy if isinstance(model_or_anatomy, Anatomy) else anatomy(model_or_anatomy)
-        where = f"merge spec {str(self)!r}"
-        if self.stack not in an.stacks:
-            raise ValueError(f"{where}: {type(an.model).__name__} ({an.family}) has no stack {self.stack!r}; "
-                             f"use one of {list(an.stacks)}")
-        n = len(an.stacks[self.stack])
-        if len(self.layers) < 2:
-            raise ValueError(f"{where}: a merge set needs at least 2 layers, got {list(self.layers)}; "
-                             f"name 2 or more layers of {self.stack!r} (0-{n - 1})")
-        dup = sorted({i for i in self.layers if self.layers.count(i) > 1})
-        if dup:
-            raise ValueError(f"{where}: layer(s) {dup} listed more than once; list each layer once")
-        bad = [i for i in self.layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"{where}: layer(s) {bad} out of range for stack {self.stack!r} with {n} layers; "
-                             f"valid layers are 0-{n - 1}")
-        if isinstance(self.anchor, int):
-            if self.anchor not in self.layers:
-                raise ValueError(f"{where}: anchor layer {self.anchor} is not in the merge set "
-                                 f"{list(self.layers)}; pick one of them or first/middle/last")
-        elif self.anchor not in ANCHORS:
-            raise ValueError(f"{where}: unknown anchor {self.anchor!r}; use one of {ANCHORS} or a layer of the set")
-        if self.method not in METHODS:
-            raise ValueError(f"{where}: unknown method {self.method!r}; use one of {METHODS}")
-
-
-def _as_spec(s) -> MergeSpec:
-    if isinstance(s, MergeSpec):
-        return s
-    if isinstance(s, str):
-        return MergeSpec.parse(s)
-    raise ValueError(f"expected a MergeSpec or its string form ({_SYNTAX}), got {type(s).__name__}")
+def __getattr__(name: str):
+    if name == "METHODS":  # the registered merge methods, read when asked (mtlab.merging.methods)
+        return merge_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def merged_specs(model: nn.Module) -> list[MergeSpec]:
@@ -201,11 +76,11 @@ def validate_specs(specs: Iterable[MergeSpec | str], model_or_anatomy: nn.Module
     """Validate each spec, and that no two sets (nor a set and an `existing` merge) share a layer
     of the same stack. Returns the specs as MergeSpec objects."""
     an = model_or_anatomy if isinstance(model_or_anatomy, Anatomy) else anatomy(model_or_anatomy)
-    specs = [_as_spec(s) for s in specs]
+    specs = [as_merge_spec(s) for s in specs]
     for s in specs:
         s.validate(an)
     taken: dict[tuple[str, int], tuple[MergeSpec, bool]] = {}
-    for s in [_as_spec(e) for e in existing]:
+    for s in [as_merge_spec(e) for e in existing]:
         for i in s.layers:
             taken[s.stack, i] = (s, True)
     for s in specs:
@@ -228,8 +103,6 @@ def validate_specs(specs: Iterable[MergeSpec | str], model_or_anatomy: nn.Module
 # ---------------------------------------------------------------------------
 # merging
 
-_ROLES = ("w_in", "w_gate", "w_out")
-
 
 def _set_ffs(an: Anatomy, spec: MergeSpec) -> dict[int, FF]:
     stack = an.stacks[spec.stack]
@@ -238,7 +111,7 @@ def _set_ffs(an: Anatomy, spec: MergeSpec) -> dict[int, FF]:
 
 def _signature(ff: FF) -> tuple:
     sig = []
-    for role in _ROLES:
+    for role in FF_ROLES:
         m = getattr(ff, role)
         if m is None:
             sig.append((role, None))
@@ -261,11 +134,11 @@ def _check_compatible(spec: MergeSpec, ffs: dict[int, FF]) -> None:
 
 def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, torch.Tensor]:
     """Anchor-vs-layer correlation matrices for every non-anchor layer, checked."""
-    where = f"merge spec {str(spec)!r} (method permute)"
+    where = f"merge spec {str(spec)!r} (method {spec.method})"
     if correlations is None:
         raise ValueError(f"{where}: missing correlations; pass correlations={{(stack, layer): d_ff x d_ff "
                          "anchor-vs-layer matrix}} or a callable spec -> {layer: matrix}, or use method vanilla "
-                         f"('{spec.stack}:{_runs(spec.layers)}@{spec.anchor}/vanilla')")
+                         f"('{replace(spec, method='vanilla')}')")
     if callable(correlations):
         got = correlations(spec)
         if not isinstance(got, Mapping):
@@ -291,41 +164,14 @@ def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, tor
     return out
 
 
-def _aligned(ff: FF, perm: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Role -> ((out, in) weight, bias) of `ff` after permuting its neurons by perm (out of place)."""
-    res = {}
-    for role in _ROLES:
-        m = getattr(ff, role)
-        if m is None:
-            continue
-        w, b = weight_oi(m).detach(), getattr(m, "bias", None)
-        b = None if b is None else b.detach()
-        if perm is not None:
-            p = perm.to(w.device)
-            if role == "w_out":
-                w = w[:, p]
-            else:
-                w, b = w[p], (None if b is None else b[p])
-        res[role] = (w, b)
-    return res
-
-
-def _share(dst: nn.Module, src: nn.Module) -> None:
-    """Make `dst` use `src`'s weight and bias Parameter objects."""
-    in_features(dst), in_features(src)  # type check: nn.Linear or Conv1D
-    dst.weight = src.weight
-    if getattr(src, "bias", None) is not None:
-        dst.bias = src.bias
-
-
 def _tie(an: Anatomy, spec: MergeSpec) -> None:
     ffs = _set_ffs(an, spec)
     anchor = ffs[spec.anchor_layer()]
     for i in spec.others():
-        for role in _ROLES:
+        for role in FF_ROLES:
             m = getattr(ffs[i], role)
             if m is not None:
-                _share(m, getattr(anchor, role))
+                tie_params(m, getattr(anchor, role))
 
 
 def _record(model: nn.Module, specs: list[MergeSpec]) -> None:
@@ -353,16 +199,16 @@ def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: 
     for spec in specs:
         ffs = _set_ffs(an, spec)
         _check_compatible(spec, ffs)
+        method = get_merge_method(spec.method)
+        corrs = (_correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
+                 if method.needs_correlations else None)
         perms: dict[int, torch.Tensor | None] = {i: None for i in spec.layers}
-        if spec.method == "permute":
-            corrs = _correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
-            for i, c in corrs.items():
-                perms[i] = match(c)
+        perms.update(method.align(ffs, spec.anchor_layer(), corrs))
         plans.append((spec, ffs, perms))
 
     with torch.no_grad():
         for spec, ffs, perms in plans:
-            aligned = [_aligned(ffs[i], perms[i]) for i in spec.layers]
+            aligned = [permuted_weights(ffs[i], perms[i]) for i in spec.layers]
             anchor = ffs[spec.anchor_layer()]
             for role, (w0, b0) in aligned[0].items():
                 w = torch.stack([a[role][0].double() for a in aligned]).mean(0)
@@ -407,7 +253,7 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     an = anatomy(model)
     for spec in merged_specs(model):
         ff = an.stacks[spec.stack].layer(spec.anchor_layer()).ff
-        for role in _ROLES:
+        for role in FF_ROLES:
             m = getattr(ff, role)
             if m is not None:
                 preferred |= {f"{module_names[id(m)]}.{p}" for p in ("weight", "bias")}

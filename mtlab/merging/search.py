@@ -1,6 +1,6 @@
 """Merge-set selection by sliding windows, the layer-pruning baseline, recovery fine-tuning.
 
-The FF-merging recipe (methods.md section 2): slide a window of k adjacent layers over a
+The FF-merging recipe (docs/methods.md, section 2): slide a window of k adjacent layers over a
 stack, merge the window's FF sublayers (permute or vanilla) into one tied sublayer, score
 every merged model on VALIDATION data and keep the best window per k; then fine-tune the
 tied model briefly. The baseline is layer pruning at the same k.
@@ -28,7 +28,6 @@ rebuilds the model of any row.
 from __future__ import annotations
 
 import copy
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,12 +38,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy
-from ..baselines import drop_layers
-from .merge import _ROLES, METHODS, _runs, MergeSpec, merge_ffs, merged_specs, save_merged
+from ..anatomy import FF_ROLES, anatomy
+from ..measure import count_params
+from ..surgery import drop_blocks
+from .spec import MergeSpec, PruneSpec, candidate_spec, layer_runs
+from .merge import merge_ffs, merged_specs, save_merged
+from .methods import get_merge_method, merge_methods
 from .stats import merge_correlations
 
-__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "build_candidate", "count_params",
+__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "PruneSpec", "candidate_spec", "build_candidate", "count_params",
            "window_search", "final_eval", "recover", "tie_groups", "check_ties"]
 
 ScoreFn = Callable[[nn.Module], Mapping[str, float]]
@@ -105,7 +107,7 @@ class CorrelationCache:
         missing = [i for i in spec.others() if (spec.stack, a, i) not in self._corr]
         if missing:
             if self.batches_fn is None:
-                raise ValueError(f"merge spec {str(spec)!r} needs alignment data (method permute): pass batches_fn, "
+                raise ValueError(f"merge spec {str(spec)!r} needs alignment data (method {spec.method}): pass batches_fn, "
                                  "a callable returning fresh batches of the alignment split")
             t0 = time.perf_counter()
             st = merge_correlations(self.model, self.batches_fn, spec.stack, missing, a,
@@ -122,11 +124,6 @@ class CorrelationCache:
 
 # ---------------------------------------------------------------------------
 # building candidates
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied ones once: model.parameters() yields each Parameter once)."""
-    return sum(p.numel() for p in model.parameters())
-
 
 def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec | str,
                 batches_fn: BatchesFn | Sequence | None = None, max_tokens: int | None = 10_000, *,
@@ -157,33 +154,22 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     if size < 2 or start < 0 or start + size > depth:
         raise ValueError(f"window start={start} size={size} does not fit stack {stack!r} with {depth} layers "
                          f"(need size >= 2 and start + size <= {depth})")
-    out = drop_layers(model, {stack: list(range(start + 1, start + size))})
+    dropped = PruneSpec.window(stack, start, size).dropped()
+    out = drop_blocks(model, {stack: dropped})
     config = getattr(out, "config", None)
     if config is not None:
-        config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [
-            f"{stack}:{_runs(list(range(start + 1, start + size)))}"]
+        config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [f"{stack}:{layer_runs(dropped)}"]
     return out
 
 
-_PRUNE_RE = re.compile(r"^prune\s+(?P<stack>[A-Za-z_][\w.]*):(?P<a>\d+)-(?P<b>\d+)$")
-
-
-def _prune_spec(stack: str, start: int, size: int) -> str:
-    return f"prune {stack}:{start}-{start + size - 1}"
-
-
-def build_candidate(model: nn.Module, spec: str | MergeSpec, batches_fn: BatchesFn | Sequence | None = None,
+def build_candidate(model: nn.Module, spec: str | MergeSpec | PruneSpec, batches_fn: BatchesFn | Sequence | None = None,
                     max_tokens: int | None = 10_000, *, cache: CorrelationCache | None = None) -> nn.Module:
-    """The model of one `window_search` row, from its `spec` column: a merge spec string
-    ("encoder:2-4@3/permute") or "prune STACK:START-END" (window START..END, first block kept)."""
-    if isinstance(spec, str):
-        m = _PRUNE_RE.match(spec.strip())
-        if m:
-            a, b = int(m["a"]), int(m["b"])
-            return prune_model(model, m["stack"], a, b - a + 1)
-        if spec.strip().startswith("prune"):
-            raise ValueError(f"cannot parse {spec!r}: a pruning spec reads 'prune STACK:START-END', e.g. "
-                             "'prune encoder:2-4'")
+    """The model of one `window_search` row, from its `spec` column: a merge spec
+    ("encoder:2-4@3/permute") or a pruning spec "prune STACK:START-END" (window START..END,
+    first block kept)."""
+    if PruneSpec.is_prune(spec):
+        p = PruneSpec.parse(spec)
+        return prune_model(model, p.stack, p.start, p.size)
     return merge_model(model, [spec], batches_fn, max_tokens, cache=cache)
 
 
@@ -221,7 +207,7 @@ def _mark_best(df: pd.DataFrame, metric: str, higher_is_better: bool) -> pd.Seri
 
 def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None = None,
                   sizes: Iterable[int] | None = (2, 3), anchor: str = "middle",
-                  methods: Sequence[str] = ("permute", "vanilla"), include_pruning: bool = True,
+                  methods: Sequence[str] | None = None, include_pruning: bool = True,
                   align_split: str = "train", select_split: str = "dev", align_tokens: int | None = 10_000,
                   select_limit: int | None = None, *, score_fn: ScoreFn | None = None,
                   align_batches: BatchesFn | Sequence | None = None, metric: str | None = None,
@@ -256,10 +242,11 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     if task is not None and align_split == select_split and align_batches is None:
         warnings.warn(f"align_split == select_split == {align_split!r}: windows are selected on the data their "
                       "alignment was computed on; align on 'train' and select on 'dev'", stacklevel=2)
-    methods = list(methods)
-    bad = [m for m in methods if m not in METHODS]
+    methods = list(merge_methods() if methods is None else methods)
+    bad = [m for m in methods if m not in merge_methods()]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; use {METHODS}")
+        raise ValueError(f"unknown method(s) {bad}; use {merge_methods()} (or register one with "
+                         "@mtlab.merging.methods.merge_method)")
     if not methods and not include_pruning:
         raise ValueError("nothing to search: no merge method and include_pruning=False")
     eval_kw = dict(eval_kw or {})
@@ -275,9 +262,10 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     if align_batches is None and task is not None:
         def align_batches():
             return task.iter_batches(align_split, batch_size, shuffle=True, seed=seed)
-    if "permute" in methods and align_batches is None:
-        raise ValueError("method 'permute' needs alignment data: pass align_batches (a callable returning fresh "
-                         "batches) or a task")
+    aligned = [m for m in methods if get_merge_method(m).needs_correlations]
+    if aligned and align_batches is None:
+        raise ValueError(f"method {aligned[0]!r} needs alignment data: pass align_batches (a callable returning "
+                         "fresh batches) or a task")
     if cache is None:
         cache = CorrelationCache(model, align_batches, max_tokens=align_tokens)
     elif cache.model is not model:
@@ -322,18 +310,18 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
         t0 = time.perf_counter()
         if method == "prune":
             cand = prune_model(model, s, start, k)
-            spec, kind, anchor_layer = _prune_spec(s, start, k), "prune", start
-            removed, blocks = f"{s}:{_runs(layers[1:])}", k - 1
+            spec, kind, anchor_layer = str(PruneSpec.window(s, start, k)), "prune", start
+            removed, blocks = f"{s}:{layer_runs(layers[1:])}", k - 1
         else:
             ms = MergeSpec(s, tuple(layers), anchor, method)
             ms.validate(an)
             cand = merge_model(model, [ms], cache=cache)
             anchor_layer = ms.anchor_layer()
-            spec, kind, removed, blocks = str(ms), "merge", f"{s}:{_runs(ms.others())}", 0
+            spec, kind, removed, blocks = str(ms), "merge", f"{s}:{layer_runs(ms.others())}", 0
         built = time.perf_counter() - t0
         n = count_params(cand)
         bar.set_postfix_str(spec)
-        row(stack=s, start=start, size=k, layers=_runs(layers), kind=kind, method=method, anchor=anchor_layer,
+        row(stack=s, start=start, size=k, layers=layer_runs(layers), kind=kind, method=method, anchor=anchor_layer,
             spec=spec, removed=removed, params=n, params_removed=n0 - n, params_removed_share=(n0 - n) / n0,
             ff_removed=k - 1, blocks_removed=blocks, **scores(cand), build_seconds=built)
         del cand
@@ -342,9 +330,9 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
 
     df = pd.DataFrame(rows)
     if metric is None:
-        metric = next((c for c in df.columns if c not in _FIXED), None)
+        metric = next((c for c in df.columns if c not in FIXED_COLUMNS), None)
     if metric not in df.columns:
-        raise ValueError(f"metric {metric!r} is not among the scores {[c for c in df.columns if c not in _FIXED]}")
+        raise ValueError(f"metric {metric!r} is not among the scores {[c for c in df.columns if c not in FIXED_COLUMNS]}")
     df["best"] = _mark_best(df, metric, bool(higher_is_better))
     df.attrs["config"] = {
         "model": type(model).__name__, "family": an.family, "stacks": {s: len(an.stack(s)) for s in stacks},
@@ -362,7 +350,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     return df
 
 
-_FIXED = {"stack", "start", "size", "layers", "kind", "method", "anchor", "spec", "removed", "params",
+FIXED_COLUMNS = {"stack", "start", "size", "layers", "kind", "method", "anchor", "spec", "removed", "params",
           "params_removed", "params_removed_share", "ff_removed", "blocks_removed", "build_seconds", "best",
           "n_eval", "eval_seconds"}
 
@@ -393,7 +381,7 @@ def tie_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     groups = []
     for spec in merged_specs(model):
         st = an.stack(spec.stack)
-        for role in _ROLES:
+        for role in FF_ROLES:
             for attr in ("weight", "bias"):
                 ps = []
                 for i in spec.layers:

@@ -16,15 +16,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..anatomy import anatomy, set_stack_layers
+from ..anatomy import anatomy
+from ..measure import count_params
+from ..surgery import replace_blocks, span_block, stack_blocks, stack_depths
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, ladders
 
 INITS = ("first", "middle", "last")
 
 
-def depths(model: nn.Module) -> dict[str, int]:
-    return {s: len(st) for s, st in anatomy(model).stacks.items()}
+depths = stack_depths  # kept for callers of mtlab.modular.bank.depths
 
 
 def module_key(stack: str, k: int, j: int) -> str:
@@ -115,13 +116,11 @@ def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> n
     d = depths(teacher)
     plan = Plan.parse(plan, d) if isinstance(plan, str) else plan
     plan.validate(d, bank.granularities if bank is not None else {s: () for s in d})
-    ana = anatomy(teacher)
+    originals = stack_blocks(teacher)
     model = copy.deepcopy(teacher)
     for s in plan.stacks:
-        originals = ana.stack(s).layers
-        blocks = [copy.deepcopy(originals[start]) if k == 1 else copy.deepcopy(bank.get(s, k, start // k))
-                  for start, k in plan.blocks(s)]
-        set_stack_layers(model, s, blocks)
+        blocks = [copy.deepcopy(span_block(originals, bank, s, start, k)) for start, k in plan.blocks(s)]
+        replace_blocks(model, s, blocks)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -130,7 +129,12 @@ def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> n
 
 def block_params(model: nn.Module) -> dict[str, int]:
     """Parameters of one block of each stack (the cost of one span in an assembly)."""
-    return {s: sum(p.numel() for p in st.layers[-1].parameters()) for s, st in anatomy(model).stacks.items()}
+    return {s: count_params(st.layers[-1]) for s, st in anatomy(model).stacks.items()}
+
+
+def teacher_ladders(teacher: nn.Module, bank: ModuleBank) -> list[tuple[str, Plan]]:
+    """(strategy, plan) of every registered assembly strategy for this teacher and bank, teacher first."""
+    return ladders(stack_depths(teacher), bank.granularities, block_params(teacher))
 
 
 def stack_block_flops(teacher: nn.Module, inputs: dict) -> dict[str, float]:
@@ -175,7 +179,7 @@ def plan_table(teacher: nn.Module, bank: ModuleBank | None, plans, task, *, meas
     plans = [Plan.parse(p, d) if isinstance(p, str) else p for p in plans]
     inputs = task.collate("dev", task.batches("dev", 64)[0]).model_inputs()
     costs, bparams = stack_block_flops(teacher, inputs), block_params(teacher)
-    n = sum(p.numel() for p in teacher.parameters())
+    n = count_params(teacher)
     df = pd.DataFrame([plan_stats(p.validate(d, bank.granularities if bank else {}), n, bparams, costs)
                        for p in plans])
     if measure:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 ALIASES = {"e": "encoder", "enc": "encoder", "encoder": "encoder", "d": "decoder", "dec": "decoder",
            "decoder": "decoder", "l": "layers", "layers": "layers"}
@@ -167,12 +167,24 @@ def tilings(depth: int, granularities: tuple[int, ...]) -> tuple[tuple[int, ...]
     return from_pos(0)
 
 
-def enumerate_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> list[Plan]:
-    """The whole assembly space: the product of every stack's tilings."""
+def stack_tilings(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Every valid tiling of each stack."""
+    return {s: tilings(depths[s], tuple(sorted(granularities.get(s, ())))) for s in depths}
+
+
+def iter_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> Iterator[Plan]:
+    """The whole assembly space, lazily: the product of every stack's tilings (the one enumeration;
+    `mtlab.explore.AssemblySpace` iterates with it)."""
     from itertools import product
 
-    per = [tilings(depths[s], tuple(sorted(granularities.get(s, ())))) for s in depths]
-    return [Plan.of(dict(zip(depths, combo))) for combo in product(*per)]
+    per = stack_tilings(depths, granularities)
+    for combo in product(*per.values()):
+        yield Plan.of(dict(zip(per, combo)))
+
+
+def enumerate_plans(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]]) -> list[Plan]:
+    """The whole assembly space as a list (see `iter_plans`)."""
+    return list(iter_plans(depths, granularities))
 
 
 def disruption(spans: tuple[int, ...]) -> tuple[int, int]:
@@ -211,6 +223,48 @@ def stack_ratio(spans: Mapping[str, tuple[int, ...]], block_params: Mapping[str,
     return full / sum(len(v) * block_params[s] for s, v in spans.items())
 
 
+# ---- the strategy registry: a strategy turns a space into a ladder of plans ---------------
+
+StrategyFn = Callable[[Mapping[str, int], Mapping[str, Iterable[int]], Mapping[str, int]], "list[Plan]"]
+_STRATEGIES: dict[str, StrategyFn] = {}
+
+
+def assembly_strategy(name: str) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: register `fn(depths, granularities, block_params) -> [Plan, ...]` (a ladder of plans
+    from mild to strong compression) as assembly strategy `name`; `ladders` and the experiments
+    list every registered strategy. Registering a name again replaces it."""
+    def register(fn: StrategyFn) -> StrategyFn:
+        _STRATEGIES[name] = fn
+        return fn
+
+    return register
+
+
+def strategies() -> tuple[str, ...]:
+    """The registered assembly strategies, in registration order (built in: size_first, speed_first)."""
+    return tuple(_STRATEGIES)
+
+
+def unregister_strategy(name: str) -> None:
+    _STRATEGIES.pop(name, None)
+
+
+def ladders(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]], block_params: Mapping[str, int],
+            names: Iterable[str] | None = None) -> list[tuple[str, Plan]]:
+    """(strategy, plan) for the teacher (strategy "teacher") and every plan of each strategy's ladder
+    (`names`, default all registered)."""
+    names = strategies() if names is None else tuple(names)
+    unknown = [n for n in names if n not in _STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown assembly strategy {unknown}; use {strategies()} or register one with "
+                         "@mtlab.modular.plan.assembly_strategy(name)")
+    out = [("teacher", Plan.teacher(depths))]
+    for n in names:
+        out += [(n, p) for p in _STRATEGIES[n](depths, granularities, block_params)]
+    return out
+
+
+@assembly_strategy("size_first")
 def size_first(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
                block_params: Mapping[str, int], targets: Iterable[float] = DEFAULT_TARGETS) -> list[Plan]:
     """Size-first ladder: for each target parameter ratio, the least disruptive plan that reaches it.
@@ -248,6 +302,12 @@ def speed_first(depths: Mapping[str, int], granularities: Mapping[str, Iterable[
             current[s] = tiling
             out.append(Plan.of({x: current[x] for x in depths}))
     return out
+
+
+@assembly_strategy("speed_first")
+def _speed_first_ladder(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
+                        block_params: Mapping[str, int]) -> list[Plan]:
+    return speed_first(depths, granularities)
 
 
 def uniform(depths: Mapping[str, int], k: int) -> Plan:

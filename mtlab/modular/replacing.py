@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import anatomy, set_stack_layers
+from ..surgery import span_block, stack_blocks, swapped
 from ..tasks.base import Batch, Seq2SeqTask
 from ..distill import logit_kd
 from ..train import TrainConfig, on_main_process, train
@@ -88,13 +88,13 @@ class Replacer(nn.Module):
         self.bank = bank
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.originals = {s: list(st.layers) for s, st in anatomy(teacher).stacks.items()}
+        self.originals = stack_blocks(teacher)
 
     def blocks_for(self, stack: str, tiling: tuple[int, ...]) -> tuple[list[nn.Module], list[int]]:
         """Blocks of a tiling and the teacher layer index each block's output corresponds to."""
         blocks, ends, pos = [], [], 0
         for k in tiling:
-            blocks.append(self.originals[stack][pos] if k == 1 else self.bank.get(stack, k, pos // k))
+            blocks.append(span_block(self.originals, self.bank, stack, pos, k))
             pos += k
             ends.append(pos - 1)
         return blocks, ends
@@ -184,16 +184,14 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
         hooks = []
         try:
-            for s in stacks:
-                set_stack_layers(teacher, s, plan_blocks[s][0], update_config=False)
-                hooks += _capture(plan_blocks[s][0], s_hidden[s])
-            model.bank.train()
-            s_out = teacher(**inputs)
+            with swapped(teacher, {s: plan_blocks[s][0] for s in stacks}):
+                for s in stacks:
+                    hooks += _capture(plan_blocks[s][0], s_hidden[s])
+                model.bank.train()
+                s_out = teacher(**inputs)
         finally:
             for h in hooks:
                 h.remove()
-            for s in stacks:
-                set_stack_layers(teacher, s, model.originals[s], update_config=False)
         s_logits, labels = s_out.logits, batch.labels
         keep = labels != -100
         ce = F.cross_entropy(s_logits.float()[keep], labels[keep])

@@ -2,5 +2,6 @@
 from .base import Seq2SeqTask
 from .g2p import G2PTask
 from .pairs import PairsTask
+from .split import split_by_hash
 
-__all__ = ["Seq2SeqTask", "G2PTask", "PairsTask"]
+__all__ = ["Seq2SeqTask", "G2PTask", "PairsTask", "split_by_hash"]

@@ -8,7 +8,6 @@ word error rate (share of words with any error), computed with `editdistance`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import lru_cache
@@ -18,6 +17,7 @@ from typing import Sequence
 import editdistance
 
 from .base import Seq2SeqTask
+from .split import split_by_hash
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 PAD, EOS, UNK = 0, 1, 2
@@ -28,8 +28,7 @@ _WORD = re.compile(r"[a-z]+")
 
 def split_of(word: str) -> str:
     """train (90%), dev (5%) or test (5%), from the first bytes of the word's SHA-1."""
-    h = int.from_bytes(hashlib.sha1(word.encode("utf-8")).digest()[:4], "big") % 100
-    return "train" if h < 90 else "dev" if h < 95 else "test"
+    return split_by_hash(word, 0.05, 0.05, scheme="percent")
 
 
 @lru_cache(maxsize=1)

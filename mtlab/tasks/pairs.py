@@ -28,7 +28,6 @@ Scores (all computed by the reference libraries, never by hand):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import warnings
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .base import SPLITS, Batch, Seq2SeqTask, pad
+from .split import split_by_hash
 
 #: metric name -> (reported keys, primary metric, higher_is_better)
 METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
@@ -59,10 +59,7 @@ def split_of(source: str, dev_fraction: float = 0.05, test_fraction: float = 0.0
 
     Deterministic across machines and Python versions (no ``hash()`` salt).
     """
-    u = int.from_bytes(hashlib.sha1(source.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    if u < 1.0 - dev_fraction - test_fraction:
-        return "train"
-    return "dev" if u < 1.0 - test_fraction else "test"
+    return split_by_hash(source, dev_fraction, test_fraction)
 
 
 def _check_fractions(dev_fraction: float, test_fraction: float) -> None:

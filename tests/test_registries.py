@@ -1,0 +1,104 @@
+"""Every registry where users extend mtlab: an entry registered in the test with ONE decorated
+function is listed and usable where the registry is consumed, and is removed afterwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from mtlab import anatomy as A
+from mtlab.merging.align import permuted_weights
+from mtlab.merging.merge import MergeSpec, merge_ffs
+from mtlab.merging.methods import merge_method, merge_methods, unregister_merge_method
+from mtlab.merging.search import window_search
+
+torch.set_num_threads(1)
+
+
+def _bert(layers=3):
+    torch.manual_seed(0)
+    return T.BertModel(T.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                    num_attention_heads=2, vocab_size=40, max_position_embeddings=16)).eval()
+
+
+def test_a_registered_merge_method_is_listed_validated_merged_and_searched():
+    @merge_method("reverse")
+    def reverse(ffs, anchor, correlations):  # align every other layer by reversing its neurons
+        return {i: torch.arange(32).flip(0) for i in ffs if i != anchor}
+
+    try:
+        assert merge_methods()[-1] == "reverse" and {"permute", "vanilla"} <= set(merge_methods())
+        model = _bert()
+        ffs = {i: A.anatomy(model).stack("layers").layer(i).ff for i in (0, 1)}
+        want = (permuted_weights(ffs[0])["w_in"][0] + permuted_weights(ffs[1], torch.arange(32).flip(0))["w_in"][0]) / 2
+        merge_ffs(model, ["layers:0-1/reverse"])  # no correlations needed
+        assert torch.allclose(A.weight_oi(ffs[1].w_in), want) and ffs[0].w_in.weight is ffs[1].w_in.weight
+        assert str(MergeSpec.parse("layers:1-2@last/reverse")) == "layers:1-2@last/reverse"
+        g = torch.Generator().manual_seed(0)
+        data = [{"input_ids": torch.randint(0, 40, (4, 8), generator=g)}]
+        df = window_search(_bert(), score_fn=lambda m: {"one": 1.0}, higher_is_better=True, sizes=[2],
+                           align_batches=lambda: data, align_tokens=50, progress=False)
+        assert set(df.method) == {"none", "permute", "vanilla", "reverse", "prune"}
+    finally:
+        unregister_merge_method("reverse")
+    assert "reverse" not in merge_methods()
+    with pytest.raises(ValueError, match="unknown method 'reverse'"):
+        MergeSpec.parse("layers:0-1/reverse").validate(_bert())
+
+
+def test_a_registered_assembly_strategy_is_listed_and_laddered():
+    from mtlab.modular import Plan, assembly_strategy, ladders, size_first, strategies, unregister_strategy
+
+    depths, ks, bparams = {"encoder": 6, "decoder": 6}, {"encoder": (2, 3), "decoder": (2, 3)}, {"encoder": 1, "decoder": 1}
+
+    @assembly_strategy("decoder_only")
+    def decoder_only(depths, granularities, block_params):  # every decoder tiling by one module size
+        return [Plan.of({"encoder": (1,) * depths["encoder"], "decoder": (k,) * (depths["decoder"] // k)})
+                for k in granularities["decoder"]]
+
+    try:
+        assert strategies() == ("size_first", "speed_first", "decoder_only")
+        got = ladders(depths, ks, bparams)
+        assert got[0] == ("teacher", Plan.teacher(depths))
+        assert [p for s, p in got if s == "size_first"] == size_first(depths, ks, bparams)
+        assert [str(p) for s, p in got if s == "decoder_only"] == ["e=111111 d=222", "e=111111 d=33"]
+        assert [s for s, _ in ladders(depths, ks, bparams, ["decoder_only"])] == ["teacher", "decoder_only", "decoder_only"]
+    finally:
+        unregister_strategy("decoder_only")
+    assert strategies() == ("size_first", "speed_first")
+    with pytest.raises(ValueError, match="unknown assembly strategy"):
+        ladders(depths, ks, bparams, ["decoder_only"])
+
+
+def test_a_registered_baseline_is_listed_and_built(g2p_task, tmp_path):
+    from mtlab.baselines import (BaselineBudget, baseline, baselines, build_baselines, keep_only,
+                                 unregister_baseline)
+    from mtlab.teacher import TeacherConfig, build_teacher
+    from mtlab.train import TrainConfig
+
+    torch.manual_seed(0)
+    teacher = build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=4,
+                                                              num_decoder_layers=4)).eval()
+    budget = BaselineBudget(TrainConfig(steps=2, batch_size=8, log_every=1, ckpt_every=2), depths=(2,),
+                            run_dir=lambda name, key: tmp_path / name / str(sorted(key.items())), progress=False)
+
+    @baseline("bottom_only")
+    def bottom_only(teacher, task, budget):  # no training: keep the bottom layers of every stack
+        return [{"method": "bottom_only", "strategy": "top", "plan": f"{d} per stack", "train_runs": 0,
+                 "model": keep_only(teacher, {s: list(range(d)) for s in ("encoder", "decoder")})}
+                for d in budget.depths]
+
+    try:
+        assert baselines() == ("layer_drop", "sft", "layerdrop", "bottom_only")
+        (row,) = build_baselines(teacher, g2p_task, budget, ["bottom_only"])
+        assert row["model"].config.num_layers == 2 and len(teacher.encoder.block) == 4
+        rows = build_baselines(teacher, g2p_task, budget)  # the built-in recipes, trained 2 steps each
+        assert [(r["method"], r["strategy"]) for r in rows] == [
+            ("layer_drop", "alternate"), ("sft", "spread"), ("layerdrop", "every_other"), ("bottom_only", "top")]
+        assert rows[0]["plan"] == "e=0,2 d=0,2" and rows[1]["plan"] == "e=0,3 d=0,3"
+        assert [r["train_steps"] for r in rows[:3]] == [2, 2, 2]
+    finally:
+        unregister_baseline("bottom_only")
+    assert "bottom_only" not in baselines()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        build_baselines(teacher, g2p_task, budget, ["bottom_only"])
