@@ -17,10 +17,11 @@ import pandas as pd
 import torch
 
 from ..cache import teacher_hash
-from ..modular import ModuleBank, ReplacingConfig, assemble, train_modules
+from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..shipped import verify, write_artifact
 from ..teacher import ROOT, load_teacher
 from ..tasks.diagnosis import score_splits
+from ..baselines import BaselineBudget, baselines, build_baselines
 from ..train import TrainConfig, on_main_process
 
 BANK_DIR = ROOT / "data" / "modules"
@@ -68,8 +69,6 @@ def train_bank(cfg: ReplacingConfig | None = None, out: str | Path = BANK_DIR, w
                *, max_seconds: float | None = None, progress: bool = True, ladder_words: int | None = None):
     """Train (or resume) the shipped bank in `work`, then score every ladder rung on the full
     dev and test splits and export bank + card to `out`. Returns the training log."""
-    from .modular import ladders
-
     cfg = cfg or bank_recipe()
     teacher, task = load_teacher()
     t0 = time.time()
@@ -80,7 +79,7 @@ def train_bank(cfg: ReplacingConfig | None = None, out: str | Path = BANK_DIR, w
         return log
     bank.eval()
     rows, scored = [], {}
-    for strategy, plan in ladders(teacher, bank):
+    for strategy, plan in teacher_ladders(teacher, bank):
         if str(plan) not in scored:  # a plan on both ladders is decoded once
             model = assemble(teacher, bank, plan)
             scored[str(plan)] = _rounded(score_splits(model, task, limit=ladder_words, progress=progress))
@@ -167,106 +166,85 @@ def baseline_recipe(steps: int = 20_000, batch_size: int = 64, lr: float = 3e-4)
 
 
 def baseline_names(depths=BASELINE_DEPTHS) -> list[str]:
-    """layer_drop-D and sft-D for each depth D, and the one LayerDrop run."""
+    """One shipped run each: sft-D and layer_drop-D for each depth D (a run per ratio), and the one
+    LayerDrop run that every depth is cut from."""
     return [f"{m}-{d}" for d in depths for m in ("sft", "layer_drop")] + ["layerdrop"]
 
 
-def _run_baseline(name: str, teacher, task, cfg: TrainConfig, work: Path, max_seconds, progress):
-    from ..baselines import layer_drop, layerdrop_finetune, shrink_and_finetune
-
+def _budget_of(name: str, cfg: TrainConfig, work: Path, progress: bool) -> tuple[str, BaselineBudget]:
+    """The registered recipe behind a shipped run's name, and the budget that makes exactly that run."""
     method, _, depth = name.partition("-")
-    stacks = list(teacher_depths(teacher))
-    want = {s: int(depth) for s in stacks} if depth else None
-    if method == "sft":
-        return shrink_and_finetune(teacher, task, want, cfg, out_dir=work, max_seconds=max_seconds, progress=progress)
-    if method == "layer_drop":
-        return layer_drop(teacher, task, "alternate", cfg, depths=want, out_dir=work, max_seconds=max_seconds,
-                          progress=progress)
-    if method == "layerdrop":
-        return layerdrop_finetune(teacher, task, cfg, out_dir=work, max_seconds=max_seconds, progress=progress)
-    raise ValueError(f"unknown baseline {name!r}: use one of {baseline_names()}")
+    if name not in baseline_names() or method not in baselines():
+        raise ValueError(f"unknown baseline {name!r}: use one of {baseline_names()}")
+    depths = (int(depth),) if depth else BASELINE_DEPTHS
+    return method, BaselineBudget(cfg, depths, run_dir=lambda recipe, key: work, progress=progress)
 
 
 def train_baseline(name: str, cfg: TrainConfig | None = None, out_root: str | Path = BASELINE_DIR,
-                   work_root: str | Path = BASELINE_WORK, *, max_seconds: float | None = None,
-                   progress: bool = True, words: int | None = None) -> pd.DataFrame:
-    """Train (or resume) one baseline, then export its model (bf16, scored after the round trip,
-    as the teacher is) with a card to out_root/name. Returns the training log."""
+                   work_root: str | Path = BASELINE_WORK, *, progress: bool = True, words: int | None = None) -> list[dict]:
+    """Train (or resume) one shipped baseline run with its registered recipe (`mtlab.baselines`),
+    then export every model it yields (bf16, scored after the round trip, as the teacher is)
+    with a card to out_root/name. Returns the recipe's rows."""
     cfg = cfg or baseline_recipe()
     teacher, task = load_teacher()
-    model, log = _run_baseline(name, teacher, task, cfg, Path(work_root) / name, max_seconds, progress)
-    meta = log.attrs["config"]
-    if not meta["complete"]:
-        print(f"{name}: stopped at step {meta['steps_done']}/{cfg.steps}; rerun `{BASELINE_COMMAND}` to resume")
-        return log
-    model = model.to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
-    scored = {}
-    if name == "layerdrop":
-        from ..baselines import layerdrop_prune
-
-        for _, label, keep in layerdrop_cuts(teacher, BASELINE_DEPTHS):
-            pruned = layerdrop_prune(model, keep)
-            scored[label.split()[0]] = _rounded(score_splits(pruned, task, limit=words, progress=progress))
-    else:
-        scored["trained"] = _rounded(score_splits(model, task, limit=words, progress=progress))
-    run = {k: v for k, v in meta.items() if k not in ("train_seconds", "steps_done", "complete")}
-    card = {"what": f"baseline {name} of the bundled teacher", "teacher_hash": teacher_hash(),
-            "config": {"train": asdict(cfg), "name": name}, "run": run, "steps": meta["steps_done"],
-            "batch_size": cfg.batch_size, "examples_seen": meta["steps_done"] * cfg.batch_size,
-            "train_seconds": meta["train_seconds"],
+    method, budget = _budget_of(name, cfg, Path(work_root) / name, progress)
+    rows = build_baselines(teacher, task, budget, names=[method])
+    done = max(r["train_steps"] for r in rows)
+    if done < cfg.steps:
+        print(f"{name}: stopped at step {done}/{cfg.steps}; rerun `{BASELINE_COMMAND}` to resume")
+        return rows
+    entries = []
+    for i, r in enumerate(rows):
+        r["model"] = r["model"].to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
+        entries.append({**{k: v for k, v in r.items() if k != "model"}, "dir": f"models/{i}",
+                        **_rounded(score_splits(r["model"], task, limit=words, progress=progress))})
+    card = {"what": f"baseline {name} of the bundled teacher (recipe {method!r} of mtlab.baselines)",
+            "teacher_hash": teacher_hash(), "config": {"train": asdict(cfg), "name": name},
+            "steps": done, "batch_size": cfg.batch_size, "examples_seen": done * cfg.batch_size,
+            "train_seconds": sum(r["train_seconds"] for r in rows),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "words": words or "all", "scores": scored, "command": BASELINE_COMMAND}
+            "words": words or "all", "models": entries, "command": BASELINE_COMMAND}
 
     def files(tmp: Path) -> None:
-        model.to(torch.bfloat16).save_pretrained(tmp / "model", safe_serialization=True)
-        model.to(torch.float32)
-        log.to_csv(tmp / "training_log.csv", index=False)
+        for e, r in zip(entries, rows):
+            r["model"].to(torch.bfloat16).save_pretrained(tmp / e["dir"], safe_serialization=True)
+            r["model"].to(torch.float32)
 
     on_main_process(lambda: write_artifact(Path(out_root) / name, files, card, render_baseline_card(card)))
-    return log
+    return rows
 
 
 def render_baseline_card(card: dict) -> str:
-    scores = pd.DataFrame([{"model": k, **v} for k, v in card["scores"].items()])
+    cols = ["method", "strategy", "plan", "train_runs"] + [f"{s}_{m}" for s in ("dev", "test")
+                                                          for m in ("per", "wer", "len_ratio", "eos_rate")]
+    scores = pd.DataFrame(card["models"])[cols]
     return f"""# mtlab baseline `{card['config']['name']}` for the bundled teacher
 
+- {card['what']}.
 - Teacher: `data/teacher` (weights hash `{card['teacher_hash']}`); refused for any other.
-- Run: `{json.dumps(card['run'])}`
 - Budget: {card['steps']:,} steps at batch {card['batch_size']} = {card['examples_seen']:,} examples (the module
   run's budget), {card['train_seconds'] / 60:.1f} minutes on {card['machine']}.
+- Training config: `{json.dumps(card['config']['train'])}`
 - Reproduce: `{card['command']}` (resumable). Weights: bf16 safetensors; scores are of the bf16 weights.
 
-## Greedy decoding ({card['words']} words per split)
+## Greedy decoding ({card['words']} words per split; PER and WER in %)
 
 {scores.to_markdown(index=False, floatfmt='.2f')}
 """
 
 
-def load_baseline(name: str, cfg: TrainConfig, root: str | Path | None = None):
-    """A shipped baseline model (float32) and its card (default root `BASELINE_DIR`), after `shipped.verify`."""
+def load_baseline(name: str, cfg: TrainConfig, root: str | Path | None = None) -> list[dict]:
+    """The rows of a shipped baseline run (model in float32, scores and costs from the card),
+    after `shipped.verify`; default root `BASELINE_DIR`."""
     from transformers import AutoModelForSeq2SeqLM
 
     path = Path(root or BASELINE_DIR) / name
     card = verify(path, teacher_hash=teacher_hash(), config={"train": asdict(cfg), "name": name},
                   remake=BASELINE_COMMAND)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path / "model", dtype=torch.float32).eval()
-    return model, card
-
-
-def layerdrop_cuts(teacher, per_stack_depths) -> list[tuple[str, str, object]]:
-    """(strategy, label, keep) of each model cut from the one LayerDrop run: fairseq's every-other
-    rule where it gives the depth, evenly spaced layers otherwise. Labels start with the depth."""
-    d = teacher_depths(teacher)
-    n = max(d.values())
-    return [("every_other", f"{k} per stack (every other layer)", "every_other") if 2 * k == n
-            else ("spread", f"{k} per stack", {s: k for s in d}) for k in per_stack_depths]
-
-
-def teacher_depths(teacher) -> dict[str, int]:
-    from ..modular.bank import depths
-
-    return depths(teacher)
+    return [{**{k: v for k, v in e.items() if k != "dir"},
+             "model": AutoModelForSeq2SeqLM.from_pretrained(path / e["dir"], dtype=torch.float32).eval()}
+            for e in card["models"]]
 
 
 __all__ = ["BANK_DIR", "BASELINE_DIR", "baseline_names", "baseline_recipe", "bank_recipe", "curve_evaluator",
-           "layerdrop_cuts", "length_ratio", "load_bank", "load_baseline", "train_bank", "train_baseline"]
+           "length_ratio", "load_bank", "load_baseline", "train_bank", "train_baseline"]

@@ -22,19 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..baselines import layer_drop, layerdrop_finetune, layerdrop_prune, shrink_and_finetune
+from ..baselines import BaselineBudget, build_baselines
 from ..cache import artifact_dir, cached_frame, teacher_hash
+from ..measure import generate_flops, latency, stack_params
+from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
+from ..profiles import ModularProfile, get_profile
 from ..shipped import ArtifactMismatch
 from ..tasks.diagnosis import score_splits
-from . import artifacts
-from .artifacts import (bank_recipe, baseline_names, baseline_recipe, curve_evaluator,
-                        layerdrop_cuts, load_bank, load_baseline)
-from ..measure import generate_flops, latency, stack_params
-from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, size_first, speed_first, train_modules
-from ..modular.bank import block_params, depths
-from ..profiles import ModularProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
+from . import artifacts
+from .artifacts import bank_recipe, baseline_recipe, curve_evaluator, load_bank, load_baseline
 
 COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1",
            "speedup_b64", "dev_per", "dev_wer", "test_per", "test_wer", "train_runs", "train_steps",
@@ -73,85 +71,36 @@ def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -
     return bank, log
 
 
-def ladders(teacher: nn.Module, bank: ModuleBank) -> list[tuple[str, Plan]]:
-    """(strategy, plan) for the size-first and speed-first ladders, teacher first."""
-    d = depths(teacher)
-    out = [("teacher", Plan.teacher(d))]
-    out += [("size_first", p) for p in size_first(d, bank.granularities, block_params(teacher))]
-    out += [("speed_first", p) for p in speed_first(d, bank.granularities)]
-    return out
+ladders = teacher_ladders  # (strategy, plan) of every registered strategy, teacher first
 
 
 def trained_baselines(profile=None, teacher=None, task=None, progress: bool = True) -> list[dict]:
-    """Every baseline model of a profile, with its training budget: dicts of method, strategy,
-    plan (kept layers), model, train_runs, train_steps, train_seconds (and, for shipped baselines,
-    their scores from the card; a baseline not shipped yet is a row with model None and a note)."""
+    """Every registered baseline's models with their training budget (rows of method, strategy, plan,
+    model, train_runs, train_steps, train_seconds): the shipped runs (with their scores from the
+    cards; a run not shipped yet is a row with model None and a note), or trained in the cache."""
     p = get_profile(profile).modular
     if teacher is None:
         teacher, task = load_teacher()
     if p.shipped:
-        return shipped_baselines(p, teacher)
-    cfg = baseline_config(p)
-    key = {"teacher": teacher_hash(), "train": asdict(cfg)}
-    stacks = list(depths(teacher))
+        return shipped_baselines(p)
+    key = {"teacher": teacher_hash(), "train": asdict(baseline_config(p))}
+    budget = BaselineBudget(baseline_config(p), tuple(p.baseline_depths), progress=progress,
+                            run_dir=lambda name, k: artifact_dir(name, {**key, **k}))
+    return build_baselines(teacher, task, budget)
+
+
+def shipped_baselines(p: ModularProfile) -> list[dict]:
+    """The baseline runs shipped under data/baselines, verified against this profile's budget."""
     out = []
-
-    def budget(log):
-        c = log.attrs["config"]
-        return {"train_runs": 1, "train_steps": c["steps_done"], "train_seconds": c["train_seconds"]}
-
-    for depth in p.baseline_depths:
-        want = {s: depth for s in stacks}
-        m, log = layer_drop(teacher, task, "alternate", cfg, depths=want, progress=progress,
-                            out_dir=artifact_dir("layer_drop", {**key, "depths": want}))
-        out.append({"method": "layer_drop", "strategy": "alternate", "plan": _kept(log), "model": m, **budget(log)})
-        m, log = shrink_and_finetune(teacher, task, want, cfg, progress=progress,
-                                     out_dir=artifact_dir("sft", {**key, "depths": want}))
-        out.append({"method": "sft", "strategy": "spread", "plan": _kept(log), "model": m, **budget(log)})
-    full, log = layerdrop_finetune(teacher, task, cfg, progress=progress, out_dir=artifact_dir("layerdrop", key))
-    b = budget(log)
-    for i, (strategy, label, keep) in enumerate(layerdrop_cuts(teacher, p.baseline_depths)):
-        out.append({"method": "layerdrop", "strategy": strategy, "plan": label,
-                    "model": layerdrop_prune(full, keep), **(b if i == 0 else _NO_RUN)})
-    return out
-
-
-def _kept(log: pd.DataFrame) -> str:
-    return kept_label(log.attrs["config"]["keep"])
-
-
-def kept_label(keep: dict) -> str:
-    """{'encoder': [0, 2, 5], ...} as 'e=0,2,5 d=...'."""
-    return " ".join(f"{s[0]}={','.join(map(str, v))}" for s, v in keep.items())
-
-
-_NO_RUN = {"train_runs": 0, "train_steps": 0, "train_seconds": 0.0}  # a shared run is counted once
-
-
-def shipped_baselines(p: ModularProfile, teacher) -> list[dict]:
-    """The baselines shipped under data/baselines, scores from their cards (full splits)."""
-    cfg, out = baseline_config(p), []
-    for name in baseline_names(p.baseline_depths):
-        method = name.partition("-")[0]
+    for name in artifacts.baseline_names(p.baseline_depths):
         try:
-            model, card = load_baseline(name, cfg)
+            out += load_baseline(name, baseline_config(p))
         except ArtifactMismatch as e:
             if (artifacts.BASELINE_DIR / name).exists():
                 raise
             print(f"baseline {name} is not shipped yet ({e}); its row stays empty", flush=True)
-            out.append({"method": method, "strategy": "", "plan": name, "model": None, **_NO_RUN,
-                        "note": "not shipped: make baselines"})
-            continue
-        cost = {"train_runs": 1, "train_steps": card["steps"], "train_seconds": card["train_seconds"]}
-        if method != "layerdrop":
-            strategy = {"sft": "spread", "layer_drop": "alternate"}[method]
-            out.append({"method": method, "strategy": strategy, "model": model, **cost, **card["scores"]["trained"],
-                        "plan": kept_label(card["run"]["keep"])})
-            continue
-        for i, (strategy, label, keep) in enumerate(layerdrop_cuts(teacher, p.baseline_depths)):
-            out.append({"method": "layerdrop", "strategy": strategy, "plan": label,
-                        "model": layerdrop_prune(model, keep), **(cost if i == 0 else _NO_RUN),
-                        **card["scores"][label.split()[0]]})
+            out.append({"method": name.partition("-")[0], "strategy": "", "plan": name, "model": None,
+                        "train_runs": 0, "train_steps": 0, "train_seconds": 0.0, "note": "not shipped: make baselines"})
     return out
 
 
