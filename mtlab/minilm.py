@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import mean_cosine, mean_pool, neighbour_recall
+
 __all__ = ["model_dir", "load_minilm", "stdlib_sentences", "split_of", "sentences", "batches", "embed",
            "fidelity", "minilm_merge_vs_prune", "similarity_maps", "special_token_contrast", "SimilarityContrast",
            "contrast_sentence", "SPLITS", "MAX_LENGTH"]
@@ -231,9 +233,7 @@ def embed(model: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             enc = {k: v.to(device) for k, v in _tokenize(tokenizer, [sentences[i] for i in idx], max_length).items()}
-            h = model(**enc).last_hidden_state.float()
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
             out[idx] = F.normalize(pooled, p=2, dim=1).cpu()
     finally:
         model.train(was_training)
@@ -247,26 +247,10 @@ def fidelity(original_emb: torch.Tensor, compressed_emb: torch.Tensor, k: int = 
     recall_at_{k}: mean over sentences of |kNN_orig(i) & kNN_comp(i)| / k, the k nearest
     neighbours (cosine) of sentence i among the OTHER sentences of the set (k is clipped
     to n-1 for tiny sets; the key keeps the requested k). Identical inputs give 1.0 and 1.0.
+    (`mtlab.embedding.embedding_scores` adds the Spearman correlation of pairwise similarities.)
     """
-    a, b = original_emb.float(), compressed_emb.float()
-    if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"embeddings must be two [n, d] tensors of one shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    n = a.shape[0]
-    if n < 2:
-        raise ValueError("fidelity needs at least 2 sentences")
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    cosine = (a * b).sum(1).mean().item()
-    kk = min(k, n - 1)
-
-    def knn(e):
-        sim = e @ e.T
-        sim.fill_diagonal_(float("-inf"))
-        return sim.topk(kk, dim=1).indices
-
-    na, nb = knn(a), knn(b)
-    hits = (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).sum(1).float() / kk
-    return {"cosine": cosine, f"recall_at_{k}": hits.mean().item()}
+    return {"cosine": mean_cosine(original_emb, compressed_emb),
+            f"recall_at_{k}": neighbour_recall(original_emb, compressed_emb, k)}
 
 
 # ---------------------------------------------------------------------------
