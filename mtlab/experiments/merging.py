@@ -153,6 +153,16 @@ def similarity_frames(profile=None, *, progress: bool = True) -> pd.DataFrame:
     return _cached("similarity", cfg, compute)
 
 
+def minilm_contrast(profile=None, point: str = "ff_out", *, progress: bool = True):
+    """MiniLM's CKA map over all tokens next to the map without special tokens, with the sentence
+    saying what differs and why (`mtlab.minilm.special_token_contrast`, the profile's sentence
+    and token budgets; not cached: seconds). Show it with `.figure()`; summaries use the clean map."""
+    from ..minilm import special_token_contrast
+
+    m = get_profile(profile).merging
+    return special_token_contrast(point=point, n=m.minilm_sentences, max_tokens=m.cka_tokens, progress=progress)
+
+
 def similarity_matrix(frames: pd.DataFrame, model: str, measure: str = "cka", point: str = "ff_out") -> pd.DataFrame:
     """One square layer x layer matrix out of `similarity_frames`, ready for `similarity.heatmap`."""
     sel = frames[(frames.model == model) & (frames.measure == measure) & (frames.point == point)]
@@ -437,4 +447,4 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
            "teacher_window_search", "candidates", "build", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
-           "minilm_hash", "COLUMNS"]
+           "minilm_hash", "minilm_contrast", "COLUMNS"]
