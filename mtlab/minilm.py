@@ -343,8 +343,12 @@ def contrast_sentence(all_tokens: pd.DataFrame, clean: pd.DataFrame, energy: pd.
     if energy is None or energy.empty:
         return head + "."
     top = energy.loc[energy.special_energy.idxmax()]
-    share = (f"the special tokens, {top.special_tokens:.0%} of the positions, carry {top.special_energy:.0%} of "
-             f"the squared activation at {top.layer} (RMS row norm {top.norm_ratio:.1f}x the other tokens', "
+    dominated = energy[energy.special_energy >= 0.5]
+    where = (f"{dominated.special_energy.min():.0%}-{dominated.special_energy.max():.0%} of the squared activation "
+             f"in {', '.join(dominated.layer)} ({top.special_energy:.0%} at {top.layer}"
+             if len(dominated) > 1 else f"{top.special_energy:.0%} of the squared activation at {top.layer} (")
+    share = (f"the special tokens, {top.special_tokens:.0%} of the positions, carry {where}"
+             f"{': ' if len(dominated) > 1 else ''}RMS row norm {top.norm_ratio:.1f}x the other tokens', "
              f"peak |activation| {top.peak_special:.3g} vs {top.peak_other:.3g})")
     if gap.max() < 0.05:
         return f"{head}: the maps agree, although {share}."
