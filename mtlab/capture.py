@@ -29,6 +29,21 @@ block_out  the block's output hidden states (T5 blocks return tuples: [0]).
   ``labels != -100``; labels are passed to the model so that it runs the
   decoder with teacher forcing (HF shifts them right).
 
+Positions can be LEFT OUT as well as padding (``exclude=``, applied to the
+positions of ``input_ids``, i.e. every stack but the decoder): in BERT-style
+encoders a few special tokens ([CLS], [SEP]) carry activations orders of
+magnitude larger than the rest in some dimensions and dominate variance-
+weighted statistics such as linear CKA. ``exclude`` is one of
+
+* a tokenizer (anything with ``all_special_ids``) or a collection of token ids:
+  every position holding one of them (the default of the MiniLM heatmaps);
+* a boolean tensor [batch, positions] (True = leave out), for every batch;
+* a callable ``inputs -> bool tensor [batch, positions]``;
+
+and a batch may carry its own ``"exclude_mask"`` (combined with ``exclude``).
+A mask of the wrong shape or dtype is an error naming what was expected.
+Left-out non-padding positions are counted per stack (``result.excluded``).
+
 Token counts are kept per stack (encoder and decoder separately) and
 returned. ``max_tokens`` caps each stack's count exactly: the last batch is
 truncated to the first valid tokens in row-major order, the same tokens for
@@ -60,6 +75,7 @@ from .anatomy import Anatomy, anatomy
 
 KINDS = ("ff_pre", "ff_gate", "ff_act", "ff_out", "attn_out", "block_out")
 DECODER = "decoder"
+EXCLUDE_KEY = "exclude_mask"  # a batch's own positions to leave out (True = leave out)
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,52 @@ def point_names(model, kind: str = "ff_out", stack: str | None = None) -> list[s
 class CaptureResult:
     tokens: dict[str, int]  # valid tokens delivered per stack
     batches: int
+    excluded: dict[str, int] = field(default_factory=dict)  # non-padding positions left out, per stack
+
+
+# ---------------------------------------------------------------------------
+# positions to leave out
+
+def special_token_mask(input_ids: torch.Tensor, special_ids) -> torch.Tensor:
+    """True where `input_ids` holds one of `special_ids` (e.g. a tokenizer's `all_special_ids`)."""
+    ids = torch.as_tensor(sorted({int(i) for i in special_ids}), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, ids)
+
+
+def exclusion(exclude) -> Callable[[dict], torch.Tensor] | None:
+    """Normalise `exclude` (see the module doc) to a function inputs -> bool mask, or None."""
+    if exclude is None:
+        return None
+    if hasattr(exclude, "all_special_ids"):
+        exclude = list(exclude.all_special_ids)
+    if isinstance(exclude, torch.Tensor):
+        fixed = exclude
+        return lambda inputs: fixed
+    if callable(exclude):
+        return exclude
+    if isinstance(exclude, (list, tuple, set, frozenset)) and all(isinstance(i, int) for i in exclude):
+        ids = frozenset(exclude)
+
+        def special(inputs: dict) -> torch.Tensor:
+            if "input_ids" not in inputs:
+                raise ValueError("leaving special tokens out needs input_ids in the batch; pass a boolean "
+                                 "mask (exclude=tensor or a batch 'exclude_mask') instead")
+            return special_token_mask(inputs["input_ids"], ids)
+
+        return special
+    raise TypeError(f"exclude must be None, a tokenizer, a collection of token ids, a boolean tensor or a "
+                    f"callable returning one; got {type(exclude).__name__}")
+
+
+def _checked_mask(mask, positions: tuple[int, ...] | None, what: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{what} must be a boolean tensor [batch, positions] (True = leave out), got "
+                         f"{type(mask).__name__} {getattr(mask, 'dtype', '')}; convert it with .bool()")
+    if positions is not None and tuple(mask.shape) != positions:
+        raise ValueError(f"{what} has shape {tuple(mask.shape)} but the batch has (batch, positions) "
+                         f"{positions}: expected shape {positions}, got {tuple(mask.shape)}; pass one boolean "
+                         "per input position (True = leave out)")
+    return mask
 
 
 class _StopForward(Exception):
@@ -192,8 +254,9 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, points: Iterable[str],
-                 consumers: Iterable | Callable | None = None):
+                 consumers: Iterable | Callable | None = None, exclude=None):
         self.model = model
+        self._exclude = exclusion(exclude)
         self.anatomy = anatomy(model)
         self.points = [parse_point(self.anatomy, p) for p in points]
         if not self.points:
@@ -216,6 +279,7 @@ class Capture:
         self._masks: dict[str, torch.Tensor | None] = {}
         self._budget: dict[str, int | None] = {}
         self.tokens: dict[str, int] = {}
+        self.excluded: dict[str, int] = {}
 
     # -- hooks --------------------------------------------------------------
     def _mask(self, stack: str, shape: torch.Size, device) -> torch.Tensor:
@@ -318,6 +382,7 @@ class Capture:
         device = next(model.parameters()).device
         was_training = model.training
         self.tokens = {s: 0 for s in self.stacks}
+        self.excluded = {s: 0 for s in self.stacks if s != DECODER}
         self._budget = {s: max_tokens for s in self.stacks}
         n_batches = 0
         handles = self._install()
@@ -330,6 +395,7 @@ class Capture:
                     raise ValueError("decoder points need the batch to have labels (or decoder_input_ids "
                                      "and decoder_attention_mask): the decoder runs with teacher forcing "
                                      "and its mask comes from them")
+                self._leave_out(inputs)
                 self._masks, self._active = {}, None
                 try:
                     model(**inputs)
@@ -347,13 +413,37 @@ class Capture:
                 h.remove()
             self._active, self._masks, self._base_masks = None, {}, {}
             model.train(was_training)
-        return CaptureResult(tokens=dict(self.tokens), batches=n_batches)
+        return CaptureResult(tokens=dict(self.tokens), batches=n_batches, excluded=dict(self.excluded))
+
+    def _leave_out(self, inputs: dict) -> None:
+        """Fold `exclude` and the batch's own exclude_mask into the masks of the input-position stacks."""
+        own = inputs.pop(EXCLUDE_KEY, None)
+        if self._exclude is None and own is None:
+            return
+        ref = inputs.get("input_ids", inputs.get("attention_mask"))
+        positions = tuple(ref.shape) if ref is not None else None
+        out = torch.zeros(positions or (), dtype=torch.bool, device=ref.device if ref is not None else None)
+        if self._exclude is not None:
+            out = out | _checked_mask(self._exclude(inputs), positions, "the exclude mask").to(out.device)
+        if own is not None:
+            out = out | _checked_mask(own, positions, f"the batch's {EXCLUDE_KEY!r}").to(out.device)
+        for stack in self.excluded:
+            base = self._base_masks.get(stack)
+            keep = torch.ones_like(out) if base is None else base.bool().to(out.device)
+            if keep.shape != out.shape:
+                raise ValueError(f"the exclude mask has shape {tuple(out.shape)} but attention_mask has "
+                                 f"{tuple(keep.shape)}: expected shape {tuple(keep.shape)}")
+            self.excluded[stack] += int((keep & out).sum())
+            self._base_masks[stack] = keep & ~out
 
 
 def capture(model: nn.Module, batches: Iterable, points: Iterable[str], consumers,
-            max_tokens: int | None = None, progress: bool = True, desc: str = "capture") -> CaptureResult:
-    """Run `batches` through `model`, handing each (point, feats[n_valid, d]) to `consumers`."""
-    return Capture(model, points, consumers).run(batches, max_tokens=max_tokens, progress=progress, desc=desc)
+            max_tokens: int | None = None, progress: bool = True, desc: str = "capture",
+            exclude=None) -> CaptureResult:
+    """Run `batches` through `model`, handing each (point, feats[n_valid, d]) to `consumers`
+    (positions in `exclude` left out, see the module doc)."""
+    return Capture(model, points, consumers, exclude).run(batches, max_tokens=max_tokens, progress=progress,
+                                                          desc=desc)
 
 
 @dataclass
@@ -365,10 +455,10 @@ class _Collector:
 
 
 def collect(model: nn.Module, batches: Iterable, points: Iterable[str], max_tokens: int | None = None,
-            progress: bool = False) -> dict[str, torch.Tensor]:
+            progress: bool = False, exclude=None) -> dict[str, torch.Tensor]:
     """Small-data convenience: {point: float32 CPU tensor [n_tokens, d]} (rows aligned within a stack).
     Keeps every token: use consumers (`capture`) for anything large."""
     points = list(points)
     col = _Collector()
-    capture(model, batches, points, col, max_tokens=max_tokens, progress=progress, desc="collect")
+    capture(model, batches, points, col, max_tokens=max_tokens, progress=progress, desc="collect", exclude=exclude)
     return {p: torch.cat(col.out[p]) if p in col.out else torch.empty(0, 0) for p in points}

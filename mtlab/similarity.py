@@ -89,8 +89,10 @@ def _resolve_batches(batches, passes: int = 1):
 
 def cka_matrix(model: nn.Module, batches: Iterable | Callable[[], Iterable], point: str = "ff_out",
                stack: str | None = None, max_tokens: int | None = 10_000, estimator: str = "minibatch",
-               chunk_tokens: int = 512, max_bytes: float = 2 * 2**30, progress: bool = True) -> pd.DataFrame:
+               chunk_tokens: int = 512, max_bytes: float = 2 * 2**30, progress: bool = True,
+               exclude=None) -> pd.DataFrame:
     """Layer x layer linear CKA of one hook point kind (default: FF sublayer outputs).
+    `exclude`: positions to leave out, e.g. a tokenizer for its special tokens (`mtlab.capture`).
 
     One capture pass; at most `max_tokens` non-padding tokens per stack. Rows/columns are
     "<stack>.<layer>"; with stack=None all stacks are included and cross-stack entries are
@@ -108,13 +110,13 @@ def cka_matrix(model: nn.Module, batches: Iterable | Callable[[], Iterable], poi
                               else FeatureCKA(names, max_bytes))
         blocks[st.name] = (idx, None)
         points += names
-    res = Capture(model, points, list(consumers.values())).run(
+    res = Capture(model, points, list(consumers.values()), exclude).run(
         _resolve_batches(batches)(), max_tokens=max_tokens, progress=progress, desc=f"CKA {point}")
     for name, c in consumers.items():
         blocks[name] = (blocks[name][0], c.matrix())
     df = _frame(labels, blocks)
     cfg = {"measure": "linear CKA", "point": point, "estimator": estimator, "tokens": res.tokens,
-           "max_tokens": max_tokens, "batches": res.batches}
+           "max_tokens": max_tokens, "batches": res.batches, "excluded_tokens": res.excluded}
     if estimator == "minibatch":
         cfg.update(chunk_tokens=chunk_tokens, chunks={k: c.chunks for k, c in consumers.items()},
                    skipped_tokens={k: c.skipped_tokens for k, c in consumers.items()})
@@ -128,12 +130,13 @@ def _width(layer, point: str) -> int:
 
 def matching_matrix(model: nn.Module, batches: Iterable | Callable[[], Iterable], point: str = "ff_pre",
                     stack: str | None = None, max_tokens: int | None = 10_000, max_bytes: float = 2**30,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, exclude=None) -> pd.DataFrame:
     """Layer x layer neuron-matching score: mean correlation of matched neurons (see module doc).
 
     The d x d float64 cross-products for all pairs may not fit: pairs are packed into
     capture passes of at most `max_bytes` of statistics each; several passes need
     `batches` to be a list or a callable returning a fresh iterator. Diagonal = 1.
+    `exclude`: positions to leave out, as in `cka_matrix`.
     """
     stacks = _stacks(model, stack)
     labels, items = [], []  # items: (stack, anchor, [others], bytes)
@@ -177,7 +180,7 @@ def matching_matrix(model: nn.Module, batches: Iterable | Callable[[], Iterable]
             stats = CorrelationStats(anchor=a)
             feeds.append((sname, a, stats, CorrelationFeed(stats, ap, names)))
             points += [ap, *names.values()]
-        res = Capture(model, list(dict.fromkeys(points)), [f[3] for f in feeds]).run(
+        res = Capture(model, list(dict.fromkeys(points)), [f[3] for f in feeds], exclude).run(
             get(), max_tokens=max_tokens, progress=progress, desc=f"matching {point} pass {k + 1}/{len(passes)}")
         tokens.update(res.tokens)
         for sname, a, stats, _ in feeds:

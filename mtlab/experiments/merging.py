@@ -128,7 +128,9 @@ def similarity_frames(profile=None, *, progress: bool = True) -> pd.DataFrame:
     long format (model, measure, point, row, col, value, tokens): linear CKA of FF outputs
     (`ff_out`) and attention outputs (`attn_out`) on `cka_tokens` tokens per stack, and
     neuron-matching scores of FF pre-activations (`ff_pre`) on `align_tokens`. Cross-stack
-    cells are NaN (encoder and decoder see different tokens). See `similarity_matrix`."""
+    cells are NaN (encoder and decoder see different tokens). MiniLM's maps leave its special
+    tokens out (their outsized activations dominate CKA; `mtlab.minilm.special_token_contrast`
+    shows both). See `similarity_matrix`."""
     from ..minilm import batches, load_minilm, sentences
     from ..similarity import cka_matrix, matching_matrix
 
@@ -140,18 +142,31 @@ def similarity_frames(profile=None, *, progress: bool = True) -> pd.DataFrame:
         mini, tok = load_minilm()
         align = sentences(m.minilm_sentences)["align"]
         models = {"teacher": (teacher, align_batches(task)), "minilm": (mini, lambda: batches(tok, align))}
+        exclude = {"teacher": None, "minilm": tok}  # MiniLM: [CLS]/[SEP]/[PAD] left out
         jobs = [(name, kind, point) for name in models for kind, point in
                 (("cka", "ff_out"), ("cka", "attn_out"), ("matching", "ff_pre"))]
         parts = []
         for name, kind, point in tqdm(jobs, desc="similarity", disable=not progress):
             net, data = models[name]
-            df = (cka_matrix(net, data, point, max_tokens=m.cka_tokens, progress=False) if kind == "cka"
-                  else matching_matrix(net, data, point, max_tokens=m.align_tokens, progress=False))
+            df = (cka_matrix(net, data, point, max_tokens=m.cka_tokens, progress=False, exclude=exclude[name])
+                  if kind == "cka" else matching_matrix(net, data, point, max_tokens=m.align_tokens, progress=False,
+                                                        exclude=exclude[name]))
             parts.append(_long(name, df))
         return pd.concat(parts, ignore_index=True)
 
-    cfg = config_for("similarity", p, teacher=teacher_hash(), minilm=minilm_hash(), python=PYTHON)
+    cfg = config_for("similarity", p, teacher=teacher_hash(), minilm=minilm_hash(), python=PYTHON,
+                     minilm_left_out="special tokens")
     return _cached("similarity", cfg, compute)
+
+
+def minilm_contrast(profile=None, point: str = "ff_out", *, progress: bool = True):
+    """MiniLM's CKA map over all tokens next to the map without special tokens, with the sentence
+    saying what differs and why (`mtlab.minilm.special_token_contrast`, the profile's sentence
+    and token budgets; not cached: seconds). Show it with `.figure()`; summaries use the clean map."""
+    from ..minilm import special_token_contrast
+
+    m = get_profile(profile).merging
+    return special_token_contrast(point=point, n=m.minilm_sentences, max_tokens=m.cka_tokens, progress=progress)
 
 
 def similarity_matrix(frames: pd.DataFrame, model: str, measure: str = "cka", point: str = "ff_out") -> pd.DataFrame:
@@ -438,4 +453,4 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
            "teacher_window_search", "candidates", "build", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
-           "minilm_hash", "COLUMNS"]
+           "minilm_hash", "minilm_contrast", "COLUMNS"]
