@@ -173,3 +173,25 @@ def test_a_failed_check_leaves_nothing_and_a_mismatched_task_is_refused(tmp_path
     with pytest.raises(ModelMismatchError, match="64 rows"):  # G2P ids run past the tiny model's 64 rows
         export(model, tmp_path / "out", task=g2p_task)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["t5", "bart", "gpt2"])
+def test_compact_merged_folder_is_refused_by_plain_transformers(case, tmp_path):
+    """save_merged stays compact (each tied weight once) and load_merged round-trips it, but plain
+    from_pretrained on that folder raises instead of silently re-initialising the tied layers."""
+    from mtlab.export import auto_class
+    from mtlab.merging.merge import load_merged, save_merged
+
+    model = merge_ffs(_model(case), [_merge_spec(_model(case))])
+    d = save_merged(model, tmp_path / "compact")
+    for load in (getattr(T, auto_class(model)).from_pretrained, type(model).from_pretrained, T.AutoModel.from_pretrained):
+        for kw in ({}, {"dtype": torch.float32}):
+            with pytest.raises((ValueError, AttributeError), match="mtlab"):
+                load(str(d), **kw)
+    readme = (d / "README.md").read_text()
+    assert "load_merged" in readme and "mtlab.export" in readme
+    inputs = check_inputs(model)
+    _same_outputs(model, load_merged(d), inputs)
+    # a model without merges is a standard folder: plain transformers loads it exactly
+    plain = save_merged(_model(case), tmp_path / "unmerged")
+    _same_outputs(_model(case), getattr(T, auto_class(model)).from_pretrained(str(plain)).eval(), inputs)
