@@ -223,12 +223,28 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
 def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, out_dir: str | Path,
                   *, max_seconds: float | None = None, progress: bool = True,
-                  evaluate=None) -> tuple[ModuleBank, pd.DataFrame]:
+                  evaluate=None, fresh: bool = False) -> tuple[ModuleBank, pd.DataFrame]:
     """Build the bank from the teacher and train every module in ONE run; saves the bank to out_dir/bank.
 
-    Resumable (out_dir/checkpoint). `evaluate(replacer)` (optional) adds dev scores to the log
-    every `cfg.train.eval_every` steps. Returns (bank, per-step log DataFrame with the config in attrs)."""
+    Resumable (out_dir/checkpoint). An out_dir holding a run (checkpoint or bank) made with another
+    config raises RunMismatchError listing the differing fields; `fresh=True` deletes that run first.
+    `evaluate(replacer)` (optional) adds dev scores to the log every `cfg.train.eval_every` steps.
+    Returns (bank, per-step log DataFrame with the config in attrs)."""
+    import json
+    import shutil
+
+    from ..train import BOOKKEEPING, RunMismatchError, config_diff
+
     out = Path(out_dir)
+    saved = out / "bank" / "bank.json"
+    if fresh:
+        on_main_process(lambda: shutil.rmtree(out / "bank", ignore_errors=True))
+    elif saved.exists():
+        diffs = config_diff(json.loads(saved.read_text()).get("config"), asdict(cfg), prefix="replacing.",
+                            ignore=tuple(f"train.{k}" for k in BOOKKEEPING))
+        if diffs:
+            raise RunMismatchError(f"{out / 'bank'} holds modules trained with another config:\n  " + "\n  ".join(diffs)
+                                   + "\nUse a fresh out_dir, rerun with that config, or pass fresh=True to delete the old run")
     if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
         teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
     if cfg.w_attn > 0:
@@ -238,10 +254,11 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
     model = Replacer(teacher, bank)
+    meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"}}  # train: compared by train()
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
-                evaluate=evaluate)
-    if len(log) and int(log.step.max()) >= cfg.train.steps:
+                evaluate=evaluate, fresh=fresh, meta=meta)
+    if len(log) and int(log.step.max()) >= cfg.train.steps and not saved.exists():  # never rewrite a saved bank
         on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
     return bank, log
