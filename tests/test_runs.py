@@ -105,3 +105,29 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(g2p_task,
         train(fresh_model(g2p_task), g2p_task, cfg(steps=4, ckpt_every=1), tmp_path / "kept", loss_fn=broken,
               progress=False)
     assert (tmp_path / "kept" / "checkpoint" / "state.json").exists()
+
+
+def test_a_bank_is_refused_for_another_teacher_of_the_same_shape(g2p_task, tmp_path):
+    from mtlab.checkpoint import CheckpointError
+    from mtlab.modular import ModuleBank, ReplacingConfig, train_modules
+
+    teacher = fresh_model(g2p_task, layers=2)
+    other = fresh_model(g2p_task, layers=2)
+    with torch.no_grad():
+        other.decoder.block[1].layer[0].SelfAttention.o.weight[0, 0] += 1e-3  # one weight differs
+    ModuleBank.build(teacher, (2,)).save(tmp_path / "bank", teacher=teacher)
+    assert ModuleBank.load(tmp_path / "bank", teacher).teacher_hash == json.loads(
+        (tmp_path / "bank" / "bank.json").read_text())["teacher_hash"]
+    with pytest.raises(CheckpointError, match="another teacher.*retrain"):
+        ModuleBank.load(tmp_path / "bank", other)
+    # a bank trained by train_modules records its teacher, and so does its checkpoint
+    train_modules(teacher, g2p_task, ReplacingConfig(granularities=(2,), train=cfg()), tmp_path / "run",
+                  progress=False)
+    with pytest.raises(CheckpointError, match="another teacher"):
+        ModuleBank.load(tmp_path / "run" / "bank", other)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "bank")
+    with pytest.raises(RunMismatchError, match="meta.teacher_hash"):
+        train_modules(other, g2p_task, ReplacingConfig(granularities=(2,), train=cfg()), tmp_path / "run",
+                      progress=False)

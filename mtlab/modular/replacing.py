@@ -252,9 +252,13 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
         # run one before the bank copies the blocks, so modules report attention maps too
         with torch.no_grad():
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
+    from .bank import weights_hash
+
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
+    bank.teacher_hash = weights_hash(teacher)  # recorded by bank.save: the bank loads for this teacher only
     model = Replacer(teacher, bank)
-    meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"}}  # train: compared by train()
+    meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"},  # train: compared by train()
+            "teacher_hash": bank.teacher_hash}
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
                 evaluate=evaluate, fresh=fresh, meta=meta)
