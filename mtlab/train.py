@@ -109,17 +109,18 @@ def train(
     can be split across sessions. A run that fails before its first checkpoint removes the
     out_dir it created (or the log it started in an existing one).
     """
-    from accelerate import PartialState
+    from accelerate import Accelerator
 
     out = Path(out_dir)
     created, had_log = not out.exists(), (out / "log.csv").exists()
-    main = PartialState().is_main_process
+    accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+    main = accel.is_main_process
     if fresh and main:
         remove_run(out)
-    PartialState().wait_for_everyone()
+    accel.wait_for_everyone()
     check_resume(out, cfg, meta)
     try:
-        return _train(model, task, cfg, out, params=params, loss_fn=loss_fn, evaluate=evaluate,
+        return _train(model, task, cfg, out, accel, params=params, loss_fn=loss_fn, evaluate=evaluate,
                       max_seconds=max_seconds, progress=progress, meta=meta)
     except BaseException:
         if main and latest_dir(out / "checkpoint") is None:  # nothing to resume: leave nothing behind
@@ -185,16 +186,14 @@ def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None
             "\nUse a fresh out_dir, rerun with the checkpoint's config, or pass fresh=True to delete the old run")
 
 
-def _train(model, task, cfg: TrainConfig, out: Path, *, params, loss_fn, evaluate, max_seconds, progress,
+def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, evaluate, max_seconds, progress,
            meta) -> pd.DataFrame:
     """The loop itself (see train)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     log_path = out / "log.csv"
-    accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -100,10 +100,32 @@ class Replacer(nn.Module):
         return blocks, ends
 
 
-def relative_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||student - target||^2 / ||target||^2: scale-free, so T5's residual stream (whose norm
-    grows with depth to hundreds) weighs no more than the logit losses."""
-    return (student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes of a distributed run (t itself in one process); no gradient."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+    return t
+
+
+def relative_mse(student: torch.Tensor, target: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """||student - target||^2 / ||target||^2 over the GLOBAL batch: scale-free, so T5's residual
+    stream (whose norm grows with depth to hundreds) weighs no more than the logit losses.
+
+    Under N processes each holds a shard: its numerator is divided by the denominator summed over
+    all processes and by `share`, its share of the batch's target tokens (mtlab.train weights each
+    process's loss by that share), so the averaged gradient is the one-process gradient. The
+    target (the teacher's) carries no gradient. In one process: the plain ratio."""
+    den = global_sum(target.pow(2).sum().detach())
+    return (student - target).pow(2).sum() / den.clamp_min(1e-12) / share
+
+
+def token_share(batch: Batch) -> float:
+    """This process's share of the global batch's target tokens (1.0 in one process)."""
+    mine = (batch.labels != -100).sum().double()
+    return (mine / global_sum(mine)).item()
 
 
 def _out(o):
@@ -135,7 +157,7 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
 
 
 def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict,
-               granularities: dict | None = None) -> torch.Tensor:
+               granularities: dict | None = None, share: float = 1.0) -> torch.Tensor:
     """Mean relative MSE of each module (of `granularities` per stack; default all) run on the
     teacher's input to its span (the exact call the span's first teacher layer received)
     against the teacher's output of the span."""
@@ -146,7 +168,7 @@ def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict
                 continue
             out = _out(model.bank.get(s, k, start // k)(*args, **kwargs))
             m = masks[s]
-            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m])
+            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m], share)
             total, n = (term if total is None else total + term), n + 1
     return total / max(1, n)
 
@@ -157,6 +179,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
     def loss_fn(model: Replacer, batch: Batch, step: int):
         teacher, rng = model.teacher, rng_by_step(step)
+        share = token_share(batch)  # relative MSEs are ratios over the global batch (see relative_mse)
         stacks = list(model.originals)
         masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False,
@@ -202,14 +225,14 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         for s in stacks:
             m = masks[s]
             for out, end in zip(s_hidden[s], plan_blocks[s][1]):
-                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m])
+                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m], share)
                 n += 1
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
         parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
         if cfg.w_local > 0:
             ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
-            local = local_loss(model, span_inputs, t_hidden, masks, ks)
+            local = local_loss(model, span_inputs, t_hidden, masks, ks, share)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
@@ -239,7 +262,8 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     saved = out / "bank" / "bank.json"
     if fresh:
         on_main_process(lambda: shutil.rmtree(out / "bank", ignore_errors=True))
-    elif saved.exists():
+    had_bank = saved.exists()  # read once, before training: every process takes the same branch below
+    if had_bank:
         diffs = config_diff(json.loads(saved.read_text()).get("config"), asdict(cfg), prefix="replacing.",
                             ignore=tuple(f"train.{k}" for k in BOOKKEEPING))
         if diffs:
@@ -262,7 +286,7 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
                 evaluate=evaluate, fresh=fresh, meta=meta)
-    if len(log) and int(log.step.max()) >= cfg.train.steps and not saved.exists():  # never rewrite a saved bank
+    if len(log) and int(log.step.max()) >= cfg.train.steps and not had_bank:  # never rewrite a saved bank
         on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
     return bank, log
