@@ -28,7 +28,7 @@ from torch import nn
 
 from .anatomy import anatomy
 from .checkpoint import atomic_dir, write_json
-from .tasks.base import fresh_cache
+from .tasks.base import check_finite, fresh_cache
 
 __all__ = ["export", "ExportError", "AUTO_CLASSES", "EXPORT_RECORD"]
 
@@ -53,14 +53,14 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
     when that exceeds 1). Returns the directory.
     """
     directory = Path(directory)
+    check_finite(model)
     if task is not None:
         task.check_model(model)
     state = untied_state_dict(model)
-    config = export_config(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
-        config.save_pretrained(tmp)  # the fixed config replaces the one save_pretrained wrote
+        model.save_pretrained(tmp, state_dict=state)  # also records architectures and dtype in model.config
+        export_config(model).save_pretrained(tmp)  # the fixed config replaces the one save_pretrained wrote
         tokenizer = _save_tokenizer(task, tmp)
         auto, report = check_reload(model, tmp, task=task, atol=atol, max_new_tokens=max_new_tokens)
         write_json(tmp / EXPORT_RECORD, {
@@ -162,13 +162,17 @@ def check_reload(model: nn.Module, directory: Path, *, task=None, atol: float = 
 
     name = auto_class(model)
     param = next(model.parameters())
-    kw = {"dtype": param.dtype}
-    if getattr(model.config, "_attn_implementation", None):
-        kw["attn_implementation"] = model.config._attn_implementation
+    # the attention kernel is a runtime choice, not part of the folder: use the model's (eager vs sdpa
+    # round differently); everything else (dtype included) comes from the folder alone
+    kw = {"attn_implementation": model.config._attn_implementation} if getattr(
+        model.config, "_attn_implementation", None) else {}
     reloaded, info = getattr(transformers, name).from_pretrained(str(directory), output_loading_info=True, **kw)
     bad = {k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
     if bad:
         raise ExportError(f"plain {name}.from_pretrained({directory}) did not read every weight: {bad}")
+    got = next(reloaded.parameters()).dtype
+    if got != param.dtype:
+        raise ExportError(f"plain {name}.from_pretrained({directory}) loads {got} weights, the model has {param.dtype}")
     reloaded.to(param.device).eval()
     inputs = {k: v.to(param.device) for k, v in check_inputs(model, task).items()}
     was_training = model.training

@@ -78,6 +78,7 @@ def test_assembly_round_trips_through_plain_transformers(case, tmp_path):
     _generate_equal(model, again, inputs)
     record = json.loads((d / EXPORT_RECORD).read_text())
     assert record["model_class"] == type(model).__name__ and record["check"]["max_abs_diff"] == 0.0
+    assert json.loads((d / "config.json").read_text())["architectures"] == [type(model).__name__]
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -149,7 +150,7 @@ def test_hf_tokenizer_is_written(tmp_path):
     assert AutoTokenizer.from_pretrained(d)("c d")["input_ids"] == tok("c d")["input_ids"]
 
 
-def test_a_failed_check_leaves_nothing_and_a_mismatched_task_is_refused(tmp_path, monkeypatch, g2p_task):
+def test_a_failed_check_nan_weights_or_a_mismatched_task_leave_nothing(tmp_path, monkeypatch, g2p_task):
     import mtlab.export as E
     from mtlab.tasks.base import ModelMismatchError
 
@@ -170,6 +171,14 @@ def test_a_failed_check_leaves_nothing_and_a_mismatched_task_is_refused(tmp_path
         export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
     monkeypatch.setattr(E, "check_reload", real)
+    from mtlab.tasks.base import NonFiniteWeightsError
+
+    nan = _model("bart")
+    with torch.no_grad():
+        nan.model.decoder.layers[1].fc1.bias[3] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"model\.decoder\.layers\.1\.fc1\.bias"):
+        export(nan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ModelMismatchError, match="64 rows"):  # G2P ids run past the tiny model's 64 rows
         export(model, tmp_path / "out", task=g2p_task)
     assert not (tmp_path / "out").exists()
@@ -195,3 +204,11 @@ def test_compact_merged_folder_is_refused_by_plain_transformers(case, tmp_path):
     # a model without merges is a standard folder: plain transformers loads it exactly
     plain = save_merged(_model(case), tmp_path / "unmerged")
     _same_outputs(_model(case), getattr(T, auto_class(model)).from_pretrained(str(plain)).eval(), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_export_keeps_the_dtype(dtype, tmp_path):
+    model = merge_ffs(_model("gpt2").to(dtype), ["layers:0-1/vanilla"])
+    again = T.AutoModelForCausalLM.from_pretrained(export(model, tmp_path / "out")).eval()
+    assert next(again.parameters()).dtype == dtype
+    _same_outputs(model, again, check_inputs(model))
