@@ -59,8 +59,12 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
     state = untied_state_dict(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp, state_dict=state)  # also records architectures and dtype in model.config
-        export_config(model).save_pretrained(tmp)  # the fixed config replaces the one save_pretrained wrote
+        original = model.config
+        model.config = export_config(model)  # save_pretrained validates and writes model.config
+        try:
+            model.save_pretrained(tmp, state_dict=state)
+        finally:
+            model.config = original
         tokenizer = _save_tokenizer(task, tmp)
         auto, report = check_reload(model, tmp, task=task, atol=atol, max_new_tokens=max_new_tokens)
         write_json(tmp / EXPORT_RECORD, {
@@ -94,6 +98,8 @@ def export_config(model: nn.Module):
     if hasattr(config, "mtlab_merges"):
         del config.mtlab_merges
     stacks = anatomy(model).stacks
+    if isinstance(getattr(config, "layer_types", None), list) and "layers" in stacks:
+        config.layer_types = _layer_types(stacks["layers"].layers, config.layer_types)
     if getattr(config, "is_encoder_decoder", False) and "decoder" in stacks:
         depth = len(stacks["decoder"])
         if config.get_text_config(decoder=True).num_hidden_layers != depth:
@@ -105,6 +111,24 @@ def export_config(model: nn.Module):
                               f"but the decoder has {depth} blocks, and no config key fixes it in this "
                               "transformers version; generate with past_key_values=mtlab.tasks.base.fresh_cache(model)")
     return config
+
+
+def _layer_types(blocks, old: list) -> list:
+    """Per-block attention types (Qwen2-style `config.layer_types`) of a re-tiled stack: each block's
+    own (its attention module records the type it was built with); the config's list must match
+    the depth or the config does not validate."""
+    types = []
+    for block in blocks:
+        found = next((getattr(m, a) for m in block.modules() for a in ("layer_type", "attention_type")
+                      if isinstance(getattr(m, a, None), str)), None)
+        types.append(found)
+    if all(t is not None for t in types):
+        return types
+    if len(old) == len(blocks):
+        return old
+    raise ExportError(f"config.layer_types lists {len(old)} layers but the stack has {len(blocks)} blocks, and "
+                      "the blocks do not record their attention type; set model.config.layer_types to one entry "
+                      "per block before exporting")
 
 
 def _save_tokenizer(task, directory: Path) -> str | None:

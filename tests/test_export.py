@@ -18,10 +18,11 @@ from mtlab.tasks.base import fresh_cache
 
 torch.set_num_threads(1)
 
-FAMILIES = ["t5", "t5-gated", "bart", "marian", "gpt2", "llama", "bert", "vit"]
+FAMILIES = ["t5", "t5-gated", "bart", "marian", "mbart", "gpt2", "llama", "mistral", "qwen2", "bert", "vit"]
 # an assembly per case: every multi-layer stack gets its 2-module once (t5: decoder 3 > encoder 1)
-PLANS = {"t5": "e=2 d=21", "t5-gated": "e=11 d=21", "bart": "e=2 d=111", "marian": "e=11 d=21",
-         "gpt2": "layers=2", "llama": "layers=2", "bert": "layers=2", "vit": "layers=2"}
+PLANS = {"t5": "e=2 d=21", "t5-gated": "e=11 d=21", "bart": "e=2 d=111", "marian": "e=11 d=21", "mbart": "e=2 d=21",
+         "gpt2": "layers=2", "llama": "layers=2", "mistral": "layers=2", "qwen2": "layers=2", "bert": "layers=2",
+         "vit": "layers=2"}
 
 
 def _model(case: str):
@@ -65,6 +66,12 @@ def _generate_equal(model, again, inputs):
 def _merge_spec(model) -> str:
     stack = next(reversed(anatomy(model).stacks.values())).name
     return f"{stack}:0-1/vanilla"
+
+
+def test_every_registered_family_is_exported():
+    from mtlab.anatomy import families
+
+    assert {CASES[c][2] for c in FAMILIES} == set(families())
 
 
 @pytest.mark.parametrize("case", FAMILIES)
