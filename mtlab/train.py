@@ -3,7 +3,9 @@
 Built on accelerate, so the same code runs in one CPU process or under
 `accelerate launch` on several GPUs. Deterministic data order from
 (seed, epoch), resumable from an atomic safetensors checkpoint, a progress bar,
-and a CSV log of losses and periodic evaluations.
+and a CSV log of losses and periodic evaluations. A checkpoint records its config: resuming it
+with another one is refused (runs never mix), and a run that fails before its first checkpoint
+leaves no folder behind.
 
 Under N processes every process builds the same global batches (N * batch_size
 examples) and takes every N-th example of each; its loss is weighted by its share
