@@ -114,23 +114,34 @@ def train(
     from accelerate import Accelerator
 
     out = Path(out_dir)
-    created, had_log = not out.exists(), (out / "log.csv").exists()
+    created = _first_missing(out)  # the folder this call creates (out or an ancestor), if any
     accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     main = accel.is_main_process
     if fresh and main:
         remove_run(out)
     accel.wait_for_everyone()
+    had_log = (out / "log.csv").exists()
     check_resume(out, cfg, meta)
     try:
         return _train(model, task, cfg, out, accel, params=params, loss_fn=loss_fn, evaluate=evaluate,
                       max_seconds=max_seconds, progress=progress, meta=meta)
     except BaseException:
         if main and latest_dir(out / "checkpoint") is None:  # nothing to resume: leave nothing behind
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
             elif not had_log:
                 (out / "log.csv").unlink(missing_ok=True)
         raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None if path exists)."""
+    if path.exists():
+        return None
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def remove_run(out_dir: str | Path) -> None:
