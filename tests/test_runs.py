@@ -127,7 +127,11 @@ def test_a_bank_is_refused_for_another_teacher_of_the_same_shape(g2p_task, tmp_p
         ModuleBank.load(tmp_path / "run" / "bank", other)
     import shutil
 
+    shutil.copytree(tmp_path / "run" / "bank", tmp_path / "bank_only" / "bank")
+    with pytest.raises(RunMismatchError, match="teacher_hash"):  # the bank alone tells
+        train_modules(other, g2p_task, ReplacingConfig(granularities=(2,), train=cfg()), tmp_path / "bank_only",
+                      progress=False)
     shutil.rmtree(tmp_path / "run" / "bank")
-    with pytest.raises(RunMismatchError, match="meta.teacher_hash"):
+    with pytest.raises(RunMismatchError, match="meta.teacher_hash"):  # and so does the checkpoint
         train_modules(other, g2p_task, ReplacingConfig(granularities=(2,), train=cfg()), tmp_path / "run",
                       progress=False)

@@ -257,17 +257,21 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     import shutil
 
     from ..train import BOOKKEEPING, RunMismatchError, config_diff
+    from .bank import weights_hash
 
     out = Path(out_dir)
     saved = out / "bank" / "bank.json"
+    teacher_hash = weights_hash(teacher)
     if fresh:
         on_main_process(lambda: shutil.rmtree(out / "bank", ignore_errors=True))
     had_bank = saved.exists()  # read once, before training: every process takes the same branch below
     if had_bank:
-        diffs = config_diff(json.loads(saved.read_text()).get("config"), asdict(cfg), prefix="replacing.",
+        old = json.loads(saved.read_text())
+        diffs = config_diff(old.get("config"), asdict(cfg), prefix="replacing.",
                             ignore=tuple(f"train.{k}" for k in BOOKKEEPING))
+        diffs += config_diff({"teacher_hash": old.get("teacher_hash", teacher_hash)}, {"teacher_hash": teacher_hash})
         if diffs:
-            raise RunMismatchError(f"{out / 'bank'} holds modules trained with another config:\n  " + "\n  ".join(diffs)
+            raise RunMismatchError(f"{out / 'bank'} holds modules trained with another config or teacher:\n  " + "\n  ".join(diffs)
                                    + "\nUse a fresh out_dir, rerun with that config, or pass fresh=True to delete the old run")
     if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
         teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
@@ -276,10 +280,8 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
         # run one before the bank copies the blocks, so modules report attention maps too
         with torch.no_grad():
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
-    from .bank import weights_hash
-
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
-    bank.teacher_hash = weights_hash(teacher)  # recorded by bank.save: the bank loads for this teacher only
+    bank.teacher_hash = teacher_hash  # recorded by bank.save: the bank loads for this teacher only
     model = Replacer(teacher, bank)
     meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"},  # train: compared by train()
             "teacher_hash": bank.teacher_hash}
