@@ -100,10 +100,32 @@ class Replacer(nn.Module):
         return blocks, ends
 
 
-def relative_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||student - target||^2 / ||target||^2: scale-free, so T5's residual stream (whose norm
-    grows with depth to hundreds) weighs no more than the logit losses."""
-    return (student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes of a distributed run (t itself in one process); no gradient."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+    return t
+
+
+def relative_mse(student: torch.Tensor, target: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """||student - target||^2 / ||target||^2 over the GLOBAL batch: scale-free, so T5's residual
+    stream (whose norm grows with depth to hundreds) weighs no more than the logit losses.
+
+    Under N processes each holds a shard: its numerator is divided by the denominator summed over
+    all processes and by `share`, its share of the batch's target tokens (mtlab.train weights each
+    process's loss by that share), so the averaged gradient is the one-process gradient. The
+    target (the teacher's) carries no gradient. In one process: the plain ratio."""
+    den = global_sum(target.pow(2).sum().detach())
+    return (student - target).pow(2).sum() / den.clamp_min(1e-12) / share
+
+
+def token_share(batch: Batch) -> float:
+    """This process's share of the global batch's target tokens (1.0 in one process)."""
+    mine = (batch.labels != -100).sum().double()
+    return (mine / global_sum(mine)).item()
 
 
 def _out(o):
@@ -135,7 +157,7 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
 
 
 def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict,
-               granularities: dict | None = None) -> torch.Tensor:
+               granularities: dict | None = None, share: float = 1.0) -> torch.Tensor:
     """Mean relative MSE of each module (of `granularities` per stack; default all) run on the
     teacher's input to its span (the exact call the span's first teacher layer received)
     against the teacher's output of the span."""
@@ -146,7 +168,7 @@ def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict
                 continue
             out = _out(model.bank.get(s, k, start // k)(*args, **kwargs))
             m = masks[s]
-            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m])
+            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m], share)
             total, n = (term if total is None else total + term), n + 1
     return total / max(1, n)
 
@@ -157,6 +179,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
     def loss_fn(model: Replacer, batch: Batch, step: int):
         teacher, rng = model.teacher, rng_by_step(step)
+        share = token_share(batch)  # relative MSEs are ratios over the global batch (see relative_mse)
         stacks = list(model.originals)
         masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False,
@@ -200,14 +223,14 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         for s in stacks:
             m = masks[s]
             for out, end in zip(s_hidden[s], plan_blocks[s][1]):
-                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m])
+                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m], share)
                 n += 1
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
         parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
         if cfg.w_local > 0:
             ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
-            local = local_loss(model, span_inputs, t_hidden, masks, ks)
+            local = local_loss(model, span_inputs, t_hidden, masks, ks, share)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
@@ -221,12 +244,33 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
 def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, out_dir: str | Path,
                   *, max_seconds: float | None = None, progress: bool = True,
-                  evaluate=None) -> tuple[ModuleBank, pd.DataFrame]:
+                  evaluate=None, fresh: bool = False) -> tuple[ModuleBank, pd.DataFrame]:
     """Build the bank from the teacher and train every module in ONE run; saves the bank to out_dir/bank.
 
-    Resumable (out_dir/checkpoint). `evaluate(replacer)` (optional) adds dev scores to the log
-    every `cfg.train.eval_every` steps. Returns (bank, per-step log DataFrame with the config in attrs)."""
+    Resumable (out_dir/checkpoint). An out_dir holding a run (checkpoint or bank) made with another
+    config raises RunMismatchError listing the differing fields; `fresh=True` deletes that run first.
+    `evaluate(replacer)` (optional) adds dev scores to the log every `cfg.train.eval_every` steps.
+    Returns (bank, per-step log DataFrame with the config in attrs)."""
+    import json
+    import shutil
+
+    from ..train import BOOKKEEPING, RunMismatchError, config_diff
+    from .bank import weights_hash
+
     out = Path(out_dir)
+    saved = out / "bank" / "bank.json"
+    teacher_hash = weights_hash(teacher)
+    if fresh:
+        on_main_process(lambda: shutil.rmtree(out / "bank", ignore_errors=True))
+    had_bank = saved.exists()  # read once, before training: every process takes the same branch below
+    if had_bank:
+        old = json.loads(saved.read_text())
+        diffs = config_diff(old.get("config"), asdict(cfg), prefix="replacing.",
+                            ignore=tuple(f"train.{k}" for k in BOOKKEEPING))
+        diffs += config_diff({"teacher_hash": old.get("teacher_hash", teacher_hash)}, {"teacher_hash": teacher_hash})
+        if diffs:
+            raise RunMismatchError(f"{out / 'bank'} holds modules trained with another config or teacher:\n  " + "\n  ".join(diffs)
+                                   + "\nUse a fresh out_dir, rerun with that config, or pass fresh=True to delete the old run")
     if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
         teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
     if cfg.w_attn > 0:
@@ -235,11 +279,14 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
         with torch.no_grad():
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
     bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
+    bank.teacher_hash = teacher_hash  # recorded by bank.save: the bank loads for this teacher only
     model = Replacer(teacher, bank)
+    meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"},  # train: compared by train()
+            "teacher_hash": bank.teacher_hash}
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
-                evaluate=evaluate)
-    if len(log) and int(log.step.max()) >= cfg.train.steps:
+                evaluate=evaluate, fresh=fresh, meta=meta)
+    if len(log) and int(log.step.max()) >= cfg.train.steps and not had_bank:  # never rewrite a saved bank
         on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
     return bank, log
