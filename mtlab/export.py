@@ -28,7 +28,7 @@ from torch import nn
 
 from .anatomy import anatomy
 from .checkpoint import atomic_dir, write_json
-from .tasks.base import check_finite, fresh_cache
+from .tasks.base import cache_kwargs, check_finite
 
 __all__ = ["export", "ExportError", "AUTO_CLASSES", "EXPORT_RECORD"]
 
@@ -109,7 +109,7 @@ def export_config(model: nn.Module):
         if got != depth:
             raise ExportError(f"{type(config).__name__}: transformers reads a decoder depth of {got} from the config, "
                               f"but the decoder has {depth} blocks, and no config key fixes it in this "
-                              "transformers version; generate with past_key_values=mtlab.tasks.base.fresh_cache(model)")
+                              "transformers version; generate with **mtlab.tasks.base.cache_kwargs(model)")
     return config
 
 
@@ -241,7 +241,7 @@ def _check_generate(model, reloaded, inputs: dict, max_new_tokens: int, name: st
         eos = model.generation_config.eos_token_id
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     kw["pad_token_id"] = pad
-    ours = model.generate(**gen, **kw, past_key_values=fresh_cache(model))
+    ours = model.generate(**gen, **kw, **cache_kwargs(model))
     try:
         plain = reloaded.generate(**gen, **kw)
     except Exception as e:  # noqa: BLE001 - any failure of plain generate() is an export failure

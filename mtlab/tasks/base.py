@@ -75,6 +75,17 @@ def _vocab_rows(model) -> int | None:
     return getattr(emb, "num_embeddings", None)
 
 
+def cache_kwargs(model) -> dict:
+    """`generate(**cache_kwargs(model))`: a fresh cache under the keyword this transformers reads
+    (`cache` from 5.2x on, where `past_key_values` is deprecated and warns on every call)."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+    except ImportError:
+        name = "past_key_values"
+    return {name: fresh_cache(model)}
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
@@ -235,7 +246,7 @@ class Seq2SeqTask:
                 num_beams=num_beams,
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.max_target_len(longest),
-                past_key_values=fresh_cache(model),
+                **cache_kwargs(model),
             )
             for i, ids in zip(index, out.tolist()):
                 hyps[i] = self.decode_target(ids)
