@@ -54,6 +54,7 @@ class _Explorer:
 
     def _show(self, fig) -> None:
         self.image.value = figure_png(fig)
+        self.drawn = getattr(fig, "mtlab_outlined", None)   # what the plot on screen outlines (merge explorer)
         self.renders += 1
 
     def _message(self, text: str) -> None:
@@ -264,7 +265,7 @@ class AssemblyExplorer(_Explorer):
                f"screened token NLL{n}": fmt_metric(r.nll, t.nll if t is not None else None, 4)}
         acc = [("token_acc", "screened token accuracy %")]
         if "tf_word_acc" in r:
-            acc.append(("tf_word_acc", "screened word accuracy % (teacher-forced)"))
+            acc.append(("tf_word_acc", "screened teacher-forced word accuracy %"))
         for c, label in acc:
             out[label + n] = fmt_metric(100 * r[c], 100 * t[c] if t is not None else None, 1)
         if self.frontier is not None and key in self.frontier.index:
@@ -438,8 +439,9 @@ class MergeExplorer(_Explorer):
             for key in st.keys():
                 if key not in self.memo:
                     with self._lock:
-                        if st == self.shown:
-                            self.status.value = _busy(key or ("original model",))
+                        if st != self.shown:   # the controls moved on: their own request is queued
+                            return
+                        self.status.value = _busy(key or ("original model",))
                     self.scores(key)
                 self._land(st)
         except Exception as e:  # noqa: BLE001 - shown in the error line, never lost in a thread
@@ -483,7 +485,7 @@ class MergeExplorer(_Explorer):
                 self._invalid(str(e.args[0] if e.args else e))
                 return
             self.shown = st
-            self._show(self.figure())
+            self._show(self.figure(windows={s: (a, b) for s, a, b in st.windows}))
             if not st.merge:
                 self.readout.value = table({"merge": "nothing selected: tick a stack"})
                 self.status.value = ""
@@ -498,14 +500,14 @@ class MergeExplorer(_Explorer):
             self._compute(st)
 
     # ---- read-outs -----------------------------------------------------------------------------
-    def readouts(self) -> dict[str, str | list[str]]:
+    def readouts(self) -> dict[str, str]:
         """The current state's read-out, scoring whatever is missing now (blocks; for static reports)."""
         st = self.state()
         if not st.merge:
             return {"merge": "nothing selected: tick a stack"}
         for key in st.keys():
             self.scores(key)
-        return self._readouts(st)
+        return {k: v if isinstance(v, str) else " ".join(v) for k, v in self._readouts(st).items()}
 
     def _readouts(self, st: MergeState) -> dict[str, str | list[str]]:
         """Read-out of `st` from the memo: "computing..." for what is not scored yet."""
@@ -555,9 +557,9 @@ class MergeExplorer(_Explorer):
             df.attrs["original"] = dict(self.memo[()])
         return df
 
-    def figure(self, selected: bool = True):
+    def figure(self, selected: bool = True, windows: Mapping[str, tuple[int, int]] | None = None):
         """Similarity heatmap per stack (layers on both axes, one colour bar), each valid window of the
-        controls outlined (`selected=False`: none). Same size whatever the state."""
+        controls (or of `windows`) outlined (`selected=False`: none). Same size whatever the state."""
         import matplotlib.pyplot as plt
         import seaborn as sns
         from matplotlib.patches import Rectangle
@@ -566,8 +568,9 @@ class MergeExplorer(_Explorer):
         fig = plt.figure(figsize=self.FIGSIZE)
         w = 0.78 / len(stacks)
         axes = [fig.add_axes([0.07 + i * (w + 0.02), 0.16, w - 0.04, 0.72]) for i in range(len(stacks))]
-        cax = fig.add_axes([0.90, 0.16, 0.018, 0.72])
-        wins = {s: w for s, w in self.windows().items() if w[1] > w[0]} if selected else {}
+        cax = fig.add_axes([0.87, 0.16, 0.018, 0.72])
+        wins = self.windows() if windows is None else windows
+        wins = {s: w for s, w in wins.items() if w[1] > w[0]} if selected else {}
         for ax, s in zip(axes, stacks):
             sns.heatmap(self.similarity[s], vmin=0, vmax=1, cmap="viridis", square=True, ax=ax, cbar=s == stacks[-1],
                         cbar_ax=cax if s == stacks[-1] else None)
@@ -577,6 +580,7 @@ class MergeExplorer(_Explorer):
                 a, b = wins[s]
                 ax.add_patch(Rectangle((a, a), b - a + 1, b - a + 1, fill=False, edgecolor="red", lw=2.5))
         cax.set_ylabel(self.similarity_label)
+        fig.mtlab_outlined = wins
         plt.close(fig)
         return fig
 
