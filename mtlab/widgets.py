@@ -44,9 +44,11 @@ class _Explorer:
         self.error, self.status, self.history_view = W.HTML(), W.HTML(), W.HTML()
         w, h = (int(90 * x) for x in self.FIGSIZE)
         self.image = W.Image(format="png", layout=W.Layout(width=f"{w}px", height=f"{h}px"))
-        self.plot = W.Box([self.image], layout=W.Layout(width=f"{w + 4}px", min_width=f"{w + 4}px"))
+        self.caption = W.HTML()   # the plot's selection in words: what a reader (or a browser test) can check
+        self.plot = W.VBox([self.image, self.caption], layout=W.Layout(width=f"{w + 4}px", min_width=f"{w + 4}px"))
         for widget, cls in ((self.readout, "mtlab-readout"), (self.error, "mtlab-error"), (self.plot, "mtlab-plot"),
-                            (self.status, "mtlab-status"), (self.history_view, "mtlab-history")):
+                            (self.status, "mtlab-status"), (self.history_view, "mtlab-history"),
+                            (self.caption, "mtlab-caption")):
             widget.add_class(cls)
         self.renders = 0
         self._rows: dict[str, dict] = {}   # history: key -> row, in the order first tried
@@ -54,7 +56,8 @@ class _Explorer:
 
     def _show(self, fig) -> None:
         self.image.value = figure_png(fig)
-        self.drawn = getattr(fig, "mtlab_outlined", None)   # what the plot on screen outlines (merge explorer)
+        self.drawn = getattr(fig, "mtlab_selected", None)   # what the plot on screen marks
+        self.caption.value = f"<small>{html.escape(self._caption(self.drawn))}</small>"
         self.renders += 1
 
     def _message(self, text: str) -> None:
@@ -278,6 +281,10 @@ class AssemblyExplorer(_Explorer):
         out["rank by screened NLL"] = f"{rank} of {len(self.screen)}"
         return out
 
+    @staticmethod
+    def _caption(plan: str | None) -> str:
+        return f"ringed: {plan}" if plan else "ringed: nothing (no valid plan)"
+
     def figure(self, selected: bool = True):
         """Every screened plan (FLOP-ideal speed-up vs token NLL), the screened frontier, this plan
         ringed (`selected=False`: none, for an invalid state). Same size whatever the state."""
@@ -293,6 +300,7 @@ class AssemblyExplorer(_Explorer):
         ax.set(xlabel="FLOP-ideal speed-up (x)", ylabel="screened token NLL (dev, nats)",
                title=str(self.plan) if selected else "no valid plan selected")
         fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.91)
+        fig.mtlab_selected = str(self.plan) if selected else None
         plt.close(fig)
         return fig
 
@@ -557,6 +565,10 @@ class MergeExplorer(_Explorer):
             df.attrs["original"] = dict(self.memo[()])
         return df
 
+    @staticmethod
+    def _caption(wins) -> str:
+        return "outlined: " + ("; ".join(f"{s} {a}-{b}" for s, (a, b) in wins.items()) if wins else "nothing")
+
     def figure(self, selected: bool = True, windows: Mapping[str, tuple[int, int]] | None = None):
         """Similarity heatmap per stack (layers on both axes, one colour bar), each valid window of the
         controls (or of `windows`) outlined (`selected=False`: none). Same size whatever the state."""
@@ -580,7 +592,7 @@ class MergeExplorer(_Explorer):
                 a, b = wins[s]
                 ax.add_patch(Rectangle((a, a), b - a + 1, b - a + 1, fill=False, edgecolor="red", lw=2.5))
         cax.set_ylabel(self.similarity_label)
-        fig.mtlab_outlined = wins
+        fig.mtlab_selected = wins
         plt.close(fig)
         return fig
 

@@ -152,10 +152,11 @@ def _assert_shows_controls(m):
     try:
         st = m.state()
     except ValueError:
-        assert m.error.value and INVALID in m.readout.value and m.drawn == {}
+        assert m.error.value and INVALID in m.readout.value and m.drawn == {} and "outlined: nothing" in m.caption.value
         return
     assert m.error.value == "" and m.shown == st
     assert m.drawn == {s: (a, b) for s, a, b in st.windows}
+    assert m.caption.value.count("-") == len(st.windows) and all(f"{s} {a}-{b}" in m.caption.value for s, a, b in st.windows)
     for spec in st.merge + st.prune:
         assert spec in m.readout.value
     for spec in {s for key in m.memo for s in key} - set(st.merge + st.prune):   # no other state's spec appears
