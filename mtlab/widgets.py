@@ -515,7 +515,7 @@ class MergeExplorer(_Explorer):
             return {"merge": "nothing selected: tick a stack"}
         for key in st.keys():
             self.scores(key)
-        return {k: v if isinstance(v, str) else " ".join(v) for k, v in self._readouts(st).items()}
+        return {k: v if isinstance(v, str) else "; ".join(v) for k, v in self._readouts(st).items()}
 
     def _readouts(self, st: MergeState) -> dict[str, str | list[str]]:
         """Read-out of `st` from the memo: "computing..." for what is not scored yet."""
@@ -540,7 +540,8 @@ class MergeExplorer(_Explorer):
         if not st.prune:
             out["layer pruning"] = st.prune_note or "none"
             return out
-        out["layer pruning"] = [*st.prune, f"({st.prune_note})"]
+        out["layer pruning"] = list(st.prune)
+        out["pruning compared at"] = st.prune_note
         out.update(rows("pruned", p))
         if m is not None and p is not None and p["params"] > m["params"]:
             out["pruned parameters"] += f" - LARGER than the merged model ({fmt_params(m['params'])})"
