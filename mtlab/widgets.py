@@ -30,6 +30,12 @@ COVERED = "·"   # a position inside a module span started below it
 HISTORY_ROWS = 8  # states listed under an explorer (history() has them all)
 
 
+def _wrap():
+    import ipywidgets as W
+
+    return W.Layout(flex_flow="row wrap", align_items="flex-start")   # the plot goes below a long read-out
+
+
 class _Explorer:
     """What both explorers share: read-outs, an inline error line, a busy line, a fixed-size plot,
     the history of states tried, and a guard that turns any invalid state into a message in the
@@ -40,7 +46,7 @@ class _Explorer:
     def _outputs(self) -> None:
         import ipywidgets as W
 
-        self.readout = W.HTML(layout=W.Layout(width="500px", min_width="500px", overflow="auto"))
+        self.readout = W.HTML(layout=W.Layout(flex="0 0 auto", margin="0 1em 0 0"))   # as wide as its lines
         self.error, self.status, self.history_view = W.HTML(), W.HTML(), W.HTML()
         w, h = (int(90 * x) for x in self.FIGSIZE)
         self.image = W.Image(format="png", layout=W.Layout(width=f"{w}px", height=f"{h}px"))
@@ -144,7 +150,7 @@ class AssemblyExplorer(_Explorer):
             w.observe(lambda ch: self._on_strategy(), names="value")
         self.custom.observe(lambda ch: self._on_custom(), names="value")
         self.widget = W.VBox([W.HBox([self.strategy, self.ratio]), self.custom, *rows, self.error,
-                              W.HBox([self.readout, self.plot]), self.history_view])
+                              W.HBox([self.readout, self.plot], layout=_wrap()), self.history_view])
         self._on_strategy()
 
     # ---- state <-> plan -------------------------------------------------------------------
@@ -344,15 +350,13 @@ class MergeExplorer(_Explorer):
     window, default b - a, and the read-out says when that is larger than the merge).
     `background=True` scores on a worker thread (the notebook's choice; tests call `wait()`)."""
 
-    FIGSIZE = (8.4, 3.6)
-
     def __init__(self, similarity: Mapping[str, pd.DataFrame], depths: Mapping[str, int],
                  evaluate: Callable[[list[str]], dict], prune_blocks: Callable[[str, int, int], int] | None = None,
                  *, params: Callable[[list[str]], int] | None = None, background: bool = False,
                  similarity_label: str = "CKA of FF outputs"):
         import ipywidgets as W
 
-        self.FIGSIZE = (0.9 + 3.9 * len(similarity), 3.6)
+        self.FIGSIZE = (0.9 + 3.9 * len(similarity), 3.6)   # one heatmap per stack, a colour bar
         self.similarity, self.depths, self.similarity_label = dict(similarity), dict(depths), similarity_label
         self.evaluate_fn, self.prune_blocks, self.params_fn = evaluate, prune_blocks or (lambda s, a, b: b - a), params
         self.memo: dict[tuple, dict] = {}
@@ -377,7 +381,7 @@ class MergeExplorer(_Explorer):
             self.controls[s] = {"on": on, "range": rng, "anchor": anchor, "method": method}
             rows.append(W.HBox([on, rng, anchor, method]))
         self._outputs()
-        self.widget = W.VBox([*rows, self.error, self.status, W.HBox([self.readout, self.plot]), self.history_view])
+        self.widget = W.VBox([*rows, self.error, self.status, W.HBox([self.readout, self.plot], layout=_wrap()), self.history_view])
         first = next(iter(self.depths))
         self.controls[first]["on"].value = True   # triggers the first update
 

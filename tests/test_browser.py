@@ -42,7 +42,7 @@ MERGE_CONTROLS = """root => Array.from(root.querySelectorAll('.mtlab-merge-on'))
   const row = on.parentElement, pick = s => row.querySelector(s);
   const label = sel => sel.options[sel.selectedIndex].textContent.trim();
   const val = h => Math.round(parseFloat(pick('.mtlab-merge-range .noUi-handle-' + h).getAttribute('aria-valuenow')));
-  return {stack: on.textContent.trim().replace(/^merge\\s+/, ''), on: on.querySelector('input').checked,
+  return {stack: on.textContent.trim().split(/\\s+/).pop(), on: on.querySelector('input').checked,
           a: val('lower'), b: val('upper'), anchor: label(pick('.mtlab-anchor select')),
           method: label(pick('.mtlab-method select')), anchor_disabled: pick('.mtlab-anchor select').disabled};
 })"""

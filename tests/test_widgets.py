@@ -339,12 +339,38 @@ def test_plots_keep_their_size_and_label_their_axes():
     from PIL import Image
     import io
 
-    m = _merge()
-    sizes = {Image.open(io.BytesIO(m.image.value)).size}
-    m.controls["decoder"]["on"].value = True
-    m.controls["encoder"]["range"].value = (0, 5)
-    sizes.add(Image.open(io.BytesIO(m.image.value)).size)
-    assert len(sizes) == 1
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.bbox": "tight"}):   # a notebook backend may crop figures; ours must not
+        m = _merge()
+        sizes = {Image.open(io.BytesIO(m.image.value)).size}
+        m.controls["decoder"]["on"].value = True
+        m.controls["encoder"]["range"].value = (0, 5)
+        sizes.add(Image.open(io.BytesIO(m.image.value)).size)
+        m.controls["encoder"]["range"].value = (5, 5)      # invalid: drawn without outline, same size
+        assert m.drawn == {}
+        sizes.add(Image.open(io.BytesIO(m.image.value)).size)
+        e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+        asm = {Image.open(io.BytesIO(e.image.value)).size}
+        e.custom.value = "e=1221 d=111111"
+        asm.add(Image.open(io.BytesIO(e.image.value)).size)
+    assert len(sizes) == 1 and len(asm) == 1
     fig = m.figure()
     assert fig.axes[0].get_xlabel() == "encoder layer" and fig.axes[0].get_ylabel() == "encoder layer"
     assert fig.axes[-1].get_ylabel()    # the colour bar says what it measures
+
+
+def test_figure_png_is_never_cropped():
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mtlab.ui.readout import figure_png
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_title("a title far above the axes", y=1.4)      # outside the figure: a tight box would grow
+    with matplotlib.rc_context({"savefig.bbox": "tight"}):
+        assert Image.open(io.BytesIO(figure_png(fig, dpi=50))).size == (200, 150)
+    plt.close(fig)

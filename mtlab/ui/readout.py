@@ -60,7 +60,7 @@ def table(items: Mapping[str, str | Sequence[str]], css: str = "mtlab-table") ->
     for k, v in items.items():
         lines = [v] if isinstance(v, str) else list(v) or [""]
         cell = "<br>".join(f"<span style='white-space:nowrap'>{html.escape(x)}</span>" for x in lines)
-        rows.append(f"<tr><td style='padding-right:1em;vertical-align:top'><b>{html.escape(k)}</b></td>"
+        rows.append(f"<tr><td style='padding-right:1em;vertical-align:top;white-space:nowrap'><b>{html.escape(k)}</b></td>"
                     f"<td style='vertical-align:top'>{cell}</td></tr>")
     return f"<table class='{css}'>{''.join(rows)}</table>"
 
@@ -74,7 +74,8 @@ def frame_html(df, caption: str) -> str:
 
 
 def figure_png(fig, dpi: int = 90) -> bytes:
-    """The figure as PNG at its own size (no tight bounding box): the same controls, the same pixels."""
+    """The figure as PNG at its own size, never cropped to a tight bounding box (whatever rcParams or
+    the notebook's backend say), so the image keeps its size from state to state."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=fig.bbox_inches, pad_inches=0)
     return buf.getvalue()
