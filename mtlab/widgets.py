@@ -255,8 +255,9 @@ class AssemblyExplorer(_Explorer):
         self.readout.value = table(out)
         self._show(self.figure())
         r = self.screen.loc[str(self.plan)]
-        self._record(str(self.plan), {"plan": str(self.plan), "params": int(r.params), "ratio": r.ratio,
-                                      "ideal_speedup": r.ideal_speedup, "nll": r.nll, "token_acc": r.token_acc})
+        self._record(str(self.plan), {"plan": str(self.plan), "params": int(r.params), "ratio": float(r.ratio),
+                                      "ideal_speedup": float(r.ideal_speedup), "screened_nll": float(r.nll),
+                                      "screened_token_acc_%": 100 * float(r.token_acc)})
 
     def readouts(self) -> dict[str, str]:
         """The current plan's numbers, each next to the original model's (the teacher's row of the screen)."""

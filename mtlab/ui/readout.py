@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 METRICS = {"per": ("PER", "%"), "wer": ("WER", "%"), "cer": ("CER", "%"), "bleu": ("BLEU", ""),
            "chrf": ("chrF", ""), "nll": ("token NLL", "nats"), "token_acc": ("token accuracy", "%"),
            "tf_word_acc": ("word accuracy (teacher-forced)", "%"), "acc": ("accuracy", "%")}
-LOWER_IS_BETTER = {"per", "wer", "cer", "nll"}
+SPLITS = ("dev", "test", "train", "valid")
 BUSY = "computing\u2026"
 INVALID = "no read-out: the controls are in an invalid state (see the message above)"
 
@@ -20,7 +20,7 @@ INVALID = "no read-out: the controls are in an invalid state (see the message ab
 def metric_label(key: str, words: int | None = None) -> str:
     """'dev_per' -> 'dev PER % (n=32 words)': what, in which unit, on which split and how many words."""
     split, _, name = key.partition("_")
-    if not name or (split not in ("dev", "test", "train", "valid")):
+    if not name or split not in SPLITS:
         split, name = "", key
     what, unit = METRICS.get(name, (name.replace("_", " ").upper(), ""))
     n = f" (n={words:,} words)" if words else ""
@@ -65,12 +65,35 @@ def table(items: Mapping[str, str | Sequence[str]], css: str = "mtlab-table") ->
     return f"<table class='{css}'>{''.join(rows)}</table>"
 
 
+def header(column: str) -> str:
+    """A history column's heading: 'prune_dev_per' -> 'pruned dev PER %', 'removed_%' -> 'removed %'."""
+    prefix = ""
+    if column.startswith("prune_"):
+        prefix, column = "pruned ", column[len("prune_"):]
+    known = column in METRICS or column.partition("_")[0] in SPLITS
+    return prefix + (metric_label(column) if known else column.replace("_", " "))
+
+
 def frame_html(df, caption: str) -> str:
-    """A small DataFrame as an HTML table with a caption (the explorers' history)."""
+    """A small DataFrame as an HTML table with a caption (the explorers' history): headed by `header`,
+    numbers with 2 decimals, a list of specs one per line, nothing broken inside a word."""
     if df is None or not len(df):
         return ""
-    body = df.to_html(index=False, border=0, float_format=lambda x: f"{x:.2f}", na_rep="")
-    return f"<div style='font-size:90%'><b>{html.escape(caption)}</b>{body}</div>"
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            text = "" if math.isnan(v) else f"{v:,.2f}"
+        elif isinstance(v, int) and not isinstance(v, bool):
+            text = f"{v:,}"
+        else:
+            text = "" if v is None else str(v)
+        lines = [html.escape(x) for x in text.split("; ")]
+        return "<td style='white-space:nowrap;padding:0 .6em;vertical-align:top'>" + "<br>".join(lines) + "</td>"
+
+    head = "".join(f"<th style='padding:0 .6em;white-space:nowrap'>{html.escape(header(c))}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in df.itertuples(index=False))
+    return (f"<div style='font-size:90%;overflow-x:auto'><b>{html.escape(caption)}</b>"
+            f"<table><tr>{head}</tr>{rows}</table></div>")
 
 
 def figure_png(fig, dpi: int = 90) -> bytes:
