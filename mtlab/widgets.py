@@ -22,7 +22,7 @@ import pandas as pd
 
 from .modular.plan import Plan, PlanError, size_first, speed_first, stack_ratio, tilings, uniform
 from .ui.latest import LatestWorker
-from .ui.readout import (BUSY, INVALID, figure_png, fmt_metric, fmt_params, fmt_size, frame_html, metric_keys,
+from .ui.readout import (BUSY, DPI, INVALID, figure_png, fmt_metric, fmt_params, fmt_size, frame_html, metric_keys,
                          metric_label, table)
 
 STRATEGIES = ("size_first", "speed_first", "uniform", "custom")
@@ -48,7 +48,7 @@ class _Explorer:
 
         self.readout = W.HTML(layout=W.Layout(flex="0 0 auto", margin="0 1em 0 0"))   # as wide as its lines
         self.error, self.status, self.history_view = W.HTML(), W.HTML(), W.HTML()
-        w, h = (int(90 * x) for x in self.FIGSIZE)
+        w, h = (int(DPI * x) for x in self.FIGSIZE)
         self.image = W.Image(format="png", layout=W.Layout(width=f"{w}px", height=f"{h}px"))
         self.caption = W.HTML()   # the plot's selection in words: what a reader (or a browser test) can check
         self.plot = W.VBox([self.image, self.caption], layout=W.Layout(width=f"{w + 4}px", min_width=f"{w + 4}px"))
@@ -57,7 +57,7 @@ class _Explorer:
                             (self.caption, "mtlab-caption")):
             widget.add_class(cls)
         self.renders = 0
-        self._rows: dict[str, dict] = {}   # history: key -> row, in the order first tried
+        self._rows: dict[str, dict] = {}   # history: key -> row, the latest shown last
         self._lock = threading.RLock()     # one snapshot of the controls is drawn at a time
 
     def _show(self, fig) -> None:
@@ -382,7 +382,8 @@ class MergeExplorer(_Explorer):
             self.controls[s] = {"on": on, "range": rng, "anchor": anchor, "method": method}
             rows.append(W.HBox([on, rng, anchor, method]))
         self._outputs()
-        self.widget = W.VBox([*rows, self.error, self.status, W.HBox([self.readout, self.plot], layout=_wrap()), self.history_view])
+        self.widget = W.VBox([*rows, self.error, self.status, W.HBox([self.readout, self.plot], layout=_wrap()),
+                              self.history_view])
         first = next(iter(self.depths))
         self.controls[first]["on"].value = True   # triggers the first update
 

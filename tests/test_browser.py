@@ -316,6 +316,7 @@ def _drive_merge(page, deadline, shots, expect):
 
     # 2. drag the encoder window's lower handle to layer 1 with the mouse
     enc = row(0)
+    enc.evaluate("e => e.scrollIntoView({block: 'center'})")   # the mouse needs the slider on screen
     base, handle = enc.locator(".mtlab-merge-range .noUi-base").first, enc.locator(".noUi-handle-lower").first
     lo = float(handle.get_attribute("aria-valuemin"))
     hi = float(enc.locator(".noUi-handle-upper").first.get_attribute("aria-valuemax"))

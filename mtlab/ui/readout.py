@@ -14,6 +14,7 @@ METRICS = {"per": ("PER", "%"), "wer": ("WER", "%"), "cer": ("CER", "%"), "bleu"
            "tf_word_acc": ("word accuracy (teacher-forced)", "%"), "acc": ("accuracy", "%")}
 SPLITS = ("dev", "test", "train", "valid")
 BUSY = "computing\u2026"
+DPI = 90   # explorer plots: FIGSIZE inches x DPI = the image's pixels
 INVALID = "no read-out: the controls are in an invalid state (see the message above)"
 
 
@@ -60,7 +61,8 @@ def table(items: Mapping[str, str | Sequence[str]], css: str = "mtlab-table") ->
     for k, v in items.items():
         lines = [v] if isinstance(v, str) else list(v) or [""]
         cell = "<br>".join(f"<span style='white-space:nowrap'>{html.escape(x)}</span>" for x in lines)
-        rows.append(f"<tr><td style='padding-right:1em;vertical-align:top;white-space:nowrap'><b>{html.escape(k)}</b></td>"
+        key = f"<b>{html.escape(k)}</b>"
+        rows.append(f"<tr><td style='padding-right:1em;vertical-align:top;white-space:nowrap'>{key}</td>"
                     f"<td style='vertical-align:top'>{cell}</td></tr>")
     return f"<table class='{css}'>{''.join(rows)}</table>"
 
@@ -96,7 +98,7 @@ def frame_html(df, caption: str) -> str:
             f"<table><tr>{head}</tr>{rows}</table></div>")
 
 
-def figure_png(fig, dpi: int = 90) -> bytes:
+def figure_png(fig, dpi: int = DPI) -> bytes:
     """The figure as PNG at its own size, never cropped to a tight bounding box (whatever rcParams or
     the notebook's backend say), so the image keeps its size from state to state."""
     buf = io.BytesIO()
