@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from .modular.plan import Plan, PlanError, size_first, speed_first, stack_ratio, tilings, uniform
 from .ui.latest import LatestWorker
@@ -39,7 +40,11 @@ def _wrap():
 class _Explorer:
     """What both explorers share: read-outs, an inline error line, a busy line, a fixed-size plot,
     the history of states tried, and a guard that turns any invalid state into a message in the
-    error line (and a cleared read-out) instead of a traceback."""
+    error line (and a cleared read-out) instead of a traceback.
+
+    Plots are `matplotlib.figure.Figure` objects, never pyplot figures: ipykernel 7 runs widget
+    callbacks on a subshell thread, and pyplot's global figure list let the inline backend (main
+    thread) crop a figure to its tight box while it was being saved here."""
 
     FIGSIZE = (5.5, 3.8)
 
@@ -295,20 +300,18 @@ class AssemblyExplorer(_Explorer):
     def figure(self, selected: bool = True):
         """Every screened plan (FLOP-ideal speed-up vs token NLL), the screened frontier, this plan
         ringed (`selected=False`: none, for an invalid state). Same size whatever the state."""
-        import matplotlib.pyplot as plt
-
         from .explore.frontier import frontier_plot
 
         d = self.screen.reset_index()
         teacher = str(Plan.teacher(self.depths))
         d["kind"] = ["teacher" if p == teacher else "modules" for p in d.plan]
-        fig, ax = plt.subplots(figsize=self.FIGSIZE)
+        fig = Figure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
+        ax = fig.subplots()
         frontier_plot(d, "ideal_speedup", "nll", ax=ax, highlight=str(self.plan) if selected else None)
         ax.set(xlabel="FLOP-ideal speed-up (x)", ylabel="screened token NLL (dev, nats)",
                title=str(self.plan) if selected else "no valid plan selected")
         fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.91)
         fig.mtlab_selected = str(self.plan) if selected else None
-        plt.close(fig)
         return fig
 
 
@@ -579,12 +582,11 @@ class MergeExplorer(_Explorer):
     def figure(self, selected: bool = True, windows: Mapping[str, tuple[int, int]] | None = None):
         """Similarity heatmap per stack (layers on both axes, one colour bar), each valid window of the
         controls (or of `windows`) outlined (`selected=False`: none). Same size whatever the state."""
-        import matplotlib.pyplot as plt
         import seaborn as sns
         from matplotlib.patches import Rectangle
 
         stacks = list(self.similarity)
-        fig = plt.figure(figsize=self.FIGSIZE)
+        fig = Figure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
         w = 0.78 / len(stacks)
         axes = [fig.add_axes([0.07 + i * (w + 0.02), 0.16, w - 0.04, 0.72]) for i in range(len(stacks))]
         cax = fig.add_axes([0.87, 0.16, 0.018, 0.72])
@@ -600,7 +602,6 @@ class MergeExplorer(_Explorer):
                 ax.add_patch(Rectangle((a, a), b - a + 1, b - a + 1, fill=False, edgecolor="red", lw=2.5))
         cax.set_ylabel(self.similarity_label)
         fig.mtlab_selected = wins
-        plt.close(fig)
         return fig
 
 

@@ -374,3 +374,20 @@ def test_figure_png_is_never_cropped():
     with matplotlib.rc_context({"savefig.bbox": "tight"}):
         assert Image.open(io.BytesIO(figure_png(fig, dpi=50))).size == (200, 150)
     plt.close(fig)
+
+
+def test_explorer_figures_stay_out_of_pyplot(monkeypatch):
+    """Widget callbacks run on another thread than the inline backend's: a figure in pyplot's global
+    list could be cropped by it while being saved, so explorers never create pyplot figures."""
+    import matplotlib.pyplot as plt
+
+    def refuse(*a, **k):
+        raise AssertionError("explorer figures must not be pyplot figures")
+
+    monkeypatch.setattr(plt, "figure", refuse)
+    m = _merge()
+    m.controls["decoder"]["on"].value = True
+    m.controls["encoder"]["range"].value = (5, 5)     # the invalid state's plot too
+    e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+    e.ratio.value = 1.5
+    assert m.error.value and m.figure().axes and e.figure().axes and e.error.value == ""
