@@ -31,6 +31,14 @@ COVERED = "·"   # a position inside a module span started below it
 HISTORY_ROWS = 8  # states listed under an explorer (history() has them all)
 
 
+class PlotFigure(Figure):
+    """An explorer plot: a plain Figure (outside pyplot) that a notebook displays as the same PNG the
+    widget shows, whether or not pyplot's inline backend is set up (static copies in reports)."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
 def _wrap():
     import ipywidgets as W
 
@@ -305,7 +313,7 @@ class AssemblyExplorer(_Explorer):
         d = self.screen.reset_index()
         teacher = str(Plan.teacher(self.depths))
         d["kind"] = ["teacher" if p == teacher else "modules" for p in d.plan]
-        fig = Figure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
+        fig = PlotFigure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
         ax = fig.subplots()
         frontier_plot(d, "ideal_speedup", "nll", ax=ax, highlight=str(self.plan) if selected else None)
         ax.set(xlabel="FLOP-ideal speed-up (x)", ylabel="screened token NLL (dev, nats)",
@@ -586,7 +594,7 @@ class MergeExplorer(_Explorer):
         from matplotlib.patches import Rectangle
 
         stacks = list(self.similarity)
-        fig = Figure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
+        fig = PlotFigure(figsize=self.FIGSIZE)   # not pyplot's: see _Explorer
         w = 0.78 / len(stacks)
         axes = [fig.add_axes([0.07 + i * (w + 0.02), 0.16, w - 0.04, 0.72]) for i in range(len(stacks))]
         cax = fig.add_axes([0.87, 0.16, 0.018, 0.72])
@@ -605,4 +613,4 @@ class MergeExplorer(_Explorer):
         return fig
 
 
-__all__ = ["AssemblyExplorer", "MergeExplorer", "MergeState", "STRATEGIES", "COVERED"]
+__all__ = ["AssemblyExplorer", "MergeExplorer", "MergeState", "PlotFigure", "STRATEGIES", "COVERED"]

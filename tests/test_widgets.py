@@ -358,6 +358,9 @@ def test_plots_keep_their_size_and_label_their_axes():
     fig = m.figure()
     assert fig.axes[0].get_xlabel() == "encoder layer" and fig.axes[0].get_ylabel() == "encoder layer"
     assert fig.axes[-1].get_ylabel()    # the colour bar says what it measures
+    # a returned figure displays (static copies in reports) as the widget's own PNG, without pyplot
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(fig._repr_png_())).size in sizes
 
 
 def test_figure_png_is_never_cropped():
