@@ -331,7 +331,7 @@ def _valid(plan: Plan, depths, granularities) -> bool:
         return False
 
 
-def _busy(specs) -> str:
+def _busy_line(specs) -> str:
     return f"<span class='mtlab-busy' style='color:#a60'>&#9203; {BUSY} {html.escape('; '.join(specs))}</span>"
 
 
@@ -466,7 +466,7 @@ class MergeExplorer(_Explorer):
                     with self._lock:
                         if st != self.shown:   # the controls moved on: their own request is queued
                             return
-                        self.status.value = _busy(key or ("original model",))
+                        self.status.value = _busy_line(key or ("original model",))
                     self.scores(key)
                 self._land(st)
         except Exception as e:  # noqa: BLE001 - shown in the error line, never lost in a thread
@@ -518,7 +518,7 @@ class MergeExplorer(_Explorer):
             self._land(st)
             if all(k in self.memo for k in st.keys()):
                 return
-            self.status.value = _busy(st.merge)
+            self.status.value = _busy_line(st.merge)
         if self.worker is not None:
             self.worker.submit(st)
         else:
@@ -536,7 +536,7 @@ class MergeExplorer(_Explorer):
 
     def _readouts(self, st: MergeState) -> dict[str, str | list[str]]:
         """Read-out of `st` from the memo: "computing..." for what is not scored yet."""
-        o, m, p = (self.memo.get(k) for k in (() , st.merge, st.prune if st.prune else None))
+        o, m, p = (self.memo.get(k) for k in ((), st.merge, st.prune if st.prune else None))
         known = next((r for r in (o, m, p) if r is not None), None)
         metrics = metric_keys(known) if known is not None else []
         words = next((r.get("n") for r in (o, m, p) if r is not None and r.get("n")), None)
