@@ -394,3 +394,17 @@ def test_explorer_figures_stay_out_of_pyplot(monkeypatch):
     e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
     e.ratio.value = 1.5
     assert m.error.value and m.figure().axes and e.figure().axes and e.error.value == ""
+
+
+def test_spec_sizes_match_the_built_models(tiny_t5):
+    from mtlab.experiments.merging import build
+    from mtlab.merging.search import count_params
+    from mtlab.ui.spec_sizes import SpecSizes
+
+    sizes = SpecSizes(tiny_t5)
+    for specs in ([], ["encoder:0-1@first/vanilla"], ["decoder:0-1@last/vanilla", "prune encoder:0-1"],
+                  ["prune decoder:0-1"]):
+        assert sizes(specs) == count_params(build(tiny_t5, specs, None)), specs
+    assert sizes(["encoder:0-1@first/permute"]) == sizes(["encoder:0-1@first/vanilla"]) < sizes([])
+    with pytest.raises(ValueError, match="no layer encoder.5"):
+        sizes(["prune encoder:4-5"])
