@@ -112,7 +112,6 @@ import threading  # noqa: E402
 
 from mtlab.ui.latest import LatestWorker  # noqa: E402
 from mtlab.ui.readout import BUSY, INVALID, metric_label  # noqa: E402
-from mtlab.widgets import MergeState  # noqa: E402
 
 FF, BLOCK, TOTAL = 20, 30, 1000   # toy sizes: a merge removes FF per extra layer, pruning BLOCK per block
 
