@@ -12,7 +12,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .anatomy import anatomy
-from .tasks.base import cache_kwargs, fresh_cache
+from .tasks.base import cache_kwargs
 
 
 def _unique_numel(params) -> int:
