@@ -1,7 +1,9 @@
-"""Seq2seq tasks: the shared task interface, the bundled CMUdict G2P task, and users' own text pairs."""
+"""Tasks: the shared interface, the bundled CMUdict G2P task, users' own text pairs, and plain text for
+decoder-only models (perplexity)."""
 from .base import Seq2SeqTask
+from .causal_lm import CausalLMTask
 from .g2p import G2PTask
 from .pairs import PairsTask
 from .split import split_by_hash
 
-__all__ = ["Seq2SeqTask", "G2PTask", "PairsTask", "split_by_hash"]
+__all__ = ["Seq2SeqTask", "CausalLMTask", "G2PTask", "PairsTask", "split_by_hash"]
