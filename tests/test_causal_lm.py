@@ -202,3 +202,10 @@ def test_merge_search_and_recovery(task, tok, tmp_path, family):
     check_ties(cand)
     assert int(log.step.max()) == 8 and (tmp_path / "model").exists()
     assert task.evaluate(cand, "dev", progress=False)["nll"] < before  # the fine-tune trains the LM loss
+
+
+def test_screen_refuses_an_encoder_only_model(task, tok):
+    bert = T.BertForMaskedLM(T.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, vocab_size=len(tok)))
+    with pytest.raises(ValueError, match="decoder-only LM"):
+        screen(bert, None, task, ["layers=11"], split="dev", limit=4, progress=False)

@@ -4,11 +4,12 @@ Plans that start with the same blocks compute the same hidden states until they 
 `screen` walks a trie over each stack's block sequences: every trie node (a distinct prefix)
 runs ONE block on its parent's output, and the decoder's trie runs once per distinct encoder
 output (a decoder block reads the encoder through cross-attention, so nothing is shared across
-encoder plans). A decoder-only LM (one stack, "layers") has one trie per batch. `screen_per_plan` is the plain way, one full forward per plan; both return the
-same numbers (tested to 1e-5) and count the blocks they ran.
+encoder plans); a decoder-only LM (one stack, "layers") has one trie per batch. `screen_per_plan`
+is the plain way, one full forward per plan; both return the same numbers (tested to 1e-5) and
+count the blocks they ran.
 
-How a block is run outside its stack, for any HF encoder-decoder or decoder-only LM: the stack itself is asked to
-call a stand-in block (`_Catch`) that records the exact arguments it receives (masks, T5's
+How a block is run outside its stack, for any HF encoder-decoder or decoder-only LM: the stack itself is
+asked to call a stand-in block (`_Catch`) that records the exact arguments it receives (masks, T5's
 position bias from whatever block came first, cross-attention inputs) and stops the forward.
 A stand-in that returns a stored output (`_Replay`) lets the stack finish (final layer norm,
 LM head) from a trie leaf. No architecture-specific code.
@@ -71,11 +72,12 @@ def _require_supported(model: nn.Module) -> None:
     names = list(anatomy(model).stacks)
     if names == ["encoder", "decoder"] and hasattr(model, "get_encoder"):
         return
-    if names == ["layers"] and not getattr(model.config, "is_encoder_decoder", False):
+    generates = getattr(model, "can_generate", lambda: False)()
+    if names == ["layers"] and generates and not getattr(model.config, "is_encoder_decoder", False):
         return
-    raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder) or a single-stack LM "
-                     f"(stack layers); this one has {names}. Evaluate its assemblies with mtlab.modular.assemble "
-                     "and the task's own metric")
+    raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder) or a decoder-only LM "
+                     f"(one stack, layers, with an LM head, e.g. *ForCausalLM); this one has {names}. Evaluate "
+                     "its assemblies with mtlab.modular.assemble and the task's own metric")
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
