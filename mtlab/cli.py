@@ -8,6 +8,12 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    return _dispatch(p, a)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .profiles import NAMES
 
@@ -45,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("figures", help="redraw the README's figures from the artifact cache")
     f.add_argument("--out", default="docs/img", help="figure directory (default docs/img)")
     f.add_argument("--profile", default="default", choices=NAMES, help="whose cached artifacts to draw")
-    a = p.parse_args(argv)
+    return p
 
+
+def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     if a.cmd == "run":
         return _run(a.recipe, a.output, a.check, not a.no_progress)
     if a.cmd == "teacher":

@@ -23,7 +23,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, get_args, get_origin
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,9 +51,9 @@ class TaskSpec(_Strict):
     @model_validator(mode="after")
     def _path_fits_kind(self):
         if self.kind == "g2p" and self.path is not None:
-            raise ValueError("task.path: the g2p task is bundled; remove path (or use kind: pairs for your own file)")
+            raise ValueError("the g2p task is bundled: remove path (or use kind: pairs for your own file)")
         if self.kind != "g2p" and self.path is None:
-            raise ValueError(f"task.path: kind {self.kind!r} needs the data file, e.g. path: data/train.txt")
+            raise ValueError(f"kind {self.kind!r} needs the data file, e.g. path: data/train.txt")
         return self
 
 
@@ -121,13 +121,16 @@ class MergeSection(_Strict):
     @field_validator("sets")
     @classmethod
     def _sets(cls, v):
+        from .merging.methods import merge_methods
         from .merging.spec import MergeSpec
 
         for text in v:
             try:
-                MergeSpec.parse(text)
+                spec = MergeSpec.parse(text)
             except ValueError as e:
                 raise ValueError(f"{text!r}: {e}") from None
+            if spec.method not in merge_methods():
+                raise ValueError(f"{text!r}: unknown method {spec.method!r}; use one of {list(merge_methods())}")
         return v
 
     @model_validator(mode="after")
@@ -193,7 +196,8 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
             continue
         f = model.model_fields.get(part)
         ann = getattr(f, "annotation", None)
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        args = (ann,) if get_origin(ann) is None else get_args(ann)
+        sub = next((a for a in args if get_origin(a) is None and isinstance(a, type) and issubclass(a, BaseModel)), None)
         if sub is None:
             return []
         model = sub
@@ -311,7 +315,8 @@ def check_recipe(r: Recipe, model) -> None:
             for text in r.modules.plans if isinstance(r.modules.plans, list) else ():
                 Plan.parse(text, depths).validate(depths, {s: r.modules.granularities for s in depths})
     except (ValueError, PlanError) as e:
-        raise RecipeError(f"modules: {e}".replace("ReplacingConfig(granularities=", "granularities: (")) from None
+        fix = re.sub(r"ReplacingConfig\(granularities=\(([\d, ]*)\)\)", r"granularities: [\1]", str(e))
+        raise RecipeError(f"modules.{'plans' if isinstance(e, PlanError) else 'granularities'}: {fix}") from None
     if r.merge is not None:
         an = anatomy(model)
         for text in r.merge.sets:
