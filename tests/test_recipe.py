@@ -171,3 +171,67 @@ def test_cli_bad_recipe_is_one_message_not_a_traceback(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "modules.stesp: unknown key; did you mean 'steps'?" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_check_only_validates(gpt2_example, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", str(gpt2_example / "recipe.yaml"), "--check", "--output", str(out)]) == 0
+    assert "valid" in capsys.readouterr().out and not out.exists() and not (gpt2_example / "out").exists()
+
+
+def test_llama_recipe_with_ladders_and_every_baseline(tmp_path):
+    """A Llama-style (GLU) model: every registered assembly strategy, merges found by window search."""
+    import torch
+    import transformers as T
+
+    from mtlab.tasks.causal_lm import word_tokenizer
+
+    tok = word_tokenizer(TEXT.read_text().splitlines())
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=0))
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    recipe = {"model": "llama", "task": {"kind": "text", "path": str(TEXT), "block_size": 16}, "output": "out",
+              "modules": {"granularities": [2, 4], "steps": 3, "batch_size": 8, "screen": False},
+              "merge": {"window_search": {"sizes": [2], "starts": [2], "select_limit": 4}, "align_tokens": 200,
+                        "recovery": {"steps": 2, "batch_size": 8}},
+              "baselines": {"names": ["sft", "layer_drop"], "depths": [2], "steps": 2, "batch_size": 8},
+              "eval": {"split": "dev", "limit": 8}}
+    df = run_recipe(load_recipe(recipe, base=tmp_path), progress=False)
+    assert len(df[df.kind == "modules"]) >= 2 and "layers=22" in set(df.spec)
+    assert set(df.spec[df.kind == "merge"]) == {"layers:2-3@middle/permute"}
+    assert len(df[df.kind == "baseline"]) == 2 and df.dev_ppl.notna().all()
+    from mtlab.tasks import CausalLMTask
+
+    task = CausalLMTask.from_file(TEXT, tok, block_size=16)
+    for row in df.dropna(subset=["path"]).itertuples():
+        reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / row.path)
+        assert reloaded.config.num_hidden_layers == len(reloaded.model.layers)
+        assert task.evaluate(reloaded, "dev", limit=8, progress=False)["ppl"] == pytest.approx(row.dev_ppl, rel=1e-4)
+
+
+def test_pairs_recipe_on_a_seq2seq_model(tmp_path):
+    import torch
+    import transformers as T
+
+    from mtlab.tasks.causal_lm import word_tokenizer
+
+    pairs = ROOT / "tests" / "data" / "pairs_small.tsv"
+    tok = word_tokenizer(pairs.read_text().replace("\t", " ").splitlines())
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_heads=2,
+                                                    num_layers=2, num_decoder_layers=2, pad_token_id=0,
+                                                    eos_token_id=0, decoder_start_token_id=0))
+    model.save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    recipe = {"model": "t5", "task": {"kind": "pairs", "path": str(pairs)}, "output": "out",
+              "modules": {"granularities": [2], "steps": 2, "batch_size": 4, "plans": ["e=2 d=2"],
+                          "screen_limit": 4},
+              "eval": {"split": "dev", "limit": 4}}
+    df = run_recipe(load_recipe(recipe, base=tmp_path), progress=False)
+    assert list(df.name) == ["original", "modules e=2 d=2"] and "dev_bleu" in df
+    assert set(pd.read_csv(tmp_path / "out" / "screen.csv").plan) == {"e=11 d=11", "e=2 d=11", "e=11 d=2", "e=2 d=2"}
+    assert "task.kind" in _err({**recipe, "task": {"kind": "text", "path": str(TEXT)}}, tmp_path)
