@@ -209,3 +209,21 @@ def test_screen_refuses_an_encoder_only_model(task, tok):
                                           intermediate_size=32, vocab_size=len(tok)))
     with pytest.raises(ValueError, match="decoder-only LM"):
         screen(bert, None, task, ["layers=11"], split="dev", limit=4, progress=False)
+
+
+def test_from_dataset_rows(tok):
+    class Rows(list):
+        column_names = ["text", "id"]
+
+    rows = Rows({"text": line, "id": i} for i, line in enumerate(LINES))
+    t = CausalLMTask.from_dataset(rows, tok, block_size=16)
+    assert t.encoded("dev") == CausalLMTask(LINES, tok, block_size=16).encoded("dev")
+    with pytest.raises(KeyError, match="text_field"):
+        CausalLMTask.from_dataset(rows, tok, text_field="body")
+
+
+def test_attention_distillation_on_a_decoder_only_model(task, tok, tmp_path):
+    from dataclasses import replace
+
+    bank, log = train_modules(_gpt2(tok), task, replace(_short(3), w_attn=0.5), tmp_path, progress=False)
+    assert log.attn_kl.notna().all() and (log.attn_kl > 0).all()

@@ -235,3 +235,12 @@ def test_pairs_recipe_on_a_seq2seq_model(tmp_path):
     assert list(df.name) == ["original", "modules e=2 d=2"] and "dev_bleu" in df
     assert set(pd.read_csv(tmp_path / "out" / "screen.csv").plan) == {"e=11 d=11", "e=2 d=11", "e=11 d=2", "e=2 d=2"}
     assert "task.kind" in _err({**recipe, "task": {"kind": "text", "path": str(TEXT)}}, tmp_path)
+
+
+def test_console_script_is_the_cli():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["mtlab"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
