@@ -278,25 +278,31 @@ def load_model_and_task(r: Recipe):
                           "or use kind: pairs")
     if r.task.kind == "pairs" and not seq2seq:
         raise RecipeError(f"task.kind: {r.model} is a decoder-only model; use kind: text (a text file) with it")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if r.task.kind == "text" and positions and r.task.block_size and r.task.block_size > positions:
+        raise RecipeError(f"task.block_size: {r.task.block_size} tokens, but the model reads at most {positions}; "
+                          f"set block_size: {positions} or less")
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(r.model).float().eval()
-    tok = r.tokenizer or r.model
+    try:
+        task = _task(r)
+    except (ValueError, KeyError, TypeError) as e:  # the tasks' own errors name the problem and the fix
+        raise RecipeError(f"task: {e}") from None
+    return model, task
+
+
+def _task(r: Recipe):
+    from .tasks.causal_lm import load_tokenizer
+
+    tok = load_tokenizer(r.tokenizer or r.model)
     if r.task.kind == "text":
         from .tasks.causal_lm import CausalLMTask
 
-        task = CausalLMTask.from_file(r.task.path, tok, block_size=r.task.block_size,
+        return CausalLMTask.from_file(r.task.path, tok, block_size=r.task.block_size,
                                       dev_fraction=r.task.dev_fraction, test_fraction=r.task.test_fraction)
-        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if positions and r.task.block_size and r.task.block_size > positions:
-            raise RecipeError(f"task.block_size: {r.task.block_size} tokens, but the model reads at most {positions}; "
-                              f"set block_size: {positions} or less")
-    else:
-        from transformers import AutoTokenizer
+    from .tasks.pairs import PairsTask
 
-        from .tasks.pairs import PairsTask
-
-        task = PairsTask.from_file(r.task.path, AutoTokenizer.from_pretrained(tok), metric=r.task.metric,
-                                   dev_fraction=r.task.dev_fraction, test_fraction=r.task.test_fraction)
-    return model, task
+    return PairsTask.from_file(r.task.path, tok, metric=r.task.metric, dev_fraction=r.task.dev_fraction,
+                               test_fraction=r.task.test_fraction)
 
 
 def check_recipe(r: Recipe, model) -> None:
@@ -325,9 +331,15 @@ def check_recipe(r: Recipe, model) -> None:
             except (ValueError, KeyError) as e:
                 raise RecipeError(f"merge.sets: {text!r}: {e}") from None
         ws = r.merge.window_search
-        if ws is not None and max(ws.sizes) > max(depths.values()):
-            raise RecipeError(f"merge.window_search.sizes: {max(ws.sizes)} is deeper than the model's stacks "
-                              f"{depths}; use sizes up to {max(depths.values())}")
+        if ws is not None:
+            from .merging.search import windows
+
+            fits = [(s, a, k) for s, n in depths.items() if n >= 2 for a, k in windows(n, [k for k in ws.sizes if k <= n])
+                    if ws.starts is None or a in ws.starts]
+            if not fits:
+                raise RecipeError(f"merge.window_search: no window of sizes {list(ws.sizes)} starting at "
+                                  f"{list(ws.starts or []) or 'any layer'} fits the stacks {depths}; use smaller "
+                                  "sizes or other starts")
     if r.baselines is not None:
         bad = [d for d in r.baselines.depths if not 1 <= d < min(depths.values())]
         if bad:
@@ -381,7 +393,7 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, d
         ws = mg.window_search
         df = window_search(teacher, task, None, sizes=ws.sizes, methods=list(ws.methods), starts=ws.starts,
                            select_limit=ws.select_limit, align_tokens=mg.align_tokens, cache=cache, seed=r.seed,
-                           eval_kw=_eval_kw(task, r.eval.batch_size), progress=progress)
+                           eval_kw={"batch_size": r.eval.batch_size}, progress=progress)
         out["_window_search"] = {"table": df}
         specs += [s for s in df[df.best & (df.kind == "merge")].spec if s not in specs]
     for spec in specs:
@@ -402,10 +414,6 @@ def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str
     rows = build_baselines(teacher, task, budget, b.names)
     return {f"{row['method']} {row['plan']}": {"kind": "baseline", "spec": f"{row['strategy']}: {row['plan']}",
                                                "model": row["model"]} for row in rows}
-
-
-def _eval_kw(task, batch_size: int) -> dict:
-    return {"batch_size": batch_size}
 
 
 def export_model(model, directory: Path, task) -> str:
@@ -457,8 +465,8 @@ def _score(name: str, c: dict, task, r: Recipe, n0: int, progress: bool) -> dict
     from .measure import count_params
 
     n = count_params(c["model"])
-    scores = task.evaluate(c["model"], r.eval.split, limit=r.eval.limit, progress=progress,
-                           **_eval_kw(task, r.eval.batch_size))
+    scores = task.evaluate(c["model"], r.eval.split, limit=r.eval.limit, batch_size=r.eval.batch_size,
+                           progress=progress)
     scores = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"name": name, "kind": c["kind"], "spec": c["spec"], "params": n, "compression": n0 / n,
             **{f"{r.eval.split}_{k}": v for k, v in scores.items()}}

@@ -244,3 +244,16 @@ def test_console_script_is_the_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["mtlab"].partition(":")
     assert getattr(importlib.import_module(module), attr) is main
+
+
+def test_window_search_that_fits_nothing_is_refused_up_front(gpt2_example, tmp_path):
+    msg = _err({**BASE, "output": str(tmp_path / "never"), "modules": None,
+                "merge": {"window_search": {"sizes": [3], "starts": [2]}}}, gpt2_example)
+    assert "merge.window_search: no window of sizes [3] starting at [2]" in msg and not (tmp_path / "never").exists()
+
+
+def test_task_errors_are_recipe_errors(gpt2_example, tmp_path):
+    few = tmp_path / "few.txt"
+    few.write_text("just one line\n")
+    msg = _err({**BASE, "task": {"kind": "text", "path": str(few)}}, gpt2_example)
+    assert msg.startswith("task: ") and "few hundred lines" in msg
