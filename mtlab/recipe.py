@@ -113,7 +113,8 @@ class RecoverySpec(_Strict):
 
 class MergeSection(_Strict):
     """FF merging: explicit merge sets and/or a window search (its best window per size and method)."""
-    sets: list[str] = Field(default_factory=list, description="merge specs, each one model, e.g. layers:1-2@middle/permute")
+    sets: list[str] = Field(default_factory=list,
+                            description="merge specs, each one model, e.g. layers:1-2@middle/permute")
     window_search: WindowSearchSpec | None = None
     align_tokens: int = Field(2000, ge=1, description="train tokens for the FF correlations")
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
@@ -197,7 +198,8 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
         f = model.model_fields.get(part)
         ann = getattr(f, "annotation", None)
         args = (ann,) if get_origin(ann) is None else get_args(ann)
-        sub = next((a for a in args if get_origin(a) is None and isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = next((a for a in args if get_origin(a) is None and isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
         if sub is None:
             return []
         model = sub
@@ -236,7 +238,8 @@ def load_recipe(source: str | Path | dict, base: Path | None = None) -> Recipe:
             raise RecipeError(f"{path} is not valid YAML: {e}") from None
         name, base = str(path), base or path.resolve().parent
         if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping (model: ..., task: ..., output: ...), got {type(data).__name__}")
+            raise RecipeError(f"{path}: a recipe is a mapping (model: ..., task: ..., output: ...), "
+                              f"got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -251,8 +254,9 @@ def _resolve_paths(r: Recipe, base: Path) -> Recipe:
     model = r.model
     if model != "bundled" and (base / model).exists() and not Path(model).is_absolute():
         model = str(base / model)
-    tokenizer = r.tokenizer if r.tokenizer is None or Path(r.tokenizer).is_absolute() or not (base / r.tokenizer).exists() \
-        else str(base / r.tokenizer)
+    tokenizer = r.tokenizer
+    if tokenizer is not None and not Path(tokenizer).is_absolute() and (base / tokenizer).exists():
+        tokenizer = str(base / tokenizer)
     task = r.task.model_copy(update={"path": rel(r.task.path)})
     return r.model_copy(update={"model": model, "tokenizer": tokenizer, "task": task, "output": rel(r.output)})
 
@@ -262,7 +266,8 @@ def load_model_and_task(r: Recipe):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if r.task.path is not None and not r.task.path.is_file():
-        raise RecipeError(f"task.path: no file at {r.task.path}; fix the path (relative paths start at the recipe's folder)")
+        raise RecipeError(f"task.path: no file at {r.task.path}; fix the path (relative paths start at the "
+                          "recipe's folder)")
     if r.model == "bundled":
         from .teacher import load_teacher
 
@@ -334,8 +339,8 @@ def check_recipe(r: Recipe, model) -> None:
         if ws is not None:
             from .merging.search import windows
 
-            fits = [(s, a, k) for s, n in depths.items() if n >= 2 for a, k in windows(n, [k for k in ws.sizes if k <= n])
-                    if ws.starts is None or a in ws.starts]
+            fits = [(s, a, k) for s, n in depths.items() if n >= 2
+                    for a, k in windows(n, [k for k in ws.sizes if k <= n]) if ws.starts is None or a in ws.starts]
             if not fits:
                 raise RecipeError(f"merge.window_search: no window of sizes {list(ws.sizes)} starting at "
                                   f"{list(ws.starts or []) or 'any layer'} fits the stacks {depths}; use smaller "

@@ -67,7 +67,8 @@ def word_tokenizer(lines: Iterable[str], *, eos_token: str = "<|endoftext|>", un
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"no text file at {path}: give a UTF-8 text file with one paragraph or document per line")
+        raise FileNotFoundError(f"no text file at {path}: give a UTF-8 text file with one paragraph or document "
+                                "per line")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -121,8 +122,8 @@ class CausalLMTask(Seq2SeqTask):
         return cls(_read_lines(path), tokenizer, **{"name": path.stem, **kw})
 
     @classmethod
-    def from_dataset(cls, dataset, tokenizer, *, text_field: str = "text", split: str = "train", config: str | None = None,
-                     **kw) -> "CausalLMTask":
+    def from_dataset(cls, dataset, tokenizer, *, text_field: str = "text", split: str = "train",
+                     config: str | None = None, **kw) -> "CausalLMTask":
         """From a Hugging Face `datasets` dataset (object, or name/path for `datasets.load_dataset`);
         its rows' `text_field` are the lines. Needs the optional `datasets` package."""
         if isinstance(dataset, (str, Path)):
@@ -158,7 +159,8 @@ class CausalLMTask(Seq2SeqTask):
             start = [self.bos_id] if self.bos_id is not None else []
             wins = [(start + self.tokens(line) + ends)[: self.max_length] for line in lines]
             return [w for w in wins if len(w) >= 2]
-        stream = ([self.bos_id] if self.bos_id is not None else []) + [t for line in lines for t in self.tokens(line) + ends]
+        stream = [self.bos_id] if self.bos_id is not None else []
+        stream += [t for line in lines for t in self.tokens(line) + ends]
         n = self.block_size
         wins = [stream[i: i + n + 1] for i in range(0, max(1, len(stream) - 1), n)]
         return [w for w in wins if len(w) >= 2]
