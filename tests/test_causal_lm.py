@@ -227,3 +227,20 @@ def test_attention_distillation_on_a_decoder_only_model(task, tok, tmp_path):
 
     bank, log = train_modules(_gpt2(tok), task, replace(_short(3), w_attn=0.5), tmp_path, progress=False)
     assert log.attn_kl.notna().all() and (log.attn_kl > 0).all()
+
+
+def test_a_plain_tokenizer_object():
+    class Chars:  # encode/decode and an EOS id, nothing else
+        eos_token_id = 0
+
+        def encode(self, text):
+            return [1 + ord(c) % 95 for c in text]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i - 1) for i in ids if i)
+
+    t = CausalLMTask(LINES, Chars(), block_size=None)
+    src, tgt = t.encoded("dev")
+    line = t.splits["dev"][0][0]
+    assert src[0] == Chars().encode(line) and tgt[0] == Chars().encode(line)[1:] + [0]
+    assert t.pad_id == 0 and t.bos_id is None

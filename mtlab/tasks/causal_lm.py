@@ -140,7 +140,11 @@ class CausalLMTask(Seq2SeqTask):
 
     # ---- codec ------------------------------------------------------------------------------
     def tokens(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of `text` without special tokens (BOS/EOS are placed by the task)."""
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:  # a plain tokenizer object: encode(text) only
+            ids = self.tokenizer.encode(text)
         return [int(i) for i in ids]
 
     def encode_source(self, text: str) -> list[int]:
