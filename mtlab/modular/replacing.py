@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery import span_block, stack_blocks, swapped
+from ..surgery import span_block, stack_blocks, stack_depths, swapped
 from ..tasks.base import Batch, Seq2SeqTask
+from ..tasks.causal_lm import check_aligned
 from ..distill import logit_kd
 from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
@@ -44,6 +45,19 @@ class ReplacingConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="no", log_every=50, ckpt_every=250))
     # fp32: on CPU, bf16 autocast made a replacing step ~8x slower (1.6 s vs 0.2 s at batch 64)
+
+    def granularities_for(self, depths: dict[str, int]) -> tuple[int, ...]:
+        """`granularities`, checked against the teacher's stack depths; an impossible one (a module
+        longer than the stack) raises an error that names it and a setting that fits."""
+        for s, n in depths.items():
+            bad = [k for k in self.granularities if not 2 <= k <= n]
+            if bad:
+                fit = tuple(sorted({k for k in self.granularities if 2 <= k <= n} | ({n} if n >= 2 else set())))
+                fix = (f"ReplacingConfig(granularities={fit})" if fit else
+                       "nothing: a 1-layer stack has no span to replace; compress another stack or use merging")
+                raise ValueError(f"ReplacingConfig.granularities={tuple(self.granularities)}: {bad} impossible for the "
+                                 f"{n}-layer stack {s!r} (a module replaces 2 to {n} layers); use {fix}")
+        return tuple(self.granularities)
 
     def p_at(self, step: int) -> float:
         t = min(1.0, step / max(1, self.ramp * self.train.steps))
@@ -89,6 +103,18 @@ class Replacer(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.originals = stack_blocks(teacher)
+        self.seq2seq = bool(getattr(teacher.config, "is_encoder_decoder", False))
+
+    def check_causal_batch(self, batch: Batch) -> None:
+        """A decoder-only teacher needs labels aligned with its logits (labels[t] = input_ids[t + 1], as
+        CausalLMTask makes them): labels equal to the inputs (Hugging Face's convention, where the model
+        shifts) would train every position to copy its own token."""
+        keep = batch.labels != -100
+        if batch.labels.shape == batch.input_ids.shape and keep.any() and \
+                torch.equal(batch.labels[keep], batch.input_ids[keep]):
+            raise ValueError("the labels equal the input ids: mtlab's labels are aligned with the logits "
+                             "(labels[t] is the token after input_ids[t]); shift them by one, or use "
+                             "mtlab.tasks.CausalLMTask, which does")
 
     def blocks_for(self, stack: str, tiling: tuple[int, ...]) -> tuple[list[nn.Module], list[int]]:
         """Blocks of a tiling and the teacher layer index each block's output corresponds to."""
@@ -156,6 +182,12 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
     return total / max(1, n)
 
 
+def stack_masks(batch: Batch, stacks) -> dict[str, torch.Tensor]:
+    """The positions each stack's hidden states are compared on: a seq2seq decoder runs on the
+    label positions, an encoder or a single stack ("layers") on the real (unpadded) input tokens."""
+    return {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
+
+
 def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict,
                granularities: dict | None = None, share: float = 1.0) -> torch.Tensor:
     """Mean relative MSE of each module (of `granularities` per stack; default all) run on the
@@ -181,9 +213,13 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         teacher, rng = model.teacher, rng_by_step(step)
         share = token_share(batch)  # relative MSEs are ratios over the global batch (see relative_mse)
         stacks = list(model.originals)
-        masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False,
+        masks = stack_masks(batch, stacks)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                       output_attentions=cfg.w_attn > 0)
+        if model.seq2seq:  # the decoder reads the labels shifted right; a decoder-only model needs no labels
+            inputs["labels"] = batch.labels
+        else:
+            model.check_causal_batch(batch)
         teacher.eval()
         t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
         hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
@@ -216,6 +252,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
             for h in hooks:
                 h.remove()
         s_logits, labels = s_out.logits, batch.labels
+        check_aligned(s_logits, labels)
         keep = labels != -100
         ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
         kd = logit_kd(s_logits, t_out.logits, keep, cfg.temperature)
@@ -278,7 +315,7 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
         # run one before the bank copies the blocks, so modules report attention maps too
         with torch.no_grad():
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
-    bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
+    bank = ModuleBank.build(teacher, cfg.granularities_for(stack_depths(teacher)), cfg.init)
     bank.teacher_hash = teacher_hash  # recorded by bank.save: the bank loads for this teacher only
     model = Replacer(teacher, bank)
     meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"},  # train: compared by train()
