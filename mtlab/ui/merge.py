@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import pandas as pd
 
+from ..merging.methods import get_merge_method, merge_methods
 from .explorer import Explorer, PlotFigure, wrap_layout
 from .latest import LatestWorker
 from .readout import BUSY, fmt_metric, fmt_params, fmt_size, metric_keys, metric_label, table
@@ -69,7 +70,9 @@ class MergeExplorer(Explorer):
                                    continuous_update=False)
             anchor = W.Dropdown(options=["first", "middle", "last"], value="middle", description="anchor",
                                 layout=W.Layout(width="180px"))
-            method = W.Dropdown(options=["permute", "vanilla"], value="permute", description="method",
+            methods = merge_methods()  # every registered merge method (mtlab.merging.methods)
+            method = W.Dropdown(options=list(methods), value="permute" if "permute" in methods else methods[0],
+                                description="method",
                                 layout=W.Layout(width="200px"))
             for w, cls in ((on, "mtlab-merge-on"), (rng, "mtlab-merge-range"), (anchor, "mtlab-anchor"),
                            (method, "mtlab-method")):
@@ -177,11 +180,12 @@ class MergeExplorer(Explorer):
     # ---- events --------------------------------------------------------------------------------
     def _sync_controls(self) -> None:
         """Controls that change nothing in this state are disabled: an unticked stack's window, anchor
-        and method; the anchor of vanilla averaging (every layer gets the same average)."""
+        and method; the anchor of a method that aligns nothing (vanilla averaging: every layer gets the
+        same average), i.e. one that does not need correlations to an anchor."""
         for c in self.controls.values():
             off = not c["on"].value
             c["range"].disabled = c["method"].disabled = off
-            c["anchor"].disabled = off or c["method"].value == "vanilla"
+            c["anchor"].disabled = off or not get_merge_method(c["method"].value).needs_correlations
 
     def _update(self) -> None:
         """Any control changed: draw the new state at once (outline; read-out from the memo or "computing")."""
