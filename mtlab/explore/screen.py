@@ -59,6 +59,11 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_hidden(out) -> torch.Tensor:
+    """The hidden states in a block's output (a tensor, or the first item of a tuple)."""
+    return _hidden(out)
+
+
 def _with_hidden(call, h):
     args, kwargs = call
     return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})

@@ -39,7 +39,7 @@ from ..modular.bank import ModuleBank, block_params, plan_stats, stack_block_flo
 from ..modular.plan import Plan
 from ..surgery import stack_depths
 from .frontier import pareto_mask
-from .screen import BlockRunner, eval_mode, max_abs_diff, require_seq2seq, screen, token_metrics
+from .screen import BlockRunner, block_hidden, eval_mode, max_abs_diff, require_seq2seq, screen, token_metrics
 from .space import AssemblySpace
 
 MAX_BEAM = 64
@@ -73,12 +73,20 @@ def stack_beam_evals(depth: int, ks, beam: int, score_cost) -> int:
     return total
 
 
-def search_evals(space: AssemblySpace, beam: int) -> int:
-    """Blocks one batch costs phase 1 for both stacks (the teacher encoder run once included)."""
+PREFIX_SCORES = ("nll", "hidden")
+
+
+def search_evals(space: AssemblySpace, beam: int, prefix_score: str = "nll") -> int:
+    """Blocks one batch costs phase 1 for both stacks: the teacher encoder once, and with
+    prefix_score="hidden" the teacher decoder once (its hidden states are the targets)."""
+    if prefix_score not in PREFIX_SCORES:
+        raise ValueError(f"prefix_score must be one of {PREFIX_SCORES}, got {prefix_score!r}")
     de, dd = space.depths["encoder"], space.depths["decoder"]
-    enc = stack_beam_evals(de, space.granularities.get("encoder", ()), beam, lambda q: de - q + dd)
-    dec = stack_beam_evals(dd, space.granularities.get("decoder", ()), beam, lambda q: dd - q)
-    return de + enc + dec
+    cheap = prefix_score == "hidden"
+    enc = stack_beam_evals(de, space.granularities.get("encoder", ()), beam,
+                           lambda q: dd if q == de else 0 if cheap else de - q + dd)
+    dec = stack_beam_evals(dd, space.granularities.get("decoder", ()), beam, lambda q: 0 if cheap else dd - q)
+    return de + enc + dec + (dd if cheap else 0)
 
 
 def _check_space(space: AssemblySpace) -> None:
@@ -106,16 +114,17 @@ def _restrict(bank: ModuleBank, granularities: Mapping[str, tuple[int, ...]] | N
     return space
 
 
-def choose_beam(space: AssemblySpace, budget: int, batches: int, share: float, beam: int | None) -> int:
+def choose_beam(space: AssemblySpace, budget: int, batches: int, share: float, beam: int | None,
+                prefix_score: str = "nll") -> int:
     """The largest beam whose phase 1 fits `share` of the budget (or `beam`, checked)."""
     one_plan = sum(space.depths.values())  # the most one plan's exact screen can cost
-    need = {b: (search_evals(space, b) + one_plan) * batches for b in range(1, MAX_BEAM + 1)}
+    need = {b: (search_evals(space, b, prefix_score) + one_plan) * batches for b in range(1, MAX_BEAM + 1)}
     if budget < min(need.values()):
         raise BudgetError(f"a budget of {budget} block evaluations cannot reach a complete plan: the smallest "
                           f"search ({batches} batch(es), one plan screened) needs {min(need.values())}; raise budget "
                           f"to at least {min(need.values())} or screen fewer words (limit)")
     if beam is not None:
-        if beam < 1 or need.get(beam, (search_evals(space, beam) + one_plan) * batches) > budget:
+        if beam < 1 or need.get(beam, (search_evals(space, beam, prefix_score) + one_plan) * batches) > budget:
             raise BudgetError(f"beam {beam} does not fit the budget {budget} (stack search and one plan need "
                               f"{need.get(beam, 'more')}); use a beam >= 1 that fits, or None to fit the budget")
         return beam
@@ -124,16 +133,28 @@ def choose_beam(space: AssemblySpace, budget: int, batches: int, share: float, b
 
 
 class _StackSearch:
-    """Phase 1 for one stack over every batch: `run` returns {blocks: [(nll, tiling), ...]}, best first."""
+    """Phase 1 for one stack over every batch: `run` returns {blocks: [(nll, tiling), ...]}, best first.
+    `targets` (per batch, the teacher's hidden state at each layer boundary) switches intermediate
+    scores to the relative squared distance to the teacher there (no extra blocks)."""
 
-    def __init__(self, runners: list[BlockRunner], stack: str, space: AssemblySpace, beam: int, enc_outs=None):
-        self.runners, self.stack, self.beam = runners, stack, beam
+    def __init__(self, runners: list[BlockRunner], stack: str, space: AssemblySpace, beam: int, enc_outs=None,
+                 targets=None):
+        self.runners, self.stack, self.beam, self.targets = runners, stack, beam, targets
         self.depth, self.ks = space.depths[stack], space.granularities.get(stack, ())
         self.enc_outs = enc_outs or [None] * len(runners)
         self.teacher_dec = (1,) * space.depths["decoder"]
 
     def score(self, prefix: tuple[int, ...], states) -> float:
-        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers."""
+        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers, or
+        (with targets, below the top) its distance to the teacher's hidden state."""
+        q = sum(prefix)
+        if self.targets is not None and q < self.depth:
+            num = den = 0.0
+            for r, (out, _), t in zip(self.runners, states, self.targets):
+                mask = (r.batch.attention_mask if self.stack == "encoder" else r.batch.labels != -100).unsqueeze(-1)
+                num += float((((block_hidden(out) - t[q]) ** 2) * mask).sum())
+                den += float(((t[q] ** 2) * mask).sum())
+            return num / den
         total = {"nll_sum": 0.0, "tokens": 0}
         for r, (out, call), enc in zip(self.runners, states, self.enc_outs):
             if self.stack == "encoder":
@@ -239,7 +260,7 @@ def _fit(plans: list[Plan], room: int) -> list[Plan]:
 def frontier_search(teacher: nn.Module, bank: ModuleBank, task, *, budget: int, beam: int | None = None,
                     granularities: Mapping[str, tuple[int, ...]] | None = None, split: str = "dev",
                     limit: int | None = 256, batch_size: int = 64, stack_share: float = 0.5,
-                    progress: bool = True) -> pd.DataFrame:
+                    prefix_score: str = "nll", progress: bool = True) -> pd.DataFrame:
     """The screened quality-vs-cost frontier of the assembly space within `budget` block evaluations
     (counted as `screen` counts them: one block on one batch), without enumerating the space.
 
@@ -261,23 +282,25 @@ def frontier_search(teacher: nn.Module, bank: ModuleBank, task, *, budget: int, 
     t0 = time.perf_counter()
     if beam is None and space.screen_block_evals() * len(index) <= budget:  # the exact answer fits: take it
         return _mark(screen(teacher, bank, task, list(space), split=split, limit=limit, batch_size=batch_size, progress=progress),
-                     space, budget, stack_share, 0, None, len(index), t0, "exhaustive (fits the budget)")
-    beam = choose_beam(space, int(budget), len(index), stack_share, beam)
+                     space, budget, stack_share, prefix_score, 0, None, len(index), t0, "exhaustive (fits the budget)")
+    beam = choose_beam(space, int(budget), len(index), stack_share, beam, prefix_score)
     with eval_mode(teacher, bank):
-        cands, evals, teacher_nll = _stack_searches(teacher, bank, task, space, beam, split, index, progress)
+        cands, evals, teacher_nll = _stack_searches(teacher, bank, task, space, beam, split, index, progress,
+                                                     prefix_score)
         inputs = task.collate(split, index[0]).model_inputs()
         ordered = _combine(cands, _cell_costs(teacher, inputs), space.depths, teacher_nll)
         chosen = _fit(ordered, (int(budget) - evals) // len(index))
     df = screen(teacher, bank, task, chosen, split=split, limit=limit, batch_size=batch_size, progress=progress)
-    return _mark(df, space, budget, stack_share, evals, beam, len(index), t0, "frontier-search")
+    return _mark(df, space, budget, stack_share, prefix_score, evals, beam, len(index), t0, "frontier-search")
 
 
-def _mark(df, space, budget, stack_share, evals, beam, batches, t0, method) -> pd.DataFrame:
+def _mark(df, space, budget, stack_share, prefix_score, evals, beam, batches, t0, method) -> pd.DataFrame:
     """Frontier flags and the search's attrs on a screen table."""
     df["on_frontier"] = pareto_mask(df, "ideal_speedup", "nll")
     df["on_frontier_params"] = pareto_mask(df, "params", "nll", x_higher=False)
     df["on_frontier_any"] = df.on_frontier | df.on_frontier_params
-    df.attrs["config"].update(budget=int(budget), stack_share=stack_share, granularities=dict(space.granularities))
+    df.attrs["config"].update(budget=int(budget), stack_share=stack_share, granularities=dict(space.granularities),
+                              prefix_score=prefix_score)
     df.attrs.update(block_evals_stacks=evals, block_evals_screen=df.attrs["block_evals"],
                     block_evals=evals + df.attrs["block_evals"], beam=beam, batches=batches,
                     plans_in_space=len(space), exhaustive_block_evals=space.screen_block_evals() * batches,
@@ -285,16 +308,28 @@ def _mark(df, space, budget, stack_share, evals, beam, batches, t0, method) -> p
     return df
 
 
-def _stack_searches(teacher, bank, task, space, beam, split, index, progress):
+def _teacher_path(r: BlockRunner, stack: str, depth: int, enc_out=None) -> tuple[dict, object]:
+    """The teacher's hidden state at each layer boundary 1..depth, and its last block's output."""
+    out, call, hs = None, r.root_call(stack, enc_out), {}
+    for q in range(depth):
+        out, call = r.step(stack, (1,) * q, out, call, 1, enc_out)
+        hs[q + 1] = block_hidden(out)
+    return hs, out
+
+
+def _stack_searches(teacher, bank, task, space, beam, split, index, progress, prefix_score):
     """Phase 1 for both stacks: (candidates per stack, blocks run, the teacher's NLL)."""
     runners = [BlockRunner(teacher, bank, task.collate(split, idx)) for idx in index]
-    teacher_enc = (1,) * space.depths["encoder"]
-    with tqdm(total=sum(space.depths.values()), desc=f"search (beam {beam})", disable=not progress) as bar:
-        enc = _StackSearch(runners, "encoder", space, beam).run(bar)
-        enc_outs = [r.outputs("encoder", [teacher_enc])[teacher_enc] for r in runners]
-        dec = _StackSearch(runners, "decoder", space, beam, enc_outs).run(bar)
-    teacher_nll = next(s for s, t in enc[space.depths["encoder"]] if t == teacher_enc)
-    expected = search_evals(space, beam) * len(index)
+    de, dd = space.depths["encoder"], space.depths["decoder"]
+    hidden = prefix_score == "hidden"
+    enc_paths = [_teacher_path(r, "encoder", de) for r in runners]
+    enc_outs = [r.finish("encoder", [last])[0] for r, (_, last) in zip(runners, enc_paths)]
+    dec_targets = [_teacher_path(r, "decoder", dd, e)[0] for r, e in zip(runners, enc_outs)] if hidden else None
+    with tqdm(total=de + dd, desc=f"search (beam {beam})", disable=not progress) as bar:
+        enc = _StackSearch(runners, "encoder", space, beam, targets=[h for h, _ in enc_paths] if hidden else None).run(bar)
+        dec = _StackSearch(runners, "decoder", space, beam, enc_outs, targets=dec_targets).run(bar)
+    teacher_nll = next(s for s, t in enc[de] if t == (1,) * de)
+    expected = search_evals(space, beam, prefix_score) * len(index)
     evals = sum(r.blocks_run for r in runners)
     if evals != expected:
         raise RuntimeError(f"stack search ran {evals} blocks, its cost model says {expected}: a bug in mtlab")
