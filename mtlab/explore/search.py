@@ -200,7 +200,12 @@ def pareto_layers(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     order = np.lexsort((y, x))
     lows: list[float] = []
     out = np.empty(len(x), int)
+    prev = None
     for i in order:
+        if prev is not None and x[i] == x[prev] and y[i] == y[prev]:  # a duplicate: same layer
+            out[i] = out[prev]
+            continue
+        prev = i
         L = bisect.bisect_right(lows, y[i])  # first layer whose lowest y is above y[i]
         if L == len(lows):
             lows.append(y[i])
