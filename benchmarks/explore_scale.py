@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from mtlab.checkpoint import write_csv
 from mtlab.explore.screen import screen
 from mtlab.explore.search import compare_to_exhaustive, frontier_search
 from mtlab.explore.space import AssemblySpace
@@ -54,46 +55,97 @@ def trained_12(task, work: Path, teacher_steps: int, bank_steps: int):
     return teacher, bank.eval()
 
 
-def bundled_6():
-    from mtlab.modular.bank import ModuleBank as Bank
-    from mtlab.shipped import load_shipped_bank  # noqa: F401  (shipped artifacts, when present)
-    raise NotImplementedError
+def bundled_6(work: Path, bank_steps: int):
+    """The bundled 6+6 teacher and a bank {2,3,6} trained `bank_steps` steps (resumable)."""
+    from mtlab.modular.replacing import ReplacingConfig, train_modules
+    from mtlab.teacher import load_teacher
+
+    teacher, task = load_teacher()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cfg = ReplacingConfig(granularities=(2, 3, 6), train=TrainConfig(
+        steps=bank_steps, batch_size=32, lr=1e-3, warmup=30, ckpt_every=100, log_every=50))
+    bank, _ = train_modules(teacher, task, cfg, work / "bank6", progress=False)
+    return teacher, bank.eval(), task
 
 
-def row(name: str, teacher, bank, task, words: int, budget: int, exhaustive: bool) -> dict:
+def exhaustive_screen(name: str, teacher, bank, task, words: int, work: Path) -> pd.DataFrame:
+    """The whole space screened once per (model, words), kept in the work dir (CSV)."""
+    path = work / f"exhaustive_{name}_{words}.csv"
+    if path.exists():
+        full = pd.read_csv(path)
+        full.attrs.update(block_evals=int(full.block_evals.iloc[0]), seconds=float(full.seconds.iloc[0]))
+        return full
+    full = screen(teacher, bank, task, limit=words, batch_size=words, progress=True)
+    write_csv(path, full.assign(block_evals=full.attrs["block_evals"], seconds=full.attrs["seconds"]))
+    return full
+
+
+def row(name: str, teacher, bank, task, words: int, budget: int, full: pd.DataFrame | None, **kw) -> dict:
     space = AssemblySpace.of(teacher, bank)
     t0 = time.perf_counter()
-    found = frontier_search(teacher, bank, task, budget=budget, limit=words, batch_size=words, progress=True)
+    found = frontier_search(teacher, bank, task, budget=budget, limit=words, batch_size=words, progress=True, **kw)
     seconds = time.perf_counter() - t0
+    a = found.attrs
     out = {"model": name, "depth": space.depths["encoder"], "plans": len(space), "words": words, "budget": budget,
-           "beam": found.attrs["beam"], "plans_screened": len(found),
-           "block_evals_search": found.attrs["block_evals"],
-           "block_evals_exhaustive": found.attrs["exhaustive_block_evals"],
+           "prefix_score": a["config"]["prefix_score"], "beam": a["beam"], "plans_screened": len(found),
+           "block_evals_search": a["block_evals"], "block_evals_exhaustive": a["exhaustive_block_evals"],
+           "search_share": a["block_evals"] / a["exhaustive_block_evals"],
            "frontier_recall": float("nan"), "hypervolume_ratio": float("nan"), "seconds": seconds,
-           "seconds_exhaustive": float("nan")}
-    if exhaustive:
-        t0 = time.perf_counter()
-        full = screen(teacher, bank, task, limit=words, batch_size=words, progress=True)
-        out["seconds_exhaustive"] = time.perf_counter() - t0
-        assert full.attrs["block_evals"] == out["block_evals_exhaustive"]
+           "seconds_exhaustive": float("nan"), "frontier_plans": int(found.on_frontier_any.sum())}
+    if full is not None:
+        assert full.attrs["block_evals"] == a["exhaustive_block_evals"]
         cmp = compare_to_exhaustive(found, full)
+        assert cmp["max_abs_diff"] < 1e-5, cmp
         out.update(frontier_recall=cmp["frontier_recall"], hypervolume_ratio=cmp["hypervolume_ratio"],
-                   max_abs_diff=cmp["max_abs_diff"])
+                   hv_flops=cmp["hv_flops"], hv_params=cmp["hv_params"], max_abs_diff=cmp["max_abs_diff"],
+                   seconds_exhaustive=full.attrs["seconds"])
+    print(out, flush=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--words", type=int, default=64, help="dev words screened (one batch)")
+    ap.add_argument("--words", type=int, default=32, help="dev words screened (one batch)")
     ap.add_argument("--out", default="reports")
     ap.add_argument("--work", default="runs/explore_scale")
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--bank-steps", type=int, default=300)
+    ap.add_argument("--budget-24", type=int, default=40_000)
     ap.add_argument("--models", default="t5_6,t5_12,t5_24")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    raise SystemExit("unfinished")
+    work, models, rows = Path(a.work), a.models.split(","), []
+    from mtlab.tasks.g2p import G2PTask
+
+    task = G2PTask()
+    if "t5_6" in models:
+        teacher, bank, task6 = bundled_6(work, a.bank_steps)
+        full = exhaustive_screen("t5_6", teacher, bank, task6, a.words, work)
+        for share in (0.5, 0.67):
+            for score in ("nll", "hidden"):
+                rows.append(row("t5_6", teacher, bank, task6, a.words, int(share * full.attrs["block_evals"]), full,
+                                prefix_score=score, beam=2))
+    if "t5_12" in models:
+        teacher, bank = trained_12(task, work, a.teacher_steps, a.bank_steps)
+        full = exhaustive_screen("t5_12", teacher, bank, task, a.words, work)
+        for share in (0.03, 0.1):
+            for score in ("nll", "hidden"):
+                rows.append(row("t5_12", teacher, bank, task, a.words, int(share * full.attrs["block_evals"]), full,
+                                prefix_score=score))
+    if "t5_24" in models:
+        teacher = tiny_t5(task, 24)
+        bank = ModuleBank.build(teacher, (2, 3, 4, 6, 8, 12))
+        rows.append(row("t5_24", teacher.eval(), bank, task, a.words, a.budget_24, None, prefix_score="hidden"))
+    df = pd.DataFrame(rows)
+    df.attrs["config"] = vars(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "explore_scale.csv", df)
+    pd.set_option("display.width", 240)
+    print(df.to_string(index=False))
+    print(f"wrote {out / 'explore_scale.csv'}")
 
 
 if __name__ == "__main__":

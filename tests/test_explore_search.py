@@ -107,3 +107,30 @@ def test_search_refuses_bad_input(g2p_task, t5_6_bank):
         frontier_search(teacher, bank, g2p_task, budget=10**6, split="test", **WORDS)
     with pytest.raises(ValueError, match="prefix_score"):
         frontier_search(teacher, bank, g2p_task, budget=400, beam=1, prefix_score="mse", **WORDS)
+
+
+def test_greedy_merge_sets_agree_with_every_set(g2p_task):
+    from mtlab.explore.mergesets import every_merge_set, greedy_merge_sets, greedy_vs_exhaustive
+    from mtlab.teacher import TeacherConfig, build_teacher
+
+    torch.manual_seed(0)
+    model = build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=4,
+                                                               num_decoder_layers=3, dropout=0.1)).eval()
+    kw = dict(sizes=(2,), limit=16, align_words=32, progress=False)
+    greedy = greedy_merge_sets(model, g2p_task, steps=2, **kw)
+    every = every_merge_set(model, g2p_task, windows=2, **kw)
+    # windows of size 2: 3 in the encoder, 2 in the decoder; sets of two non-overlapping ones
+    assert len(every) == len(set(every.specs))
+    assert len(every) == 1 + 3 * 2  # encoder 0-1 & 2-3, and each encoder window with each decoder window
+    assert list(greedy.windows) == [1, 2] and greedy.evaluations.iloc[0] == 1 + 5  # unmerged + 5 windows
+    assert greedy.evaluations.iloc[1] - 6 in (2, 3)  # the windows that do not overlap the first choice
+    # the greedy 2-window set is scored exactly as the exhaustive table scores it
+    row = every.set_index("specs").loc[greedy.specs.iloc[1]]
+    assert row.nll == pytest.approx(greedy.nll.iloc[1], abs=1e-6)
+    cmp = greedy_vs_exhaustive(greedy, every)
+    assert cmp["rank"] >= 1 and cmp["gap"] >= 0 and cmp["best_nll"] == pytest.approx(every.nll.min())
+    assert greedy.params.iloc[1] < greedy.params.iloc[0] < sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="dev"):
+        greedy_merge_sets(model, g2p_task, split="test", **kw)
+    with pytest.raises(ValueError, match="no FF window"):
+        greedy_merge_sets(model, g2p_task, sizes=(9,), limit=16, progress=False)
