@@ -11,7 +11,10 @@ evaluations), and timed where it is not:
   (8.3e9 plans; search only, timed).
 
 Writes reports/explore_scale.csv (model, depth, plans, block_evals_search,
-block_evals_exhaustive, frontier_recall, hypervolume_ratio, seconds, ...).
+block_evals_exhaustive, frontier_recall, hypervolume_ratio, seconds, ...) and
+reports/merge_sets.csv (greedy forward selection of FF windows on the bundled teacher against
+every 2-window set). The trained 12+12 model, the banks and the exhaustive screens are kept
+in --work (a rerun reads them).
 
     .venv/bin/python benchmarks/explore_scale.py [--words 64] [--out reports] [--work runs/explore_scale]
 """
@@ -25,6 +28,7 @@ import pandas as pd
 import torch
 
 from mtlab.checkpoint import write_csv
+from mtlab.explore.mergesets import every_merge_set, greedy_merge_sets, greedy_vs_exhaustive
 from mtlab.explore.screen import screen
 from mtlab.explore.search import compare_to_exhaustive, frontier_search
 from mtlab.explore.space import AssemblySpace
@@ -81,6 +85,26 @@ def exhaustive_screen(name: str, teacher, bank, task, words: int, work: Path) ->
     return full
 
 
+def merge_sets(teacher, task, words: int, out: Path) -> None:
+    """Greedy forward selection of FF windows (sizes 2, 3; aligned on train, chosen on dev) against
+    every 2-window set of the bundled teacher: reports/merge_sets.csv."""
+    kw = dict(sizes=(2, 3), limit=words, align_words=4 * words)
+    t0 = time.perf_counter()
+    greedy = greedy_merge_sets(teacher, task, steps=3, **kw)
+    g_seconds = time.perf_counter() - t0
+    every = every_merge_set(teacher, task, windows=2, **kw)
+    cmp = greedy_vs_exhaustive(greedy, every)
+    rows = greedy.assign(kind="greedy", seconds=g_seconds, teacher_nll=greedy.attrs["teacher_nll"])
+    best = every.nsmallest(5, "nll").assign(kind="every_2_window_set_top5", evaluations=len(every),
+                                           seconds=time.perf_counter() - t0 - g_seconds)
+    table = pd.concat([rows, best], ignore_index=True)
+    for k, v in cmp.items():
+        table[f"cmp_{k}"] = v
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "merge_sets.csv", table)
+    print(table.to_string(index=False), flush=True)
+
+
 def row(name: str, teacher, bank, task, words: int, budget: int, full: pd.DataFrame | None, **kw) -> dict:
     space = AssemblySpace.of(teacher, bank)
     t0 = time.perf_counter()
@@ -92,12 +116,12 @@ def row(name: str, teacher, bank, task, words: int, budget: int, full: pd.DataFr
            "block_evals_search": a["block_evals"], "block_evals_exhaustive": a["exhaustive_block_evals"],
            "search_share": a["block_evals"] / a["exhaustive_block_evals"],
            "frontier_recall": float("nan"), "hypervolume_ratio": float("nan"), "seconds": seconds,
-           "seconds_exhaustive": float("nan"), "frontier_plans": int(found.on_frontier_any.sum())}
+           "seconds_exhaustive": float("nan"), "frontier_plans_search": int(found.on_frontier_any.sum())}
     if full is not None:
         assert full.attrs["block_evals"] == a["exhaustive_block_evals"]
         cmp = compare_to_exhaustive(found, full)
         assert cmp["max_abs_diff"] < 1e-5, cmp
-        out.update(frontier_recall=cmp["frontier_recall"], hypervolume_ratio=cmp["hypervolume_ratio"],
+        out.update(frontier_plans_exhaustive=cmp["frontier_plans"], frontier_recall=cmp["frontier_recall"], hypervolume_ratio=cmp["hypervolume_ratio"],
                    hv_flops=cmp["hv_flops"], hv_params=cmp["hv_params"], max_abs_diff=cmp["max_abs_diff"],
                    seconds_exhaustive=full.attrs["seconds"])
     print(out, flush=True)
@@ -112,7 +136,7 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--bank-steps", type=int, default=300)
     ap.add_argument("--budget-24", type=int, default=40_000)
-    ap.add_argument("--models", default="t5_6,t5_12,t5_24")
+    ap.add_argument("--models", default="t5_6,merge_sets,t5_12,t5_24")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -123,15 +147,17 @@ def main() -> None:
     if "t5_6" in models:
         teacher, bank, task6 = bundled_6(work, a.bank_steps)
         full = exhaustive_screen("t5_6", teacher, bank, task6, a.words, work)
-        for share in (0.5, 0.67):
-            for score in ("nll", "hidden"):
+        for share in (0.5, 0.67, 0.8):
+            for score in ("hidden", "nll"):
                 rows.append(row("t5_6", teacher, bank, task6, a.words, int(share * full.attrs["block_evals"]), full,
                                 prefix_score=score, beam=2))
+        if "merge_sets" in models:
+            merge_sets(teacher, task6, a.words, Path(a.out))
     if "t5_12" in models:
         teacher, bank = trained_12(task, work, a.teacher_steps, a.bank_steps)
         full = exhaustive_screen("t5_12", teacher, bank, task, a.words, work)
         for share in (0.03, 0.1):
-            for score in ("nll", "hidden"):
+            for score in ("hidden", "nll"):
                 rows.append(row("t5_12", teacher, bank, task, a.words, int(share * full.attrs["block_evals"]), full,
                                 prefix_score=score))
     if "t5_24" in models:

@@ -8,9 +8,11 @@ Exhaustive screening (`mtlab.explore.screen`) is exact but builds a trie over ev
    (the decoder reads the teacher encoder's output, the encoder is read by the teacher decoder).
    Prefixes grow one span at a time; each extension runs ONE block on its parent's output. A plan's
    cost depends only on how many blocks each stack keeps, so prefixes are grouped by (layers
-   covered, blocks used) and each group keeps its `beam` best, ranked by the screened prefix (the
-   prefix completed with the teacher's remaining layers: teacher-forced token NLL). A group is
-   scored only when it holds more than `beam` prefixes; complete tilings are always scored.
+   covered, blocks used) and each group keeps its `beam` best. A group is ranked only when it holds
+   more than `beam` prefixes, by `prefix_score`: "hidden" (default) is the relative squared
+   distance to the teacher's hidden state at the same layer boundary (no extra blocks); "nll" is the
+   screened prefix, completed by the teacher's remaining layers and scored by teacher-forced token
+   NLL (costs the completion). Complete tilings are always scored by NLL.
 2. **Combination.** Encoder and decoder candidates are paired; pairs are ordered by proxy Pareto
    layer (additive proxy: nll_enc + nll_dec - nll_teacher, against FLOPs and against parameters),
    then by rank inside their cost cell, and added while the exact screen of the chosen set
@@ -76,7 +78,7 @@ def stack_beam_evals(depth: int, ks, beam: int, score_cost) -> int:
 PREFIX_SCORES = ("nll", "hidden")
 
 
-def search_evals(space: AssemblySpace, beam: int, prefix_score: str = "nll") -> int:
+def search_evals(space: AssemblySpace, beam: int, prefix_score: str = "hidden") -> int:
     """Blocks one batch costs phase 1 for both stacks: the teacher encoder once, and with
     prefix_score="hidden" the teacher decoder once (its hidden states are the targets)."""
     if prefix_score not in PREFIX_SCORES:
@@ -115,7 +117,7 @@ def _restrict(bank: ModuleBank, granularities: Mapping[str, tuple[int, ...]] | N
 
 
 def choose_beam(space: AssemblySpace, budget: int, batches: int, share: float, beam: int | None,
-                prefix_score: str = "nll") -> int:
+                prefix_score: str = "hidden") -> int:
     """The largest beam whose phase 1 fits `share` of the budget (or `beam`, checked)."""
     one_plan = sum(space.depths.values())  # the most one plan's exact screen can cost
     need = {b: (search_evals(space, b, prefix_score) + one_plan) * batches for b in range(1, MAX_BEAM + 1)}
@@ -265,7 +267,7 @@ def _fit(plans: list[Plan], room: int) -> list[Plan]:
 def frontier_search(teacher: nn.Module, bank: ModuleBank, task, *, budget: int, beam: int | None = None,
                     granularities: Mapping[str, tuple[int, ...]] | None = None, split: str = "dev",
                     limit: int | None = 256, batch_size: int = 64, stack_share: float = 0.5,
-                    prefix_score: str = "nll", progress: bool = True) -> pd.DataFrame:
+                    prefix_score: str = "hidden", progress: bool = True) -> pd.DataFrame:
     """The screened quality-vs-cost frontier of the assembly space within `budget` block evaluations
     (counted as `screen` counts them: one block on one batch), without enumerating the space.
 
