@@ -150,7 +150,7 @@ def main() -> None:
         for share in (0.5, 0.67, 0.8):
             for score in ("hidden", "nll"):
                 rows.append(row("t5_6", teacher, bank, task6, a.words, int(share * full.attrs["block_evals"]), full,
-                                prefix_score=score, beam=2))
+                                prefix_score=score))
         if "merge_sets" in models:
             merge_sets(teacher, task6, a.words, Path(a.out))
     if "t5_12" in models:

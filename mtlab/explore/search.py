@@ -75,6 +75,27 @@ def stack_beam_evals(depth: int, ks, beam: int, score_cost) -> int:
     return total
 
 
+def stack_candidates(depth: int, ks, beam: int) -> int:
+    """Complete tilings the per-stack beam hands to the combination (at most `beam` per block count)."""
+    kept = {(0, 0): 1}
+    for q in range(1, depth + 1):
+        for (p, n), c in list(kept.items()):
+            for k in spans_at(p, depth, ks):
+                if p + k == q:
+                    kept[(q, n + 1)] = kept.get((q, n + 1), 0) + c
+        for key in [key for key in kept if key[0] == q]:
+            kept[key] = min(kept[key], beam)
+    return sum(c for (q, _), c in kept.items() if q == depth)
+
+
+def pairs_bound(space: AssemblySpace, beam: int) -> int:
+    """The most one batch's exact screen of EVERY candidate pair can cost (each tiling's blocks)."""
+    ce = stack_candidates(space.depths["encoder"], space.granularities.get("encoder", ()), beam)
+    cd = stack_candidates(space.depths["decoder"], space.granularities.get("decoder", ()), beam)
+    enc = min(ce * space.depths["encoder"], space.prefixes("encoder"))
+    return enc + ce * min(cd * space.depths["decoder"], space.prefixes("decoder"))
+
+
 PREFIX_SCORES = ("nll", "hidden")
 
 
@@ -131,7 +152,9 @@ def choose_beam(space: AssemblySpace, budget: int, batches: int, share: float, b
                               f"{need.get(beam, 'more')}); use a beam >= 1 that fits, or None to fit the budget")
         return beam
     fits = [b for b, n in need.items() if n <= budget and n - one_plan * batches <= share * budget]
-    return max(fits) if fits else min(need, key=need.get)
+    # a wider beam keeps a superset of candidates: take it too when ALL its pairs fit the budget
+    whole = [b for b in need if (search_evals(space, b, prefix_score) + pairs_bound(space, b)) * batches <= budget]
+    return max(fits + whole) if fits + whole else min(need, key=need.get)
 
 
 class _StackSearch:
