@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--bank-steps", type=int, default=300)
     ap.add_argument("--budget-24", type=int, default=40_000)
     ap.add_argument("--models", default="t5_6,merge_sets,t5_12,t5_24")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: blocks this small gain nothing from more)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     work, models, rows = Path(a.work), a.models.split(","), []
