@@ -134,3 +134,12 @@ def test_greedy_merge_sets_agree_with_every_set(g2p_task):
         greedy_merge_sets(model, g2p_task, split="test", **kw)
     with pytest.raises(ValueError, match="no FF window"):
         greedy_merge_sets(model, g2p_task, sizes=(9,), limit=16, progress=False)
+
+
+def test_pairs_are_capped_and_still_exact(g2p_task, t5_6_bank, exhaustive, monkeypatch):
+    import mtlab.explore.search as search
+
+    monkeypatch.setattr(search, "MAX_PAIRS", 40)  # the combination's memory bound, made to bite
+    found = frontier_search(*t5_6_bank, g2p_task, budget=exhaustive.attrs["block_evals"] - 1, beam=4, **WORDS)
+    assert 0 < len(found) <= 40
+    assert compare_to_exhaustive(found, exhaustive)["max_abs_diff"] < 1e-5

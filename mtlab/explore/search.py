@@ -20,8 +20,8 @@ Exhaustive screening (`mtlab.explore.screen`) is exact but builds a trie over ev
 3. **Exact screening** of the chosen plans with `mtlab.explore.screen`: every reported score is the
    score exhaustive screening gives that plan.
 
-Memory holds at most `beam` prefixes per (layer, blocks) group of one stack and the candidate
-pairs (at most (beam x depth)^2): nothing grows with the number of plans. Both phases' block
+Memory holds at most `beam` prefixes per (layer, blocks) group of one stack and at most
+`MAX_PAIRS` candidate pairs: nothing grows with the number of plans. Both phases' block
 counts are known before anything runs, so the largest beam that fits the budget is chosen up front.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .screen import BlockRunner, block_hidden, eval_mode, max_abs_diff, require_
 from .space import AssemblySpace
 
 MAX_BEAM = 64
+MAX_PAIRS = 100_000  # candidate pairs ordered at once (the bound on memory of the combination)
 
 
 class BudgetError(ValueError):
@@ -244,14 +245,27 @@ def _cell_costs(teacher, inputs) -> dict:
     return {"n": count_params(teacher), "bparams": block_params(teacher), "flops": stack_block_flops(teacher, inputs)}
 
 
+def _pair_depth(cands: dict, cap: int) -> int:
+    """How many of each block count's best candidates to pair so that at most `cap` pairs exist
+    (memory stays bounded whatever the beam), at least 1."""
+    def pairs(r):
+        return (sum(min(r, len(v)) for v in cands["encoder"].values())
+                * sum(min(r, len(v)) for v in cands["decoder"].values()))
+    r = max([len(v) for c in cands.values() for v in c.values()] + [1])
+    while r > 1 and pairs(r) > cap:
+        r -= 1
+    return r
+
+
 def _combine(cands: dict, costs: dict, depths: Mapping[str, int], teacher_nll: float) -> list[Plan]:
     """Candidate pairs, most promising first: proxy Pareto layer (the better of FLOPs and params),
     then rank inside the cost cell, then proxy NLL."""
+    r = _pair_depth(cands, MAX_PAIRS)
     rows = []
     for ne, es in cands["encoder"].items():
         for nd, ds in cands["decoder"].items():
-            for i, (se, e) in enumerate(es):
-                for j, (sd, d) in enumerate(ds):
+            for i, (se, e) in enumerate(es[:r]):
+                for j, (sd, d) in enumerate(ds[:r]):
                     rows.append((se + sd - teacher_nll, i + j, e, d))
     proxy = np.array([r[0] for r in rows])
     plans = [Plan.of({"encoder": r[2], "decoder": r[3]}) for r in rows]
