@@ -96,8 +96,9 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
             "words_right": int(right.all(-1).sum()), "words": int(labels.shape[0])}
 
 
-class _Runner:
-    """Runs the teacher's stacks for one batch with any block list swapped in."""
+class BlockRunner:
+    """Runs the teacher's stacks for one batch with any block list swapped in, and single blocks of
+    any prefix (`root_call`, `step`, `complete`: what `mtlab.explore.search` builds on)."""
 
     def __init__(self, teacher: nn.Module, bank: ModuleBank | None, batch):
         self.model, self.bank, self.batch = teacher, bank, batch
@@ -190,9 +191,6 @@ class _Runner:
         return self.finish(stack, [out], enc_out)[0]
 
 
-BlockRunner = _Runner  # public name: runs single blocks of any plan's prefix (mtlab.explore.search)
-
-
 def _plan_rows(sums: dict, stats: dict) -> pd.DataFrame:
     rows = []
     for plan, s in sums.items():
@@ -270,7 +268,7 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
-        r = _Runner(teacher, bank, task.collate(split, idx))
+        r = BlockRunner(teacher, bank, task.collate(split, idx))
         for enc, enc_out in r.outputs("encoder", by_enc).items():
             for dec, logits in r.outputs("decoder", by_enc[enc], enc_out).items():
                 _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
@@ -293,7 +291,7 @@ def screen_per_plan(teacher: nn.Module, bank: ModuleBank | None, task, plans: It
 
 
 def _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
-    r0 = _Runner(teacher, bank, None)
+    r0 = BlockRunner(teacher, bank, None)
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress):
