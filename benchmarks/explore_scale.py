@@ -14,7 +14,8 @@ Writes reports/explore_scale.csv (model, depth, plans, block_evals_search,
 block_evals_exhaustive, frontier_recall, hypervolume_ratio, seconds, ...) and
 reports/merge_sets.csv (greedy forward selection of FF windows on the bundled teacher against
 every 2-window set). The trained 12+12 model, the banks and the exhaustive screens are kept
-in --work (a rerun reads them).
+in --work (a rerun reads them). A first run on a shared 2-core machine takes about 30 minutes
+(12+12 teacher ~7 min, banks ~3 min, the 12+12 exhaustive screen ~13 min); a rerun about 8.
 
     .venv/bin/python benchmarks/explore_scale.py [--words 64] [--out reports] [--work runs/explore_scale]
 """
