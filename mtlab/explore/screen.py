@@ -61,6 +61,11 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_hidden(out) -> torch.Tensor:
+    """The hidden states in a block's output (a tensor, or the first item of a tuple)."""
+    return _hidden(out)
+
+
 def _with_hidden(call, h):
     args, kwargs = call
     return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
@@ -80,6 +85,16 @@ def _require_supported(model: nn.Module) -> None:
                      "its assemblies with mtlab.modular.assemble and the task's own metric")
 
 
+def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Sums over the batch: nll_sum, correct, tokens, words_right, words (add them over batches)."""
+    return _metrics(logits, labels)
+
+
+def require_seq2seq(model: nn.Module) -> None:
+    """Refuses a model without an encoder and a decoder, naming what to use instead."""
+    _require_seq2seq(model)
+
+
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums over the batch: token NLL, correct tokens, tokens, words with every token right, words."""
     mask = labels != -100
@@ -90,8 +105,9 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
             "words_right": int(right.all(-1).sum()), "words": int(labels.shape[0])}
 
 
-class _Runner:
-    """Runs the teacher's stacks for one batch with any block list swapped in."""
+class BlockRunner:
+    """Runs the teacher's stacks for one batch with any block list swapped in, and single blocks of
+    any prefix (`root_call`, `step`, `complete`: what `mtlab.explore.search` builds on)."""
 
     def __init__(self, teacher: nn.Module, bank: ModuleBank | None, batch):
         self.model, self.bank, self.batch = teacher, bank, batch
@@ -150,23 +166,40 @@ class _Runner:
                 kids = children.setdefault(t[:i], [])
                 if t[i] not in kids:
                     kids.append(t[i])
-        first_call = self.caught(stack, [], enc_out)
 
         def visit(prefix, out, call):
             if prefix in ends:
                 yield prefix, out
             for k in sorted(children.get(prefix, ())):
-                block = self.block(stack, sum(prefix), k)
-                if prefix:
-                    args, kwargs = _with_hidden(call, _hidden(out))
-                    o, rest = block(*args, **kwargs), call
-                else:  # the first block may make state the others read (T5's position bias)
-                    o = block(*first_call[0], **first_call[1])
-                    rest = self.caught(stack, [_Replay(o)], enc_out)
-                self.blocks_run += 1
-                yield from visit(prefix + (k,), o, rest)
+                yield from visit(prefix + (k,), *self.step(stack, prefix, out, call, k, enc_out))
 
-        yield from visit((), None, None)
+        yield from visit((), None, self.root_call(stack, enc_out))
+
+    def root_call(self, stack: str, enc_out=None):
+        """The call the stack makes to its first block (the `call` of the empty prefix)."""
+        return self.caught(stack, [], enc_out)
+
+    def step(self, stack: str, prefix: tuple[int, ...], out, call, k: int, enc_out=None):
+        """Runs the block of span `k` after `prefix` (whose last block returned `out`; `call` is what
+        the stack passes to the next block, `root_call` for the empty prefix). Returns the block's
+        output and the call for the block after it. Counts one block."""
+        block = self.block(stack, sum(prefix), k)
+        if prefix:
+            args, kwargs = _with_hidden(call, _hidden(out))
+            o, rest = block(*args, **kwargs), call
+        else:  # the first block may make state the others read (T5's position bias)
+            o = block(*call[0], **call[1])
+            rest = self.caught(stack, [_Replay(o)], enc_out)
+        self.blocks_run += 1
+        return o, rest
+
+    def complete(self, stack: str, prefix: tuple[int, ...], out, call, enc_out=None) -> torch.Tensor:
+        """The stack's output when original layers follow `prefix` to the top (a screened prefix)."""
+        depth = len(self.originals[stack])
+        while sum(prefix) < depth:
+            out, call = self.step(stack, prefix, out, call, 1, enc_out)
+            prefix = prefix + (1,)
+        return self.finish(stack, [out], enc_out)[0]
 
 
 def _plan_rows(sums: dict, stats: dict) -> pd.DataFrame:
@@ -212,7 +245,7 @@ def _setup(teacher, bank, task, plans, split, limit, batch_size):
 
 
 @contextmanager
-def _eval_mode(*modules):
+def eval_mode(*modules):
     """Dropout off in the teacher AND the bank (a bank fresh from training is in train mode),
     restored afterwards."""
     modules = [m for m in modules if m is not None]
@@ -226,6 +259,9 @@ def _eval_mode(*modules):
             m.train(mode)
 
 
+_eval_mode = eval_mode  # the old private name
+
+
 @torch.no_grad()
 def screen(teacher: nn.Module, bank: ModuleBank | None, task, plans: Iterable[Plan | str] | None = None, *,
            split: str = "dev", limit: int | None = 1000, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
@@ -235,7 +271,7 @@ def screen(teacher: nn.Module, bank: ModuleBank | None, task, plans: Iterable[Pl
     every token is the argmax under teacher forcing), tokens, words. `attrs`: config, block_evals,
     seconds."""
     plans, index, stats = _setup(teacher, bank, task, plans, split, limit, batch_size)
-    with _eval_mode(teacher, bank):
+    with eval_mode(teacher, bank):
         return _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress)
 
 
@@ -249,7 +285,7 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
-        r = _Runner(teacher, bank, task.collate(split, idx))
+        r = BlockRunner(teacher, bank, task.collate(split, idx))
         for enc, enc_out in r.outputs("encoder", by_enc).items():
             for dec, logits in r.outputs("decoder", by_enc[enc], enc_out).items():
                 _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
@@ -284,12 +320,12 @@ def screen_per_plan(teacher: nn.Module, bank: ModuleBank | None, task, plans: It
     """The same table as `screen`, computed the plain way: each plan's blocks swapped into the
     teacher and one full forward per plan and batch (the reference `screen` must match)."""
     plans, index, stats = _setup(teacher, bank, task, plans, split, limit, batch_size)
-    with _eval_mode(teacher, bank):
+    with eval_mode(teacher, bank):
         return _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress)
 
 
 def _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
-    r0 = _Runner(teacher, bank, None)
+    r0 = BlockRunner(teacher, bank, None)
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress):
@@ -314,6 +350,18 @@ def max_abs_diff(a: pd.DataFrame, b: pd.DataFrame, cols: Iterable[str] = METRICS
     if m.isna().any().any():
         raise ValueError("the two screens cover different plans")
     return float(max((m[c] - m[f"{c}_b"]).abs().max() for c in cols))
+
+
+def screen_block_evals(plans: Iterable[Plan]) -> int:
+    """Blocks one batch costs `screen` (distinct encoder prefixes, plus the distinct decoder prefixes
+    under each distinct encoder tiling), without running anything."""
+    enc: set = set()
+    dec: dict[tuple, set] = {}
+    for p in plans:
+        e, d = p.stack("encoder"), p.stack("decoder")
+        enc.update(e[:i] for i in range(1, len(e) + 1))
+        dec.setdefault(e, set()).update(d[:i] for i in range(1, len(d) + 1))
+    return len(enc) + sum(map(len, dec.values()))
 
 
 def block_evals_per_plan(plans: Iterable[Plan]) -> int:

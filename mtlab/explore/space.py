@@ -50,6 +50,24 @@ class AssemblySpace:
     def __iter__(self) -> Iterator[Plan]:
         return iter_plans(self.depths, self.granularities)
 
+    def prefixes(self, stack: str) -> int:
+        """Distinct non-empty prefixes of the stack's tilings (its screening trie's nodes), counted
+        by the number of ways to reach each layer boundary, without listing the tilings."""
+        depth, ks = self.depths[stack], sorted(set(self.granularities.get(stack, ())) - {1})
+        ways = [1] + [0] * depth
+        for pos in range(depth):
+            for k in [1, *ks]:
+                if pos + k <= depth and (k == 1 or pos % k == 0):
+                    ways[pos + k] += ways[pos]
+        return sum(ways[1:])
+
+    def screen_block_evals(self) -> int:
+        """Blocks one batch costs when `mtlab.explore.screen` screens the whole space: every encoder
+        prefix once, every decoder prefix once per encoder tiling (encoder-decoder spaces only)."""
+        if self.stacks != ["encoder", "decoder"]:
+            raise ValueError(f"screen_block_evals needs stacks encoder, decoder; this space has {self.stacks}")
+        return self.prefixes("encoder") + len(self.tilings("encoder")) * self.prefixes("decoder")
+
     def sizes(self) -> dict[str, int]:
         """Tilings per stack and the total number of plans."""
         return {**{s: len(self.tilings(s)) for s in self.stacks}, "plans": len(self)}
