@@ -92,7 +92,10 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 
 def require_seq2seq(model: nn.Module) -> None:
     """Refuses a model without an encoder and a decoder, naming what to use instead."""
-    _require_seq2seq(model)
+    names = list(anatomy(model).stacks)
+    if names != ["encoder", "decoder"] or not hasattr(model, "get_encoder"):
+        raise ValueError(f"this needs an encoder-decoder model (stacks encoder, decoder); this one has {names}. "
+                         "For a decoder-only LM screen its assembly space with mtlab.explore.screen")
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -302,7 +305,7 @@ def _screen_single(teacher, bank, task, plans, index, stats, split, limit, batch
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
-        r = _Runner(teacher, bank, task.collate(split, idx))
+        r = BlockRunner(teacher, bank, task.collate(split, idx))
         for tiling, logits in r.outputs("layers", names).items():
             check_aligned(logits, r.batch.labels)
             _add(sums, names[tiling], _metrics(logits, r.batch.labels))
