@@ -24,6 +24,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MTLAB_CACHE", ROOT / "cache"))
 
 
+def shown(path: str | Path) -> str:
+    """A path as messages and reports show it: `cache/<kind>/<hash>/...` under the cache root, relative
+    to the repository under it, else `.../<parent>/<name>`; never the machine's absolute path."""
+    p = Path(path).absolute()
+    for root, prefix in ((cache_root(), "cache"), (ROOT, "")):
+        try:
+            return str(Path(prefix, p.relative_to(Path(root).absolute())))
+        except ValueError:
+            continue
+    return str(Path("...", *p.parts[-2:]))
+
+
 def config_hash(config) -> str:
     """Stable short hash of a JSON-able config (dict keys sorted; tuples read as lists)."""
     text = json.dumps(config, sort_keys=True, default=str)
@@ -81,7 +93,7 @@ def stale_note(kind: str, config: dict) -> str | None:
     new = _flat(json.loads(json.dumps(config, default=str)))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     shown = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
-    return (f"cache: {kind} for this config ({here}) is new; the cached one in {others[-1].parent} differs in "
+    return (f"cache: {kind} for this config ({here}) is new; the cached one in {shown(others[-1].parent)} differs in "
             f"{shown or 'nothing readable'}, so it is kept but not reused")
 
 
