@@ -502,11 +502,16 @@ def _teacher_lines(t: pd.DataFrame) -> list[str]:
         if g.method.nunique() < 2:
             continue
         best, runner = g.iloc[0], g[g.method != g.iloc[0].method].iloc[0]
+        removed = (f"{100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
+                   f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed)")
+        if runner.test_wer - best.test_wer < 0.05:
+            lines.append(f"{stack}, {size} layers ({stage}): {best.method} and {runner.method} tie at {best.test_wer:.1f}% "
+                         f"WER ({100 * best.params_removed_frac:.1f}% vs {100 * runner.params_removed_frac:.1f}% of "
+                         "parameters removed).")
+            continue
         wins[best.method] = wins.get(best.method, 0) + 1
         lines.append(f"{stack}, {size} layers ({stage}): **{best.method}** wins with {best.test_wer:.1f}% WER "
-                     f"({100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
-                     f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed), "
-                     f"{runner.test_wer - best.test_wer:.1f} points better.")
+                     f"({removed}, {runner.test_wer - best.test_wer:.1f} points better.")
     if wins:
         lines.insert(1 if len(orig) else 0, "Teacher, wins per method: " + ", ".join(
             f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])) + f" (lowest test WER {stage}).")
