@@ -26,14 +26,15 @@ def cache_root() -> Path:
 
 def shown(path: str | Path) -> str:
     """A path as messages and reports show it: `cache/<kind>/<hash>/...` under the cache root, relative
-    to the repository under it, else `.../<parent>/<name>`; never the machine's absolute path."""
+    to the repository under it (so reports carry no machine path); a path the caller chose elsewhere
+    is shown as given."""
     p = Path(path).absolute()
     for root, prefix in ((cache_root(), "cache"), (ROOT, "")):
         try:
             return str(Path(prefix, p.relative_to(Path(root).absolute())))
         except ValueError:
             continue
-    return str(Path("...", *p.parts[-2:]))
+    return str(path)
 
 
 def config_hash(config) -> str:
