@@ -330,6 +330,7 @@ def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_
         text = f"At {s:g}x or more, **{w.kind}** decodes best ({w.plan}, {w[speed]:.2f}x): {w.test_wer:.1f}% test WER"
         if len(best) > 1:
             r = best.iloc[1]
-            text += f", {r.test_wer - w.test_wer:.1f} points better than {r.kind} ({r.test_wer:.1f}%)"
+            text += (f", tied with {r.kind} ({r.plan})" if r.test_wer - w.test_wer < 0.05 else
+                     f", {r.test_wer - w.test_wer:.1f} points better than {r.kind} ({r.test_wer:.1f}%)")
         lines.append(text + ".")
     return "\n".join(f"- {x}" for x in lines)
