@@ -77,9 +77,7 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
         t0 = time.perf_counter()
         status = "ok"
         try:
-            # OUT relative to the notebook's directory: the rendered parameters cell shows no machine path
-            papermill.execute_notebook(str(path), str(executed), parameters={"PROFILE": prof.name,
-                                                                             "OUT": os.path.relpath(out, path.parent)},
+            papermill.execute_notebook(str(path), str(executed), parameters={"PROFILE": prof.name, "OUT": str(out)},
                                        kernel_name=kernel, cwd=str(path.parent), progress_bar=True,
                                        log_output=False)
         except papermill.PapermillExecutionError as e:
@@ -90,7 +88,8 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
             raise
         seconds = time.perf_counter() - t0
         if executed.exists():
-            (out / f"{path.stem}.html").write_text(render_html(nbformat.read(executed, as_version=4)))
+            nb = without_machine_paths(nbformat.read(executed, as_version=4), prof.name)
+            (out / f"{path.stem}.html").write_text(render_html(nb))
         rows.append({"notebook": path.stem, "profile": prof.name, "seconds": round(seconds, 1), "status": status})
         print(f"   {status} in {seconds:.0f}s", flush=True)
     df = pd.DataFrame(rows)
@@ -101,6 +100,19 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
         raise ReportError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
                            "for the cell that failed")
     return df
+
+
+def without_machine_paths(nb, profile: str):
+    """The executed notebook as the report shows it: papermill's injected parameters cell (which holds
+    OUT, an absolute path of this machine) becomes a line naming the profile, and OUT is the page's folder."""
+    import nbformat
+
+    for i, cell in enumerate(nb.cells):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            nb.cells[i] = nbformat.v4.new_markdown_cell(
+                f"*Run by `make report` with `PROFILE = {profile!r}`; `OUT` is the folder of this page, where the "
+                "notebook wrote its tables.*")
+    return nb
 
 
 # JupyterLab's HTML template, less everything it fetches from a CDN: require.js and MathJax (math stays
