@@ -93,9 +93,9 @@ def stale_note(kind: str, config: dict) -> str | None:
         return None
     new = _flat(json.loads(json.dumps(config, default=str)))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
+    fields = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
     return (f"cache: {kind} for this config ({here}) is new; the cached one in {shown(others[-1].parent)} differs in "
-            f"{shown or 'nothing readable'}, so it is kept but not reused")
+            f"{fields or 'nothing readable'}, so it is kept but not reused")
 
 
 def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *, refresh: bool = False) -> pd.DataFrame:
