@@ -24,6 +24,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("MTLAB_CACHE", ROOT / "cache"))
 
 
+def shown(path: str | Path) -> str:
+    """A path as messages and reports show it: `cache/<kind>/<hash>/...` under the cache root, relative
+    to the repository under it (so reports carry no machine path); a path the caller chose elsewhere
+    is shown as given."""
+    p = Path(path).absolute()
+    for root, prefix in ((cache_root(), "cache"), (ROOT, "")):
+        try:
+            return str(Path(prefix, p.relative_to(Path(root).absolute())))
+        except ValueError:
+            continue
+    return str(path)
+
+
 def config_hash(config) -> str:
     """Stable short hash of a JSON-able config (dict keys sorted; tuples read as lists)."""
     text = json.dumps(config, sort_keys=True, default=str)
@@ -80,9 +93,9 @@ def stale_note(kind: str, config: dict) -> str | None:
         return None
     new = _flat(json.loads(json.dumps(config, default=str)))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
-    return (f"cache: {kind} for this config ({here}) is new; the cached one in {others[-1].parent} differs in "
-            f"{shown or 'nothing readable'}, so it is kept but not reused")
+    fields = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
+    return (f"cache: {kind} for this config ({here}) is new; the cached one in {shown(others[-1].parent)} differs in "
+            f"{fields or 'nothing readable'}, so it is kept but not reused")
 
 
 def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *, refresh: bool = False) -> pd.DataFrame:

@@ -88,7 +88,8 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
             raise
         seconds = time.perf_counter() - t0
         if executed.exists():
-            (out / f"{path.stem}.html").write_text(render_html(nbformat.read(executed, as_version=4)))
+            nb = without_machine_paths(nbformat.read(executed, as_version=4), prof.name)
+            (out / f"{path.stem}.html").write_text(render_html(nb))
         rows.append({"notebook": path.stem, "profile": prof.name, "seconds": round(seconds, 1), "status": status})
         print(f"   {status} in {seconds:.0f}s", flush=True)
     df = pd.DataFrame(rows)
@@ -99,6 +100,19 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
         raise ReportError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
                            "for the cell that failed")
     return df
+
+
+def without_machine_paths(nb, profile: str):
+    """The executed notebook as the report shows it: papermill's injected parameters cell (which holds
+    OUT, an absolute path of this machine) becomes a line naming the profile, and OUT is the page's folder."""
+    import nbformat
+
+    for i, cell in enumerate(nb.cells):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            nb.cells[i] = nbformat.v4.new_markdown_cell(
+                f"*Run by `make report` with `PROFILE = {profile!r}`; `OUT` is the folder of this page, where the "
+                "notebook wrote its tables.*")
+    return nb
 
 
 # JupyterLab's HTML template, less everything it fetches from a CDN: require.js and MathJax (math stays
@@ -131,9 +145,79 @@ def render_html(nb) -> str:
     return page
 
 
+# headline tables of reports/index.html: (csv, title, columns, rows kept, conclusion function "module:name")
+HEADLINES = (
+    ("modular.csv", "Modular Transformers: the ladders against the baselines",
+     ["method", "plan", "ratio", "test_wer", "test_per", "speedup_b64"],
+     lambda t: t.drop_duplicates(["method", "plan"]), "mtlab.experiments.modular:conclusion"),
+    ("merge.csv", "Merging FF sublayers against layer pruning",
+     ["model", "method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_wer", "test_per",
+      "mean_cos", "recall_at_10"],
+     lambda t: t[(t.model != "teacher") | (t.recovery_steps == t[t.model == "teacher"].recovery_steps.max())],
+     "mtlab.experiments.merging:conclusion"),
+    ("frontier.csv", "Quality against speed: the frontier of every method",
+     ["kind", "plan", "params", "speedup_b64", "speedup_b1", "test_wer", "test_per"],
+     lambda t: t[t.on_frontier.astype(bool)].sort_values("speedup_b64"), "mtlab.experiments.explore:conclusion"),
+)
+
+
+def markdown_html(text: str) -> str:
+    """The conclusions' small markdown (`- ` bullets, **bold**, `code`) as HTML, escaped."""
+    items = [html.escape(line[2:] if line.startswith("- ") else line) for line in text.splitlines() if line.strip()]
+    items = [re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", i)) for i in items]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def headline_section(out: Path, name: str, title: str, columns: list[str], rows, conclude: str) -> str:
+    """One headline of the index: the conclusion and the compact table of OUT/name, or a line saying
+    that the CSV is missing or unreadable (the page is written either way)."""
+    import importlib
+
+    from .ui.tables import table_html
+
+    head = f"<h2>{html.escape(title)}</h2>"
+    path = out / name
+    if not path.exists():
+        return head + f"<p class='missing'>No {name}: its notebook did not write it (see its status below).</p>"
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        return head + f"<p class='missing'>{name} cannot be read ({html.escape(str(e))}): rerun its notebook.</p>"
+    try:
+        module, func = conclude.split(":")
+        text = markdown_html(getattr(importlib.import_module(module), func)(table))
+    except Exception as e:  # a table of another shape: show it, and say why there is no conclusion
+        text = f"<p class='missing'>No conclusion from {name}: {html.escape(f'{type(e).__name__}: {e}')}</p>"
+    try:
+        shown = table_html(rows(table), columns)
+    except Exception as e:
+        shown = f"<p class='missing'>{name} cannot be tabulated here ({html.escape(str(e))}); open the CSV.</p>"
+    return head + text + shown + f"<p><a href='{name}'>{name}</a> (all rows and columns)</p>"
+
+
+def figure_html(path: Path, alt: str) -> str:
+    """An image embedded in the page (base64), so the index opens offline and alone; '' when absent."""
+    import base64
+
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' style='max-width:100%' src='data:image/png;base64,{data}'>"
+
+
+def headlines(out: Path) -> str:
+    """The headline results of a report directory, each with its conclusion sentence."""
+    parts = [headline_section(out, *h) for h in HEADLINES]
+    parts[-1] += figure_html(out / "frontier.png", "test WER against speed-up and parameters, every method")
+    return "\n".join(parts)
+
+
 def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
+    """reports/index.html: the headline results read from the CSVs the notebooks wrote (each with its
+    conclusion), then the notebooks' links, wall times and status. Self-contained: nothing fetched."""
     from .report import git_revision
 
+    out = Path(out)
     links = "\n".join(
         f"<tr><td><a href='{r.notebook}.html'>{html.escape(r.notebook)}</a></td><td>{r.seconds:.0f}</td>"
         f"<td>{html.escape(r.status)}</td></tr>" for r in runs.itertuples())
@@ -141,11 +225,13 @@ def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
     extra = "<li><a href='teacher.html'>teacher.html</a> (bundled teacher: dev/test PER/WER)</li>" \
         if (out / "teacher.html").exists() else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mtlab reports</title>
-<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.2em .6em}} .missing{{color:#a33}}</style></head><body>
 <h1>mtlab reports</h1>
 <p>Profile <b>{html.escape(profile)}</b> · git {git_revision()} · {html.escape(platform.node())}
 ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}) · total {runs.seconds.sum():.0f} s</p>
+{headlines(out)}
+<h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>
 {links}</table>
 <h2>Tables</h2><ul>{extra}{csvs}</ul></body></html>"""

@@ -217,7 +217,8 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     start = 0
     if (found := latest_dir(ckpt)) is not None:
         start = load_training_state(found, model, params, optimizer)["step"]
-        accel.print(f"resuming from {found} at step {start}/{cfg.steps}")
+        from .cache import shown  # here: mtlab.cache imports the teacher, which trains with this module
+        accel.print(f"resuming from {shown(found)} at step {start}/{cfg.steps}")
     if accel.is_main_process:
         _truncate_log(log_path, start)
     # the model is not wrapped in DDP: loss_fns call submodules (a Replacer's teacher and bank, a

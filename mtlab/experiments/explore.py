@@ -276,4 +276,61 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
                          similarity_label="CKA of FF outputs (train tokens)")
 
 
-__all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "COLUMNS"]
+__all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS"]
+
+
+# ---------------------------------------------------------------------------
+# written conclusions, computed from the tables (notebooks 03 and 05, reports/index.html)
+
+SPEEDUPS = (1.5, 2.0, 3.0)   # the speed-ups at which the conclusions compare methods
+
+
+def screen_conclusion(screen_df: pd.DataFrame, speedups=SPEEDUPS) -> str:
+    """What the screen says (markdown bullets): how many plans, how many on the speed/NLL frontier,
+    and the best screened plan at each FLOP-ideal speed-up next to the teacher."""
+    teacher = screen_df.loc[screen_df.ideal_speedup.idxmin()]
+    front = pareto_mask(screen_df, "ideal_speedup", "nll")
+    lines = [f"{len(screen_df)} plans screened; {int(front.sum())} are on the speed/NLL frontier. The teacher "
+             f"({teacher.plan}) has token NLL {teacher.nll:.3f} and teacher-forced word accuracy {100 * teacher.tf_word_acc:.1f}%."]
+    for s in speedups:
+        fast = screen_df[screen_df.ideal_speedup >= s]
+        if not len(fast):
+            lines.append(f"No plan reaches {s:g}x ideal speed-up (fastest: {screen_df.ideal_speedup.max():.2f}x).")
+            continue
+        b = fast.loc[fast.nll.idxmin()]
+        lines.append(f"At {s:g}x or more ideal speed-up the best plan is **{b.plan}** ({b.ideal_speedup:.2f}x): NLL "
+                     f"{b.nll:.3f}, word accuracy {100 * b.tf_word_acc:.1f}% ({100 * (b.tf_word_acc - teacher.tf_word_acc):+.1f} "
+                     "points against the teacher).")
+    return "\n".join(f"- {x}" for x in lines)
+
+
+def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_b64") -> str:
+    """A short written result of the frontier (`frontier_table`, reports/frontier.csv), computed from it
+    (markdown bullets): which kinds are on the frontier, and per speed-up which kind decodes best
+    (test WER) among the candidates at least that fast, by how much over the next kind."""
+    missing = {"kind", "plan", speed, "test_wer", "on_frontier"} - set(frontier.columns)
+    if missing:
+        raise ValueError(f"conclusion needs the frontier columns {sorted(missing)}; pass frontier_table(profile)")
+    f = frontier.dropna(subset=[speed, "test_wer"])
+    lines = []
+    teacher = f[f.kind == "teacher"]
+    if len(teacher):
+        lines.append(f"The teacher scores {teacher.test_wer.iloc[0]:.1f}% test WER.")
+    on = f[f.on_frontier.astype(bool)]
+    counts = on.kind.value_counts()
+    lines.append(f"{len(on)} of {len(f)} candidates are on the WER/speed frontier (batch 64): "
+                 + ", ".join(f"{k} {n}" for k, n in counts.items()) + ".")
+    for s in speedups:
+        fast = f[(f[speed] >= s) & (f.kind != "teacher")]
+        if not len(fast):
+            lines.append(f"No candidate reaches {s:g}x (fastest: {f[speed].max():.2f}x).")
+            continue
+        best = fast.sort_values("test_wer").drop_duplicates("kind")
+        w = best.iloc[0]
+        text = f"At {s:g}x or more, **{w.kind}** decodes best ({w.plan}, {w[speed]:.2f}x): {w.test_wer:.1f}% test WER"
+        if len(best) > 1:
+            r = best.iloc[1]
+            text += (f", tied with {r.kind} ({r.plan})" if r.test_wer - w.test_wer < 0.05 else
+                     f", {r.test_wer - w.test_wer:.1f} points better than {r.kind} ({r.test_wer:.1f}%)")
+        lines.append(text + ".")
+    return "\n".join(f"- {x}" for x in lines)

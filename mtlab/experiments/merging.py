@@ -17,6 +17,7 @@ import copy
 import io
 import itertools
 import json
+import re
 import sys
 import time
 import warnings
@@ -49,6 +50,7 @@ RANK = {"kind": {"original": 0, "window": 1, "merge": 1, "prune": 1, "combined":
         "method": {"original": 0, "none": 0, "permute": 1, "vanilla": 2, "layer_prune": 3, "prune": 3}}
 COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac", "recovery_steps",
            "dev_per", "dev_wer", "test_per", "test_wer", "mean_cos", "recall_at_10"]
+FIGURE_WIDTH = 12.0              # inches: the width of a figure of three heatmaps (see similarity_figure)
 MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pearson correlation)"}
 
 
@@ -207,11 +209,16 @@ def similarity_figure(frames: pd.DataFrame, model: str):
 
     panels = [("cka", "ff_out"), ("cka", "attn_out"), ("matching", "ff_pre")]
     n = similarity_matrix(frames, model).shape[0]
-    size = min(3 + 0.35 * n, 8)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * size, size * 0.85))
+    # 12 inches at 100 dpi (1200 px) whatever the layer count: shown at a page's width (about 900 px)
+    # the 9-point tick labels stay above 9 px; a wider figure would be scaled down until they cannot be read
+    fig, axes = plt.subplots(1, 3, figsize=(FIGURE_WIDTH, FIGURE_WIDTH / 3 * 0.95), dpi=100)
     for ax, (measure, point) in zip(axes, panels):
         heatmap(similarity_matrix(frames, model, measure, point), ax=ax, title=f"{model}: {measure} of {point}",
-                annot=n <= 6, fmt=".2f")
+                annot=n <= 6, fmt=".2f", annot_kws={"fontsize": 8})
+        ax.tick_params(labelsize=9)
+        ax.title.set_fontsize(10)
+        ax.collections[0].colorbar.ax.tick_params(labelsize=8)
+        ax.collections[0].colorbar.set_label(ax.collections[0].colorbar.ax.get_ylabel(), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -244,8 +251,8 @@ def _search(p, model=None, task=None, cache=None, progress: bool = True) -> pd.D
 def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """`window_search` on both stacks of the teacher (window sizes of the profile; permute, vanilla
     and layer pruning; aligned on train, scored on `select_limit` dev words); `best` marks the
-    window chosen per (stack, size, method)."""
-    return _search(get_profile(profile), progress=progress)
+    window chosen per (stack, size, method). The share removed is `params_removed_frac`, as in every CSV."""
+    return _search(get_profile(profile), progress=progress).rename(columns={"params_removed_share": "params_removed_frac"})
 
 
 def _removed(specs: list[str]) -> tuple[int, int]:
@@ -418,8 +425,9 @@ def minilm_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
 
 def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
     """The original and the window chosen on dev per (size, method), with dev and test fidelity."""
-    cols = ["layers", "method", "params_removed_share", "cosine", "test_cosine", "test_recall_at_10"]
+    cols = ["layers", "method", "params_removed_frac", "cosine", "test_cosine", "test_recall_at_10"]
     chosen = _ranked(table[table.best | (table.kind == "original")], ["kind", "size", "method"])
+    chosen = chosen.rename(columns={"params_removed_share": "params_removed_frac"})
     return chosen.assign(method=chosen.method.map(method_label), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
 
 
@@ -450,7 +458,98 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
     return _cached("merge_csv", cfg, compute)
 
 
+# ---------------------------------------------------------------------------
+# written conclusions, computed from the tables (notebooks 01 and 04, reports/index.html)
+
+def similarity_conclusion(summary: pd.DataFrame) -> str:
+    """What the similarity summary says about the premise of FF merging (markdown bullets): per model
+    and stack, linear CKA of adjacent layers' FF outputs against their attention outputs."""
+    cka = summary[summary.measure == "cka"]
+    ff = cka[cka.point == "ff_out"].set_index(["model", "stack"]).adjacent_mean
+    attn = cka[cka.point == "attn_out"].set_index(["model", "stack"]).adjacent_mean
+    both = [k for k in ff.index if k in attn.index]
+    if not both:
+        return "- No stack has both FF and attention CKA: nothing to compare."
+    lines = [f"{model} {stack}: adjacent FF outputs {ff[k]:.2f} vs attention outputs {attn[k]:.2f} "
+             f"({'FF more similar' if ff[k] > attn[k] else 'attention as or more similar'})"
+             for k in both for model, stack in [k]]
+    wins = sum(ff[k] > attn[k] for k in both)
+    head = (f"Adjacent layers' FF outputs are more similar (linear CKA) than their attention outputs in {wins} of "
+            f"{len(both)} stacks" + (": the premise of merging FF sublayers holds here." if wins == len(both) else
+                                     "; where they are not, merging FF sublayers has less to work with."))
+    return "\n".join(f"- {x}" for x in [head, *lines])
+
+
+def _span(layers) -> int:
+    """How many layers a `layers` cell names ("1-3" -> 3, "0,2" -> 2, "encoder:1-3 decoder:2-4" -> 6)."""
+    n = 0
+    for part in re.findall(r"\d+(?:-\d+)?", str(layers)):
+        a, _, b = part.partition("-")
+        n += int(b) - int(a) + 1 if b else 1
+    return n
+
+
+def _teacher_lines(t: pd.DataFrame) -> list[str]:
+    steps = int(t.recovery_steps.max())
+    final = t[t.recovery_steps == steps]
+    orig = t[t.method == "original"]
+    lines = [f"The original teacher scores {orig.test_wer.iloc[0]:.1f}% WER / {orig.test_per.iloc[0]:.1f}% PER on test."] \
+        if len(orig) else []
+    wins: dict[str, int] = {}
+    stage = f"after {steps} recovery steps" if steps else "without recovery"
+    for (stack, size), g in final[final.method != "original"].groupby(["stack", final.layers.map(_span)], sort=False):
+        g = g.dropna(subset=["test_wer"]).sort_values(["test_wer", "test_per"])
+        if g.method.nunique() < 2:
+            continue
+        best, runner = g.iloc[0], g[g.method != g.iloc[0].method].iloc[0]
+        removed = (f"{100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
+                   f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed)")
+        if runner.test_wer - best.test_wer < 0.05:
+            lines.append(f"{stack}, {size} layers ({stage}): {best.method} and {runner.method} tie at {best.test_wer:.1f}% "
+                         f"WER ({100 * best.params_removed_frac:.1f}% vs {100 * runner.params_removed_frac:.1f}% of "
+                         "parameters removed).")
+            continue
+        wins[best.method] = wins.get(best.method, 0) + 1
+        lines.append(f"{stack}, {size} layers ({stage}): **{best.method}** wins with {best.test_wer:.1f}% WER "
+                     f"({removed}, {runner.test_wer - best.test_wer:.1f} points better.")
+    if wins:
+        lines.insert(1 if len(orig) else 0, "Teacher, wins per method: " + ", ".join(
+            f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])) + f" (lowest test WER {stage}).")
+    return lines
+
+
+def _minilm_lines(m: pd.DataFrame) -> list[str]:
+    lines = []
+    m = m[m.method != "original"].dropna(subset=["mean_cos"])
+    for size, g in m.groupby(m.layers.map(_span), sort=True):
+        merged, pruned = g[g.method != "layer_prune"], g[g.method == "layer_prune"]
+        if not len(merged) or not len(pruned):
+            continue
+        mg, pr = merged.loc[merged.mean_cos.idxmax()], pruned.loc[pruned.mean_cos.idxmax()]
+        if pr.mean_cos > mg.mean_cos:
+            lines.append(f"MiniLM, {size} layers: layer pruning keeps the embeddings closer to the original than "
+                         f"merging (mean cosine {pr.mean_cos:.3f} vs {mg.method} {mg.mean_cos:.3f}), while removing "
+                         f"{100 * pr.params_removed_frac:.1f}% of parameters against {100 * mg.params_removed_frac:.1f}%.")
+        else:
+            lines.append(f"MiniLM, {size} layers: **{mg.method}** merging keeps the embeddings closer than layer pruning "
+                         f"(mean cosine {mg.mean_cos:.3f} vs {pr.mean_cos:.3f}; {100 * mg.params_removed_frac:.1f}% "
+                         f"vs {100 * pr.params_removed_frac:.1f}% of parameters removed).")
+    return lines
+
+
+def conclusion(merge: pd.DataFrame) -> str:
+    """A short written result of the merge table (`merge_csv`, reports/merge.csv), computed from it
+    (markdown bullets): which method wins at which size on the teacher, by how much, and on MiniLM
+    whether merging or layer pruning keeps the embeddings closer to the original."""
+    missing = {"model", "method", "stack", "layers", "params_removed_frac", "recovery_steps"} - set(merge.columns)
+    if missing:
+        raise ValueError(f"conclusion needs the merge.csv columns {sorted(missing)}; pass merge_csv(profile)")
+    lines = _teacher_lines(merge[merge.model == "teacher"]) if (merge.model == "teacher").any() else []
+    lines += _minilm_lines(merge[merge.model == "minilm"])
+    return "\n".join(f"- {x}" for x in lines) or "- The merge table has no comparable rows."
+
+
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
            "teacher_window_search", "candidates", "build", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
-           "minilm_hash", "minilm_contrast", "COLUMNS"]
+           "minilm_hash", "minilm_contrast", "conclusion", "similarity_conclusion", "COLUMNS"]

@@ -1,0 +1,145 @@
+"""Reports read like a results section: formatted tables, computed conclusions, a headline index,
+no machine paths in rendered notebooks."""
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mtlab.ui.tables import fmt, label
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cells(styler) -> list[list[str]]:
+    """The displayed text of each body row of a Styler's HTML."""
+    page = styler.to_html()
+    rows = re.findall(r"<tr>(.*?)</tr>", page, flags=re.S)
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in rows if "<td" in r]
+
+
+def test_fmt_formats_by_quantity_and_labels_columns():
+    df = pd.DataFrame({"method": ["permute", "layer_prune"], "params": [2769280, 1234567],
+                       "params_removed_frac": [0.10437, 0.2], "test_wer": [15.829528, 7.0], "speedup_b64": [1.2345, 2.0],
+                       "recovery_steps": [0.0, 200.0], "mean_cos": [0.987654, 0.5]})
+    s = fmt(df)
+    assert cells(s) == [["permute", "2.77", "10.4", "15.8", "1.23", "0", "0.988"],
+                        ["layer_prune", "1.23", "20.0", "7.0", "2.00", "200", "0.500"]]
+    page = s.to_html()
+    for text in ("params (M)", "params removed (%)", "test WER (%)", "speed-up, batch 64 (x)", "recovery steps"):
+        assert f">{text}</th>" in page, text
+    assert "overflow-x:auto" in page and "max-width:100%" in page
+    assert label("test_per@200") == "test PER (%) @200"
+
+
+def test_fmt_keeps_only_the_columns_asked_and_names_a_missing_one():
+    df = pd.DataFrame({"a": [1], "test_wer": [3.14159]})
+    assert cells(fmt(df, ["test_wer"])) == [["3.1"]]
+    with pytest.raises(KeyError, match="nope"):
+        fmt(df, ["nope"])
+
+
+def test_every_csv_names_the_share_removed_params_removed_frac():
+    from mtlab.experiments import merging
+
+    assert "params_removed_frac" in merging.COLUMNS
+    raw = pd.DataFrame({"kind": ["original", "merge"], "size": [0, 2], "method": ["none", "permute"], "best": [False, True],
+                        "layers": [None, "1-2"], "params_removed_share": [0.0, 0.1], "cosine": [1.0, 0.9],
+                        "test_cosine": [1.0, 0.8], "test_recall_at_10": [1.0, 0.7]})
+    assert "params_removed_frac" in merging.minilm_chosen(raw).columns
+    for path in [*(REPO / "mtlab" / "experiments").glob("*.py"), *(REPO / "notebooks").glob("0[0-5]_*.ipynb")]:
+        if path.name == "minilm.py":  # the raw MiniLM search table (mtlab.minilm), renamed where shown
+            continue
+        named = [line for line in path.read_text().splitlines()
+                 if re.search(r"[\"']params_removed_share[\"']", line) and "rename" not in line]
+        assert not named, f"{path.name} names a column params_removed_share: {named}"
+
+
+# ---------------------------------------------------------------------------
+# conclusions from synthetic tables
+
+def merge_table() -> pd.DataFrame:
+    rows = [("teacher", "original", "-", "-", 0.0, 200, 10.0, 3.0, None),
+            ("teacher", "permute", "encoder", "1-3", 0.10, 200, 12.0, 3.5, None),
+            ("teacher", "vanilla", "encoder", "1-3", 0.10, 200, 14.0, 4.0, None),
+            ("teacher", "layer_prune", "encoder", "1-3", 0.15, 200, 20.0, 6.0, None),
+            ("teacher", "permute", "encoder", "1-3", 0.10, 0, 30.0, 9.0, None),
+            ("minilm", "original", "-", "-", 0.0, 0, None, None, 1.0),
+            ("minilm", "permute", "layers", "2-4", 0.10, 0, None, None, 0.80),
+            ("minilm", "layer_prune", "layers", "2-4", 0.25, 0, None, None, 0.90)]
+    return pd.DataFrame(rows, columns=["model", "method", "stack", "layers", "params_removed_frac", "recovery_steps",
+                                       "test_wer", "test_per", "mean_cos"])
+
+
+def test_merge_conclusion_names_the_winner_and_the_margin():
+    from mtlab.experiments.merging import conclusion
+
+    text = conclusion(merge_table())
+    assert "**permute** wins with 12.0% WER" in text and "2.0 points better" in text and "vanilla 14.0%" in text
+    assert "layer pruning keeps the embeddings closer to the original than merging" in text
+    assert "0.900 vs permute 0.800" in text
+    flipped = merge_table().assign(mean_cos=lambda d: d.mean_cos.where(d.method != "layer_prune", 0.5))
+    assert "**permute** merging keeps the embeddings closer" in conclusion(flipped)
+
+
+def test_frontier_conclusion_names_the_best_kind_per_speedup():
+    from mtlab.experiments.explore import conclusion
+
+    f = pd.DataFrame({"kind": ["teacher", "modules", "layer_drop", "merge"], "plan": ["t", "e=22 d=22", "e=0,2", "m"],
+                      "speedup_b64": [1.0, 2.1, 2.4, 1.2], "test_wer": [10.0, 15.0, 25.0, 11.0],
+                      "on_frontier": [True, True, True, True]})
+    text = conclusion(f, speedups=(2.0, 5.0))
+    assert "At 2x or more, **modules** decodes best" in text and "10.0 points better than layer_drop" in text
+    assert "No candidate reaches 5x" in text
+
+
+def test_similarity_screen_and_teacher_conclusions():
+    from mtlab.experiments.explore import screen_conclusion
+    from mtlab.experiments.merging import similarity_conclusion
+    from mtlab.experiments.teacher import conclusion
+
+    summary = pd.DataFrame({"model": "teacher", "measure": "cka", "point": ["ff_out", "attn_out"],
+                            "stack": "encoder", "adjacent_mean": [0.8, 0.4], "all_pairs_mean": [0.6, 0.2]})
+    assert "in 1 of 1 stacks" in similarity_conclusion(summary) and "0.80 vs attention outputs 0.40" in \
+        similarity_conclusion(summary)
+    screen = pd.DataFrame({"plan": ["e=11 d=11", "e=2 d=2", "e=2 d=11"], "ideal_speedup": [1.0, 2.0, 1.4],
+                           "nll": [0.1, 0.5, 0.2], "tf_word_acc": [0.9, 0.5, 0.8]})
+    assert "best plan is **e=2 d=2**" in screen_conclusion(screen, speedups=(2.0,))
+    scores = pd.DataFrame({"split": ["dev", "test"], "n": [100, 120], "per": [3.0, 3.2], "wer": [12.0, 12.5]})
+    text = conclusion(scores, {"train": 1000, "dev": 100, "test": 120}, 2769280)
+    assert "2.77 M parameters" in text and "test: 3.2% PER, 12.5% WER on 120 words" in text
+    assert "train 1,000" in text
+
+
+# ---------------------------------------------------------------------------
+# the index page
+
+def test_index_opens_with_the_headline_tables_and_fetches_nothing(tmp_path):
+    from mtlab.notebooks import write_index
+
+    merge_table().to_csv(tmp_path / "merge.csv", index=False)
+    pd.DataFrame({"kind": ["teacher", "modules"], "plan": ["t", "e=22 d=22"], "params": [2769280, 1500000],
+                  "speedup_b64": [1.0, 2.0], "speedup_b1": [1.0, 1.8], "test_wer": [10.0, 15.0],
+                  "test_per": [3.0, 4.0], "on_frontier": [True, True]}).to_csv(tmp_path / "frontier.csv", index=False)
+    runs = pd.DataFrame([{"notebook": "04_merge_ffs", "seconds": 3.0, "status": "ok"}])
+    page = write_index(tmp_path, runs, "smoke").read_text()
+    assert page.index("Merging FF sublayers") < page.index("04_merge_ffs.html")  # results above the links
+    assert "**permute** wins" not in page and "<b>permute</b> wins" in page
+    assert ">test WER (%)</th>" in page and ">1.50</td>" in page  # frontier params in M
+    assert "No modular.csv" in page  # a missing CSV degrades to a line, not an error
+    assert "http" not in page
+
+
+# ---------------------------------------------------------------------------
+# one notebook rendered in the smoke profile through make report's engine
+
+def test_smoke_rendered_notebook_shows_no_machine_path(tmp_path):
+    from mtlab.cache import cache_root
+    from mtlab.notebooks import run_notebooks
+
+    run_notebooks(tmp_path, "smoke", only=["00_teacher"])
+    page = (tmp_path / "00_teacher.html").read_text()
+    assert "## Conclusion" not in page and "Conclusion" in page and "Words per split" in page
+    for root in (str(REPO), str(tmp_path), str(cache_root())):
+        assert root not in page, f"{root} shown in the rendered notebook"
+    assert "PosixPath" not in page and "Warning" not in page
