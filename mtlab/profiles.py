@@ -74,6 +74,7 @@ class MiniLMProfile:
     finetune_lr: float = 1e-4       # whole-model fine-tunes: baselines and FF-merge recovery
     ratios: tuple[float, ...] = (1.5, 2.0, 3.0)   # layer-stack ratios the per-ratio baselines are trained for
     merge_targets: tuple[float, ...] = (0.10, 0.20)  # shares of parameters removed (minilm_ff_merging)
+    merge_methods: tuple[str, ...] = ("permute", "vanilla")  # FF-merge methods (layer pruning always runs)
     align_tokens: int = 10_000      # train tokens for the FF correlations of the merges
     train_sentences: int | None = None  # train sentences (None: the whole split, ~16.5k)
     select_limit: int | None = 300  # dev sentences (window choice, dev scores)
@@ -108,8 +109,9 @@ PROFILES: dict[str, Profile] = {
                        eval_limit=64, minilm_sentences=60, recovery_batch_size=16,
                        window_starts=(1,)),
         ExploreProfile(screen_limit=32, screen_batch=16, picks=2, combined=1, eval_limit=32, bench_limit=16),
-        MiniLMProfile(steps=2, batch_size=4, merge_targets=(0.10,), align_tokens=200, train_sentences=32,
-                      select_limit=8, eval_limit=16, max_length=24, latency_seconds=0.01, latency_rounds=1),
+        MiniLMProfile(steps=2, batch_size=4, ratios=(2.0,), merge_targets=(0.10,), merge_methods=("permute",),
+                      align_tokens=200, train_sentences=32, select_limit=8, eval_limit=16, max_length=24,
+                      latency_seconds=0.01, latency_rounds=1),
     ),
     # default: the merge table must fit in ~6 minutes on 2 CPU cores, so only 3-layer windows
     # (what the combined 4-of-12 candidate needs), 300 dev words per window, 50 recovery steps,

@@ -382,7 +382,7 @@ def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         model, tok = original()
         return minilm_ff_merging(fresh_copy(model), tok, study_task(m, tok), targets=tuple(m.merge_targets),
-                                 recovery=finetune_config(m), align_tokens=m.align_tokens,
+                                 methods=tuple(m.merge_methods), recovery=finetune_config(m), align_tokens=m.align_tokens,
                                  select_limit=m.select_limit, eval_limit=None, out_dir=_runs(profile) / "merging",
                                  progress=progress)
 
