@@ -67,7 +67,7 @@ class MiniLMProfile:
     cores and its numbers are indicative only; a real budget is `full`'s: 20,000 steps at batch
     64 for the module run and the same for every baseline and recovery run (hours on a GPU),
     scored on the whole dev and test splits."""
-    steps: int = 80                 # module-replacing steps (ONE run for every granularity); every baseline
+    steps: int = 50                 # module-replacing steps (ONE run for every granularity); every baseline
     batch_size: int = 16            # and FF-merge recovery run gets the same steps and batch (13 runs)
     granularities: tuple[int, ...] = (2, 3, 6)
     module_lr: float = 3e-4         # modules (only they train; the original is frozen)
@@ -78,7 +78,7 @@ class MiniLMProfile:
     align_tokens: int = 10_000      # train tokens for the FF correlations of the merges
     train_sentences: int | None = None  # train sentences (None: the whole split, ~16.5k)
     select_limit: int | None = 200  # dev sentences (window choice, dev scores)
-    eval_limit: int | None = 500    # test sentences every candidate is scored on (None: all ~2.1k)
+    eval_limit: int | None = 300    # test sentences every candidate is scored on (None: all ~2.1k)
     max_length: int = 64            # tokens per sentence (the corpus' sentences are 5-40 words)
     latency_batches: tuple[int, ...] = (1, 64)
     latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size

@@ -15,6 +15,13 @@ For each target share of parameters removed (default ~10% and ~20%):
 
 Data: `mtlab.tasks.sentences` (train: alignment statistics and recovery; dev: window selection;
 test: only the final numbers of the kept models).
+
+Both methods (notebook 06, sized by the profile's `minilm` section, tables cached): one
+module-replacing run (`mtlab.modular.embedding_replacing`) assembled along the size-first ladder
+(`minilm_module_table`), layer dropping and shrink-and-fine-tune per ratio with the module run's
+steps and batch (`minilm_baseline_table`), this study's merges with the same budget
+(`minilm_merge_study`), and every candidate scored on the same test sentences and timed in one
+run (`minilm_frontier`; `minilm_csv` is reports/minilm.csv, `minilm_conclusion` reads it).
 """
 from __future__ import annotations
 
