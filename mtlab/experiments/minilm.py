@@ -424,12 +424,20 @@ def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
             out[r.arch] = assemble(model, bank, r.plan)
         elif r.method in BASELINE_RULES:
             keep = r.plan.removeprefix("keep ").replace(",", "-")
-            out[r.arch] = AutoModel.from_pretrained(str(runs / "baselines" / f"{r.method}_{keep}" / "student"),
-                                                    local_files_only=True).eval()
+            path = _saved(runs / "baselines" / f"{r.method}_{keep}" / "student", r.arch)
+            out[r.arch] = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         else:
             name = "prune" if r.method == "layer_prune" else r.method
-            out[r.arch] = load_merged(runs / "merging" / f"{r.target:.2f}_{name}" / "model").eval()
+            out[r.arch] = load_merged(_saved(runs / "merging" / f"{r.target:.2f}_{name}" / "model", r.arch)).eval()
     return out
+
+
+def _saved(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: its trained model {path} is missing although its table is cached (a run "
+                                f"directory was deleted); delete {path.parent.parent.parent} and the cached "
+                                f"minilm_* tables to retrain, or use another $MTLAB_CACHE")
+    return path
 
 
 def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
