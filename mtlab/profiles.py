@@ -148,4 +148,5 @@ def get_profile(name: str | Profile | None = None) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "MiniLMProfile", "get_profile", "replace"]
+__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "MiniLMProfile",
+           "get_profile", "replace"]

@@ -158,8 +158,8 @@ def _scores(model: nn.Module, task, ref_test: torch.Tensor, limit: int | None) -
 
 STUDY_VERSION = 1
 BASELINE_RULES = {"layer_drop": "alternate", "sft": "spread"}   # mtlab.baselines' layer choice rules
-KIND = {"original": "teacher", "modules": "modules", "permute": "merge", "vanilla": "merge", "layer_prune": "layer_prune",
-        "layer_drop": "layer_drop", "sft": "sft"}
+KIND = {"original": "teacher", "modules": "modules", "permute": "merge", "vanilla": "merge",
+        "layer_prune": "layer_prune", "layer_drop": "layer_drop", "sft": "sft"}
 CSV_COLUMNS = ["method", "plan", "params", "params_removed_frac", "recovery_steps", "train_steps", "mean_cos",
                "recall_at_10", "sim_spearman", "speedup_b1", "speedup_b64"]
 
@@ -389,9 +389,9 @@ def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         model, tok = original()
         return minilm_ff_merging(fresh_copy(model), tok, study_task(m, tok), targets=tuple(m.merge_targets),
-                                 methods=tuple(m.merge_methods), recovery=finetune_config(m), align_tokens=m.align_tokens,
-                                 select_limit=m.select_limit, eval_limit=None, out_dir=_runs(profile) / "merging",
-                                 progress=progress)
+                                 methods=tuple(m.merge_methods), recovery=finetune_config(m),
+                                 align_tokens=m.align_tokens, select_limit=m.select_limit, eval_limit=None,
+                                 out_dir=_runs(profile) / "merging", progress=progress)
 
     return _table("minilm_merge_study", profile, compute)
 
