@@ -508,7 +508,7 @@ def minilm_conclusion(frontier: pd.DataFrame) -> str:
     for layers, row in table.drop(index=table.index.max(), errors="ignore").iterrows():
         row = row.dropna()
         if len(row) > 1:
-            out.append(f"With {layers} layers, {row.idxmax()} wins (mean cosine {row.max():.3f}; "
+            out.append(f"With {int(layers)} layers, {row.idxmax()} wins (mean cosine {row.max():.3f}; "
                        + ", ".join(f"{k} {v:.3f}" for k, v in row.drop(row.idxmax()).items()) + ").")
     on = frontier[frontier.on_frontier & (frontier.method != "original")]
     if len(on):
