@@ -1,4 +1,4 @@
-"""`python -m mtlab <command>`: what the Makefile runs."""
+"""`mtlab <command>` (or `python -m mtlab <command>`): run a compression recipe, and what the Makefile runs."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,23 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtlab", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = build_parser()
+    a = p.parse_args(argv)
+    return _dispatch(p, a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .profiles import NAMES
+
+    p = argparse.ArgumentParser(prog="mtlab", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mtlab {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run a recipe: compress your own model end to end (see examples/)")
+    run.add_argument("recipe", help="the recipe YAML file (model, task, what to do, output)")
+    run.add_argument("--output", default=None, help="output folder (overrides the recipe's output)")
+    run.add_argument("--check", action="store_true", help="only validate the recipe against the model; run nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     t = sub.add_parser("teacher", help="train (or resume) the bundled teacher and export it to data/teacher")
     t.add_argument("--out", default=None, help="export directory (default data/teacher)")
     t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
@@ -27,17 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
     ab.add_argument("--only", nargs="*", default=None, help="these variants only")
     r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
-    r.add_argument("--out", default="reports")
-    r.add_argument("--teacher", default=None)
+    r.add_argument("--out", default="reports", help="report directory (default reports)")
+    r.add_argument("--teacher", default=None, help="teacher directory (default data/teacher)")
     r.add_argument("--limit", type=int, default=None, help="decode only the first N words of each split")
-    r.add_argument("--profile", default="default", help="smoke | default | full (see mtlab/profiles.py)")
+    r.add_argument("--profile", default="default", choices=NAMES, help="how much work (see mtlab/profiles.py)")
     r.add_argument("--only", nargs="*", default=None, help="run only these notebooks (e.g. 02 04)")
     r.add_argument("--no-notebooks", action="store_true", help="only the teacher evaluation")
     f = sub.add_parser("figures", help="redraw the README's figures from the artifact cache")
-    f.add_argument("--out", default="docs/img")
-    f.add_argument("--profile", default="default")
-    a = p.parse_args(argv)
+    f.add_argument("--out", default="docs/img", help="figure directory (default docs/img)")
+    f.add_argument("--profile", default="default", choices=NAMES, help="whose cached artifacts to draw")
+    return p
 
+
+def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    if a.cmd == "run":
+        return _run(a.recipe, a.output, a.check, not a.no_progress)
     if a.cmd == "teacher":
         from .teacher import ROOT, TEACHER_DIR, TeacherConfig, train_teacher
 
@@ -102,6 +121,27 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in write_figures(a.out, a.profile):
             print(f"wrote {path}")
+    return 0
+
+
+def _run(recipe: str, output: str | None, check: bool, progress: bool) -> int:
+    """`mtlab run`: a recipe error is one clear message and exit status 2, not a traceback."""
+    from .recipe import RecipeError, check_recipe, load_model_and_task, load_recipe, run_recipe
+
+    try:
+        r = load_recipe(recipe)
+        if check:
+            check_recipe(r, load_model_and_task(r)[0])
+            print(f"{recipe}: valid")
+            return 0
+        t0 = time.time()
+        df = run_recipe(r, output=output, progress=progress)
+    except RecipeError as e:
+        print(f"mtlab run: {e}", file=sys.stderr)
+        return 2
+    print(df.to_string(index=False))
+    out = Path(output) if output else r.output
+    print(f"done in {time.time() - t0:.0f}s: models in {out / 'models'}, open {out / 'summary.html'}")
     return 0
 
 

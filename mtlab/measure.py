@@ -12,7 +12,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .anatomy import anatomy
-from .tasks.base import fresh_cache
+from .tasks.base import cache_kwargs
 
 
 def _unique_numel(params) -> int:
@@ -83,7 +83,7 @@ def generate_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                       past_key_values=fresh_cache(model), **gen)
+                       **cache_kwargs(model), **gen)
     return counter.get_total_flops()
 
 
@@ -121,8 +121,8 @@ def latency(
                 model.eval()
                 timer = benchmark.Timer(
                     stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
-                         "max_new_tokens=n, min_new_tokens=n, past_key_values=fresh_cache(model))",
-                    globals={"fresh_cache": fresh_cache, "model": model, "x": batch.input_ids,
+                         "max_new_tokens=n, min_new_tokens=n, **cache_kwargs(model))",
+                    globals={"cache_kwargs": cache_kwargs, "model": model, "x": batch.input_ids,
                              "m": batch.attention_mask, "n": new},
                     num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}")
                 with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,6 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
     check_dependencies(kernel)
     import nbformat
     import papermill
-    from nbconvert import HTMLExporter
 
     prof = get_profile(profile)
     out = Path(out).resolve()
@@ -88,8 +88,7 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
             raise
         seconds = time.perf_counter() - t0
         if executed.exists():
-            body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(executed, as_version=4))
-            (out / f"{path.stem}.html").write_text(body)
+            (out / f"{path.stem}.html").write_text(render_html(nbformat.read(executed, as_version=4)))
         rows.append({"notebook": path.stem, "profile": prof.name, "seconds": round(seconds, 1), "status": status})
         print(f"   {status} in {seconds:.0f}s", flush=True)
     df = pd.DataFrame(rows)
@@ -100,6 +99,36 @@ def run_notebooks(out: str | Path = "reports", profile: str = "default", only: l
         raise ReportError(f"{len(failed)} notebook(s) failed: {failed.notebook.tolist()}; see {out}/<name>.html "
                            "for the cell that failed")
     return df
+
+
+# JupyterLab's HTML template, less everything it fetches from a CDN: require.js and MathJax (math stays
+# as its TeX source), mermaid.js and the widget renderer (widget views cannot run without a kernel; the
+# notebooks follow each explorer with a static copy of its plot).
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+_EXTERNAL = re.compile(r"<(?:script|link|img|iframe)\b[^>]*?\b(?:src|href)\s*=\s*[\"']?((?:https?:)?//[^\"'\s>]+)"
+                       r"|url\(\s*[\"']?((?:https?:)?//[^\"')\s]+)", re.I)
+
+
+def external_resources(page: str) -> list[str]:
+    """URLs a page would fetch from elsewhere (script/link/img/iframe src or href): a report must have none."""
+    return [a or b for a, b in _EXTERNAL.findall(page)]
+
+
+def render_html(nb) -> str:
+    """A self-contained HTML page of an executed notebook (nbformat node) that opens offline:
+    JupyterLab's look, images inline, no script or style fetched from a CDN."""
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", template_file="mtlab_offline.html.j2",
+                            extra_loaders=[DictLoader({"mtlab_offline.html.j2": OFFLINE_TEMPLATE})])
+    page, _ = exporter.from_notebook_node(nb)
+    return page
 
 
 def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:

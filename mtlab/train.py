@@ -3,7 +3,9 @@
 Built on accelerate, so the same code runs in one CPU process or under
 `accelerate launch` on several GPUs. Deterministic data order from
 (seed, epoch), resumable from an atomic safetensors checkpoint, a progress bar,
-and a CSV log of losses and periodic evaluations.
+and a CSV log of losses and periodic evaluations. A checkpoint records its config: resuming it
+with another one is refused (runs never mix), and a run that fails before its first checkpoint
+leaves no folder behind.
 
 Under N processes every process builds the same global batches (N * batch_size
 examples) and takes every N-th example of each; its loss is weighted by its share
@@ -13,7 +15,9 @@ is the one-process update on the global batch, exactly for token-mean losses.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +28,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_dir, latest_dir, load_training_state, save_training_state
+from .checkpoint import CheckpointError, atomic_dir, latest_dir, load_tensors, load_training_state, save_training_state
 from .tasks.base import Batch, Seq2SeqTask
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+class RunMismatchError(CheckpointError):
+    """out_dir holds a checkpoint of a run with another config: resuming it would mix two runs."""
+
+
+#: TrainConfig fields that change no weight (only logging and checkpoint cadence): may differ on resume
+BOOKKEEPING = ("log_every", "ckpt_every", "eval_every")
 
 
 @dataclass
@@ -85,22 +97,116 @@ def train(
     evaluate: EvalFn | None = None,
     max_seconds: float | None = None,
     progress: bool = True,
+    fresh: bool = False,
+    meta: dict | None = None,
 ) -> pd.DataFrame:
     """Train `params` (default: every parameter that requires grad) for cfg.steps steps.
 
-    Resumes from `out_dir/checkpoint` when present. `loss_fn(model, batch, step)` returns
-    (loss, parts), a mean over the batch's target tokens (see the module docstring), and
-    defaults to token cross-entropy. Returns the log as a DataFrame.
-    `max_seconds` stops early (after a checkpoint) so long runs can be split across sessions.
+    Resumes from `out_dir/checkpoint` when present, if that checkpoint was written with the same
+    config (and the same `meta`, a JSON-able description of what the caller trains, stored with
+    it); otherwise raises RunMismatchError listing the differing fields. `fresh=True` deletes the
+    old checkpoint and log first. `loss_fn(model, batch, step)` returns (loss, parts), a mean over
+    the batch's target tokens (see the module docstring), and defaults to token cross-entropy.
+    Returns the log as a DataFrame. `max_seconds` stops early (after a checkpoint) so long runs
+    can be split across sessions. A run that fails before its first checkpoint removes the
+    out_dir it created (or the log it started in an existing one).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     out = Path(out_dir)
+    created = _first_missing(out)  # the folder this call creates (out or an ancestor), if any
+    accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+    main = accel.is_main_process
+    if fresh and main:
+        remove_run(out)
+    accel.wait_for_everyone()
+    had_log = (out / "log.csv").exists()
+    check_resume(out, cfg, meta)
+    try:
+        return _train(model, task, cfg, out, accel, params=params, loss_fn=loss_fn, evaluate=evaluate,
+                      max_seconds=max_seconds, progress=progress, meta=meta)
+    except BaseException:
+        if main and latest_dir(out / "checkpoint") is None:  # nothing to resume: leave nothing behind
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not had_log:
+                (out / "log.csv").unlink(missing_ok=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None if path exists)."""
+    if path.exists():
+        return None
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_run(out_dir: str | Path) -> None:
+    """Delete what `train` writes in out_dir (checkpoint and its temporary versions, log)."""
+    out = Path(out_dir)
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("log.csv", "log.csv.tmp"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "") -> list[str]:
+    """'field: checkpoint X, now Y' for every (nested, dotted) field that differs, after a JSON round
+    trip (tuples become lists); fields named in `ignore` are skipped."""
+    a, b = _flat(_json(old) or {}), _flat(_json(new) or {})
+    return [f"{prefix}{k}: checkpoint {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
+
+
+def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None) -> None:
+    """Raise RunMismatchError if out_dir's checkpoint was made with another config or meta (fields
+    in BOOKKEEPING may differ). A corrupt checkpoint is reported as such first."""
+    found = latest_dir(Path(out_dir) / "checkpoint")
+    if found is None:
+        return
+    try:
+        state = json.loads((found / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{found}/state.json is unreadable ({e}); delete {found} to restart training") from e
+    new = _json({"train": asdict(cfg), "meta": meta})
+    diffs = []
+    for part, key in (("train", "config"), ("meta", "meta")):
+        if key in state:  # an older checkpoint may not record it: nothing to compare then
+            diffs += config_diff(state[key], new[part], ignore=BOOKKEEPING if part == "train" else (), prefix=f"{part}.")
+    if diffs:
+        for name in ("weights.safetensors", "optimizer.safetensors"):
+            load_tensors(found / name)  # a corrupt checkpoint says so, whatever its config
+        raise RunMismatchError(
+            f"{out_dir} holds a checkpoint (step {state.get('step')}) of a run with another config; resuming "
+            "it would mix two runs. Differences:\n  " + "\n  ".join(diffs) +
+            "\nUse a fresh out_dir, rerun with the checkpoint's config, or pass fresh=True to delete the old run")
+
+
+def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, evaluate, max_seconds, progress,
+           meta) -> pd.DataFrame:
+    """The loop itself (see train)."""
+    from accelerate.utils import set_seed
+
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     log_path = out / "log.csv"
-    accel = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -197,7 +303,8 @@ def train(
             accel.wait_for_everyone()
             if accel.is_main_process:
                 with atomic_dir(ckpt) as tmp:
-                    save_training_state(tmp, model, params, optimizer, done, {"config": asdict(cfg)})
+                    save_training_state(tmp, model, params, optimizer, done,
+                                        {"config": asdict(cfg), "meta": _json(meta)})
         if out_of_time:
             accel.print(f"stopping at step {done} after {max_seconds:.0f}s; rerun the same command to resume")
             break

@@ -1,10 +1,14 @@
-"""The assembly explorer in a real browser: headless JupyterLab + Debian's Chromium driven by Playwright.
+"""The explorers in a real browser: headless JupyterLab + Debian's Chromium driven by Playwright.
 
 Opens notebooks/03_assembly_explorer.ipynb (a tmp copy, so autosave never writes outputs into the repo),
 runs every cell in the smoke profile, waits for the explorer widget, changes the strategy dropdown and
 the ratio slider and a span position, and checks that the read-out and the frontier plot change each time
-and no error is shown. Screenshots, the server log and the browser console go to
-$MTLAB_ARTIFACTS/browser/ (default: test-artifacts/browser/).
+and no error is shown. Then the merge explorer: tick a stack, drag a window, change the method, fire
+two changes at once, untick both stacks at once, make the window invalid; after each, once nothing is
+computing, the read-out, the plot's outline (its caption) and the error line must agree with the
+controls as the browser shows them. No console error, failed request or HTTP error may occur.
+Screenshots, the server log and the browser console go to $MTLAB_ARTIFACTS/browser/ (default:
+test-artifacts/browser/).
 
 Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Without it the test FAILS;
 set MTLAB_SKIP_BROWSER=1 to skip it on a machine without Chromium.
@@ -21,7 +25,7 @@ from browser.lab import Deadline, jupyter_lab
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "03_assembly_explorer.ipynb"
 CHROMIUM = os.environ.get("MTLAB_CHROMIUM", "/usr/bin/chromium")
-BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "300"))  # seconds for the whole test, server start to last check
+BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "480"))  # seconds for the whole test, server start to last check
 
 # the widget contract: CSS classes the notebook sets with widget.add_class(...)
 STRATEGY = ".mtlab-strategy select"
@@ -30,6 +34,20 @@ SPAN = ".mtlab-span select"
 READOUT = ".mtlab-readout"
 PLOT_IMG = ".mtlab-plot img"
 ERROR = ".mtlab-error"
+MERGE_ON = ".mtlab-merge-on input[type=checkbox]"
+STATUS, CAPTION = ".mtlab-status", ".mtlab-caption"
+BUSY = "computing"
+# the merge explorer's controls as the browser shows them, one entry per stack row
+MERGE_CONTROLS = """root => Array.from(root.querySelectorAll('.mtlab-merge-on')).map(on => {
+  const row = on.parentElement, pick = s => row.querySelector(s);
+  const label = sel => sel.options[sel.selectedIndex].textContent.trim();
+  const val = h => Math.round(parseFloat(pick('.mtlab-merge-range .noUi-handle-' + h).getAttribute('aria-valuenow')));
+  return {stack: on.textContent.trim().split(/\\s+/).pop(), on: on.querySelector('input').checked,
+          a: val('lower'), b: val('upper'), anchor: label(pick('.mtlab-anchor select')),
+          method: label(pick('.mtlab-method select')), anchor_disabled: pick('.mtlab-anchor select').disabled};
+})"""
+PLOT_SIZE = """root => { const i = root.querySelector('.mtlab-plot img');
+  return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null; }"""
 
 # JS run in the page; window.jupyterapp exists because the server runs with --LabApp.expose_app_in_browser
 OPEN_NOTEBOOK = """async (path) => {
@@ -106,15 +124,16 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
     shutil.copy(notebook, root / nb_name)
     env = {"MTLAB_PROFILE": os.environ.get("MTLAB_BROWSER_PROFILE", "smoke"), "OMP_NUM_THREADS": "1", "MTLAB_CACHE": os.environ["MTLAB_CACHE"]}
     console: list[str] = []
+    failures: list[str] = []   # console errors, page errors, failed requests, HTTP errors
     lab = None
     try:
         with jupyter_lab(root, tmp_path / "jupyter", env, deadline) as lab, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=["--disable-dev-shm-usage"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
-            page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
+            _record_problems(page, console, failures)
             try:
                 _drive(page, lab, nb_name, deadline, shots, expect)
+                _drive_merge(page, deadline, shots, expect)
             except BaseException:
                 _failure_snapshot(page, shots)
                 raise
@@ -126,11 +145,25 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
         raise
     finally:
         (shots / "console.log").write_text("\n".join(console))
+        (shots / "problems.log").write_text("\n".join(failures))
         if lab is not None and lab.log.exists():
             shutil.copy(lab.log, shots / lab.log.name)
         out = _artifact_dir()
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(shots, out)
+    assert not failures, f"the page logged errors or failed requests (see {_artifact_dir()}/problems.log): {failures[:10]}"
+
+
+def _record_problems(page, console, failures):
+    def on_console(m):
+        console.append(f"[{m.type}] {m.text}")
+        if m.type == "error":
+            failures.append(f"console error: {m.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda e: (console.append(f"[pageerror] {e}"), failures.append(f"page error: {e}")))
+    page.on("requestfailed", lambda r: failures.append(f"request failed: {r.method} {r.url} ({r.failure})"))
+    page.on("response", lambda r: r.status >= 400 and failures.append(f"HTTP {r.status}: {r.request.method} {r.url}"))
 
 
 def _drive(page, lab, nb_name, deadline, shots, expect):
@@ -208,3 +241,122 @@ def _failure_snapshot(page, shots):
             (shots / "failure-dialog.txt").write_text(dialogs.first.inner_text(timeout=5_000))
     except Exception:
         pass
+
+
+def _merge_expectation(ctrls):
+    """What the merge explorer must show for these controls: (kind, specs, caption)."""
+    on = [c for c in ctrls if c["on"]]
+    if not on:
+        return "nothing", [], "outlined: nothing"
+    if any(c["b"] <= c["a"] for c in on):
+        return "invalid", [], "outlined: nothing"
+    specs = [f"{c['stack']}:{c['a']}-{c['b']}@{c['anchor']}/{c['method']}" for c in on]
+    return "merge", specs, "outlined: " + "; ".join(f"{c['stack']} {c['a']}-{c['b']}" for c in on)
+
+
+def _merge_disagreement(snap) -> str | None:
+    """Why the read-out, caption or error line disagree with the controls (None: they agree, nothing runs)."""
+    kind, specs, caption = _merge_expectation(snap["controls"])
+    text, err, status = snap["readout"], snap["error"], snap["status"]
+    if BUSY in status or BUSY in text:
+        return "still computing"
+    if snap["caption"] != caption:
+        return f"caption {snap['caption']!r}, expected {caption!r}"
+    for c in snap["controls"]:
+        if c["anchor_disabled"] != (not c["on"] or c["method"] == "vanilla"):
+            return f"{c['stack']} anchor disabled={c['anchor_disabled']} with method {c['method']}, on={c['on']}"
+    shown = sorted(re.findall(r"\b(?:encoder|decoder):\d+-\d+@\w+/\w+", text))
+    if kind == "nothing":
+        return None if "nothing selected" in text and not err and not shown else f"expected 'nothing selected': {text!r}"
+    if kind == "invalid":
+        return None if err and "invalid state" in text and not shown else f"expected an error and a cleared read-out: {err!r} {text!r}"
+    if err:
+        return f"error line {err!r} for a valid state"
+    if shown != sorted(specs):
+        return f"read-out shows {shown}, controls say {specs}"
+    return None if "merged parameters" in text and "pruned parameters" in text else f"incomplete read-out {text!r}"
+
+
+def _merge_settle(explorer, deadline, what, sizes):
+    """Poll until the merge explorer agrees with its controls and is idle; fail with the last mismatch."""
+    import time
+
+    root = explorer.element_handle()
+    while True:
+        snap = {"controls": explorer.evaluate(MERGE_CONTROLS)}
+        for name, sel in (("readout", READOUT), ("error", ERROR), ("status", STATUS), ("caption", CAPTION)):
+            snap[name] = explorer.locator(sel).first.inner_text().strip()
+        why = _merge_disagreement(snap)
+        if why is None:
+            size = explorer.page.evaluate(PLOT_SIZE, root)
+            if size:
+                sizes.add(tuple(size))
+                return snap
+            why = "no plot image"
+        if deadline.left() < 1:
+            raise AssertionError(f"after {what}: {why}\n{snap}")
+        time.sleep(0.25)  # poll interval, not a wait for a result
+
+
+def _drive_merge(page, deadline, shots, expect):
+    explorer = page.locator(".jp-OutputArea-output").filter(has=page.locator(MERGE_ON)).first
+    explorer.wait_for(timeout=deadline.ms(60))
+    explorer.scroll_into_view_if_needed()
+    boxes, sizes = explorer.locator(MERGE_ON), set()
+    assert boxes.count() == 2, f"expected an encoder and a decoder row, found {boxes.count()}"
+    row = lambda i: explorer.locator(".mtlab-merge-on").nth(i).locator("xpath=..")  # noqa: E731
+    snap = _merge_settle(explorer, deadline, "the first render", sizes)
+    assert snap["controls"][0]["on"] and not snap["controls"][1]["on"], snap["controls"]
+    _snapshot(explorer, shots, "merge-initial")
+
+    # 1. tick the decoder
+    boxes.nth(1).check()
+    _merge_settle(explorer, deadline, "ticking the decoder", sizes)
+    _snapshot(explorer, shots, "merge-decoder-ticked")
+
+    # 2. drag the encoder window's lower handle to layer 1 with the mouse
+    enc = row(0)
+    enc.evaluate("e => e.scrollIntoView({block: 'center'})")   # the mouse needs the slider on screen
+    base, handle = enc.locator(".mtlab-merge-range .noUi-base").first, enc.locator(".noUi-handle-lower").first
+    lo = float(handle.get_attribute("aria-valuemin"))
+    hi = float(enc.locator(".noUi-handle-upper").first.get_attribute("aria-valuemax"))
+    bb, hb = base.bounding_box(), handle.bounding_box()
+    page.mouse.move(hb["x"] + hb["width"] / 2, hb["y"] + hb["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(bb["x"] + bb["width"] * (1 - lo) / (hi - lo), hb["y"] + hb["height"] / 2, steps=8)
+    page.mouse.up()
+    snap = _merge_settle(explorer, deadline, "dragging the encoder window", sizes)
+    assert snap["controls"][0]["a"] == 1, f"the drag did not move the window to layer 1: {snap['controls'][0]}"
+    _snapshot(explorer, shots, "merge-encoder-dragged")
+
+    # 3. change the encoder's method: vanilla averaging (its anchor is disabled)
+    enc.locator(".mtlab-method select").first.select_option(label="vanilla")
+    _merge_settle(explorer, deadline, "choosing vanilla for the encoder", sizes)
+    _snapshot(explorer, shots, "merge-vanilla")
+
+    # 4. two changes fired at once: the decoder's anchor, then the encoder window's lower handle one step up
+    row(1).locator(".mtlab-anchor select").first.select_option(label="first")
+    handle.focus()
+    handle.press("ArrowRight")
+    snap = _merge_settle(explorer, deadline, "two quick changes", sizes)
+    assert snap["controls"][1]["anchor"] == "first", snap["controls"]
+    _snapshot(explorer, shots, "merge-two-quick-changes")
+
+    # 5. untick both stacks at once
+    boxes.nth(0).uncheck()
+    boxes.nth(1).uncheck()
+    _merge_settle(explorer, deadline, "unticking both stacks", sizes)
+    _snapshot(explorer, shots, "merge-none")
+
+    # 6. an invalid window (one layer), then a valid one again
+    boxes.nth(0).check()
+    _merge_settle(explorer, deadline, "ticking the encoder again", sizes)   # its window is enabled again
+    handle.focus()
+    handle.press("End")            # the lower handle meets the upper one: a 1-layer window
+    snap = _merge_settle(explorer, deadline, "a one-layer window", sizes)
+    assert snap["error"], f"no error for a one-layer window: {snap}"
+    _snapshot(explorer, shots, "merge-invalid")
+    handle.press("Home")
+    _merge_settle(explorer, deadline, "widening the window again", sizes)
+    _snapshot(explorer, shots, "merge-final")
+    assert len(sizes) == 1, f"the heatmap changed size between updates: {sizes}"

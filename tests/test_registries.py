@@ -102,3 +102,28 @@ def test_a_registered_baseline_is_listed_and_built(g2p_task, tmp_path):
     assert "bottom_only" not in baselines()
     with pytest.raises(ValueError, match="unknown baseline"):
         build_baselines(teacher, g2p_task, budget, ["bottom_only"])
+
+
+def test_a_registered_merge_method_is_offered_by_the_merge_explorer():
+    import numpy as np
+    import pandas as pd
+
+    from mtlab.ui.merge import MergeExplorer
+
+    @merge_method("reverse")
+    def reverse(ffs, anchor, correlations):
+        return {i: torch.arange(32).flip(0) for i in ffs if i != anchor}
+
+    try:
+        depths = {"encoder": 4}
+        sim = {"encoder": pd.DataFrame(np.eye(4))}
+        m = MergeExplorer(sim, depths, lambda specs: {"params": 1, "dev_per": 1.0, "n": 1}, params=lambda specs: 1)
+        c = m.controls["encoder"]
+        assert "reverse" in c["method"].options and "permute" in c["method"].options
+        c["on"].value = True
+        c["method"].value = "reverse"   # aligns nothing to an anchor (needs_correlations=False): anchor off
+        assert c["anchor"].disabled
+        c["method"].value = "permute"
+        assert not c["anchor"].disabled
+    finally:
+        unregister_merge_method("reverse")

@@ -104,3 +104,306 @@ def test_merge_explorer_scores_merges_and_pruning_and_explains_bad_windows():
     assert "2 or more layers" in m.error.value
     fig = m.figure()
     assert len(fig.axes[0].patches) == 0 and len(fig.axes[1].patches) == 1  # encoder window invalid, decoder outlined
+
+
+# ---- explorers never show a previous state; read-outs a researcher can use ----------------------------
+
+import threading  # noqa: E402
+
+from mtlab.ui.latest import LatestWorker  # noqa: E402
+from mtlab.ui.readout import BUSY, INVALID, metric_label  # noqa: E402
+
+FF, BLOCK, TOTAL = 20, 30, 1000   # toy sizes: a merge removes FF per extra layer, pruning BLOCK per block
+
+
+def _size(specs):
+    removed = 0
+    for s in specs:
+        a, b = (int(x) for x in s.split(":")[1].split("@")[0].split("-"))
+        removed += (b - a) * (BLOCK if s.startswith("prune") else FF)
+    return TOTAL - removed
+
+
+class Scorer:
+    """A toy evaluate: params from _size, metrics from the spec text, n words; optionally gated so a
+    test decides when each evaluation finishes (to hold a slow result back)."""
+
+    def __init__(self, gated=False):
+        self.calls, self.gate, self.entered = [], threading.Event(), threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def __call__(self, specs):
+        self.calls.append(tuple(specs))
+        self.entered.set()
+        assert self.gate.wait(30), "test gate never opened"
+        return {"params": _size(specs), "dev_per": 10.0 + len(specs), "dev_wer": 30.0 + len("".join(specs)) / 10,
+                "n": 32}
+
+
+def _merge(**kw):
+    sim = {s: pd.DataFrame(np.eye(6) * 0.5 + 0.5) for s in DEPTHS}
+    return MergeExplorer(sim, DEPTHS, kw.pop("evaluate", None) or Scorer(), params=_size, **kw)
+
+
+def _assert_shows_controls(m):
+    """The read-out, outline and error line agree with the controls (invariant of every state)."""
+    try:
+        st = m.state()
+    except ValueError:
+        assert m.error.value and INVALID in m.readout.value and m.drawn == {} and "outlined: nothing" in m.caption.value
+        return
+    assert m.error.value == "" and m.shown == st
+    assert m.drawn == {s: (a, b) for s, a, b in st.windows}
+    assert m.caption.value.count("-") == len(st.windows) and all(f"{s} {a}-{b}" in m.caption.value for s, a, b in st.windows)
+    for spec in st.merge + st.prune:
+        assert spec in m.readout.value
+    for spec in {s for key in m.memo for s in key} - set(st.merge + st.prune):   # no other state's spec appears
+        assert spec not in m.readout.value
+
+
+def _row(m, label):
+    import re
+
+    return re.search(rf"<b>{re.escape(label)}</b></td><td[^>]*>(.*?)</td>", m.readout.value)[1]
+
+
+def test_metric_labels_say_unit_split_and_words():
+    assert metric_label("dev_per", 32) == "dev PER % (n=32 words)"
+    assert metric_label("test_wer") == "test WER %"
+    assert metric_label("bleu", 1000) == "BLEU (n=1,000 words)"
+
+
+def test_merge_controls_fired_in_quick_succession_end_on_the_last_state():
+    m = _merge()
+    c = m.controls
+    for action in [lambda: c["encoder"]["range"].__setattr__("value", (1, 5)),
+                   lambda: c["decoder"]["on"].__setattr__("value", True),
+                   lambda: c["decoder"]["method"].__setattr__("value", "vanilla"),
+                   lambda: c["encoder"]["range"].__setattr__("value", (2, 4)),
+                   lambda: c["encoder"]["on"].__setattr__("value", False),
+                   lambda: c["decoder"]["on"].__setattr__("value", False),   # both unticked
+                   lambda: c["decoder"]["on"].__setattr__("value", True)]:
+        action()
+        _assert_shows_controls(m)
+    assert m.specs() == ["decoder:3-5@middle/vanilla"]
+    text = m.readout.value
+    assert "encoder:" not in text and BUSY not in text and m.status.value == ""
+    c["decoder"]["on"].value = False
+    assert "nothing selected" in m.readout.value and "pruned parameters" not in m.readout.value
+    assert m.drawn == {}
+
+
+def test_readout_has_original_differences_share_removed_and_pruning_not_larger():
+    m = _merge()
+    m.controls["decoder"]["on"].value = True
+    text = m.readout.value
+    assert "dev PER % (n=32 words)" in text and "original parameters" in text
+    assert "(original 10.00, +2.00)" in text            # merged PER (two specs) vs the original's
+    st = m.state()
+    merged, pruned = _size(st.merge), _size(st.prune)
+    assert f"{100 * (TOTAL - merged) / TOTAL:.1f}% removed" in text
+    # pruning is the largest model inside the windows that is NOT larger than the merge, and says so
+    assert pruned <= merged and "closest size not larger" in text
+    every = [[f"prune {s}:{5 - n}-5" for s, n in (("encoder", i), ("decoder", j)) if n] for i in range(3) for j in range(3)]
+    assert not [p for p in every if p and pruned < _size(p) <= merged]
+    assert "LARGER" not in text
+
+
+def test_controls_that_do_nothing_are_disabled():
+    m = _merge()
+    enc, dec = m.controls["encoder"], m.controls["decoder"]
+    assert not enc["anchor"].disabled and dec["range"].disabled and dec["anchor"].disabled   # decoder unticked
+    enc["method"].value = "vanilla"
+    assert enc["anchor"].disabled and not enc["range"].disabled
+    enc["method"].value = "permute"
+    assert not enc["anchor"].disabled
+
+
+def test_invalid_state_clears_readout_and_outline_then_recovers():
+    m = _merge()
+    before = m.readout.value
+    m.controls["encoder"]["range"].value = (1, 1)
+    assert "2 or more layers" in m.error.value
+    assert INVALID in m.readout.value and "merged parameters" not in m.readout.value and before != m.readout.value
+    assert m.drawn == {} and m.shown is None
+    m.controls["encoder"]["range"].value = (1, 2)
+    _assert_shows_controls(m)
+    assert "encoder:1-2@middle/permute" in m.readout.value
+
+
+def test_a_slow_result_for_an_old_state_never_lands():
+    score = Scorer()
+    m = _merge(evaluate=score, background=True)
+    assert m.wait(30) and "merged parameters" in m.readout.value
+    score.gate.clear()                                   # evaluations now hang until the test opens the gate
+    score.entered.clear()
+    n0 = len(score.calls)
+    c = m.controls["encoder"]
+    c["range"].value = (1, 5)                            # the worker starts scoring 1-5 (and blocks)
+    assert score.entered.wait(30)
+    assert "encoder:1-5@middle/permute" in m.readout.value and BUSY in m.readout.value and BUSY in m.status.value
+    old = m.shown
+    c["range"].value = (2, 5)                            # quick changes while 1-5 is being scored
+    c["method"].value = "vanilla"
+    assert "encoder:2-5@middle/vanilla" in m.readout.value and "1-5" not in m.readout.value
+    assert BUSY in m.readout.value
+    score.gate.set()
+    assert m.wait(30)
+    assert ("encoder:1-5@middle/permute",) in m.memo                # the old result was kept ...
+    _assert_shows_controls(m)                                        # ... but did not land
+    assert "1-5" not in m.readout.value and BUSY not in m.readout.value and m.status.value == ""
+    # scored: the old merge (already running), then the latest state, not the state replaced while queued
+    # (2-5 permute)
+    assert score.calls[n0:] == [("encoder:1-5@middle/permute",), ("encoder:2-5@middle/vanilla",)]  # pruning: memoised
+    m._land(old)                                                     # a late result for an old state is dropped
+    assert "1-5" not in m.readout.value and not m.worker.errors
+    c["method"].value = "permute"
+    c["range"].value = (1, 5)                                        # back to the old state: its merge is known
+    assert "encoder:1-5@middle/permute" in m.readout.value and BUSY not in _row(m, "merged parameters")
+    assert m.wait(30) and BUSY not in m.readout.value
+    _assert_shows_controls(m)
+
+
+def test_scoring_error_shows_in_the_error_line_and_clears_the_readout():
+    def evaluate(specs):
+        if any("1-5" in s for s in specs):
+            raise RuntimeError("out of memory")
+        return Scorer()(specs)
+
+    m = _merge(evaluate=evaluate)
+    m.controls["encoder"]["range"].value = (1, 5)
+    assert "out of memory" in m.error.value and INVALID in m.readout.value
+
+
+def test_history_lists_states_tried_as_a_dataframe():
+    m = _merge()
+    m.controls["encoder"]["method"].value = "vanilla"
+    m.controls["encoder"]["method"].value = "permute"     # tried again: moves to the end, not a new row
+    h = m.history()
+    assert list(h["merge"]) == ["encoder:3-5@middle/vanilla", "encoder:3-5@middle/permute"]
+    assert {"params", "removed_%", "dev_per", "dev_wer", "prune", "prune_params", "prune_dev_per"} <= set(h.columns)
+    assert h.attrs["original"]["params"] == TOTAL and (h.params < TOTAL).all()
+    assert "states tried (2" in m.history_view.value
+
+
+def test_merge_readouts_for_a_static_report_are_strings():
+    out = _merge().readouts()
+    assert all(isinstance(v, str) for v in out.values()) and out["merge"] == "encoder:3-5@middle/permute"
+
+
+def test_latest_worker_computes_only_the_newest_waiting_request():
+    started, gate, done = threading.Event(), threading.Event(), []
+
+    def fn(x):
+        started.set()
+        assert gate.wait(30)
+        done.append(x)
+
+    w = LatestWorker(fn)
+    w.submit(1)
+    assert started.wait(30)
+    for x in (2, 3, 4):
+        w.submit(x)
+    gate.set()
+    assert w.wait(30) and done == [1, 4] and w.idle()
+
+
+def test_assembly_invalid_custom_plan_clears_the_readout(explorer):
+    e = explorer
+    shown = str(e.plan)
+    e.custom.value = "e=1221 d=111111"
+    assert "misaligned" in e.error.value and INVALID in e.readout.value and shown not in e.readout.value
+    e.custom.value = "e=33 d=222"
+    assert e.error.value == "" and "e=33 d=222" in e.readout.value
+
+
+def test_assembly_custom_mode_ratio_slider_shows_the_plans_ratio(explorer):
+    e = explorer
+    e.custom.value = "e=33 d=222"
+    r = e.screen.loc["e=33 d=222", "ratio"]
+    assert e.ratio.disabled and e.ratio.value == pytest.approx(round(r, 2))
+    assert f"{r:.2f}x" in e.readout.value
+
+
+def test_assembly_readout_compares_with_the_original_and_keeps_a_history(explorer):
+    e = explorer
+    e.custom.value = "e=33 d=222"
+    text = e.readout.value
+    assert "original" in text and "% removed" in text
+    assert list(e.history().plan)[-1] == "e=33 d=222" and len(e.history()) >= 2
+
+
+def test_plots_keep_their_size_and_label_their_axes():
+    from PIL import Image
+    import io
+
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.bbox": "tight"}):   # a notebook backend may crop figures; ours must not
+        m = _merge()
+        sizes = {Image.open(io.BytesIO(m.image.value)).size}
+        m.controls["decoder"]["on"].value = True
+        m.controls["encoder"]["range"].value = (0, 5)
+        sizes.add(Image.open(io.BytesIO(m.image.value)).size)
+        m.controls["encoder"]["range"].value = (5, 5)      # invalid: drawn without outline, same size
+        assert m.drawn == {}
+        sizes.add(Image.open(io.BytesIO(m.image.value)).size)
+        e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+        asm = {Image.open(io.BytesIO(e.image.value)).size}
+        e.custom.value = "e=1221 d=111111"
+        asm.add(Image.open(io.BytesIO(e.image.value)).size)
+    assert len(sizes) == 1 and len(asm) == 1
+    fig = m.figure()
+    assert fig.axes[0].get_xlabel() == "encoder layer" and fig.axes[0].get_ylabel() == "encoder layer"
+    assert fig.axes[-1].get_ylabel()    # the colour bar says what it measures
+    # a returned figure displays (static copies in reports) as the widget's own PNG, without pyplot
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(fig._repr_png_())).size in sizes
+
+
+def test_figure_png_is_never_cropped():
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mtlab.ui.readout import figure_png
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_title("a title far above the axes", y=1.4)      # outside the figure: a tight box would grow
+    with matplotlib.rc_context({"savefig.bbox": "tight"}):
+        assert Image.open(io.BytesIO(figure_png(fig, dpi=50))).size == (200, 150)
+    plt.close(fig)
+
+
+def test_explorer_figures_stay_out_of_pyplot(monkeypatch):
+    """Widget callbacks run on another thread than the inline backend's: a figure in pyplot's global
+    list could be cropped by it while being saved, so explorers never create pyplot figures."""
+    import matplotlib.pyplot as plt
+
+    def refuse(*a, **k):
+        raise AssertionError("explorer figures must not be pyplot figures")
+
+    monkeypatch.setattr(plt, "figure", refuse)
+    m = _merge()
+    m.controls["decoder"]["on"].value = True
+    m.controls["encoder"]["range"].value = (5, 5)     # the invalid state's plot too
+    e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+    e.ratio.value = 1.5
+    assert m.error.value and m.figure().axes and e.figure().axes and e.error.value == ""
+
+
+def test_spec_sizes_match_the_built_models(tiny_t5):
+    from mtlab.experiments.merging import build
+    from mtlab.merging.search import count_params
+    from mtlab.ui.spec_sizes import SpecSizes
+
+    sizes = SpecSizes(tiny_t5)
+    for specs in ([], ["encoder:0-1@first/vanilla"], ["decoder:0-1@last/vanilla", "prune encoder:0-1"],
+                  ["prune decoder:0-1"]):
+        assert sizes(specs) == count_params(build(tiny_t5, specs, None)), specs
+    assert sizes(["encoder:0-1@first/permute"]) == sizes(["encoder:0-1@first/vanilla"]) < sizes([])
+    with pytest.raises(ValueError, match="no layer encoder.5"):
+        sizes(["prune encoder:4-5"])

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..cache import teacher_hash
-from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
+from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..shipped import verify, write_artifact
 from ..teacher import ROOT, load_teacher
 from ..tasks.diagnosis import score_splits
@@ -52,6 +52,9 @@ def curve_evaluator(task, plans: dict[str, str] = CURVE_PLANS, words: int = CURV
     def evaluate(replacer) -> dict[str, float]:
         out = {}
         for tag, plan in plans.items():
+            spans = Plan.parse(plan, replacer.bank.depths)
+            if any(k > 1 and k not in replacer.bank.granularities.get(s, ()) for s, ks in spans.spans for k in ks):
+                continue  # a plan this bank has no modules for
             model = assemble(replacer.teacher, replacer.bank, plan)
             pred = task.predict(model, "dev", limit=words, progress=False)
             s = task.score(pred.hypothesis.tolist(), pred.reference.tolist())
@@ -73,7 +76,7 @@ def train_bank(cfg: ReplacingConfig | None = None, out: str | Path = BANK_DIR, w
     teacher, task = load_teacher()
     t0 = time.time()
     bank, log = train_modules(teacher, task, cfg, work, max_seconds=max_seconds, progress=progress,
-                              evaluate=curve_evaluator(task))
+                              evaluate=curve_evaluator(task) if cfg.train.eval_every else None)
     if not len(log) or int(log.step.max()) < cfg.train.steps:
         print(f"stopped at step {int(log.step.max()) if len(log) else 0}/{cfg.train.steps}; rerun `{BANK_COMMAND}` to resume")
         return log

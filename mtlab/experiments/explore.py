@@ -248,11 +248,12 @@ def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: boo
     return AssemblyExplorer(scr, stack_depths(teacher), bank.granularities, block_params(teacher), fr)
 
 
-def merge_explorer(profile=None, *, progress: bool = False):
+def merge_explorer(profile=None, *, progress: bool = False, background: bool = True):
     """The merge-set explorer on the teacher: CKA of FF outputs per stack, merges scored on the
-    merging study's dev words (`select_limit`), correlations computed once per layer pair."""
-    from ..anatomy import anatomy
+    merging study's dev words (`select_limit`) on a background thread, correlations computed once
+    per layer pair, layer pruning compared at the closest size not larger than the merge."""
     from ..merging.search import CorrelationCache, count_params
+    from ..ui.spec_sizes import SpecSizes
     from ..widgets import MergeExplorer
     from .merging import build, similarity_frames, similarity_matrix
 
@@ -265,21 +266,14 @@ def merge_explorer(profile=None, *, progress: bool = False):
         idx = [r for r in M.index if r.rsplit(".", 1)[0] == s]
         sims[s] = M.loc[idx, idx].rename(index=lambda r: r.rsplit(".", 1)[1], columns=lambda r: r.rsplit(".", 1)[1])
     cache = CorrelationCache(teacher, _align(task), max_tokens=m.align_tokens)
-    ana = anatomy(teacher)
 
     def evaluate(specs: list[str]) -> dict:
         net = build(teacher, specs, cache)
         r = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
-        return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"]}
+        return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"], "n": r["n"]}
 
-    def prune_blocks(stack: str, a: int, b: int) -> int:
-        """Blocks whose parameters come closest to the (b - a) FF sublayers a merge removes."""
-        layer = ana.stack(stack).layer(a)
-        ff = count_params(layer.ff.params())
-        block = count_params(layer.block)
-        return round((b - a) * ff / block)
-
-    return MergeExplorer(sims, stack_depths(teacher), evaluate, prune_blocks)
+    return MergeExplorer(sims, stack_depths(teacher), evaluate, params=SpecSizes(teacher), background=background,
+                         similarity_label="CKA of FF outputs (train tokens)")
 
 
 __all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "COLUMNS"]

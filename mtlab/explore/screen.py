@@ -4,11 +4,12 @@ Plans that start with the same blocks compute the same hidden states until they 
 `screen` walks a trie over each stack's block sequences: every trie node (a distinct prefix)
 runs ONE block on its parent's output, and the decoder's trie runs once per distinct encoder
 output (a decoder block reads the encoder through cross-attention, so nothing is shared across
-encoder plans). `screen_per_plan` is the plain way, one full forward per plan; both return the
-same numbers (tested to 1e-5) and count the blocks they ran.
+encoder plans); a decoder-only LM (one stack, "layers") has one trie per batch. `screen_per_plan`
+is the plain way, one full forward per plan; both return the same numbers (tested to 1e-5) and
+count the blocks they ran.
 
-How a block is run outside its stack, for any HF encoder-decoder: the stack itself is asked to
-call a stand-in block (`_Catch`) that records the exact arguments it receives (masks, T5's
+How a block is run outside its stack, for any HF encoder-decoder or decoder-only LM: the stack itself is
+asked to call a stand-in block (`_Catch`) that records the exact arguments it receives (masks, T5's
 position bias from whatever block came first, cross-attention inputs) and stops the forward.
 A stand-in that returns a stored output (`_Replay`) lets the stack finish (final layer norm,
 LM head) from a trie leaf. No architecture-specific code.
@@ -30,6 +31,7 @@ from ..anatomy import anatomy
 from ..measure import count_params
 from ..modular.bank import ModuleBank, block_params, plan_stats, stack_block_flops
 from ..modular.plan import Plan
+from ..tasks.causal_lm import check_aligned
 from ..surgery import Swapper, span_block, stack_blocks, stack_depths
 from .space import AssemblySpace
 
@@ -64,11 +66,18 @@ def _with_hidden(call, h):
     return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
 
-def _require_seq2seq(model: nn.Module) -> None:
+def _require_supported(model: nn.Module) -> None:
+    """Encoder-decoder models (stacks encoder, decoder) and decoder-only LMs (one stack "layers",
+    logits aligned with the labels, e.g. with mtlab.tasks.CausalLMTask) can be screened."""
     names = list(anatomy(model).stacks)
-    if names != ["encoder", "decoder"] or not hasattr(model, "get_encoder"):
-        raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder); this one has {names}. "
-                         "Evaluate single-stack assemblies with mtlab.modular.assemble and the task's own metric")
+    if names == ["encoder", "decoder"] and hasattr(model, "get_encoder"):
+        return
+    generates = getattr(model, "can_generate", lambda: False)()
+    if names == ["layers"] and generates and not getattr(model.config, "is_encoder_decoder", False):
+        return
+    raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder) or a decoder-only LM "
+                     f"(one stack, layers, with an LM head, e.g. *ForCausalLM); this one has {names}. Evaluate "
+                     "its assemblies with mtlab.modular.assemble and the task's own metric")
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -97,6 +106,8 @@ class _Runner:
         """The stack's forward: encoder output, or the decoder's logits given the encoder output
         (teacher forcing: the decoder reads the labels shifted right)."""
         b = self.batch
+        if stack == "layers":  # a decoder-only LM: the logits, read against labels aligned with them
+            return self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         if stack == "encoder":
             return self.model.get_encoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
         return self.model(encoder_outputs=(enc_out,), attention_mask=b.attention_mask,
@@ -174,7 +185,7 @@ def _add(sums: dict, key: str, m: dict) -> None:
 
 
 def _setup(teacher, bank, task, plans, split, limit, batch_size):
-    _require_seq2seq(teacher)
+    _require_supported(teacher)
     if split == "test":
         raise ValueError("screening chooses models: use the dev split (test is read only for final numbers)")
     d = stack_depths(teacher)
@@ -187,7 +198,11 @@ def _setup(teacher, bank, task, plans, split, limit, batch_size):
     index = task.batches(split, batch_size, limit=limit)
     if not index:
         raise ValueError(f"split {split!r} has no examples to screen on (limit={limit})")
-    inputs = task.collate(split, index[0]).model_inputs()
+    first = task.collate(split, index[0])
+    inputs = first.model_inputs()
+    if list(d) == ["layers"]:  # decoder-only: labels must line up with the inputs (and so the logits)
+        check_aligned(first.input_ids, first.labels)
+        inputs.pop("labels")
     n = count_params(teacher)
     costs, bparams = stack_block_flops(teacher, inputs), block_params(teacher)
     stats = {str(p): plan_stats(p, n, bparams, costs) for p in plans}
@@ -225,6 +240,8 @@ def screen(teacher: nn.Module, bank: ModuleBank | None, task, plans: Iterable[Pl
 
 
 def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
+    if plans[0].stacks == ["layers"]:
+        return _screen_single(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress)
     by_enc: dict[tuple, set] = {}
     for p in plans:
         by_enc.setdefault(p.stack("encoder"), set()).add(p.stack("decoder"))
@@ -236,6 +253,23 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
         for enc, enc_out in r.outputs("encoder", by_enc).items():
             for dec, logits in r.outputs("decoder", by_enc[enc], enc_out).items():
                 _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
+        evals += r.blocks_run
+    df = _plan_rows(sums, stats)
+    df.attrs.update(config={"split": split, "limit": limit, "batch_size": batch_size, "plans": len(plans)},
+                    block_evals=evals, seconds=time.perf_counter() - t0, method="prefix-shared")
+    return df
+
+
+def _screen_single(teacher, bank, task, plans, index, stats, split, limit, batch_size, progress) -> pd.DataFrame:
+    """`_screen` for a single-stack LM: one trie over the stack's tilings per batch."""
+    names = {p.stack("layers"): str(p) for p in plans}
+    sums: dict[str, dict] = {}
+    t0, evals = time.perf_counter(), 0
+    for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
+        r = _Runner(teacher, bank, task.collate(split, idx))
+        for tiling, logits in r.outputs("layers", names).items():
+            check_aligned(logits, r.batch.labels)
+            _add(sums, names[tiling], _metrics(logits, r.batch.labels))
         evals += r.blocks_run
     df = _plan_rows(sums, stats)
     df.attrs.update(config={"split": split, "limit": limit, "batch_size": batch_size, "plans": len(plans)},
@@ -260,11 +294,13 @@ def _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, bat
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress):
         b = task.collate(split, idx)
+        inputs = b.model_inputs() if "decoder" in r0.originals else {"input_ids": b.input_ids,
+                                                                          "attention_mask": b.attention_mask}
         for p in plans:
-            with r0.swap("encoder", [r0.block("encoder", a, k) for a, k in p.blocks("encoder")]), \
-                    r0.swap("decoder", [r0.block("decoder", a, k) for a, k in p.blocks("decoder")]):
-                logits = teacher(**b.model_inputs(), use_cache=False).logits
-            evals += p.depth("encoder") + p.depth("decoder")
+            with r0.swap.many({s: [r0.block(s, a, k) for a, k in p.blocks(s)] for s in p.stacks}):
+                logits = teacher(**inputs, use_cache=False).logits
+            check_aligned(logits, b.labels)
+            evals += sum(p.depth(s) for s in p.stacks)
             _add(sums, str(p), _metrics(logits, b.labels))
     df = _plan_rows(sums, stats)
     df.attrs.update(config={"split": split, "limit": limit, "batch_size": batch_size, "plans": len(plans)},

@@ -26,8 +26,11 @@ defined"), and older versions silently dropped the aliases; so `save_merged` wri
 state dict itself: one safetensors file where every shared tensor is stored once (HF's own
 tied embeddings are de-duplicated the way save_pretrained does it), `config.json` (+
 `generation_config.json`), and `mtlab_merges.json` naming the merges and every dropped
-alias. Load it with `load_merged`; a plain `from_pretrained` would leave the non-anchor FF
-weights missing (randomly initialised, reported as missing keys).
+alias. Load it with `load_merged`. A plain `from_pretrained` would leave the non-anchor FF
+weights missing (randomly initialised), so in a folder with merges `config.json` carries
+`model_type` and `dtype` values that make every transformers loader raise (the real ones are
+kept in `mtlab_merges.json`), and a README.md says to use `load_merged`, or
+`mtlab.export.export` for a standard folder.
 """
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ __all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs"
 
 WEIGHTS_NAME = "model.safetensors"
 MERGES_NAME = "mtlab_merges.json"
+README_NAME = "README.md"
+# written to config.json of a folder with merges: plain transformers raises on either, naming this text
+GUARD_MODEL_TYPE = "mtlab-compact-merged"
+GUARD_DTYPE = "mtlab compact merged folder: load it with mtlab.merging.load_merged (see its README.md)"
 _FORMAT = 1
 
 Correlations = Mapping[tuple[str, int], object] | Callable[["MergeSpec"], Mapping[int, object]]
@@ -291,9 +298,11 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save_merged(model: nn.Module, path: str | Path) -> Path:
-    """Save a (merged) model atomically: `model.safetensors` with each shared tensor once,
-    `config.json` (with mtlab_merges), `generation_config.json` if any, and `mtlab_merges.json`
-    (format, model class, merges, the dropped aliases {key: stored key}, dtype)."""
+    """Save a (merged) model atomically in mtlab's compact format: `model.safetensors` with each
+    shared tensor once, `config.json` (with mtlab_merges), `generation_config.json` if any, and
+    `mtlab_merges.json` (format, model class, merges, the dropped aliases {key: stored key}, dtype).
+    With merges, plain transformers is made to refuse the folder (see the module docstring) and a
+    README.md explains why; `mtlab.export.export` writes a standard folder instead."""
     path = Path(path)
     tensors, aliases = _dedup_state_dict(model)
     dtypes = sorted({str(t.dtype) for t in tensors.values() if t.is_floating_point()})
@@ -305,11 +314,53 @@ def save_merged(model: nn.Module, path: str | Path) -> Path:
         config = getattr(model, "config", None)
         if hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
+            if record["merges"]:
+                record["config_fields"] = _guard_config(tmp / "config.json")
+                (tmp / README_NAME).write_text(_compact_readme(type(model).__name__, record["merges"]))
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             gen.save_pretrained(tmp)
         write_json(tmp / MERGES_NAME, record)
     return path
+
+
+def _guard_config(config_path: Path) -> dict:
+    """Write the guard values into config.json; returns the real ones, for load_merged."""
+    fields = json.loads(config_path.read_text())
+    real = {k: fields.get(k) for k in ("model_type", "dtype")}
+    write_json(config_path, {**fields, "model_type": GUARD_MODEL_TYPE, "dtype": GUARD_DTYPE})
+    return real
+
+
+def _read_config(path: Path, record: dict):
+    """The transformers config of a save_merged folder, with the guarded fields restored."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        fields = json.loads((path / "config.json").read_text())
+        for k, v in record.get("config_fields", {}).items():
+            if v is None:
+                fields.pop(k, None)
+            else:
+                fields[k] = v
+        return CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json is missing or unreadable ({e!r}); save the model again") from e
+
+
+def _compact_readme(model_class: str, merges: list[str]) -> str:
+    return f"""# A merged model in mtlab's compact format (not a plain Hugging Face folder)
+
+{model_class} with tied feed-forward sublayers ({', '.join(merges)}): each tied weight is stored
+once in `{WEIGHTS_NAME}`. Plain `transformers` would load this folder with the tied layers
+re-initialised at random (wrong outputs), so `config.json` carries `model_type`
+"{GUARD_MODEL_TYPE}" and a `dtype` that make every transformers loader raise. The real values
+are in `{MERGES_NAME}`.
+
+- Load it with mtlab: `from mtlab.merging.merge import load_merged; model = load_merged("<this folder>")`.
+- For a folder that plain transformers loads: `from mtlab.export import export; export(model, "<new folder>")`
+  (tied weights written as plain copies; the outputs are checked after reloading).
+"""
 
 
 def load_merged(path: str | Path, model_class: type[nn.Module] | None = None) -> nn.Module:
@@ -333,11 +384,7 @@ def load_merged(path: str | Path, model_class: type[nn.Module] | None = None) ->
         if model_class is None:
             raise CheckpointError(f"{path}: model class {record.get('model_class')!r} is not a transformers class; "
                                   "pass model_class=")
-    try:
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}/config.json is missing or unreadable ({e}); save the model again") from e
+    config = _read_config(path, record)
     config.mtlab_merges = []
     tensors = load_tensors(path / weights_name)
     model = model_class(config)

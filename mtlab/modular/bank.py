@@ -8,6 +8,7 @@ assembled model is an ordinary model of the teacher's class with fewer layers:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -81,18 +82,24 @@ class ModuleBank(nn.Module):
         return self.blocks[key]
 
     # ---- persistence: safetensors + JSON, atomic ------------------------------------------
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+    def save(self, path: str | Path, extra: dict | None = None, *, teacher: nn.Module | None = None) -> Path:
+        """Write the modules and bank.json, with the hash of the teacher's weights (`teacher`, or the
+        `teacher_hash` the bank was given by train_modules / load) so `load` refuses another teacher."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        digest = weights_hash(teacher) if teacher is not None else getattr(self, "teacher_hash", None)
         with atomic_dir(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                       str(tmp / "modules.safetensors"))
             write_json(tmp / "bank.json", {"granularities": self.granularities, "depths": self.depths,
-                                           "init": self.init, "keys": list(self.blocks), **(extra or {})})
+                                           "init": self.init, "keys": list(self.blocks),
+                                           **({"teacher_hash": digest} if digest else {}), **(extra or {})})
         return path
 
     @classmethod
     def load(cls, path: str | Path, teacher: nn.Module) -> "ModuleBank":
+        """Read a saved bank for `teacher`; CheckpointError if it was trained against another teacher
+        (other stack depths, or other weights when the bank recorded their hash)."""
         path = Path(path)
         try:
             meta = json.loads((path / "bank.json").read_text())
@@ -101,13 +108,31 @@ class ModuleBank(nn.Module):
         if meta["depths"] != depths(teacher):
             raise CheckpointError(f"modules in {path} were trained for stacks {meta['depths']}, "
                                   f"but this teacher has {depths(teacher)}: they belong to another teacher")
+        digest = weights_hash(teacher)
+        if meta.get("teacher_hash") not in (None, digest):
+            raise CheckpointError(f"modules in {path} were trained against a teacher with weights hash "
+                                  f"{meta['teacher_hash']}, but this teacher's is {digest}: they belong to another "
+                                  "teacher. Load the teacher they were trained for, or retrain the modules "
+                                  "(mtlab.modular.train_modules) for this one")
         bank = cls.build(teacher, {s: tuple(v) for s, v in meta["granularities"].items()}, meta["init"])
         tensors = load_tensors(path / "modules.safetensors")
         try:
             bank.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{path}/modules.safetensors does not fit this teacher ({str(e)[:200]})") from e
+        bank.teacher_hash = digest
         return bank
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-1 over the model's state dict (names, dtypes, shapes and bytes, in name order): the
+    identity of a teacher's weights, independent of file format and device."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> nn.Module:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery import span_block, stack_blocks, swapped
+from ..surgery import span_block, stack_blocks, stack_depths, swapped
 from ..tasks.base import Batch, Seq2SeqTask
+from ..tasks.causal_lm import check_aligned
 from ..distill import logit_kd
 from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
@@ -44,6 +45,19 @@ class ReplacingConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=3000, batch_size=64, lr=5e-4, warmup=200, precision="no", log_every=50, ckpt_every=250))
     # fp32: on CPU, bf16 autocast made a replacing step ~8x slower (1.6 s vs 0.2 s at batch 64)
+
+    def granularities_for(self, depths: dict[str, int]) -> tuple[int, ...]:
+        """`granularities`, checked against the teacher's stack depths; an impossible one (a module
+        longer than the stack) raises an error that names it and a setting that fits."""
+        for s, n in depths.items():
+            bad = [k for k in self.granularities if not 2 <= k <= n]
+            if bad:
+                fit = tuple(sorted({k for k in self.granularities if 2 <= k <= n} | ({n} if n >= 2 else set())))
+                fix = (f"ReplacingConfig(granularities={fit})" if fit else
+                       "nothing: a 1-layer stack has no span to replace; compress another stack or use merging")
+                raise ValueError(f"ReplacingConfig.granularities={tuple(self.granularities)}: {bad} impossible for the "
+                                 f"{n}-layer stack {s!r} (a module replaces 2 to {n} layers); use {fix}")
+        return tuple(self.granularities)
 
     def p_at(self, step: int) -> float:
         t = min(1.0, step / max(1, self.ramp * self.train.steps))
@@ -89,6 +103,18 @@ class Replacer(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.originals = stack_blocks(teacher)
+        self.seq2seq = bool(getattr(teacher.config, "is_encoder_decoder", False))
+
+    def check_causal_batch(self, batch: Batch) -> None:
+        """A decoder-only teacher needs labels aligned with its logits (labels[t] = input_ids[t + 1], as
+        CausalLMTask makes them): labels equal to the inputs (Hugging Face's convention, where the model
+        shifts) would train every position to copy its own token."""
+        keep = batch.labels != -100
+        if batch.labels.shape == batch.input_ids.shape and keep.any() and \
+                torch.equal(batch.labels[keep], batch.input_ids[keep]):
+            raise ValueError("the labels equal the input ids: mtlab's labels are aligned with the logits "
+                             "(labels[t] is the token after input_ids[t]); shift them by one, or use "
+                             "mtlab.tasks.CausalLMTask, which does")
 
     def blocks_for(self, stack: str, tiling: tuple[int, ...]) -> tuple[list[nn.Module], list[int]]:
         """Blocks of a tiling and the teacher layer index each block's output corresponds to."""
@@ -100,10 +126,32 @@ class Replacer(nn.Module):
         return blocks, ends
 
 
-def relative_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||student - target||^2 / ||target||^2: scale-free, so T5's residual stream (whose norm
-    grows with depth to hundreds) weighs no more than the logit losses."""
-    return (student - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes of a distributed run (t itself in one process); no gradient."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+    return t
+
+
+def relative_mse(student: torch.Tensor, target: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """||student - target||^2 / ||target||^2 over the GLOBAL batch: scale-free, so T5's residual
+    stream (whose norm grows with depth to hundreds) weighs no more than the logit losses.
+
+    Under N processes each holds a shard: its numerator is divided by the denominator summed over
+    all processes and by `share`, its share of the batch's target tokens (mtlab.train weights each
+    process's loss by that share), so the averaged gradient is the one-process gradient. The
+    target (the teacher's) carries no gradient. In one process: the plain ratio."""
+    den = global_sum(target.pow(2).sum().detach())
+    return (student - target).pow(2).sum() / den.clamp_min(1e-12) / share
+
+
+def token_share(batch: Batch) -> float:
+    """This process's share of the global batch's target tokens (1.0 in one process)."""
+    mine = (batch.labels != -100).sum().double()
+    return (mine / global_sum(mine)).item()
 
 
 def _out(o):
@@ -134,8 +182,14 @@ def attention_kd(s_out, t_out, ends: dict[str, list[int]], masks: dict[str, torc
     return total / max(1, n)
 
 
+def stack_masks(batch: Batch, stacks) -> dict[str, torch.Tensor]:
+    """The positions each stack's hidden states are compared on: a seq2seq decoder runs on the
+    label positions, an encoder or a single stack ("layers") on the real (unpadded) input tokens."""
+    return {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
+
+
 def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict,
-               granularities: dict | None = None) -> torch.Tensor:
+               granularities: dict | None = None, share: float = 1.0) -> torch.Tensor:
     """Mean relative MSE of each module (of `granularities` per stack; default all) run on the
     teacher's input to its span (the exact call the span's first teacher layer received)
     against the teacher's output of the span."""
@@ -146,7 +200,7 @@ def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict
                 continue
             out = _out(model.bank.get(s, k, start // k)(*args, **kwargs))
             m = masks[s]
-            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m])
+            term = relative_mse(out.float()[m], t_hidden[s][start + k - 1].float()[m], share)
             total, n = (term if total is None else total + term), n + 1
     return total / max(1, n)
 
@@ -157,10 +211,15 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
     def loss_fn(model: Replacer, batch: Batch, step: int):
         teacher, rng = model.teacher, rng_by_step(step)
+        share = token_share(batch)  # relative MSEs are ratios over the global batch (see relative_mse)
         stacks = list(model.originals)
-        masks = {s: (batch.labels != -100) if s == "decoder" else batch.attention_mask.bool() for s in stacks}
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False,
+        masks = stack_masks(batch, stacks)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                       output_attentions=cfg.w_attn > 0)
+        if model.seq2seq:  # the decoder reads the labels shifted right; a decoder-only model needs no labels
+            inputs["labels"] = batch.labels
+        else:
+            model.check_causal_batch(batch)
         teacher.eval()
         t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
         hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
@@ -193,6 +252,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
             for h in hooks:
                 h.remove()
         s_logits, labels = s_out.logits, batch.labels
+        check_aligned(s_logits, labels)
         keep = labels != -100
         ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
         kd = logit_kd(s_logits, t_out.logits, keep, cfg.temperature)
@@ -200,14 +260,14 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         for s in stacks:
             m = masks[s]
             for out, end in zip(s_hidden[s], plan_blocks[s][1]):
-                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m])
+                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m], share)
                 n += 1
         mse = mse / max(1, n)
         loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
         parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
         if cfg.w_local > 0:
             ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
-            local = local_loss(model, span_inputs, t_hidden, masks, ks)
+            local = local_loss(model, span_inputs, t_hidden, masks, ks, share)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
@@ -221,12 +281,33 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
 def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, out_dir: str | Path,
                   *, max_seconds: float | None = None, progress: bool = True,
-                  evaluate=None) -> tuple[ModuleBank, pd.DataFrame]:
+                  evaluate=None, fresh: bool = False) -> tuple[ModuleBank, pd.DataFrame]:
     """Build the bank from the teacher and train every module in ONE run; saves the bank to out_dir/bank.
 
-    Resumable (out_dir/checkpoint). `evaluate(replacer)` (optional) adds dev scores to the log
-    every `cfg.train.eval_every` steps. Returns (bank, per-step log DataFrame with the config in attrs)."""
+    Resumable (out_dir/checkpoint). An out_dir holding a run (checkpoint or bank) made with another
+    config raises RunMismatchError listing the differing fields; `fresh=True` deletes that run first.
+    `evaluate(replacer)` (optional) adds dev scores to the log every `cfg.train.eval_every` steps.
+    Returns (bank, per-step log DataFrame with the config in attrs)."""
+    import json
+    import shutil
+
+    from ..train import BOOKKEEPING, RunMismatchError, config_diff
+    from .bank import weights_hash
+
     out = Path(out_dir)
+    saved = out / "bank" / "bank.json"
+    teacher_hash = weights_hash(teacher)
+    if fresh:
+        on_main_process(lambda: shutil.rmtree(out / "bank", ignore_errors=True))
+    had_bank = saved.exists()  # read once, before training: every process takes the same branch below
+    if had_bank:
+        old = json.loads(saved.read_text())
+        diffs = config_diff(old.get("config"), asdict(cfg), prefix="replacing.",
+                            ignore=tuple(f"train.{k}" for k in BOOKKEEPING))
+        diffs += config_diff({"teacher_hash": old.get("teacher_hash", teacher_hash)}, {"teacher_hash": teacher_hash})
+        if diffs:
+            raise RunMismatchError(f"{out / 'bank'} holds modules trained with another config or teacher:\n  " + "\n  ".join(diffs)
+                                   + "\nUse a fresh out_dir, rerun with that config, or pass fresh=True to delete the old run")
     if cfg.w_attn > 0 and getattr(teacher.config, "_attn_implementation", "eager") != "eager":
         teacher.set_attn_implementation("eager")  # attention maps are only returned by eager attention
     if cfg.w_attn > 0:
@@ -234,12 +315,15 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
         # run one before the bank copies the blocks, so modules report attention maps too
         with torch.no_grad():
             teacher(**task.collate(cfg.train.split, [0]).model_inputs(), output_attentions=True)
-    bank = ModuleBank.build(teacher, cfg.granularities, cfg.init)
+    bank = ModuleBank.build(teacher, cfg.granularities_for(stack_depths(teacher)), cfg.init)
+    bank.teacher_hash = teacher_hash  # recorded by bank.save: the bank loads for this teacher only
     model = Replacer(teacher, bank)
+    meta = {"replacing": {k: v for k, v in asdict(cfg).items() if k != "train"},  # train: compared by train()
+            "teacher_hash": bank.teacher_hash}
     log = train(model, task, cfg.train, out, params=list(bank.parameters()),
                 loss_fn=replacing_loss(cfg, cfg.train.seed), max_seconds=max_seconds, progress=progress,
-                evaluate=evaluate)
-    if len(log) and int(log.step.max()) >= cfg.train.steps:
+                evaluate=evaluate, fresh=fresh, meta=meta)
+    if len(log) and int(log.step.max()) >= cfg.train.steps and not had_bank:  # never rewrite a saved bank
         on_main_process(lambda: bank.save(out / "bank", {"config": asdict(cfg)}))
     log.attrs["config"] = asdict(cfg)
     return bank, log

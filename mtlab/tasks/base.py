@@ -47,6 +47,45 @@ def fresh_cache(model):
     return DynamicCache()
 
 
+class ModelMismatchError(ValueError):
+    """The model cannot serve this task: its vocabulary or special token ids differ from the task's."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model weight is NaN or infinite: every score computed from it would be meaningless."""
+
+
+def check_finite(model) -> None:
+    """Raise NonFiniteWeightsError naming the first parameter (or buffer) with NaN/inf values."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteWeightsError(
+                f"{name} holds {bad} NaN/inf value(s) of {t.numel()}: the model is broken, so its scores would be "
+                "meaningless. Reload the weights from the last good checkpoint (a training run that diverged "
+                "stops with NonFiniteLossError), or lower the learning rate / use precision='no' and retrain")
+
+
+def _vocab_rows(model) -> int | None:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(emb, "num_embeddings", None)
+
+
+def cache_kwargs(model) -> dict:
+    """`generate(**cache_kwargs(model))`: a fresh cache under the keyword this transformers reads
+    (`cache` from 5.2x on, where `past_key_values` is deprecated and warns on every call)."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+    except ImportError:
+        name = "past_key_values"
+    return {name: fresh_cache(model)}
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
@@ -60,6 +99,8 @@ class Seq2SeqTask:
 
     name = "seq2seq"
     pad_id = 0
+    #: the id that ends a target sequence, when the task knows it (checked against the model's)
+    eos_id: int | None = None
     #: name of the metric that model selection minimises or maximises, and its direction
     primary_metric = "loss"
     higher_is_better = False
@@ -82,6 +123,45 @@ class Seq2SeqTask:
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------
+    def max_id(self, split: str) -> int:
+        """The largest token id in a split's sources and targets."""
+        src, tgt = self.encoded(split)
+        return max((max(s) for s in (*src, *tgt) if s), default=-1)
+
+    def check_model(self, model, splits: Sequence[str] | None = None) -> None:
+        """Refuse a model whose vocabulary or special ids do not match this task's tokenization
+        (otherwise torch fails with a bare `index out of range`, or decoding is silently wrong)."""
+        tok = getattr(self, "tokenizer", None)
+        task_vocab = len(tok) if tok is not None and hasattr(tok, "__len__") else None
+        rows = _vocab_rows(model)
+        fix = ("build the task with the model's own tokenizer (e.g. AutoTokenizer.from_pretrained(<the model's "
+               "folder>)), or load the model that belongs to this tokenizer")
+        if rows is not None:
+            for split in splits if splits is not None else list(self.splits):
+                top = self.max_id(split)
+                if top >= rows:
+                    raise ModelMismatchError(
+                        f"task {self.name!r} produces token id {top} in split {split!r} (tokenizer vocabulary "
+                        f"{task_vocab if task_vocab is not None else 'unknown'}), but the model's embedding has "
+                        f"only {rows} rows (vocab_size {getattr(model.config, 'vocab_size', '?')}): the tokenizer "
+                        f"does not belong to this model; {fix}")
+        config = getattr(model, "config", None)
+        model_pad = getattr(config, "pad_token_id", None)
+        if model_pad is not None and int(model_pad) != int(self.pad_id):
+            raise ModelMismatchError(f"the model's pad_token_id is {model_pad} but task {self.name!r} pads with "
+                                     f"{self.pad_id} (model vocab {rows}, tokenizer vocab {task_vocab}); {fix}")
+        gen = getattr(model, "generation_config", None)
+        model_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if model_eos is None:
+            model_eos = getattr(config, "eos_token_id", None)
+        task_eos = self.eos_id if self.eos_id is not None else getattr(tok, "eos_token_id", None)
+        if model_eos is not None and task_eos is not None:
+            eos = set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos}
+            if int(task_eos) not in {int(e) for e in eos}:
+                raise ModelMismatchError(f"the model ends sequences with eos_token_id {model_eos} but task "
+                                         f"{self.name!r} uses {task_eos} (model vocab {rows}, tokenizer vocab "
+                                         f"{task_vocab}); {fix}")
+
     def texts(self, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; this task has {sorted(self.splits)}")
@@ -144,8 +224,11 @@ class Seq2SeqTask:
         max_new_tokens: int | None = None,
         progress: bool = True,
     ) -> pd.DataFrame:
-        """Decode a split with `model.generate` (greedy by default, beam search with num_beams>1)."""
+        """Decode a split with `model.generate` (greedy by default, beam search with num_beams>1).
+        First checks that the model fits the task (`check_model`) and has no NaN/inf weight."""
         src_text, tgt_text = self.texts(split, limit)
+        self.check_model(model, [split])
+        check_finite(model)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -163,7 +246,7 @@ class Seq2SeqTask:
                 num_beams=num_beams,
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.max_target_len(longest),
-                past_key_values=fresh_cache(model),
+                **cache_kwargs(model),
             )
             for i, ids in zip(index, out.tolist()):
                 hyps[i] = self.decode_target(ids)

@@ -119,6 +119,7 @@ class G2PTask(Seq2SeqTask):
 
     name = "cmudict-g2p"
     pad_id = PAD
+    eos_id = EOS
     primary_metric = "per"
     higher_is_better = False
 

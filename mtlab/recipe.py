@@ -1,0 +1,538 @@
+"""Recipes: one YAML file that says which model to compress, on what data, how, and where the results go.
+
+In the manner of mergekit's configs, `python -m mtlab run recipe.yaml` (or `mtlab run ...`) reads a
+recipe, validates ALL of it up front (typed pydantic schema, then against the model: depths,
+granularities, plans, merge sets, baseline depths), and only then trains and builds. The output
+folder receives:
+
+- `models/NAME/`: every compressed model, a folder that plain transformers loads
+  (`mtlab.export.export` where available, else `save_pretrained` with merged FFs untied), with
+  its tokenizer;
+- `results.csv`: one row per model (kind, spec, params, compression, scores on the eval split);
+- `summary.html`: the same table and the recipe; `screen.csv` / `window_search.csv` when run;
+- `recipe.json`: the validated recipe; `work/`: checkpoints (rerun the same recipe to resume).
+
+Relative paths in a recipe are read relative to the recipe file's folder. See `examples/`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import html
+import json
+import re
+import time
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    """The data: the bundled G2P task, a file of text pairs (seq2seq), or a text file (decoder-only LMs)."""
+    kind: Literal["g2p", "pairs", "text"] = Field(description="g2p (bundled CMUdict), pairs (tsv/csv/jsonl), text")
+    path: Path | None = Field(None, description="the pairs or text file (not for g2p)")
+    block_size: int | None = Field(64, ge=1, description="text: tokens per example; null: one example per line")
+    metric: Literal["bleu", "rouge"] = Field("bleu", description="pairs: the score")
+    dev_fraction: float = Field(0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self):
+        if self.kind == "g2p" and self.path is not None:
+            raise ValueError("the g2p task is bundled: remove path (or use kind: pairs for your own file)")
+        if self.kind != "g2p" and self.path is None:
+            raise ValueError(f"kind {self.kind!r} needs the data file, e.g. path: data/train.txt")
+        return self
+
+
+class ModulesSpec(_Strict):
+    """Module training (multi-grained module replacing) and the plans assembled from the bank."""
+    granularities: tuple[int, ...] = Field((2, 3, 6), description="span sizes a module replaces (each >= 2)")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    plans: list[str] | Literal["ladders"] = Field("ladders", description="plan texts, or every registered strategy")
+    screen: bool = Field(True, description="screen the whole assembly space on dev (teacher forcing)")
+    screen_limit: int | None = Field(64, ge=1, description="dev examples the screen reads")
+
+    @field_validator("granularities")
+    @classmethod
+    def _ks(cls, v):
+        if not v or any(k < 2 for k in v):
+            raise ValueError(f"each granularity is a span of >= 2 layers, got {list(v)}; e.g. granularities: [2, 3]")
+        return tuple(sorted(set(v)))
+
+    @field_validator("plans")
+    @classmethod
+    def _plans(cls, v):
+        from .modular.plan import Plan, PlanError
+
+        if isinstance(v, list):
+            for text in v:
+                try:
+                    Plan.parse(text)
+                except PlanError as e:
+                    raise ValueError(str(e)) from None
+        return v
+
+
+class WindowSearchSpec(_Strict):
+    sizes: tuple[int, ...] = Field((2,), description="window sizes (layers merged into one FF)")
+    methods: tuple[str, ...] = Field(("permute",), description="registered merge methods")
+    starts: tuple[int, ...] | None = Field(None, description="only windows starting here (null: all)")
+    select_limit: int | None = Field(64, ge=1, description="dev examples each window is scored on")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v):
+        from .merging.methods import merge_methods
+
+        bad = [m for m in v if m not in merge_methods()]
+        if bad:
+            raise ValueError(f"unknown merge method(s) {bad}; use some of {list(merge_methods())}")
+        return v
+
+
+class RecoverySpec(_Strict):
+    steps: int = Field(0, ge=0, description="recovery fine-tune steps per merged model (0: none)")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+
+
+class MergeSection(_Strict):
+    """FF merging: explicit merge sets and/or a window search (its best window per size and method)."""
+    sets: list[str] = Field(default_factory=list,
+                            description="merge specs, each one model, e.g. layers:1-2@middle/permute")
+    window_search: WindowSearchSpec | None = None
+    align_tokens: int = Field(2000, ge=1, description="train tokens for the FF correlations")
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v):
+        from .merging.methods import merge_methods
+        from .merging.spec import MergeSpec
+
+        for text in v:
+            try:
+                spec = MergeSpec.parse(text)
+            except ValueError as e:
+                raise ValueError(f"{text!r}: {e}") from None
+            if spec.method not in merge_methods():
+                raise ValueError(f"{text!r}: unknown method {spec.method!r}; use one of {list(merge_methods())}")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.sets and self.window_search is None:
+            raise ValueError("merge: give sets (e.g. sets: ['layers:1-2@middle/permute']) or window_search: {}")
+        return self
+
+
+class BaselinesSpec(_Strict):
+    names: list[str] = Field(["sft"], description="registered baselines (mtlab.baselines.baselines())")
+    depths: tuple[int, ...] = Field(..., description="per-stack depths the baselines are cut to")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v):
+        from .baselines import baselines
+
+        bad = [n for n in v if n not in baselines()]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}; use some of {list(baselines())}")
+        return v
+
+
+class EvalSpec(_Strict):
+    split: Literal["dev", "test"] = "test"
+    limit: int | None = Field(None, ge=1, description="examples scored per model (null: the whole split)")
+    batch_size: int = Field(32, ge=1)
+
+
+class Recipe(_Strict):
+    """What to compress (model, task), how (modules, merge, baselines), and where to (output)."""
+    model: str = Field(..., description="a from_pretrained folder (or hub name), or 'bundled' (the G2P teacher)")
+    tokenizer: str | None = Field(None, description="tokenizer path (default: the model's folder)")
+    task: TaskSpec
+    output: Path = Field(..., description="folder for models/, results.csv, summary.html")
+    modules: ModulesSpec | None = None
+    merge: MergeSection | None = None
+    baselines: BaselinesSpec | None = None
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.task.kind == "g2p" and self.model != "bundled":
+            raise ValueError("model: the g2p task needs the bundled teacher's G2P tokenizer; set model: bundled")
+        if self.model == "bundled" and self.task.kind != "g2p":
+            raise ValueError("task.kind: the bundled teacher reads G2P tokens; use kind: g2p (or your own model)")
+        if not (self.modules or self.merge or self.baselines):
+            raise ValueError("nothing to do: add at least one of modules, merge, baselines")
+        return self
+
+
+# ---- reading and checking ------------------------------------------------------------------
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys at `loc` (for 'did you mean')."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        f = model.model_fields.get(part)
+        ann = getattr(f, "annotation", None)
+        args = (ann,) if get_origin(ann) is None else get_args(ann)
+        sub = next((a for a in args if get_origin(a) is None and isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _explain(e: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            valid = _field_names(Recipe, loc)
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            msg = f"unknown key; {'did you mean ' + repr(near[0]) + '? ' if near else ''}valid keys: {', '.join(valid)}"
+        elif err["type"] == "missing":
+            msg = "required; add it (see examples/ for a complete recipe)"
+        lines.append(f"  {where}: {msg}")
+    return RecipeError(f"{source}: the recipe is not valid:\n" + "\n".join(lines))
+
+
+def load_recipe(source: str | Path | dict, base: Path | None = None) -> Recipe:
+    """A validated Recipe from a YAML file (or a dict); relative paths resolve against the file's folder."""
+    import yaml
+
+    if isinstance(source, dict):
+        data, name, base = source, "recipe", base or Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"no recipe at {path}: give a YAML file (see examples/*/recipe.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path} is not valid YAML: {e}") from None
+        name, base = str(path), base or path.resolve().parent
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping (model: ..., task: ..., output: ...), "
+                              f"got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, name) from None
+    return _resolve_paths(recipe, base)
+
+
+def _resolve_paths(r: Recipe, base: Path) -> Recipe:
+    def rel(p):
+        return p if p is None or Path(p).is_absolute() else base / p
+
+    model = r.model
+    if model != "bundled" and (base / model).exists() and not Path(model).is_absolute():
+        model = str(base / model)
+    tokenizer = r.tokenizer
+    if tokenizer is not None and not Path(tokenizer).is_absolute() and (base / tokenizer).exists():
+        tokenizer = str(base / tokenizer)
+    task = r.task.model_copy(update={"path": rel(r.task.path)})
+    return r.model_copy(update={"model": model, "tokenizer": tokenizer, "task": task, "output": rel(r.output)})
+
+
+def load_model_and_task(r: Recipe):
+    """(model, task) the recipe names, with errors that say what to fix."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if r.task.path is not None and not r.task.path.is_file():
+        raise RecipeError(f"task.path: no file at {r.task.path}; fix the path (relative paths start at the "
+                          "recipe's folder)")
+    if r.model == "bundled":
+        from .teacher import load_teacher
+
+        return load_teacher()
+    try:
+        config = AutoConfig.from_pretrained(r.model)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model: cannot load {r.model!r} ({str(e).splitlines()[0]}); give a folder written by "
+                          "save_pretrained (config.json + weights) or 'bundled'") from None
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if r.task.kind == "text" and seq2seq:
+        raise RecipeError(f"task.kind: {r.model} is an encoder-decoder model; a text task needs a decoder-only LM, "
+                          "or use kind: pairs")
+    if r.task.kind == "pairs" and not seq2seq:
+        raise RecipeError(f"task.kind: {r.model} is a decoder-only model; use kind: text (a text file) with it")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if r.task.kind == "text" and positions and r.task.block_size and r.task.block_size > positions:
+        raise RecipeError(f"task.block_size: {r.task.block_size} tokens, but the model reads at most {positions}; "
+                          f"set block_size: {positions} or less")
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(r.model).float().eval()
+    try:
+        task = _task(r)
+    except (ValueError, KeyError, TypeError) as e:  # the tasks' own errors name the problem and the fix
+        raise RecipeError(f"task: {e}") from None
+    return model, task
+
+
+def _task(r: Recipe):
+    from .tasks.causal_lm import load_tokenizer
+
+    tok = load_tokenizer(r.tokenizer or r.model)
+    if r.task.kind == "text":
+        from .tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask.from_file(r.task.path, tok, block_size=r.task.block_size,
+                                      dev_fraction=r.task.dev_fraction, test_fraction=r.task.test_fraction)
+    from .tasks.pairs import PairsTask
+
+    return PairsTask.from_file(r.task.path, tok, metric=r.task.metric, dev_fraction=r.task.dev_fraction,
+                               test_fraction=r.task.test_fraction)
+
+
+def check_recipe(r: Recipe, model) -> None:
+    """Everything that can be checked against the model before any training: depths, granularities,
+    plans, merge sets and windows, baseline depths."""
+    from .anatomy import anatomy
+    from .merging.spec import MergeSpec
+    from .modular.plan import Plan, PlanError
+    from .modular.replacing import ReplacingConfig
+    from .surgery import stack_depths
+
+    depths = stack_depths(model)
+    try:
+        if r.modules is not None:
+            ReplacingConfig(granularities=r.modules.granularities).granularities_for(depths)
+            for text in r.modules.plans if isinstance(r.modules.plans, list) else ():
+                Plan.parse(text, depths).validate(depths, {s: r.modules.granularities for s in depths})
+    except (ValueError, PlanError) as e:
+        fix = re.sub(r"ReplacingConfig\(granularities=\(([\d, ]*)\)\)", r"granularities: [\1]", str(e))
+        raise RecipeError(f"modules.{'plans' if isinstance(e, PlanError) else 'granularities'}: {fix}") from None
+    if r.merge is not None:
+        an = anatomy(model)
+        for text in r.merge.sets:
+            try:
+                MergeSpec.parse(text).validate(an)
+            except (ValueError, KeyError) as e:
+                raise RecipeError(f"merge.sets: {text!r}: {e}") from None
+        ws = r.merge.window_search
+        if ws is not None:
+            from .merging.search import windows
+
+            fits = [(s, a, k) for s, n in depths.items() if n >= 2
+                    for a, k in windows(n, [k for k in ws.sizes if k <= n]) if ws.starts is None or a in ws.starts]
+            if not fits:
+                raise RecipeError(f"merge.window_search: no window of sizes {list(ws.sizes)} starting at "
+                                  f"{list(ws.starts or []) or 'any layer'} fits the stacks {depths}; use smaller "
+                                  "sizes or other starts")
+    if r.baselines is not None:
+        bad = [d for d in r.baselines.depths if not 1 <= d < min(depths.values())]
+        if bad:
+            raise RecipeError(f"baselines.depths: {bad} do not shrink the model's stacks {depths}; use depths from 1 "
+                              f"to {min(depths.values()) - 1}")
+
+
+# ---- running -------------------------------------------------------------------------------
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def _train_cfg(steps: int, batch_size: int, lr: float, seed: int):
+    from .train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed,
+                       log_every=max(1, min(50, steps)), ckpt_every=max(1, min(500, steps)))
+
+
+def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
+    from .explore import screen
+    from .modular import ReplacingConfig, assemble, teacher_ladders, train_modules
+    from .modular.plan import Plan
+    from .surgery import stack_depths
+
+    m = r.modules
+    cfg = ReplacingConfig(granularities=m.granularities, train=_train_cfg(m.steps, m.batch_size, m.lr, r.seed))
+    bank, _ = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
+    depths = stack_depths(teacher)
+    if m.plans == "ladders":
+        plans = list(dict.fromkeys(str(p) for _, p in teacher_ladders(teacher, bank)))
+    else:
+        plans = [str(Plan.parse(t, depths)) for t in m.plans]
+    plans = [p for p in plans if p != str(Plan.teacher(depths))]
+    out = {f"modules {p}": {"kind": "modules", "spec": p, "model": assemble(teacher, bank, p)} for p in plans}
+    if m.screen:
+        df = screen(teacher, bank, task, split="dev", limit=m.screen_limit, batch_size=m.batch_size, progress=progress)
+        out["_screen"] = {"table": df}
+    return out
+
+
+def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
+    from .merging.search import CorrelationCache, build_candidate, recover, window_search
+
+    mg = r.merge
+    batches = lambda: task.iter_batches("train", 16, shuffle=True, seed=r.seed)  # noqa: E731
+    cache = CorrelationCache(teacher, batches, max_tokens=mg.align_tokens)
+    specs, out = list(mg.sets), {}
+    if mg.window_search is not None:
+        ws = mg.window_search
+        df = window_search(teacher, task, None, sizes=ws.sizes, methods=list(ws.methods), starts=ws.starts,
+                           select_limit=ws.select_limit, align_tokens=mg.align_tokens, cache=cache, seed=r.seed,
+                           eval_kw={"batch_size": r.eval.batch_size}, progress=progress)
+        out["_window_search"] = {"table": df}
+        specs += [s for s in df[df.best & (df.kind == "merge")].spec if s not in specs]
+    for spec in specs:
+        model = build_candidate(teacher, spec, cache=cache).requires_grad_(True)
+        if mg.recovery.steps:
+            cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
+            model, _ = recover(model.train(), task, cfg, work / "recover" / _slug(spec), progress=progress, save=False)
+        out[f"merge {spec}"] = {"kind": "merge", "spec": spec, "model": model.eval()}
+    return out
+
+
+def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
+    from .baselines import BaselineBudget, build_baselines, default_run_dir
+
+    b = r.baselines
+    budget = BaselineBudget(train=_train_cfg(b.steps, b.batch_size, b.lr, r.seed), depths=b.depths, progress=progress,
+                            run_dir=lambda name, key: work / default_run_dir(name, key))
+    rows = build_baselines(teacher, task, budget, b.names)
+    return {f"{row['method']} {row['plan']}": {"kind": "baseline", "spec": f"{row['strategy']}: {row['plan']}",
+                                               "model": row["model"]} for row in rows}
+
+
+def export_model(model, directory: Path, task) -> str:
+    """A folder plain transformers loads: `mtlab.export.export` when this mtlab has it, else
+    `save_pretrained` of an untied copy (merged FFs get their own weights), plus the tokenizer."""
+    from .checkpoint import atomic_dir
+
+    try:
+        from .export import export  # written by another part of mtlab; optional here
+    except ImportError:
+        export = None
+    if export is not None:
+        export(model, directory, task=task)
+        return "mtlab.export"
+    config = copy.deepcopy(model.config)
+    for key in ("mtlab_merges", "mtlab_pruned"):
+        if hasattr(config, key):
+            delattr(config, key)
+    plain = type(model)(config)
+    plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    with atomic_dir(directory) as tmp:
+        plain.save_pretrained(tmp)
+        tok = getattr(task, "tokenizer", None)
+        if hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(tmp)
+        elif hasattr(tok, "save"):
+            tok.save(tmp)
+    return "save_pretrained"
+
+
+def _prepare_output(r: Recipe, record: dict) -> Path:
+    """The output folder: new, or one this same recipe wrote (then its work/ resumes)."""
+    out = r.output
+    seen = out / "recipe.json"
+    if out.exists() and any(out.iterdir()):
+        if not seen.is_file():
+            raise RecipeError(f"output: {out} exists and holds other files; choose a new folder or empty it")
+        if json.loads(seen.read_text()) != record:
+            raise RecipeError(f"output: {out} holds the results of another recipe ({seen}); choose a new folder, "
+                              "or delete it to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import write_json
+
+    write_json(seen, record)
+    return out
+
+
+def _score(name: str, c: dict, task, r: Recipe, n0: int, progress: bool) -> dict:
+    from .measure import count_params
+
+    n = count_params(c["model"])
+    scores = task.evaluate(c["model"], r.eval.split, limit=r.eval.limit, batch_size=r.eval.batch_size,
+                           progress=progress)
+    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"name": name, "kind": c["kind"], "spec": c["spec"], "params": n, "compression": n0 / n,
+            **{f"{r.eval.split}_{k}": v for k, v in scores.items()}}
+
+
+def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None = None,
+               progress: bool = True) -> pd.DataFrame:
+    """Validate a recipe, run it, write the output folder (see the module docstring); returns results.csv's
+    table, with the recipe in `attrs["recipe"]`. `output` overrides the recipe's output folder."""
+    from .checkpoint import write_csv
+
+    r = source if isinstance(source, Recipe) else load_recipe(source)
+    if output is not None:
+        r = r.model_copy(update={"output": Path(output)})
+    teacher, task = load_model_and_task(r)
+    check_recipe(r, teacher)
+    record = json.loads(r.model_dump_json())
+    out = _prepare_output(r, record)
+    work, t0 = out / "work", time.perf_counter()
+    cands: dict[str, dict] = {"original": {"kind": "original", "spec": "", "model": teacher}}
+    for section, build in (("modules", _modules), ("merge", _merges), ("baselines", _baselines)):
+        if getattr(r, section) is not None:
+            cands.update(build(r, teacher, task, work, progress))
+    tables = {k.lstrip("_"): cands.pop(k)["table"] for k in [k for k in cands if k.startswith("_")]}
+    for name, table in tables.items():
+        write_csv(out / f"{name}.csv", table)
+    from .measure import count_params
+
+    n0 = count_params(teacher)
+    rows = []
+    for name, c in cands.items():
+        row = _score(name, c, task, r, n0, progress)
+        if c["kind"] != "original":
+            path = out / "models" / _slug(name)
+            row["saved_with"] = export_model(c["model"], path, task)
+            row["path"] = str(path.relative_to(out))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["recipe"] = record
+    write_csv(out / "results.csv", df)
+    _write_summary(out / "summary.html", df, record, tables, task, time.perf_counter() - t0)
+    return df
+
+
+def _write_summary(path: Path, df: pd.DataFrame, record: dict, tables: dict, task, seconds: float) -> None:
+    """A small self-contained HTML page: the results, the recipe, the tables written alongside."""
+    metric = next((c for c in df.columns if c.endswith("_" + task.primary_metric)), None)
+    best = "" if metric is None else (f"<p>Primary metric <b>{html.escape(metric)}</b> "
+                                      f"({'higher' if task.higher_is_better else 'lower'} is better).</p>")
+    links = "".join(f'<li><a href="{html.escape(n)}.csv">{html.escape(n)}.csv</a> ({len(t)} rows)</li>'
+                    for n, t in tables.items())
+    table = df.to_html(index=False, float_format=lambda x: f"{x:.4g}", escape=True, border=0)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mtlab recipe results</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
+td,th{{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style>
+</head><body><h1>mtlab recipe results</h1>
+<p>{len(df)} models, task <b>{html.escape(task.name)}</b>, {seconds:.0f} s. Models are in <code>models/</code>;
+the table is <a href="results.csv">results.csv</a>.</p>{best}{table}
+<h2>Other tables</h2><ul>{links or '<li>none</li>'}</ul>
+<h2>Recipe</h2><pre>{html.escape(json.dumps(record, indent=2, default=str))}</pre></body></html>
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
