@@ -32,8 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = ["mean_pool", "pooled", "embed_split", "mean_cosine", "neighbour_recall", "pairwise_spearman",
-           "embedding_scores", "evaluate_embeddings", "distillation_loss", "recover_embeddings", "untied",
-           "save_encoder"]
+           "embedding_scores", "evaluate_embeddings", "distillation_loss", "recover_embeddings", "save_encoder"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -201,37 +200,11 @@ def recover_embeddings(model: nn.Module, original: nn.Module, task, cfg, out_dir
 # ---------------------------------------------------------------------------
 # saving a compressed encoder as a plain transformers model
 
-def untied(model: nn.Module) -> nn.Module:
-    """A copy of `model` in which no Parameter is shared: each FF sublayer an FF merge tied to its
-    anchor gets its own copy of the weights, so `save_pretrained` stores every tensor and
-    `AutoModel.from_pretrained` rebuilds the same function (it does not know mtlab's ties).
-    The mtlab_merges record is dropped from the copy's config."""
-    import copy
-
-    out = copy.deepcopy(model)
-    seen: set[int] = set()
-    for name, module in out.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)):
-            if id(p) in seen:
-                setattr(module, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-            else:
-                seen.add(id(p))
-    config = getattr(out, "config", None)
-    if config is not None and hasattr(config, "mtlab_merges"):
-        del config.mtlab_merges
-    return out
-
-
-def save_encoder(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_encoder(model: nn.Module, path: str | Path, task=None) -> Path:
     """Save a compressed encoder (layers dropped, modules assembled, FF sublayers merged) so that
     plain `transformers.AutoModel.from_pretrained(path)` loads it and gives the same embeddings:
-    shared weights untied (`untied`), safetensors, written atomically; the tokenizer too if given."""
-    from .checkpoint import atomic_dir
+    `mtlab.export.export` (FF ties written as plain copies, atomic, reload checked on the task's dev
+    sentences; the task's tokenizer saved beside the weights)."""
+    from .export import export
 
-    path = Path(path)
-    plain = untied(model)
-    with atomic_dir(path) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return path
+    return export(model, path, task=task)

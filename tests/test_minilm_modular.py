@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlab.embedding import embed_split, embedding_scores, save_encoder, untied
+from mtlab.embedding import embed_split, embedding_scores, save_encoder
 from mtlab.modular import Plan, assemble
 from mtlab.modular.embedding_replacing import (EmbeddingReplacingConfig, embedding_replacing_loss,
                                                train_embedding_modules)
@@ -104,12 +104,14 @@ def test_six_module_assembly_is_a_plain_bert_that_reloads(trained, task, tmp_pat
     model = assemble(teacher, bank, "layers=6")
     assert type(model) is BertModel and len(model.encoder.layer) == 1 and model.config.num_hidden_layers == 1
     assert not same_embeddings(model, teacher, task)
-    back = AutoModel.from_pretrained(str(save_encoder(model, tmp_path / "m6")), local_files_only=True)
+    back = AutoModel.from_pretrained(str(save_encoder(model, tmp_path / "m6", task)), local_files_only=True)
     assert type(back) is BertModel and back.config.num_hidden_layers == 1
     assert torch.equal(embed_split(back, task, "test"), embed_split(model, task, "test"))
 
 
-def test_merged_encoder_is_untied_and_reloads_with_the_same_embeddings(tokenizer, task, tmp_path):
+def test_merged_encoder_reloads_with_the_same_embeddings(tokenizer, task, tmp_path):
+    import json
+
     from transformers import AutoModel
 
     from mtlab.measure import count_params
@@ -121,12 +123,13 @@ def test_merged_encoder_is_untied_and_reloads_with_the_same_embeddings(tokenizer
             p.add_(0.05 * torch.randn_like(p))
     n_full = count_params(model)
     merged = tie_ffs(model, ["layers:2-4"])  # in place
-    plain = untied(merged)
-    assert count_params(plain) == n_full > count_params(merged)
-    assert not hasattr(plain.config, "mtlab_merges") and hasattr(merged.config, "mtlab_merges")
-    back = AutoModel.from_pretrained(str(save_encoder(merged, tmp_path / "merged")), local_files_only=True)
+    assert count_params(merged) < n_full
+    path = save_encoder(merged, tmp_path / "merged", task)
+    back = AutoModel.from_pretrained(str(path), local_files_only=True)
+    assert count_params(back) == n_full  # the ties were written as plain copies
     assert torch.equal(embed_split(back, task, "test"), embed_split(merged, task, "test"))
-    assert not (tmp_path / "merged.tmp").exists()
+    assert json.loads((path / "mtlab_export.json").read_text())["untied_merges"] == ["layers:2-4@first/permute"]
+    assert (path / "tokenizer.json").exists() and not (tmp_path / "merged.tmp").exists()
 
 
 def test_encoder_latency_times_every_model_on_the_same_inputs(tokenizer, task):
@@ -154,12 +157,12 @@ def test_study_ladder_and_baselines_share_one_budget(trained, tokenizer, task, t
                                            "layers=33", "layers=6"]
     assert ladder[0]["mean_cos"] == pytest.approx(1.0) and ladder[0]["params_removed_frac"] == 0
     m = MiniLMProfile(steps=2, batch_size=8, ratios=(1.5, 3.0), select_limit=None)
-    rows = baseline_rows(teacher, tokenizer, task, m, ref, tmp_path, progress=False)
+    rows = baseline_rows(teacher, task, m, ref, tmp_path, progress=False)
     assert [(r["method"], r["layers"], r["recovery_steps"]) for r in rows] == [
         (meth, d, s) for d in (4, 2) for meth in ("layer_drop", "sft") for s in (0, 2)]
     assert {r["train_steps"] for r in rows if r["recovery_steps"]} == {m.steps}
     assert [depth_for(r, 6) for r in (1.5, 2.0, 3.0)] == [4, 3, 2]
-    again = baseline_student(teacher, tokenizer, task, "sft", [0, 5], finetune_config(m), tmp_path / "sft_0-5")
+    again = baseline_student(teacher, task, "sft", [0, 5], finetune_config(m), tmp_path / "sft_0-5")
     reread = embedding_scores(ref, embed_split(again, task, "test"))  # read back with plain AutoModel
     assert rows[-1]["mean_cos"] == pytest.approx(reread["mean_cos"], abs=1e-5)
     with pytest.raises(ValueError, match="ratios are compressions"):

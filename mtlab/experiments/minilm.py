@@ -272,7 +272,7 @@ def depth_for(ratio: float, n: int) -> int:
     return max(1, round(n / ratio))
 
 
-def baseline_student(teacher: nn.Module, tokenizer, task, method: str, keep: list[int], cfg: TrainConfig, run: Path,
+def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg: TrainConfig, run: Path,
                      select_limit: int | None = None, progress: bool = True) -> nn.Module:
     """Layer dropping (`method` "layer_drop") or shrink-and-fine-tune ("sft"): the kept layers of
     `teacher`, fine-tuned by embedding distillation (`recover_embeddings`, resumable from run);
@@ -290,11 +290,11 @@ def baseline_student(teacher: nn.Module, tokenizer, task, method: str, keep: lis
     student, log = recover_embeddings(student, teacher, task, cfg, run, eval_limit=select_limit, progress=progress,
                                       save=False)
     if len(log) and int(log.step.max()) >= cfg.steps:
-        save_encoder(student, run / "student", tokenizer)
+        save_encoder(student, run / "student", task)
     return student
 
 
-def baseline_rows(teacher: nn.Module, tokenizer, task, m, ref: torch.Tensor, root: Path,
+def baseline_rows(teacher: nn.Module, task, m, ref: torch.Tensor, root: Path,
                   progress: bool = True) -> list[dict]:
     """Per ratio of the profile and baseline: test scores as dropped (recovery_steps 0) and after
     the fine-tune with the module run's budget; the run lives in root/METHOD_KEPT."""
@@ -313,7 +313,7 @@ def baseline_rows(teacher: nn.Module, tokenizer, task, m, ref: torch.Tensor, roo
             base.update(params=n, params_removed_frac=1 - n / n0)
             rows.append({**base, "recovery_steps": 0, "train_steps": 0, **test_scores(dropped, task, ref)})
             run = root / f"{method}_{'-'.join(map(str, keep))}"
-            student = baseline_student(teacher, tokenizer, task, method, keep, cfg, run, m.select_limit, progress)
+            student = baseline_student(teacher, task, method, keep, cfg, run, m.select_limit, progress)
             rows.append({**base, "recovery_steps": cfg.steps, "train_steps": cfg.steps,
                          **test_scores(student, task, ref)})
     return rows
@@ -375,7 +375,7 @@ def minilm_baseline_table(profile=None, *, progress: bool = True) -> pd.DataFram
     def compute():
         model, tok = original()
         task = study_task(m, tok)
-        return pd.DataFrame(baseline_rows(model, tok, task, m, _reference(task), _runs(profile) / "baselines",
+        return pd.DataFrame(baseline_rows(model, task, m, _reference(task), _runs(profile) / "baselines",
                                           progress))
 
     return _table("minilm_baseline_table", profile, compute)

@@ -31,7 +31,7 @@ from ..embedding import mean_pool
 from ..surgery import swapped
 from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
-from .replacing import Replacer, local_loss, relative_mse, sample_tilings
+from .replacing import Replacer, local_loss, relative_mse, sample_tilings, token_share
 
 __all__ = ["EmbeddingReplacingConfig", "embedding_replacing_loss", "train_embedding_modules"]
 
@@ -94,6 +94,7 @@ def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
     def loss_fn(model: Replacer, batch, step: int):
         rng = random.Random(seed * 1_000_003 + step)
         stacks = list(model.originals)
+        share = token_share(batch)  # relative MSEs are ratios over the global batch (replacing.relative_mse)
         mask = batch.attention_mask.bool()
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         e_t, t_hidden, span_inputs = _teacher_pass(model, inputs, cfg.w_local > 0)
@@ -113,14 +114,14 @@ def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
                 h.remove()
         cos = F.cosine_similarity(mean_pool(s_out.last_hidden_state, batch.attention_mask), e_t, dim=-1)
         emb = (1 - cos).mean()
-        terms = [relative_mse(out.float()[mask], t_hidden[s][end].float()[mask])
+        terms = [relative_mse(out.float()[mask], t_hidden[s][end].float()[mask], share)
                  for s in stacks for out, end in zip(s_hidden[s], plan_blocks[s][1])]
         hidden = torch.stack(terms).mean()
         loss = cfg.w_emb * emb + cfg.w_hidden * hidden
         parts = {"emb_cos": cos.mean().item(), "hidden_mse": hidden.item()}
         if cfg.w_local > 0:
             ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
-            local = local_loss(model, span_inputs, t_hidden, {s: mask for s in stacks}, ks)
+            local = local_loss(model, span_inputs, t_hidden, {s: mask for s in stacks}, ks, share)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         return loss, {**parts, "p": p, "modules_in": sum(k > 1 for t in tilings.values() for k in t)}
