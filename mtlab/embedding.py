@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = ["mean_pool", "pooled", "embed_split", "mean_cosine", "neighbour_recall", "pairwise_spearman",
-           "embedding_scores", "evaluate_embeddings", "distillation_loss", "recover_embeddings"]
+           "embedding_scores", "evaluate_embeddings", "distillation_loss", "recover_embeddings", "save_encoder"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -195,3 +195,16 @@ def recover_embeddings(model: nn.Module, original: nn.Module, task, cfg, out_dir
 
     return recover(model, task, cfg, out_dir, loss_fn=distillation_loss(original, hidden_weight, layer_map),
                    evaluate=evaluate, progress=progress, save=save)
+
+
+# ---------------------------------------------------------------------------
+# saving a compressed encoder as a plain transformers model
+
+def save_encoder(model: nn.Module, path: str | Path, task=None) -> Path:
+    """Save a compressed encoder (layers dropped, modules assembled, FF sublayers merged) so that
+    plain `transformers.AutoModel.from_pretrained(path)` loads it and gives the same embeddings:
+    `mtlab.export.export` (FF ties written as plain copies, atomic, reload checked on the task's dev
+    sentences; the task's tokenizer saved beside the weights)."""
+    from .export import export
+
+    return export(model, path, task=task)

@@ -136,3 +136,37 @@ def latency(
                          "spread": float(t.max() - t.min()), "runs": runs[name], "rounds": rounds,
                          "threads": torch.get_num_threads(), "speedup_vs_first": float(np.median(first / t))})
     return pd.DataFrame(rows)
+
+
+def encoder_latency(models: dict[str, torch.nn.Module], inputs: dict[int, dict], *, min_run_time: float = 1.0,
+                    rounds: int = 3) -> pd.DataFrame:
+    """`latency` for encoders (no generation): wall time of one forward pass per model and batch
+    size, on `inputs` {batch_size: {"input_ids", "attention_mask", ...}} (every model gets the same
+    tensors), timed in `rounds` interleaved passes (torch.utils.benchmark); `speedup_vs_first` is
+    the median over rounds of the first model's time over this model's time in the same round."""
+    import numpy as np
+
+    if not models or not inputs:
+        raise ValueError("encoder_latency needs at least one model and one batch of inputs")
+    rows = []
+    for bs, x in inputs.items():
+        times: dict[str, list[float]] = {name: [] for name in models}
+        runs: dict[str, int] = dict.fromkeys(models, 0)
+        for _ in range(rounds):
+            for name, model in models.items():
+                model.eval()
+                timer = benchmark.Timer(stmt="model(**x)", globals={"model": model, "x": x},
+                                        num_threads=torch.get_num_threads(), label="forward", sub_label=name,
+                                        description=f"batch {bs}")
+                with torch.no_grad():
+                    m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
+                times[name].append(m.median)
+                runs[name] += len(m.times)
+        first = np.array(times[next(iter(models))])
+        for name in models:
+            t = np.array(times[name])
+            rows.append({"model": name, "batch_size": bs, "tokens": int(x["attention_mask"].sum()),
+                         "seconds": float(np.median(t)), "spread": float(t.max() - t.min()), "runs": runs[name],
+                         "rounds": rounds, "threads": torch.get_num_threads(),
+                         "speedup_vs_first": float(np.median(first / t))})
+    return pd.DataFrame(rows)

@@ -62,11 +62,36 @@ class ExploreProfile:
 
 
 @dataclass(frozen=True)
+class MiniLMProfile:
+    """Both methods on all-MiniLM-L6-v2 (notebook 06). The default fits ~10 minutes on 2 CPU
+    cores and its numbers are indicative only; a real budget is `full`'s: 20,000 steps at batch
+    64 for the module run and the same for every baseline and recovery run (hours on a GPU),
+    scored on the whole dev and test splits."""
+    steps: int = 50                 # module-replacing steps (ONE run for every granularity); every baseline
+    batch_size: int = 16            # and FF-merge recovery run gets the same steps and batch (13 runs)
+    granularities: tuple[int, ...] = (2, 3, 6)
+    module_lr: float = 3e-4         # modules (only they train; the original is frozen)
+    finetune_lr: float = 1e-4       # whole-model fine-tunes: baselines and FF-merge recovery
+    ratios: tuple[float, ...] = (1.5, 2.0, 3.0)   # layer-stack ratios the per-ratio baselines are trained for
+    merge_targets: tuple[float, ...] = (0.10, 0.20)  # shares of parameters removed (minilm_ff_merging)
+    merge_methods: tuple[str, ...] = ("permute", "vanilla")  # FF-merge methods (layer pruning always runs)
+    align_tokens: int = 10_000      # train tokens for the FF correlations of the merges
+    train_sentences: int | None = None  # train sentences (None: the whole split, ~16.5k)
+    select_limit: int | None = 200  # dev sentences (window choice, dev scores)
+    eval_limit: int | None = 300    # test sentences every candidate is scored on (None: all ~2.1k)
+    max_length: int = 64            # tokens per sentence (the corpus' sentences are 5-40 words)
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_seconds: float = 0.5    # torch.utils.benchmark min_run_time per model and batch size
+    latency_rounds: int = 3         # interleaved passes over all models; speed-up = median per-round ratio
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "default"
     modular: ModularProfile = field(default_factory=ModularProfile)
     merging: MergingProfile = field(default_factory=MergingProfile)
     explore: ExploreProfile = field(default_factory=ExploreProfile)
+    minilm: MiniLMProfile = field(default_factory=MiniLMProfile)
 
     def record(self) -> dict:
         return asdict(self)
@@ -84,6 +109,9 @@ PROFILES: dict[str, Profile] = {
                        eval_limit=64, minilm_sentences=60, recovery_batch_size=16,
                        window_starts=(1,)),
         ExploreProfile(screen_limit=32, screen_batch=16, picks=2, combined=1, eval_limit=32, bench_limit=16),
+        MiniLMProfile(steps=2, batch_size=4, ratios=(2.0,), merge_targets=(0.10,), merge_methods=("permute",),
+                      align_tokens=200, train_sentences=32, select_limit=8, eval_limit=16, max_length=24,
+                      latency_seconds=0.01, latency_rounds=1),
     ),
     # default: the merge table must fit in ~6 minutes on 2 CPU cores, so only 3-layer windows
     # (what the combined 4-of-12 candidate needs), 300 dev words per window, 50 recovery steps,
@@ -104,6 +132,8 @@ PROFILES: dict[str, Profile] = {
         MergingProfile(align_tokens=100_000, cka_tokens=100_000, select_limit=None, window_sizes=(2, 3, 4),
                        recovery_steps=3000, minilm_sentences=None),
         ExploreProfile(screen_limit=None, picks=16, combined=4, eval_limit=None, bench_limit=1000),
+        MiniLMProfile(steps=20_000, batch_size=64, align_tokens=100_000, select_limit=None, eval_limit=None,
+                      max_length=128, latency_seconds=2.0),
     ),
 }
 
@@ -118,4 +148,5 @@ def get_profile(name: str | Profile | None = None) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "get_profile", "replace"]
+__all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "MiniLMProfile",
+           "get_profile", "replace"]

@@ -15,6 +15,13 @@ For each target share of parameters removed (default ~10% and ~20%):
 
 Data: `mtlab.tasks.sentences` (train: alignment statistics and recovery; dev: window selection;
 test: only the final numbers of the kept models).
+
+Both methods (notebook 06, sized by the profile's `minilm` section, tables cached): one
+module-replacing run (`mtlab.modular.embedding_replacing`) assembled along the size-first ladder
+(`minilm_module_table`), layer dropping and shrink-and-fine-tune per ratio with the module run's
+steps and batch (`minilm_baseline_table`), this study's merges with the same budget
+(`minilm_merge_study`), and every candidate scored on the same test sentences and timed in one
+run (`minilm_frontier`; `minilm_csv` is reports/minilm.csv, `minilm_conclusion` reads it).
 """
 from __future__ import annotations
 
@@ -31,7 +38,11 @@ from ..embedding import embed_split, embedding_scores, recover_embeddings
 from ..merging.search import CorrelationCache, build_candidate, count_params, window_search
 from ..train import TrainConfig
 
-__all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY"]
+__all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "original", "fresh_copy", "study_task",
+           "module_config", "finetune_config", "test_scores", "train_bank", "ladder_rows", "depth_for",
+           "baseline_student", "baseline_rows", "merge_rows", "minilm_modules", "minilm_module_table",
+           "minilm_baseline_table", "minilm_merge_study", "latency_inputs", "candidate_models", "minilm_frontier",
+           "minilm_csv", "ladder_vs_baselines", "minilm_conclusion", "CSV_COLUMNS"]
 
 STACK = "layers"
 RECOVERY = TrainConfig(steps=300, batch_size=32, lr=5e-5, warmup=30, log_every=50, ckpt_every=100, eval_every=0)
@@ -133,3 +144,374 @@ def minilm_ff_merging(model: nn.Module | None = None, tokenizer=None, task=None,
 
 def _scores(model: nn.Module, task, ref_test: torch.Tensor, limit: int | None) -> dict:
     return embedding_scores(ref_test, embed_split(model, task, "test", limit))
+
+
+# ---------------------------------------------------------------------------
+# both methods on MiniLM: Modular Transformers against the baselines, one frontier
+#
+# One module-replacing run (granularities {2, 3, 6}, the original frozen; the loss of
+# `mtlab.modular.embedding_replacing`) gives the size-first ladder; layer dropping ("alternate")
+# and shrink-and-fine-tune ("spread") are trained per ratio with embedding distillation and the
+# SAME steps and batch as the module run, as are the FF-merge/prune recoveries of
+# `minilm_ff_merging`. Every candidate is scored on the same test sentences and timed in one run.
+# Sized by the profile's `minilm` section; tables cached (`mtlab.cache`), runs resumable.
+
+STUDY_VERSION = 1
+BASELINE_RULES = {"layer_drop": "alternate", "sft": "spread"}   # mtlab.baselines' layer choice rules
+KIND = {"original": "teacher", "modules": "modules", "permute": "merge", "vanilla": "merge",
+        "layer_prune": "layer_prune", "layer_drop": "layer_drop", "sft": "sft"}
+CSV_COLUMNS = ["method", "plan", "params", "params_removed_frac", "recovery_steps", "train_steps", "mean_cos",
+               "recall_at_10", "sim_spearman", "speedup_b1", "speedup_b64"]
+
+
+def _profile(profile):
+    from ..profiles import get_profile
+
+    p = get_profile(profile)
+    return p, p.minilm
+
+
+def study_key(profile=None) -> dict:
+    """Cache key of the study: the profile's minilm section, the weights' and the corpus' hashes."""
+    from ..cache import file_hash
+    from ..tasks.sentences import CORPUS
+    from .merging import minilm_hash
+
+    _, m = _profile(profile)
+    return {"version": STUDY_VERSION, "minilm": asdict(m), "weights": minilm_hash(), "corpus": file_hash(CORPUS)}
+
+
+_LOADED: dict = {}
+
+
+def original():
+    """(all-MiniLM-L6-v2, tokenizer), loaded once per process; treat the model as read-only
+    (`fresh_copy` for anything that trains)."""
+    if "model" not in _LOADED:
+        from ..minilm import load_minilm
+
+        _LOADED["model"], _LOADED["tokenizer"] = load_minilm()
+    return _LOADED["model"], _LOADED["tokenizer"]
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """A trainable copy (every parameter requires grad; eval mode until a loop trains it)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out.eval()
+
+
+def study_task(m, tokenizer):
+    """The sentence corpus cut to the profile: train for every run, dev for choices, test for scores."""
+    from ..tasks.sentences import SentencesTask
+
+    return SentencesTask(tokenizer, limit={"train": m.train_sentences, "dev": m.select_limit, "test": m.eval_limit},
+                         max_length=m.max_length)
+
+
+def module_config(m):
+    """The ONE module-replacing run of the profile."""
+    from ..modular.embedding_replacing import EmbeddingReplacingConfig
+
+    return EmbeddingReplacingConfig(granularities=tuple(m.granularities), train=TrainConfig(
+        steps=m.steps, batch_size=m.batch_size, lr=m.module_lr, warmup=max(1, m.steps // 10),
+        log_every=max(1, min(50, m.steps)), ckpt_every=max(1, min(250, m.steps))))
+
+
+def finetune_config(m) -> TrainConfig:
+    """Every per-ratio baseline and every recovery: the module run's steps and batch."""
+    return TrainConfig(steps=m.steps, batch_size=m.batch_size, lr=m.finetune_lr, warmup=max(1, m.steps // 10),
+                       log_every=max(1, min(50, m.steps)), ckpt_every=max(1, min(250, m.steps)), eval_every=0)
+
+
+def test_scores(model: nn.Module, task, ref: torch.Tensor) -> dict:
+    """mean_cos, recall_at_10, sim_spearman of `model` against the original's test embeddings `ref`."""
+    s = embedding_scores(ref, embed_split(model, task, "test"))
+    return {"mean_cos": s["mean_cos"], "recall_at_10": s["recall_at_10"], "sim_spearman": s["spearman"]}
+
+
+def train_bank(teacher: nn.Module, task, m, run: Path, progress: bool = True):
+    """The module bank of the profile: read from run/bank when finished, else trained (resumably)
+    on a frozen copy of `teacher`. Returns (bank, log)."""
+    from ..modular import ModuleBank
+    from ..modular.embedding_replacing import train_embedding_modules
+
+    if (run / "bank").exists():
+        return ModuleBank.load(run / "bank", teacher), pd.read_csv(run / "log.csv")
+    return train_embedding_modules(fresh_copy(teacher), task, module_config(m), run, progress=progress)
+
+
+def ladder_rows(teacher: nn.Module, bank, task, ref: torch.Tensor, steps: int) -> list[dict]:
+    """The original and every rung of the size-first ladder, assembled and scored on test."""
+    from ..modular import assemble, teacher_ladders
+    from ..modular.plan import stack_ratio
+
+    n0 = count_params(teacher)
+    rows = []
+    for strategy, plan in teacher_ladders(teacher, bank):
+        if strategy not in ("teacher", "size_first"):
+            continue
+        model = assemble(teacher, bank, plan)
+        n = count_params(model)
+        spans = dict(plan.spans)
+        rows.append({"method": "original" if strategy == "teacher" else "modules", "plan": str(plan),
+                     "layers": sum(len(v) for v in spans.values()),
+                     "ratio": stack_ratio(spans, {s: 1 for s in spans}), "params": n,
+                     "params_removed_frac": 1 - n / n0, "recovery_steps": 0,
+                     "train_steps": 0 if strategy == "teacher" else steps, **test_scores(model, task, ref)})
+    return rows
+
+
+def depth_for(ratio: float, n: int) -> int:
+    """Blocks a stack of n keeps at layer-stack ratio `ratio` (6 layers: 1.5x -> 4, 2x -> 3, 3x -> 2)."""
+    if ratio < 1:
+        raise ValueError(f"ratios are compressions >= 1 (1.5 = two thirds of the layers), got {ratio}")
+    return max(1, round(n / ratio))
+
+
+def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg: TrainConfig, run: Path,
+                     select_limit: int | None = None, progress: bool = True) -> nn.Module:
+    """Layer dropping (`method` "layer_drop") or shrink-and-fine-tune ("sft"): the kept layers of
+    `teacher`, fine-tuned by embedding distillation (`recover_embeddings`, resumable from run);
+    saved to run/student as a plain model (`save_encoder`) and read back from there once done."""
+    from transformers import AutoModel
+
+    from ..baselines import keep_only
+    from ..embedding import save_encoder
+
+    if method not in BASELINE_RULES:
+        raise ValueError(f"unknown baseline {method!r}; use one of {sorted(BASELINE_RULES)}")
+    if (run / "student").exists():
+        return AutoModel.from_pretrained(str(run / "student"), local_files_only=True).eval()
+    student = fresh_copy(keep_only(teacher, {STACK: keep}))
+    student, log = recover_embeddings(student, teacher, task, cfg, run, eval_limit=select_limit, progress=progress,
+                                      save=False)
+    if len(log) and int(log.step.max()) >= cfg.steps:
+        save_encoder(student, run / "student", task)
+    return student
+
+
+def baseline_rows(teacher: nn.Module, task, m, ref: torch.Tensor, root: Path,
+                  progress: bool = True) -> list[dict]:
+    """Per ratio of the profile and baseline: test scores as dropped (recovery_steps 0) and after
+    the fine-tune with the module run's budget; the run lives in root/METHOD_KEPT."""
+    from ..baselines import keep_layers, keep_only
+
+    n0, depth = count_params(teacher), len(anatomy(teacher).stack(STACK))
+    cfg, rows = finetune_config(m), []
+    for ratio in m.ratios:
+        d = depth_for(ratio, depth)
+        for method, rule in BASELINE_RULES.items():
+            keep = keep_layers(rule, d, depth)
+            plan = f"keep {','.join(map(str, keep))}"
+            base = {"method": method, "plan": plan, "layers": d, "ratio": depth / d}
+            dropped = keep_only(teacher, {STACK: keep})
+            n = count_params(dropped)
+            base.update(params=n, params_removed_frac=1 - n / n0)
+            rows.append({**base, "recovery_steps": 0, "train_steps": 0, **test_scores(dropped, task, ref)})
+            run = root / f"{method}_{'-'.join(map(str, keep))}"
+            student = baseline_student(teacher, task, method, keep, cfg, run, m.select_limit, progress)
+            rows.append({**base, "recovery_steps": cfg.steps, "train_steps": cfg.steps,
+                         **test_scores(student, task, ref)})
+    return rows
+
+
+def merge_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """`minilm_ff_merging`'s table in the study's columns (one row per candidate and stage)."""
+    t = table[table.method != "original"]
+    return pd.DataFrame({"method": t.method.replace({"prune": "layer_prune"}), "plan": t.spec, "params": t.params,
+                         "params_removed_frac": t.params_removed_share, "recovery_steps": t.recovery_steps,
+                         "train_steps": t.recovery_steps, "mean_cos": t.test_mean_cos,
+                         "recall_at_10": t.test_recall_at_10, "sim_spearman": t.test_spearman,
+                         "target": t.target}).reset_index(drop=True)
+
+
+# ---- cached tables (notebook 06) --------------------------------------------------------
+
+def _runs(profile) -> Path:
+    from ..cache import artifact_dir
+
+    return artifact_dir("minilm_runs", study_key(profile))
+
+
+def _table(kind: str, profile, compute) -> pd.DataFrame:
+    from ..cache import cached_frame
+
+    return cached_frame(kind, {"kind": kind, **study_key(profile)}, compute)
+
+
+def _reference(task) -> torch.Tensor:
+    return embed_split(original()[0], task, "test")
+
+
+def minilm_modules(profile=None, *, progress: bool = True):
+    """(bank, log) of the profile's ONE module-replacing run on MiniLM (trained once, then read)."""
+    _, m = _profile(profile)
+    model, tok = original()
+    return train_bank(model, study_task(m, tok), m, _runs(profile) / "modules", progress)
+
+
+def minilm_module_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """The original and the size-first ladder of the module run, scored on test."""
+    _, m = _profile(profile)
+
+    def compute():
+        model, tok = original()
+        task = study_task(m, tok)
+        bank, _ = minilm_modules(profile, progress=progress)
+        return pd.DataFrame(ladder_rows(model, bank, task, _reference(task), m.steps))
+
+    return _table("minilm_module_table", profile, compute)
+
+
+def minilm_baseline_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Layer dropping and shrink-and-fine-tune at each ratio of the profile, before and after
+    their fine-tune (the module run's steps and batch), scored on test."""
+    _, m = _profile(profile)
+
+    def compute():
+        model, tok = original()
+        task = study_task(m, tok)
+        return pd.DataFrame(baseline_rows(model, task, m, _reference(task), _runs(profile) / "baselines",
+                                          progress))
+
+    return _table("minilm_baseline_table", profile, compute)
+
+
+def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """`minilm_ff_merging` at the profile's targets, recovery = the module run's steps and batch,
+    on the study's sentences; recovered models kept in the run directory for the frontier."""
+    _, m = _profile(profile)
+
+    def compute():
+        model, tok = original()
+        return minilm_ff_merging(fresh_copy(model), tok, study_task(m, tok), targets=tuple(m.merge_targets),
+                                 methods=tuple(m.merge_methods), recovery=finetune_config(m),
+                                 align_tokens=m.align_tokens, select_limit=m.select_limit, eval_limit=None,
+                                 out_dir=_runs(profile) / "merging", progress=progress)
+
+    return _table("minilm_merge_study", profile, compute)
+
+
+def latency_inputs(task, batch_sizes, split: str = "test") -> dict[int, dict]:
+    """{batch size: encoder inputs} of the split's first sentences (cycled when the split is smaller)."""
+    n = task.sizes()[split]
+    out = {}
+    for bs in batch_sizes:
+        b = task.collate(split, [i % n for i in range(bs)])
+        out[bs] = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+    return out
+
+
+def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
+    """One model per architecture of the frontier rows (`arch`): the original, each assembled plan,
+    each recovered baseline (read with plain AutoModel) and each recovered merge (load_merged)."""
+    from transformers import AutoModel
+
+    from ..merging.merge import load_merged
+    from ..modular import assemble
+
+    model, _ = original()
+    runs = _runs(profile)
+    out: dict[str, nn.Module] = {}
+    for r in rows.drop_duplicates("arch").itertuples():
+        if r.method == "original":
+            out[r.arch] = model
+        elif r.method == "modules":
+            out[r.arch] = assemble(model, bank, r.plan)
+        elif r.method in BASELINE_RULES:
+            keep = r.plan.removeprefix("keep ").replace(",", "-")
+            path = _saved(runs / "baselines" / f"{r.method}_{keep}" / "student", r.arch)
+            out[r.arch] = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        else:
+            name = "prune" if r.method == "layer_prune" else r.method
+            out[r.arch] = load_merged(_saved(runs / "merging" / f"{r.target:.2f}_{name}" / "model", r.arch)).eval()
+    return out
+
+
+def _saved(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: its trained model {path} is missing although its table is cached (a run "
+                                f"directory was deleted); delete {path.parent.parent.parent} and the cached "
+                                f"minilm_* tables to retrain, or use another $MTLAB_CACHE")
+    return path
+
+
+def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
+    """Every candidate (the ladder, the baselines, the FF-merge/prune candidates) with its test
+    scores and its measured encode speed-up over the original at each latency batch size
+    (`mtlab.measure.encoder_latency`, all models in one run; a candidate before and after its
+    recovery has one architecture, timed once). Adds kind, cos_gap = 1 - mean_cos and the frontier
+    marks of `mtlab.explore.frontier.mark_frontiers` (quality cos_gap vs speedup_b64 and params)."""
+    from ..explore.frontier import mark_frontiers
+    from ..measure import encoder_latency
+
+    _, m = _profile(profile)
+    modules = minilm_module_table(profile, progress=progress)
+    baselines = minilm_baseline_table(profile, progress=progress)
+    merges = merge_rows(minilm_merge_study(profile, progress=progress))
+
+    def compute():
+        rows = pd.concat([modules, baselines, merges], ignore_index=True)
+        rows["arch"] = rows.method + " " + rows.plan
+        bank, _ = minilm_modules(profile, progress=progress)
+        models = candidate_models(profile, rows, bank)
+        _, tok = original()
+        lat = encoder_latency(models, latency_inputs(study_task(m, tok), m.latency_batches),
+                              min_run_time=m.latency_seconds, rounds=m.latency_rounds)
+        for bs in m.latency_batches:
+            rows[f"speedup_b{bs}"] = rows.arch.map(lat[lat.batch_size == bs].set_index("model").speedup_vs_first)
+        rows["kind"] = rows.method.map(KIND)
+        rows["cos_gap"] = 1 - rows.mean_cos
+        speed = f"speedup_b{max(m.latency_batches)}"
+        return mark_frontiers(rows, quality="cos_gap", speed=speed)
+
+    return _table("minilm_frontier", profile, compute)
+
+
+def minilm_csv(frontier: pd.DataFrame) -> pd.DataFrame:
+    """The rows of reports/minilm.csv (exactly CSV_COLUMNS)."""
+    return frontier.reindex(columns=CSV_COLUMNS)
+
+
+def ladder_vs_baselines(frontier: pd.DataFrame, metric: str = "mean_cos") -> pd.DataFrame:
+    """`metric` per number of layers (rows) and method (columns): the module ladder against the
+    trained baselines (after their fine-tune), the original on top."""
+    keep = frontier.method.isin(["original", "modules"]) | (
+        frontier.method.isin(list(BASELINE_RULES)) & (frontier.recovery_steps > 0))
+    t = frontier[keep]
+    return t.pivot_table(index="layers", columns="method", values=metric).sort_index(ascending=False)
+
+
+def _best(df: pd.DataFrame) -> pd.Series:
+    return df.loc[df.mean_cos.idxmax()]
+
+
+def minilm_conclusion(frontier: pd.DataFrame) -> str:
+    """A few sentences computed from the frontier table: merge against pruning after recovery at
+    each target, the best method at each number of layers, and who sits on the speed frontier."""
+    out = []
+    rec = frontier[frontier.method.isin(["permute", "vanilla", "layer_prune"]) & (frontier.recovery_steps > 0)]
+    for target, g in rec.groupby("target"):
+        merges, prune = g[g.method != "layer_prune"], g[g.method == "layer_prune"]
+        if merges.empty or prune.empty:
+            continue
+        mb, pb = _best(merges), _best(prune)
+        verdict = "beats" if mb.mean_cos > pb.mean_cos else "does not beat"
+        out.append(f"At ~{target:.0%} of the parameters removed, after {int(mb.recovery_steps)} recovery steps, "
+                   f"merging ({mb.method}, {mb.params_removed_frac:.1%} removed) {verdict} layer pruning "
+                   f"({pb.params_removed_frac:.1%} removed): mean cosine {mb.mean_cos:.3f} vs {pb.mean_cos:.3f}.")
+    table = ladder_vs_baselines(frontier)
+    for layers, row in table.drop(index=table.index.max(), errors="ignore").iterrows():
+        row = row.dropna()
+        if len(row) > 1:
+            out.append(f"With {int(layers)} layers, {row.idxmax()} wins (mean cosine {row.max():.3f}; "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in row.drop(row.idxmax()).items()) + ").")
+    on = frontier[frontier.on_frontier & (frontier.method != "original")]
+    if len(on):
+        out.append("On the quality/speed-up frontier: " + ", ".join(f"{r.method} {r.plan}" for r in on.itertuples())
+                   + ".")
+    return " ".join(out) or "Nothing to compare: the tables hold no recovered candidates."
