@@ -38,7 +38,7 @@ def test_smoke_table(loaded, tmp_path):
     rows = df.iloc[1:]
     assert set(rows.stage) == {"selected", "recovered"}
     assert set(rows[rows.stage == "recovered"].recovery_steps) == {2}
-    assert (rows[rows.method != "prune"].params_removed_share.round(3) == 0.104).all()
+    assert (rows[rows.method != "prune"].params_removed_frac.round(3) == 0.104).all()
     assert rows[rows.method == "prune"].spec.str.startswith("prune layers:").all()
     assert (rows[rows.stage == "selected"].test_mean_cos < 1).all()
     for m in ("permute", "vanilla", "prune"):  # one run per method, same budget, resumable from out_dir

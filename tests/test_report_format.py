@@ -44,12 +44,10 @@ def test_every_csv_names_the_share_removed_params_removed_frac():
 
     assert "params_removed_frac" in merging.COLUMNS
     raw = pd.DataFrame({"kind": ["original", "merge"], "size": [0, 2], "method": ["none", "permute"], "best": [False, True],
-                        "layers": [None, "1-2"], "params_removed_share": [0.0, 0.1], "cosine": [1.0, 0.9],
+                        "layers": [None, "1-2"], "params_removed_frac": [0.0, 0.1], "cosine": [1.0, 0.9],
                         "test_cosine": [1.0, 0.8], "test_recall_at_10": [1.0, 0.7]})
     assert "params_removed_frac" in merging.minilm_chosen(raw).columns
-    for path in [*(REPO / "mtlab" / "experiments").glob("*.py"), *(REPO / "notebooks").glob("0[0-5]_*.ipynb")]:
-        if path.name == "minilm.py":  # the raw MiniLM search table (mtlab.minilm), renamed where shown
-            continue
+    for path in [*(REPO / "mtlab").rglob("*.py"), *(REPO / "notebooks").glob("*.ipynb")]:
         named = [line for line in path.read_text().splitlines()
                  if re.search(r"[\"']params_removed_share[\"']", line) and "rename" not in line]
         assert not named, f"{path.name} names a column params_removed_share: {named}"

@@ -252,7 +252,7 @@ def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFram
     """`window_search` on both stacks of the teacher (window sizes of the profile; permute, vanilla
     and layer pruning; aligned on train, scored on `select_limit` dev words); `best` marks the
     window chosen per (stack, size, method). The share removed is `params_removed_frac`, as in every CSV."""
-    return _search(get_profile(profile), progress=progress).rename(columns={"params_removed_share": "params_removed_frac"})
+    return _search(get_profile(profile), progress=progress)
 
 
 def _removed(specs: list[str]) -> tuple[int, int]:
@@ -427,7 +427,6 @@ def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
     """The original and the window chosen on dev per (size, method), with dev and test fidelity."""
     cols = ["layers", "method", "params_removed_frac", "cosine", "test_cosine", "test_recall_at_10"]
     chosen = _ranked(table[table.best | (table.kind == "original")], ["kind", "size", "method"])
-    chosen = chosen.rename(columns={"params_removed_share": "params_removed_frac"})
     return chosen.assign(method=chosen.method.map(method_label), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
 
 
@@ -449,7 +448,7 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
         mm = _ranked(mini[mini.best | (mini.kind == "original")], ["kind", "size", "method"])
         mm = pd.DataFrame({"model": "minilm", "method": mm.method.map(method_label),
                            "stack": mm["stack"].fillna("-"), "layers": mm.layers.fillna("-").replace("", "-"),
-                           "params": mm.params, "params_removed_frac": mm.params_removed_share, "recovery_steps": 0,
+                           "params": mm.params, "params_removed_frac": mm.params_removed_frac, "recovery_steps": 0,
                            "mean_cos": mm.test_cosine, "recall_at_10": mm.test_recall_at_10})
         t = t.drop_duplicates(["method", "stack", "layers", "recovery_steps"])  # "equal params" may repeat a window
         return pd.concat([t, mm], ignore_index=True).reindex(columns=COLUMNS)

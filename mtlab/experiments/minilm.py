@@ -101,7 +101,7 @@ def minilm_ff_merging(model: nn.Module | None = None, tokenizer=None, task=None,
 
     One row per (target, method, stage): stage "selected" (test scores of the dev-chosen window)
     and "recovered" (after `recovery`, the same for every method), plus the original. Columns:
-    target, method, spec, layers, params, params_removed_share, stage, recovery_steps,
+    target, method, spec, layers, params, params_removed_frac, stage, recovery_steps,
     dev_mean_cos (selection), test_mean_cos, test_recall_at_10, test_spearman.
     `model`/`tokenizer` default to all-MiniLM-L6-v2, `task` to the full sentence corpus;
     recovery runs live in `out_dir` (default: a temporary directory) and resume from it."""
@@ -117,7 +117,7 @@ def minilm_ff_merging(model: nn.Module | None = None, tokenizer=None, task=None,
     ref_test = embed_split(model, task, "test", eval_limit)
     n0 = count_params(model)
     rows = [_test_row({"target": 0.0, "method": "original", "spec": "original", "layers": "", "params": n0,
-                       "params_removed_share": 0.0, "dev_mean_cos": 1.0}, "original",
+                       "params_removed_frac": 0.0, "dev_mean_cos": 1.0}, "original",
                       embedding_scores(ref_test, ref_test), 0)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -126,7 +126,7 @@ def minilm_ff_merging(model: nn.Module | None = None, tokenizer=None, task=None,
             for r in best.itertuples():
                 cand = build_candidate(model, r.spec, cache=cache)
                 base = {"target": p.target, "method": r.method, "spec": r.spec, "layers": r.layers,
-                        "params": r.params, "params_removed_share": r.params_removed_share,
+                        "params": r.params, "params_removed_frac": r.params_removed_frac,
                         "dev_mean_cos": r.dev_mean_cos}
                 rows.append(_test_row(base, "selected", _scores(cand, task, ref_test, eval_limit), 0))
                 run = root / f"{p.target:.2f}_{r.method}"
@@ -323,7 +323,7 @@ def merge_rows(table: pd.DataFrame) -> pd.DataFrame:
     """`minilm_ff_merging`'s table in the study's columns (one row per candidate and stage)."""
     t = table[table.method != "original"]
     return pd.DataFrame({"method": t.method.replace({"prune": "layer_prune"}), "plan": t.spec, "params": t.params,
-                         "params_removed_frac": t.params_removed_share, "recovery_steps": t.recovery_steps,
+                         "params_removed_frac": t.params_removed_frac, "recovery_steps": t.recovery_steps,
                          "train_steps": t.recovery_steps, "mean_cos": t.test_mean_cos,
                          "recall_at_10": t.test_recall_at_10, "sim_spearman": t.test_spearman,
                          "target": t.target}).reset_index(drop=True)

@@ -221,7 +221,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     with `include_original`, a row kind="original" (start -1, size 0) for the untouched
     model. Columns: stack, start, size, layers, kind ("merge" / "prune" / "original"),
     method, anchor, spec, removed (the FF sublayers tied away, or the blocks dropped),
-    params, params_removed, params_removed_share, ff_removed, blocks_removed, the scores
+    params, params_removed, params_removed_frac, ff_removed, blocks_removed, the scores
     (for a task: its evaluate() metrics, e.g. per, wer, with n_eval and eval_seconds),
     build_seconds, and `best`: True on the best row of each (stack, size, method) by
     `metric`. `df.attrs["config"]` records the settings and the alignment token counts.
@@ -302,7 +302,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
     bar = tqdm(total=len(plan) + int(include_original), desc="window search", disable=not progress)
     if include_original:
         row(stack="-", start=-1, size=0, layers="", kind="original", method="none", anchor=-1, spec="original",
-            removed="", params=n0, params_removed=0, params_removed_share=0.0, ff_removed=0, blocks_removed=0,
+            removed="", params=n0, params_removed=0, params_removed_frac=0.0, ff_removed=0, blocks_removed=0,
             **scores(model), build_seconds=0.0)
         bar.update()
     for s, start, k, method in plan:
@@ -322,7 +322,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
         n = count_params(cand)
         bar.set_postfix_str(spec)
         row(stack=s, start=start, size=k, layers=layer_runs(layers), kind=kind, method=method, anchor=anchor_layer,
-            spec=spec, removed=removed, params=n, params_removed=n0 - n, params_removed_share=(n0 - n) / n0,
+            spec=spec, removed=removed, params=n, params_removed=n0 - n, params_removed_frac=(n0 - n) / n0,
             ff_removed=k - 1, blocks_removed=blocks, **scores(cand), build_seconds=built)
         del cand
         bar.update()
@@ -351,7 +351,7 @@ def window_search(model: nn.Module, task=None, stack: str | Sequence[str] | None
 
 
 FIXED_COLUMNS = {"stack", "start", "size", "layers", "kind", "method", "anchor", "spec", "removed", "params",
-          "params_removed", "params_removed_share", "ff_removed", "blocks_removed", "build_seconds", "best",
+          "params_removed", "params_removed_frac", "ff_removed", "blocks_removed", "build_seconds", "best",
           "n_eval", "eval_seconds"}
 
 
