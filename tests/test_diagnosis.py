@@ -38,7 +38,7 @@ def test_predict_reports_whether_each_output_ended(g2p_task):
     from mtlab.teacher import load_teacher
 
     teacher, task = load_teacher()
-    pred = task.predict(teacher, "dev", limit=16, progress=False)
+    pred = task.predict(teacher, "dev", limit=16, progress=False, ended=True)
     assert pred.ended.all()
-    short = task.predict(teacher, "dev", limit=16, progress=False, max_new_tokens=2)
+    short = task.predict(teacher, "dev", limit=16, progress=False, max_new_tokens=2, ended=True)
     assert not short.ended.any() and diagnose(short)["eos_rate"] == 0

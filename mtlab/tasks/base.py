@@ -223,9 +223,12 @@ class Seq2SeqTask:
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         progress: bool = True,
+        ended: bool = False,
     ) -> pd.DataFrame:
         """Decode a split with `model.generate` (greedy by default, beam search with num_beams>1).
-        First checks that the model fits the task (`check_model`) and has no NaN/inf weight."""
+        First checks that the model fits the task (`check_model`) and has no NaN/inf weight.
+        Columns source, reference, hypothesis; with `ended`, also whether each output holds an
+        end-of-sequence token (False: it ran into the length cap, see `mtlab.tasks.diagnosis`)."""
         src_text, tgt_text = self.texts(split, limit)
         self.check_model(model, [split])
         check_finite(model)
@@ -233,7 +236,7 @@ class Seq2SeqTask:
         model.eval()
         device = next(model.parameters()).device
         hyps: dict[int, str] = {}
-        ended: dict[int, bool] = {}  # the output holds an end-of-sequence token (did not hit the length cap)
+        stopped: dict[int, bool] = {}
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
         batches = self.batches(split, batch_size, limit=limit)
@@ -250,10 +253,12 @@ class Seq2SeqTask:
             )
             for i, ids in zip(index, out.tolist()):
                 hyps[i] = self.decode_target(ids)
-                ended[i] = any(t in eos for t in ids[1:])
+                stopped[i] = any(t in eos for t in ids[1:])
         model.train(was_training)
-        return pd.DataFrame({"source": src_text, "reference": tgt_text, "hypothesis": [hyps[i] for i in range(len(src_text))],
-                             "ended": [ended[i] for i in range(len(src_text))]})
+        out = pd.DataFrame({"source": src_text, "reference": tgt_text, "hypothesis": [hyps[i] for i in range(len(src_text))]})
+        if ended:
+            out["ended"] = [stopped[i] for i in range(len(src_text))]
+        return out
 
     def max_target_len(self, source_len: int) -> int:
         return 2 * source_len + 10

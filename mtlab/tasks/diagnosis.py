@@ -52,7 +52,7 @@ def score_splits(model, task, splits=("dev", "test"), *, limit: int | None = Non
     {split}_{metric} (e.g. test_per, test_len_ratio, test_eos_rate, test_ins)."""
     out: dict[str, float] = {}
     for split in splits:
-        pred = task.predict(model, split, limit=limit, progress=progress)
+        pred = task.predict(model, split, limit=limit, progress=progress, ended=True)
         scores = task.score(pred.hypothesis.tolist(), pred.reference.tolist())
         out.update({f"{split}_{k}": v for k, v in {**scores, **diagnose(pred)}.items()})
         out[f"{split}_loops"] = looping_share(pred)
