@@ -87,6 +87,30 @@ def generate_flops(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return counter.get_total_flops()
 
 
+def interleaved_times(models: dict[str, torch.nn.Module], timer_for, *, rounds: int, min_run_time: float):
+    """Median seconds of each model in each of `rounds` passes over all models (interleaved, so a
+    slow spell of a shared machine hits every model), and how many runs each got.
+    `timer_for(name, model)` returns the torch.utils.benchmark.Timer of one model."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    runs: dict[str, int] = dict.fromkeys(models, 0)
+    for _ in range(rounds):
+        for name, model in models.items():
+            model.eval()
+            with torch.no_grad():
+                m = timer_for(name, model).blocked_autorange(min_run_time=min_run_time / rounds)
+            times[name].append(m.median)
+            runs[name] += len(m.times)
+    return times, runs
+
+
+def speedups(times: dict[str, list[float]]) -> dict[str, float]:
+    """Per model: the median over rounds of the first model's time over its time in the same round."""
+    import numpy as np
+
+    first = np.array(times[next(iter(times))])
+    return {name: float(np.median(first / np.array(t))) for name, t in times.items()}
+
+
 def latency(
     models: dict[str, torch.nn.Module],
     task,
@@ -114,27 +138,19 @@ def latency(
     for bs in batch_sizes:
         batch = task.collate(split, order[:bs])
         new = max_new_tokens or task.max_target_len(int(batch.attention_mask.sum(1).max()))
-        times: dict[str, list[float]] = {name: [] for name in models}
-        runs: dict[str, int] = dict.fromkeys(models, 0)
-        for _ in range(rounds):
-            for name, model in models.items():
-                model.eval()
-                timer = benchmark.Timer(
-                    stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
-                         "max_new_tokens=n, min_new_tokens=n, **cache_kwargs(model))",
-                    globals={"cache_kwargs": cache_kwargs, "model": model, "x": batch.input_ids,
-                             "m": batch.attention_mask, "n": new},
-                    num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}")
-                with torch.no_grad():
-                    m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
-                times[name].append(m.median)
-                runs[name] += len(m.times)
-        first = np.array(times[next(iter(models))])
+        times, runs = interleaved_times(models, lambda name, model: benchmark.Timer(
+            stmt="model.generate(input_ids=x, attention_mask=m, do_sample=False, num_beams=1, "
+                 "max_new_tokens=n, min_new_tokens=n, **cache_kwargs(model))",
+            globals={"cache_kwargs": cache_kwargs, "model": model, "x": batch.input_ids,
+                     "m": batch.attention_mask, "n": new},
+            num_threads=torch.get_num_threads(), label="generate", sub_label=name, description=f"batch {bs}"),
+            rounds=rounds, min_run_time=min_run_time)
+        up = speedups(times)
         for name in models:
             t = np.array(times[name])
             rows.append({"model": name, "batch_size": bs, "new_tokens": new, "seconds": float(np.median(t)),
                          "spread": float(t.max() - t.min()), "runs": runs[name], "rounds": rounds,
-                         "threads": torch.get_num_threads(), "speedup_vs_first": float(np.median(first / t))})
+                         "threads": torch.get_num_threads(), "speedup_vs_first": up[name]})
     return pd.DataFrame(rows)
 
 
@@ -150,23 +166,13 @@ def encoder_latency(models: dict[str, torch.nn.Module], inputs: dict[int, dict],
         raise ValueError("encoder_latency needs at least one model and one batch of inputs")
     rows = []
     for bs, x in inputs.items():
-        times: dict[str, list[float]] = {name: [] for name in models}
-        runs: dict[str, int] = dict.fromkeys(models, 0)
-        for _ in range(rounds):
-            for name, model in models.items():
-                model.eval()
-                timer = benchmark.Timer(stmt="model(**x)", globals={"model": model, "x": x},
-                                        num_threads=torch.get_num_threads(), label="forward", sub_label=name,
-                                        description=f"batch {bs}")
-                with torch.no_grad():
-                    m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
-                times[name].append(m.median)
-                runs[name] += len(m.times)
-        first = np.array(times[next(iter(models))])
+        times, runs = interleaved_times(models, lambda name, model: benchmark.Timer(
+            stmt="model(**x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads(),
+            label="forward", sub_label=name, description=f"batch {bs}"), rounds=rounds, min_run_time=min_run_time)
+        up = speedups(times)
         for name in models:
             t = np.array(times[name])
             rows.append({"model": name, "batch_size": bs, "tokens": int(x["attention_mask"].sum()),
                          "seconds": float(np.median(t)), "spread": float(t.max() - t.min()), "runs": runs[name],
-                         "rounds": rounds, "threads": torch.get_num_threads(),
-                         "speedup_vs_first": float(np.median(first / t))})
+                         "rounds": rounds, "threads": torch.get_num_threads(), "speedup_vs_first": up[name]})
     return pd.DataFrame(rows)

@@ -31,7 +31,8 @@ from ..embedding import mean_pool
 from ..surgery import swapped
 from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
-from .replacing import Replacer, local_loss, relative_mse, sample_tilings, token_share
+from .replacing import (Replacer, capture_outputs, local_loss, relative_mse, sample_tilings, teacher_pass,
+                        token_share)
 
 __all__ = ["EmbeddingReplacingConfig", "embedding_replacing_loss", "train_embedding_modules"]
 
@@ -54,36 +55,6 @@ class EmbeddingReplacingConfig:
         return self.p_start + (self.p_end - self.p_start) * t
 
 
-def _hooks(blocks, store: list) -> list:
-    """Forward hooks writing each block's output hidden state into store[n]."""
-    def put(n):
-        return lambda m, i, o: store.__setitem__(n, o[0] if isinstance(o, tuple) else o)
-    return [b.register_forward_hook(put(n)) for n, b in enumerate(blocks)]
-
-
-def _teacher_pass(model: Replacer, inputs: dict, want_local: bool):
-    """The frozen original: pooled embedding, every layer's output, and (for the local loss)
-    the exact call each span's first layer received."""
-    teacher = model.teacher
-    teacher.eval()
-    t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
-    span_inputs: dict[tuple[str, int], tuple] = {}
-    hooks = [h for s, b in model.originals.items() for h in _hooks(b, t_hidden[s])]
-    if want_local:
-        starts = {(s, j * k) for s in model.originals for k in model.bank.granularities.get(s, ())
-                  for j in range(len(model.originals[s]) // k)}
-        hooks += [model.originals[s][i].register_forward_pre_hook(
-            lambda m, a, kw, key=(s, i): span_inputs.__setitem__(key, (a, kw)), with_kwargs=True)
-            for s, i in starts]
-    try:
-        with torch.no_grad():
-            out = teacher(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return mean_pool(out.last_hidden_state, inputs["attention_mask"]), t_hidden, span_inputs
-
-
 def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
     """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass, weighted loss
     (see the module doc). Sampling depends on (seed, step) only, so a resumed run is identical."""
@@ -97,7 +68,8 @@ def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
         share = token_share(batch)  # relative MSEs are ratios over the global batch (replacing.relative_mse)
         mask = batch.attention_mask.bool()
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        e_t, t_hidden, span_inputs = _teacher_pass(model, inputs, cfg.w_local > 0)
+        t_out, t_hidden, span_inputs = teacher_pass(model, inputs, local=cfg.w_local > 0)
+        e_t = mean_pool(t_out.last_hidden_state, inputs["attention_mask"])
         p = cfg.p_at(step)
         tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
         plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
@@ -106,7 +78,7 @@ def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
         try:
             with swapped(model.teacher, {s: plan_blocks[s][0] for s in stacks}):
                 for s in stacks:
-                    hooks += _hooks(plan_blocks[s][0], s_hidden[s])
+                    hooks += capture_outputs(plan_blocks[s][0], s_hidden[s])
                 model.bank.train()
                 s_out = model.teacher(**inputs)
         finally:

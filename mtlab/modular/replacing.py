@@ -158,8 +158,34 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def _capture(blocks: list[nn.Module], store: list):
+def capture_outputs(blocks: list[nn.Module], store: list) -> list:
+    """Forward hooks writing each block's output hidden state into store[n] (remove them after)."""
     return [b.register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, _out(o))) for n, b in enumerate(blocks)]
+
+
+_capture = capture_outputs
+
+
+def teacher_pass(model: "Replacer", inputs: dict, *, local: bool):
+    """The frozen teacher once: its output, every layer's output hidden state per stack, and (for the
+    local loss) the exact call each aligned span's first layer received, keyed (stack, start)."""
+    model.teacher.eval()
+    t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
+    hooks = [h for s, b in model.originals.items() for h in capture_outputs(b, t_hidden[s])]
+    span_inputs: dict[tuple[str, int], tuple] = {}
+    if local:
+        starts = {(s, j * k) for s in model.originals for k in model.bank.granularities.get(s, ())
+                  for j in range(len(model.originals[s]) // k)}
+        hooks += [model.originals[s][i].register_forward_pre_hook(
+            lambda m, a, kw, key=(s, i): span_inputs.__setitem__(key, (a, kw)), with_kwargs=True)
+            for s, i in starts]
+    try:
+        with torch.no_grad():
+            out = model.teacher(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, t_hidden, span_inputs
 
 
 ATTENTIONS = {"encoder": "encoder_attentions", "decoder": "decoder_attentions", "layers": "attentions"}
@@ -220,22 +246,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
             inputs["labels"] = batch.labels
         else:
             model.check_causal_batch(batch)
-        teacher.eval()
-        t_hidden = {s: [None] * len(b) for s, b in model.originals.items()}
-        hooks = [h for s in stacks for h in _capture(model.originals[s], t_hidden[s])]
-        span_inputs: dict[tuple[str, int], tuple] = {}
-        if cfg.w_local > 0:
-            starts = {(s, j * k) for s in stacks for k in model.bank.granularities.get(s, ())
-                      for j in range(len(model.originals[s]) // k)}
-            hooks += [model.originals[s][i].register_forward_pre_hook(
-                lambda m, a, kw, key=(s, i): span_inputs.__setitem__(key, (a, kw)), with_kwargs=True)
-                for s, i in starts]
-        try:
-            with torch.no_grad():
-                t_out = teacher(**inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        t_out, t_hidden, span_inputs = teacher_pass(model, inputs, local=cfg.w_local > 0)
         # sampled student: swap tilings in, run, swap the originals back
         p = cfg.p_at(step)
         tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
@@ -245,7 +256,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         try:
             with swapped(teacher, {s: plan_blocks[s][0] for s in stacks}):
                 for s in stacks:
-                    hooks += _capture(plan_blocks[s][0], s_hidden[s])
+                    hooks += capture_outputs(plan_blocks[s][0], s_hidden[s])
                 model.bank.train()
                 s_out = teacher(**inputs)
         finally:
