@@ -36,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baselines", help="train (or resume) the shipped baselines and export them to data/baselines")
     b.add_argument("--only", nargs="*", default=None, help="these runs only (e.g. sft-3 layerdrop)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    b.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (resume by rerunning)")
     ab = sub.add_parser("ablation", help="train every recipe variant at one budget; write data/ablation/modular_ablation.csv")
     ab.add_argument("--steps", type=int, default=3000, help="steps per variant (batch 64)")
     ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
@@ -85,7 +84,7 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         cfg = baseline_recipe(**({"steps": a.steps} if a.steps else {}))
         for name in names:
             t0 = time.time()
-            train_baseline(name, cfg, max_seconds=a.max_minutes * 60 if a.max_minutes else None)
+            train_baseline(name, cfg)  # each run checkpoints: stop it any time, rerun to resume
             print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
     elif a.cmd == "ablation":
         from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table

@@ -67,3 +67,15 @@ def test_a_baseline_not_shipped_is_an_empty_row_naming_the_fix(monkeypatch, tmp_
     monkeypatch.setattr(artifacts, "BASELINE_DIR", tmp_path)
     rows = shipped_baselines(get_profile("default").modular)
     assert len(rows) == 7 and all(r["model"] is None and "make baselines" in r["note"] for r in rows)
+
+
+def test_make_targets_parse(capsys):
+    from mtlab.cli import main
+
+    for cmd in ("modules", "baselines", "ablation"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    with pytest.raises(SystemExit):
+        main(["baselines", "--only", "sft-9"])
+    assert "unknown baseline" in capsys.readouterr().err
