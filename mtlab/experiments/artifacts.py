@@ -115,8 +115,9 @@ def render_bank_card(card: dict, log: pd.DataFrame) -> str:
     cols = ["strategy", "plan"] + [f"{s}_{m}" for s in ("dev", "test")
                                    for m in ("per", "wer", "len_ratio", "eos_rate", "sub", "ins", "del")]
     ladder = pd.DataFrame(card["ladders"])[cols]
-    curve_cols = ["step", "seconds"] + [c for c in log.columns if c.startswith("dev_")]
-    curve = log.dropna(subset=[c for c in curve_cols if c.startswith("dev_")][:1]) if len(curve_cols) > 2 else log.iloc[0:0]
+    curve_cols = ["step", "minutes"] + [c for c in log.columns if c.startswith("dev_")]
+    curve = (log.dropna(subset=curve_cols[2:3]).assign(step=lambda d: d.step.astype(int).astype(str), minutes=lambda d: d.seconds / 60)
+             if len(curve_cols) > 2 else log.iloc[0:0].assign(minutes=[]))
     return f"""# mtlab module bank for the bundled teacher
 
 Modules of granularities {cfg['granularities']} for both stacks of `data/teacher`, trained in ONE
@@ -137,7 +138,7 @@ output length over reference length; share of outputs that end with end-of-seque
 
 ## Learning curve (first {CURVE_WORDS} dev words: PER, WER in %, output/reference length)
 
-{curve[[c for c in curve_cols if c in curve]].to_markdown(index=False, floatfmt='.3g')}
+{curve[[c for c in curve_cols if c in curve]].to_markdown(index=False, floatfmt='.2f')}
 """
 
 
