@@ -22,6 +22,14 @@ class ArtifactMismatch(CheckpointError):
     """A shipped artifact was made from another teacher or config, or its files are damaged."""
 
 
+def _shown(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (messages carry no machine path)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,25 +83,26 @@ def verify(path: str | Path, *, teacher_hash: str, config: dict, remake: str) ->
     (weights hash) with this config, and that every weights file is the one the card names.
     `remake` is the command that rebuilds the artifact, quoted in every error."""
     path = Path(path)
-    fix = f"rebuild it with `{remake}` (or restore {path} from git)"
+    where = _shown(path)
+    fix = f"rebuild it with `{remake}` (or restore {where} from git)"
     if not path.is_dir():
-        raise ArtifactMismatch(f"{path} does not exist: {fix}")
+        raise ArtifactMismatch(f"{where} does not exist: {fix}")
     card = read_card(path)
     if card.get("teacher_hash") != teacher_hash:
-        raise ArtifactMismatch(f"{path} was made from another teacher (weights hash {card.get('teacher_hash')}, "
+        raise ArtifactMismatch(f"{where} was made from another teacher (weights hash {card.get('teacher_hash')}, "
                                f"this teacher is {teacher_hash}): {fix}")
     diff = config_diff(card.get("config", {}), config)
     if diff:
         shown = ", ".join(diff[:8]) + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
-        raise ArtifactMismatch(f"{path} was trained with another config (fields differ: {shown}): {fix}")
+        raise ArtifactMismatch(f"{where} was trained with another config (fields differ: {shown}): {fix}")
     for name, digest in card.get("files", {}).items():
         f = path / name
         if not f.exists():
-            raise ArtifactMismatch(f"{f} is missing: {fix}")
+            raise ArtifactMismatch(f"{where}/{name} is missing: {fix}")
         if sha256(f) != digest:
-            raise ArtifactMismatch(f"{f} does not match the hash in its card (truncated or modified): {fix}")
+            raise ArtifactMismatch(f"{where}/{name} does not match the hash in its card (truncated or modified): {fix}")
     if not card.get("files"):
-        raise ArtifactMismatch(f"{path}/{CARD} lists no weights files: {fix}")
+        raise ArtifactMismatch(f"{where}/{CARD} lists no weights files: {fix}")
     return card
 
 

@@ -95,10 +95,10 @@ def shipped_baselines(p: ModularProfile) -> list[dict]:
     for name in artifacts.baseline_names(p.baseline_depths):
         try:
             out += load_baseline(name, baseline_config(p))
-        except ArtifactMismatch as e:
+        except ArtifactMismatch:
             if (artifacts.BASELINE_DIR / name).exists():
                 raise
-            print(f"baseline {name} is not shipped yet ({e}); its row stays empty", flush=True)
+            print(f"baseline {name} is not shipped yet (`make baselines` trains it); its row stays empty", flush=True)
             out.append({"method": name.partition("-")[0], "strategy": "", "plan": name, "model": None,
                         "train_runs": 0, "train_steps": 0, "train_seconds": 0.0, "note": "not shipped: make baselines"})
     return out
