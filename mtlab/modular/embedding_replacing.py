@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..embedding import mean_pool
-from ..surgery import swapped
 from ..train import TrainConfig, on_main_process, train
 from .bank import ModuleBank
-from .replacing import (Replacer, capture_outputs, local_loss, relative_mse, sample_tilings, teacher_pass,
-                        token_share)
+from .replacing import Replacer, local_loss, relative_mse, student_pass, teacher_pass, token_share
 
 __all__ = ["EmbeddingReplacingConfig", "embedding_replacing_loss", "train_embedding_modules"]
 
@@ -71,19 +69,7 @@ def embedding_replacing_loss(cfg: EmbeddingReplacingConfig, seed: int = 0):
         t_out, t_hidden, span_inputs = teacher_pass(model, inputs, local=cfg.w_local > 0)
         e_t = mean_pool(t_out.last_hidden_state, inputs["attention_mask"])
         p = cfg.p_at(step)
-        tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
-        plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
-        s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
-        hooks = []
-        try:
-            with swapped(model.teacher, {s: plan_blocks[s][0] for s in stacks}):
-                for s in stacks:
-                    hooks += capture_outputs(plan_blocks[s][0], s_hidden[s])
-                model.bank.train()
-                s_out = model.teacher(**inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        s_out, tilings, plan_blocks, s_hidden = student_pass(model, inputs, p, rng)
         cos = F.cosine_similarity(mean_pool(s_out.last_hidden_state, batch.attention_mask), e_t, dim=-1)
         emb = (1 - cos).mean()
         terms = [relative_mse(out.float()[mask], t_hidden[s][end].float()[mask], share)

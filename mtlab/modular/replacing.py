@@ -166,6 +166,27 @@ def capture_outputs(blocks: list[nn.Module], store: list) -> list:
 _capture = capture_outputs
 
 
+def student_pass(model: "Replacer", inputs: dict, p: float, rng: random.Random):
+    """One sampled mix: a tiling per stack (`sample_tilings` at probability p), the model run with
+    those blocks swapped in (the originals always come back), and each block's output hidden state.
+    Returns (output, tilings, {stack: (blocks, teacher layer each block ends at)}, {stack: outputs})."""
+    stacks = list(model.originals)
+    tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
+    plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
+    s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
+    hooks = []
+    try:
+        with swapped(model.teacher, {s: plan_blocks[s][0] for s in stacks}):
+            for s in stacks:
+                hooks += capture_outputs(plan_blocks[s][0], s_hidden[s])
+            model.bank.train()
+            out = model.teacher(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, tilings, plan_blocks, s_hidden
+
+
 def teacher_pass(model: "Replacer", inputs: dict, *, local: bool):
     """The frozen teacher once: its output, every layer's output hidden state per stack, and (for the
     local loss) the exact call each aligned span's first layer received, keyed (stack, start)."""
@@ -236,7 +257,7 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
     rng_by_step = lambda step: random.Random(seed * 1_000_003 + step)  # noqa: E731 - resumable sampling
 
     def loss_fn(model: Replacer, batch: Batch, step: int):
-        teacher, rng = model.teacher, rng_by_step(step)
+        rng = rng_by_step(step)
         share = token_share(batch)  # relative MSEs are ratios over the global batch (see relative_mse)
         stacks = list(model.originals)
         masks = stack_masks(batch, stacks)
@@ -247,21 +268,8 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
         else:
             model.check_causal_batch(batch)
         t_out, t_hidden, span_inputs = teacher_pass(model, inputs, local=cfg.w_local > 0)
-        # sampled student: swap tilings in, run, swap the originals back
         p = cfg.p_at(step)
-        tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
-        plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
-        s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
-        hooks = []
-        try:
-            with swapped(teacher, {s: plan_blocks[s][0] for s in stacks}):
-                for s in stacks:
-                    hooks += capture_outputs(plan_blocks[s][0], s_hidden[s])
-                model.bank.train()
-                s_out = teacher(**inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        s_out, tilings, plan_blocks, s_hidden = student_pass(model, inputs, p, rng)
         s_logits, labels = s_out.logits, batch.labels
         check_aligned(s_logits, labels)
         keep = labels != -100
