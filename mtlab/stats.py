@@ -218,7 +218,30 @@ def _cka_from_hsic(H: np.ndarray) -> np.ndarray:
     return C
 
 
-class MinibatchCKA(BatchConsumer):
+class NamedFeatures(BatchConsumer):
+    """A consumer of a fixed set of named features of the same tokens: other names are ignored,
+    and `token_count(feats)` checks that a batch has every name with one token count."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__()
+        self.names = list(names)
+        self._index = {n: k for k, n in enumerate(self.names)}
+
+    def update(self, name: str, feats: torch.Tensor) -> None:
+        if name in self._index:
+            super().update(name, feats)
+
+    def token_count(self, feats: dict[str, torch.Tensor]) -> int:
+        missing = [n for n in self.names if n not in feats]
+        if missing:
+            raise ValueError(f"batch lacks features for {missing} (every name needs the same tokens)")
+        sizes = {feats[n].shape[0] for n in self.names}
+        if len(sizes) != 1:
+            raise ValueError(f"features of one batch have different token counts {sorted(sizes)}")
+        return sizes.pop()
+
+
+class MinibatchCKA(NamedFeatures):
     """Nguyen et al. (2021) minibatch CKA over a set of named features of the same tokens.
 
     Feed it batches: `update(name, feats[n, d])` for every name (same n, same tokens),
@@ -229,11 +252,9 @@ class MinibatchCKA(BatchConsumer):
     """
 
     def __init__(self, names: Sequence[str], chunk_tokens: int = 512):
-        super().__init__()
+        super().__init__(names)
         if chunk_tokens < 4:
             raise ValueError("chunk_tokens must be at least 4 (the unbiased HSIC needs n >= 4)")
-        self.names = list(names)
-        self._index = {n: k for k, n in enumerate(self.names)}
         self.chunk_tokens = chunk_tokens
         L = len(self.names)
         self.hsic = np.zeros((L, L))
@@ -241,18 +262,8 @@ class MinibatchCKA(BatchConsumer):
         self.tokens = 0
         self.skipped_tokens = 0
 
-    def update(self, name: str, feats: torch.Tensor) -> None:
-        if name in self._index:
-            super().update(name, feats)
-
     def process(self, feats: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in feats]
-        if missing:
-            raise ValueError(f"batch lacks features for {missing} (every name needs the same tokens)")
-        sizes = {f.shape[0] for f in feats.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"features of one batch have different token counts {sorted(sizes)}")
-        n = sizes.pop()
+        n = self.token_count(feats)
         if n < 4:
             self.skipped_tokens += n
             return
@@ -282,31 +293,21 @@ class MinibatchCKA(BatchConsumer):
         return _cka_from_hsic(self.hsic)
 
 
-class FeatureCKA(BatchConsumer):
+class FeatureCKA(NamedFeatures):
     """Exact streamed linear CKA (equal to `linear_cka` on all tokens) for a set of named
     features of the same tokens: float64 column sums and X_i^T X_j for every pair i <= j.
     Raises before allocating more than `max_bytes`."""
 
     def __init__(self, names: Sequence[str], max_bytes: float = 2 * 2**30):
-        super().__init__()
-        self.names = list(names)
-        self._index = {n: k for k, n in enumerate(self.names)}
+        super().__init__(names)
         self.max_bytes = max_bytes
         self.n = 0
         self.sums: list[torch.Tensor] | None = None
         self.cross: dict[tuple[int, int], torch.Tensor] = {}
 
-    def update(self, name: str, feats: torch.Tensor) -> None:
-        if name in self._index:
-            super().update(name, feats)
-
     def process(self, feats: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in feats]
-        if missing:
-            raise ValueError(f"batch lacks features for {missing} (every name needs the same tokens)")
+        self.token_count(feats)
         xs = [feats[nm].to(torch.float64) for nm in self.names]
-        if len({x.shape[0] for x in xs}) != 1:
-            raise ValueError("features of one batch have different token counts")
         if self.sums is None:
             dims = [x.shape[1] for x in xs]
             need = 8 * sum(dims[i] * dims[j] for i in range(len(dims)) for j in range(i, len(dims)))
