@@ -235,6 +235,11 @@ def _check_generate(model, reloaded, inputs: dict, max_new_tokens: int, name: st
     if not (hasattr(model, "can_generate") and model.can_generate()):
         return False
     gen = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    config = model.config
+    room = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if room and not getattr(config, "is_encoder_decoder", False) and "input_ids" in gen:
+        # a prompt that fills the context (a block of block_size == n_positions) leaves no room to generate
+        gen = {k: v[:, :max(1, room - max_new_tokens)] for k, v in gen.items()}
     kw = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     pad = model.generation_config.pad_token_id
     if pad is None:

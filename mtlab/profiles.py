@@ -86,12 +86,32 @@ class MiniLMProfile:
 
 
 @dataclass(frozen=True)
+class YourModelProfile:
+    """Notebook 07 (your model and data). `demo_steps` train the tiny demo GPT-2 used when no model
+    is given; the rest are budgets of each step of the path."""
+    demo_steps: int = 300           # language-modelling steps of the demo model (MODEL = None)
+    granularities: tuple[int, ...] = (2, 3, 6)   # module sizes, fitted to the model's depth
+    steps: int = 300                # module-replacing steps
+    batch_size: int = 16            # every training run: modules, recovery
+    lr: float = 5e-4                # modules
+    cka_tokens: int = 5000          # train tokens for the similarity heatmap
+    eval_limit: int | None = 200    # dev examples each model is scored on
+    screen_limit: int | None = 200  # dev examples the assembly space is screened on
+    search_budget: int | None = None  # frontier_search's block evaluations (encoder-decoders; None: screen all)
+    window_sizes: tuple[int, ...] = (2, 3)   # FF-merge windows (those that fit the depth)
+    align_tokens: int = 5000        # train tokens for the FF correlations
+    recovery_steps: int = 100       # recovery fine-tune of the merged model
+    recovery_lr: float = 3e-4
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "default"
     modular: ModularProfile = field(default_factory=ModularProfile)
     merging: MergingProfile = field(default_factory=MergingProfile)
     explore: ExploreProfile = field(default_factory=ExploreProfile)
     minilm: MiniLMProfile = field(default_factory=MiniLMProfile)
+    your_model: YourModelProfile = field(default_factory=YourModelProfile)
 
     def record(self) -> dict:
         return asdict(self)
@@ -112,6 +132,8 @@ PROFILES: dict[str, Profile] = {
         MiniLMProfile(steps=2, batch_size=4, ratios=(2.0,), merge_targets=(0.10,), merge_methods=("permute",),
                       align_tokens=200, train_sentences=32, select_limit=8, eval_limit=16, max_length=24,
                       latency_seconds=0.01, latency_rounds=1),
+        YourModelProfile(demo_steps=30, granularities=(2, 4), steps=10, batch_size=8, cka_tokens=300,
+                         eval_limit=8, screen_limit=8, window_sizes=(2,), align_tokens=300, recovery_steps=3),
     ),
     # default: the merge table must fit in ~6 minutes on 2 CPU cores, so only 3-layer windows
     # (what the combined 4-of-12 candidate needs), 300 dev words per window, 50 recovery steps,
@@ -134,6 +156,8 @@ PROFILES: dict[str, Profile] = {
         ExploreProfile(screen_limit=None, picks=16, combined=4, eval_limit=None, bench_limit=1000),
         MiniLMProfile(steps=20_000, batch_size=64, align_tokens=100_000, select_limit=None, eval_limit=None,
                       max_length=128, latency_seconds=2.0),
+        YourModelProfile(steps=20_000, batch_size=64, cka_tokens=100_000, eval_limit=None, screen_limit=None,
+                         window_sizes=(2, 3, 4), align_tokens=100_000, recovery_steps=3000),
     ),
 }
 
@@ -149,4 +173,4 @@ def get_profile(name: str | Profile | None = None) -> Profile:
 
 
 __all__ = ["NAMES", "PROFILES", "Profile", "ModularProfile", "MergingProfile", "ExploreProfile", "MiniLMProfile",
-           "get_profile", "replace"]
+           "YourModelProfile", "get_profile", "replace"]

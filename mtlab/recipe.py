@@ -28,7 +28,7 @@ from typing import Literal, get_args, get_origin
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe", "load_model_and_data"]
 
 
 class RecipeError(ValueError):
@@ -263,51 +263,78 @@ def _resolve_paths(r: Recipe, base: Path) -> Recipe:
 
 def load_model_and_task(r: Recipe):
     """(model, task) the recipe names, with errors that say what to fix."""
+    return _load(r.model, r.tokenizer, r.task)
+
+
+class _TaskOnly(_Strict):
+    task: TaskSpec
+
+
+def load_model_and_data(model: str | Path | None, kind: str, path: str | Path | None = None, *,
+                        tokenizer: str | None = None, **task) -> tuple:
+    """(model, task) from a model folder (or 'bundled') and a data file, checked as a recipe's are:
+    `kind` and `task` keywords are the recipe's `task` section (block_size, metric, dev_fraction,
+    test_fraction). The g2p task needs the bundled teacher (model None or 'bundled')."""
+    try:
+        spec = _TaskOnly.model_validate({"task": {"kind": kind, "path": path, **task}}).task
+    except ValidationError as e:
+        raise _explain(e, "load_model_and_data") from None
+    model = "bundled" if model is None and spec.kind == "g2p" else model
+    if model is None:
+        raise RecipeError("model: give a model folder written by save_pretrained (or 'bundled' with kind g2p)")
+    model = str(model)
+    if (spec.kind == "g2p") != (model == "bundled"):
+        raise RecipeError("task.kind: the bundled teacher reads G2P tokens and the g2p task needs it; use "
+                          "kind 'g2p' with model 'bundled', or your own model with kind 'pairs' or 'text'")
+    return _load(model, tokenizer, spec)
+
+
+def _load(name: str, tokenizer: str | None, spec: TaskSpec):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    if r.task.path is not None and not r.task.path.is_file():
-        raise RecipeError(f"task.path: no file at {r.task.path}; fix the path (relative paths start at the "
+    if spec.path is not None and not spec.path.is_file():
+        raise RecipeError(f"task.path: no file at {spec.path}; fix the path (relative paths start at the "
                           "recipe's folder)")
-    if r.model == "bundled":
+    if name == "bundled":
         from .teacher import load_teacher
 
         return load_teacher()
     try:
-        config = AutoConfig.from_pretrained(r.model)
+        config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise RecipeError(f"model: cannot load {r.model!r} ({str(e).splitlines()[0]}); give a folder written by "
+        raise RecipeError(f"model: cannot load {name!r} ({str(e).splitlines()[0]}); give a folder written by "
                           "save_pretrained (config.json + weights) or 'bundled'") from None
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    if r.task.kind == "text" and seq2seq:
-        raise RecipeError(f"task.kind: {r.model} is an encoder-decoder model; a text task needs a decoder-only LM, "
+    if spec.kind == "text" and seq2seq:
+        raise RecipeError(f"task.kind: {name} is an encoder-decoder model; a text task needs a decoder-only LM, "
                           "or use kind: pairs")
-    if r.task.kind == "pairs" and not seq2seq:
-        raise RecipeError(f"task.kind: {r.model} is a decoder-only model; use kind: text (a text file) with it")
+    if spec.kind == "pairs" and not seq2seq:
+        raise RecipeError(f"task.kind: {name} is a decoder-only model; use kind: text (a text file) with it")
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if r.task.kind == "text" and positions and r.task.block_size and r.task.block_size > positions:
-        raise RecipeError(f"task.block_size: {r.task.block_size} tokens, but the model reads at most {positions}; "
+    if spec.kind == "text" and positions and spec.block_size and spec.block_size > positions:
+        raise RecipeError(f"task.block_size: {spec.block_size} tokens, but the model reads at most {positions}; "
                           f"set block_size: {positions} or less")
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(r.model).float().eval()
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name).float().eval()
     try:
-        task = _task(r)
+        task = _task(spec, tokenizer or name)
     except (ValueError, KeyError, TypeError) as e:  # the tasks' own errors name the problem and the fix
         raise RecipeError(f"task: {e}") from None
     return model, task
 
 
-def _task(r: Recipe):
+def _task(spec: TaskSpec, tokenizer: str):
     from .tasks.causal_lm import load_tokenizer
 
-    tok = load_tokenizer(r.tokenizer or r.model)
-    if r.task.kind == "text":
+    tok = load_tokenizer(tokenizer)
+    if spec.kind == "text":
         from .tasks.causal_lm import CausalLMTask
 
-        return CausalLMTask.from_file(r.task.path, tok, block_size=r.task.block_size,
-                                      dev_fraction=r.task.dev_fraction, test_fraction=r.task.test_fraction)
+        return CausalLMTask.from_file(spec.path, tok, block_size=spec.block_size,
+                                      dev_fraction=spec.dev_fraction, test_fraction=spec.test_fraction)
     from .tasks.pairs import PairsTask
 
-    return PairsTask.from_file(r.task.path, tok, metric=r.task.metric, dev_fraction=r.task.dev_fraction,
-                               test_fraction=r.task.test_fraction)
+    return PairsTask.from_file(spec.path, tok, metric=spec.metric, dev_fraction=spec.dev_fraction,
+                               test_fraction=spec.test_fraction)
 
 
 def check_recipe(r: Recipe, model) -> None:
