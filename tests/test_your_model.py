@@ -69,6 +69,8 @@ def test_load_keys_the_work_folder_by_model_and_data(gpt2_dir, tmp_path):
     assert ym.load(gpt2_dir, other, "text", PROFILE)[2] != work
     with pytest.raises(ValueError, match="TASK = 'text'"):
         ym.load(None, PAIRS, "pairs", PROFILE)
+    with pytest.raises(ValueError, match="needs DATA"):
+        ym.load(gpt2_dir, None, "text", PROFILE)
 
 
 def test_demo_is_built_once_in_the_cache():
@@ -77,6 +79,8 @@ def test_demo_is_built_once_in_the_cache():
     assert (folder / "config.json").exists() and len(text.read_text().splitlines()) == ym.DEMO_LINES
     assert ym.demo_inputs(PROFILE) == (folder, text)
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    mine, data = ym.demo_inputs(PROFILE, TEXT)  # the demo model on your text: its own tokenizer, its own key
+    assert data == TEXT and mine != folder and (mine / "tokenizer.json").exists()
 
 
 def test_merge_explorer_for_scores_a_merge_of_any_model(gpt2_dir):

@@ -89,23 +89,26 @@ def tiny_causal_lm(out: str | Path, text: str | Path, *, steps: int = 200, layer
     return Path(out)
 
 
-def demo_inputs(profile=None, *, progress: bool = False) -> tuple[Path, Path]:
-    """(model folder, text file) of the demo: the first DEMO_LINES sentences of the shipped corpus and a
-    4-layer GPT-2 trained `demo_steps` on them, built once in the cache."""
+def demo_inputs(profile=None, text: str | Path | None = None, *, progress: bool = False) -> tuple[Path, Path]:
+    """(model folder, text file) of the demo: a 4-layer GPT-2 trained `demo_steps` on `text` (None: the
+    first DEMO_LINES sentences of the shipped corpus), with a word-level tokenizer of it; built once in
+    the cache."""
     from ..tasks.sentences import CORPUS, read_corpus
 
     steps = get_profile(profile).your_model.demo_steps
-    d = artifact_dir("your_model_demo", {"version": VERSION, "corpus": file_hash(CORPUS), "lines": DEMO_LINES,
-                                         "steps": steps})
-    text, folder = d / "sentences.txt", d / "model"
-    if not text.exists():
-        tmp = text.with_name(text.name + ".tmp")
-        tmp.write_text("\n".join(read_corpus()[:DEMO_LINES]) + "\n", encoding="utf-8")
-        tmp.replace(text)
+    source = {"corpus": file_hash(CORPUS), "lines": DEMO_LINES} if text is None else {"text": file_hash(text)}
+    d = artifact_dir("your_model_demo", {"version": VERSION, **source, "steps": steps})
+    folder = d / "model"
+    if text is None:
+        text = d / "sentences.txt"
+        if not text.exists():
+            tmp = text.with_name(text.name + ".tmp")
+            tmp.write_text("\n".join(read_corpus()[:DEMO_LINES]) + "\n", encoding="utf-8")
+            tmp.replace(text)
     if not (folder / "config.json").exists():
         with atomic_dir(folder) as tmp:
             tiny_causal_lm(tmp, text, steps=steps, progress=progress)
-    return folder, text
+    return folder, Path(text)
 
 
 def _model_key(name: str) -> str:
@@ -121,16 +124,18 @@ def _model_key(name: str) -> str:
 def load(model: str | Path | None = None, data: str | Path | None = None, kind: str = "text", profile=None, *,
          progress: bool = False):
     """(model, task, work folder) from the notebook's parameters: `model` a save_pretrained folder (None:
-    the demo GPT-2 for kind 'text', the bundled teacher for 'g2p'), `data` the pairs or text file (None:
-    the demo's text), `kind` 'text' | 'pairs' | 'g2p'."""
+    the demo GPT-2 for kind 'text', trained on `data` or on the demo's text; the bundled teacher for
+    'g2p'), `data` the pairs or text file, `kind` 'text' | 'pairs' | 'g2p'."""
     from ..recipe import load_model_and_data
 
     if model is None and kind == "text":
-        model, demo_text = demo_inputs(profile, progress=progress)
-        data = demo_text if data is None else data
+        model, data = demo_inputs(profile, data, progress=progress)
     elif model is None and kind == "pairs":
         raise ValueError("MODEL = None builds the demo GPT-2, which reads text: set TASK = 'text', or give MODEL, "
                          "the folder of an encoder-decoder model (e.g. T5) for your pairs file")
+    elif data is None and kind != "g2p":
+        raise ValueError(f"TASK = {kind!r} needs DATA, your data file: a text file (one paragraph per line) for "
+                         "'text', a TSV/CSV/JSONL of (source, target) pairs for 'pairs'")
     with quiet_transformers():
         net, task = load_model_and_data(model, kind, data)
     prof = get_profile(profile)
