@@ -2,7 +2,8 @@
 
 `load` turns the notebook's parameters (a model folder, a data file, the task kind) into
 (model, task, work folder) through the recipe's checked loader (`mtlab.recipe.load_model_and_data`);
-without a model it builds a tiny demo GPT-2 on sentences of the shipped corpus, once, in the cache.
+without a model it builds a tiny demo GPT-2 on the data (or on sentences of the shipped corpus), once,
+in the cache.
 The work folder (module checkpoints, recovery runs) is keyed by the model's weights, the data file
 and the profile's `your_model` section, so a rerun resumes and another model never reuses it.
 Every later step takes (model, task) and the profile: similarity, module training with
@@ -26,8 +27,8 @@ from ..checkpoint import atomic_dir
 from ..profiles import get_profile
 from ..surgery import stack_depths
 
-__all__ = ["tiny_causal_lm", "demo_inputs", "load", "summary", "quiet_transformers", "fit_granularities", "replacing_config", "similarity",
-           "ladder_table", "merge_and_recover", "MergeResult", "screen_space", "assembly_explorer_for",
+__all__ = ["tiny_causal_lm", "demo_inputs", "load", "summary", "quiet_transformers", "fit_granularities",
+           "replacing_config", "similarity", "ladder_table", "merge_and_recover", "MergeResult", "screen_space", "assembly_explorer_for",
            "merge_explorer_for", "reload_plain", "export_and_reload", "conclusion"]
 
 VERSION = 1
