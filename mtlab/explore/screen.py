@@ -85,6 +85,12 @@ def _require_supported(model: nn.Module) -> None:
                      "its assemblies with mtlab.modular.assemble and the task's own metric")
 
 
+def require_screenable(model: nn.Module) -> None:
+    """Refuses a model that screening (and frontier search) cannot run: neither an encoder-decoder
+    nor a decoder-only LM; the message names what to use instead."""
+    _require_supported(model)
+
+
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums over the batch: nll_sum, correct, tokens, words_right, words (add them over batches)."""
     return _metrics(logits, labels)

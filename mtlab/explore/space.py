@@ -63,9 +63,12 @@ class AssemblySpace:
 
     def screen_block_evals(self) -> int:
         """Blocks one batch costs when `mtlab.explore.screen` screens the whole space: every encoder
-        prefix once, every decoder prefix once per encoder tiling (encoder-decoder spaces only)."""
+        prefix once, every decoder prefix once per encoder tiling; a decoder-only LM's one trie."""
+        if self.stacks == ["layers"]:  # a decoder-only LM: one trie
+            return self.prefixes("layers")
         if self.stacks != ["encoder", "decoder"]:
-            raise ValueError(f"screen_block_evals needs stacks encoder, decoder; this space has {self.stacks}")
+            raise ValueError(f"screen_block_evals needs stacks encoder, decoder (or one stack, layers); this "
+                             f"space has {self.stacks}")
         return self.prefixes("encoder") + len(self.tilings("encoder")) * self.prefixes("decoder")
 
     def sizes(self) -> dict[str, int]:
