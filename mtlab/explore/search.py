@@ -13,7 +13,7 @@ Exhaustive screening (`mtlab.explore.screen`) is exact but builds a trie over ev
    distance to the teacher's hidden state at the same layer boundary (no extra blocks); "nll" is the
    screened prefix, completed by the teacher's remaining layers and scored by teacher-forced token
    NLL (costs the completion). Complete tilings are always scored by NLL. A decoder-only LM (one
-   stack, "layers") has one such beam, its complete tilings scored by the LM's own NLL.
+   stack, "layers") has one such beam, its complete tilings scored by the LM's NLL.
 2. **Combination.** Encoder and decoder candidates are paired (one stack: its tilings are the
    candidates); pairs are ordered by proxy Pareto
    layer (additive proxy: nll_enc + nll_dec - nll_teacher, against FLOPs and against parameters),
@@ -184,16 +184,23 @@ class _StackSearch:
         self.teacher_dec = (1,) * space.depths["decoder"] if stack == "encoder" else None
 
     def score(self, prefix: tuple[int, ...], states) -> float:
-        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers, or
-        (with targets, below the top) its distance to the teacher's hidden state."""
-        q = sum(prefix)
-        if self.targets is not None and q < self.depth:
-            num = den = 0.0
-            for r, (out, _), t in zip(self.runners, states, self.targets):
-                mask = (r.batch.labels != -100 if self.stack == "decoder" else r.batch.attention_mask).unsqueeze(-1)
-                num += float((((block_hidden(out) - t[q]) ** 2) * mask).sum())
-                den += float(((t[q] ** 2) * mask).sum())
-            return num / den
+        """With targets, below the top: the prefix's distance to the teacher's hidden state (no
+        blocks run); otherwise its NLL (`nll`)."""
+        if self.targets is not None and sum(prefix) < self.depth:
+            return self.distance(prefix, states)
+        return self.nll(prefix, states)
+
+    def distance(self, prefix: tuple[int, ...], states) -> float:
+        """Relative squared distance to the teacher's hidden state at the prefix's layer boundary."""
+        q, num, den = sum(prefix), 0.0, 0.0
+        for r, (out, _), t in zip(self.runners, states, self.targets):
+            mask = (r.batch.labels != -100 if self.stack == "decoder" else r.batch.attention_mask).unsqueeze(-1)
+            num += float((((block_hidden(out) - t[q]) ** 2) * mask).sum())
+            den += float(((t[q] ** 2) * mask).sum())
+        return num / den
+
+    def nll(self, prefix: tuple[int, ...], states) -> float:
+        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers."""
         total = {"nll_sum": 0.0, "tokens": 0}
         for r, (out, call), enc in zip(self.runners, states, self.enc_outs):
             if self.stack == "encoder":
@@ -205,6 +212,10 @@ class _StackSearch:
             total["nll_sum"] += m["nll_sum"]
             total["tokens"] += m["tokens"]
         return total["nll_sum"] / total["tokens"]
+
+    def ranked(self, group, score) -> list:
+        """(score, tiling, states) of the group's `beam` best by `score`."""
+        return sorted(((score(t, st), t, st) for t, st in group), key=lambda x: (x[0], x[1]))[:self.beam]
 
     def extend(self, prefix, states, k):
         return [r.step(self.stack, prefix, out, call, k, enc)
@@ -224,10 +235,10 @@ class _StackSearch:
                 del kept[key]  # no span from there reaches past q: free its hidden states
             for n, group in incoming.items():
                 if len(group) > self.beam or q == self.depth:
-                    ranked = sorted(((self.score(t, st), t, st) for t, st in group), key=lambda x: (x[0], x[1]))
-                    group = [(t, st) for _, t, st in ranked[:self.beam]]
+                    ranked = self.ranked(group, self.score)
+                    group = [(t, st) for _, t, st in ranked]
                     if q == self.depth:
-                        done[n] = [(s, t) for s, t, _ in ranked[:self.beam]]
+                        done[n] = [(s, t) for s, t, _ in ranked]
                 kept[(q, n)] = group
             bar.update(1)
         return done
