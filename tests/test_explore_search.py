@@ -201,3 +201,21 @@ def test_decoder_only_budget_that_fits_screens_exhaustively(gpt2_space):
     assert found.attrs["method"].startswith("exhaustive") and len(found) == len(full)
     with pytest.raises(BudgetError, match="at least"):
         frontier_search(lm, bank, task, budget=20, **WORDS)
+
+
+@pytest.mark.parametrize("depth,ks", [(6, (2, 3, 6)), (8, (2, 4, 8))])
+def test_space_counts_and_samples_without_listing(depth, ks):
+    space = AssemblySpace({"encoder": depth, "decoder": depth}, {"encoder": ks, "decoder": (2,)})
+    plans = set(space)
+    assert len(space) == len(plans) and space.count("encoder") == len(space.tilings("encoder"))
+    sample = space.sample(20, seed=0)
+    assert len(set(sample)) == 20 and set(sample) <= plans and sample == space.sample(20, seed=0)
+    assert set(space.sample(len(space) + 5)) == plans
+
+
+def test_space_sample_is_uniform_over_plans():
+    from collections import Counter
+
+    space = AssemblySpace({"layers": 6}, {"layers": (2, 3, 6)})   # 14 tilings; (6,) alone would be 1/4 if each
+    counts = Counter(str(p) for i in range(2800) for p in space.sample(1, seed=i))   # span were drawn evenly
+    assert len(counts) == 14 and 120 <= min(counts.values()) and max(counts.values()) <= 290   # 200 +- 6 sigma
