@@ -8,7 +8,10 @@ evaluations), and timed where it is not:
 - `t5_12`: a 12+12 tiny T5 (d_model 32) trained a few minutes on G2P with mtlab's training loop,
   and a bank {2,3,4,6,12} trained a few hundred steps (85,849 plans; exhaustive screening runs);
 - `t5_24`: a 24+24 tiny T5 with random weights and an untrained bank {2,3,4,6,8,12}
-  (8.3e9 plans; search only, timed).
+  (8.3e9 plans; search only, timed);
+- `gpt2_32`: a 32-layer decoder-only tiny GPT-2 (d_model 32) with random weights and an untrained
+  bank {2,4,8} (456,976 plans), language modelling on the first 2,000 sentences of
+  data/sentences (word-level tokenizer, blocks of 32 tokens; search only, timed).
 
 Writes reports/explore_scale.csv (model, depth, plans, block_evals_search,
 block_evals_exhaustive, frontier_recall, hypervolume_ratio, seconds, ...) and
@@ -16,8 +19,11 @@ reports/merge_sets.csv (greedy forward selection of FF windows on the bundled te
 every 2-window set). The trained 12+12 model, the banks and the exhaustive screens are kept
 in --work (a rerun reads them). A first run on a shared 2-core machine takes about 30 minutes
 (12+12 teacher ~7 min, banks ~3 min, the 12+12 exhaustive screen ~13 min); a rerun about 8.
+`--only gpt2_32` (or any comma-separated models) runs just those and keeps the other models'
+rows of an existing reports/explore_scale.csv.
 
     .venv/bin/python benchmarks/explore_scale.py [--words 64] [--out reports] [--work runs/explore_scale]
+    .venv/bin/python benchmarks/explore_scale.py --only gpt2_32
 """
 from __future__ import annotations
 
@@ -42,6 +48,27 @@ def tiny_t5(task, depth: int, seed: int = 0):
     torch.manual_seed(seed)
     return build_teacher(task.tokenizer, TeacherConfig(d_model=32, d_ff=64, num_heads=2, num_layers=depth,
                                                        num_decoder_layers=depth, dropout=0.0))
+
+
+def tiny_gpt2(depth: int, seed: int = 0, block_size: int = 32, lines: int = 2000):
+    """A decoder-only tiny GPT-2 (random weights) and a language-modelling task on the first `lines`
+    sentences of data/sentences, with a word-level tokenizer built from them (no download; 3,222
+    words: at d_model 32 the LM head dominates a forward, so the whole corpus's 13k-word vocabulary
+    would time the head rather than the search)."""
+    import transformers as T
+
+    from mtlab.tasks import CausalLMTask
+    from mtlab.tasks.causal_lm import word_tokenizer
+
+    text = Path(__file__).resolve().parent.parent / "data" / "sentences" / "sentences.txt"
+    sentences = text.read_text(encoding="utf-8").splitlines()[:lines]
+    tok = word_tokenizer(sentences)
+    task = CausalLMTask(sentences, tok, block_size=block_size, name="sentences")
+    torch.manual_seed(seed)
+    lm = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=depth, n_head=2, vocab_size=len(tok),
+                                        n_positions=block_size, bos_token_id=tok.eos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    return lm.eval(), task
 
 
 def trained_12(task, work: Path, teacher_steps: int, bank_steps: int):
@@ -112,7 +139,7 @@ def row(name: str, teacher, bank, task, words: int, budget: int, full: pd.DataFr
     found = frontier_search(teacher, bank, task, budget=budget, limit=words, batch_size=words, progress=True, **kw)
     seconds = time.perf_counter() - t0
     a = found.attrs
-    out = {"model": name, "depth": space.depths["encoder"], "plans": len(space), "words": words, "budget": budget,
+    out = {"model": name, "depth": max(space.depths.values()), "plans": len(space), "words": words, "budget": budget,
            "prefix_score": a["config"]["prefix_score"], "beam": a["beam"], "plans_screened": len(found),
            "block_evals_search": a["block_evals"], "block_evals_exhaustive": a["exhaustive_block_evals"],
            "search_share": a["block_evals"] / a["exhaustive_block_evals"],
@@ -129,6 +156,15 @@ def row(name: str, teacher, bank, task, words: int, budget: int, full: pd.DataFr
     return out
 
 
+def merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """This run's rows, after the rows of models it did not run from an existing CSV (a partial rerun
+    replaces only its own models' rows)."""
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    return pd.concat([old[~old.model.isin(set(new.model))], new], ignore_index=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--words", type=int, default=32, help="dev words screened (one batch)")
@@ -137,7 +173,9 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--bank-steps", type=int, default=300)
     ap.add_argument("--budget-24", type=int, default=40_000)
-    ap.add_argument("--models", default="t5_6,merge_sets,t5_12,t5_24")
+    ap.add_argument("--budget-32", type=int, default=40_000)
+    ap.add_argument("--models", "--only", dest="models", default="t5_6,merge_sets,t5_12,t5_24,gpt2_32",
+                    help="models to run (comma-separated); rows of other models in an existing CSV are kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: blocks this small gain nothing from more)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -165,9 +203,13 @@ def main() -> None:
         teacher = tiny_t5(task, 24)
         bank = ModuleBank.build(teacher, (2, 3, 4, 6, 8, 12))
         rows.append(row("t5_24", teacher.eval(), bank, task, a.words, a.budget_24, None, prefix_score="hidden"))
-    df = pd.DataFrame(rows)
-    df.attrs["config"] = vars(a)
+    if "gpt2_32" in models:
+        lm, lm_task = tiny_gpt2(32)
+        bank = ModuleBank.build(lm, (2, 4, 8))
+        rows.append(row("gpt2_32", lm, bank, lm_task, a.words, a.budget_32, None, prefix_score="hidden"))
     out = Path(a.out)
+    df = merged(out / "explore_scale.csv", pd.DataFrame(rows))
+    df.attrs["config"] = vars(a)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "explore_scale.csv", df)
     pd.set_option("display.width", 240)

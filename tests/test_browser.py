@@ -8,7 +8,9 @@ two changes at once, untick both stacks at once, make the window invalid; after 
 computing, the read-out, the plot's outline (its caption) and the error line must agree with the
 controls as the browser shows them. No console error, failed request or HTTP error may occur.
 Screenshots, the server log and the browser console go to $MTLAB_ARTIFACTS/browser/ (default:
-test-artifacts/browser/).
+test-artifacts/browser/). MTLAB_BROWSER_EXPLORER=tiny-12+12 points the assembly explorer at a 12+12
+T5 built from config (85,849 plans, frontier search + sample, plans screened on demand; ~30 s more);
+every read-out must then say how much of the space is screened.
 
 Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Without it the test FAILS;
 set MTLAB_SKIP_BROWSER=1 to skip it on a machine without Chromium.
@@ -25,6 +27,7 @@ from browser.lab import Deadline, jupyter_lab
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "03_assembly_explorer.ipynb"
 CHROMIUM = os.environ.get("MTLAB_CHROMIUM", "/usr/bin/chromium")
+EXPLORER = os.environ.get("MTLAB_BROWSER_EXPLORER", "bundled")   # the assembly explorer's model (notebook 03)
 BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "480"))  # seconds for the whole test, server start to last check
 
 # the widget contract: CSS classes the notebook sets with widget.add_class(...)
@@ -36,6 +39,7 @@ PLOT_IMG = ".mtlab-plot img"
 ERROR = ".mtlab-error"
 MERGE_ON = ".mtlab-merge-on input[type=checkbox]"
 STATUS, CAPTION = ".mtlab-status", ".mtlab-caption"
+COVERAGE = re.compile(r"screened [\d,]+ of [\d,]+ plans \([\d.e+-]+%\)")   # the assembly read-out's share screened
 BUSY = "computing"
 # the merge explorer's controls as the browser shows them, one entry per stack row
 MERGE_CONTROLS = """root => Array.from(root.querySelectorAll('.mtlab-merge-on')).map(on => {
@@ -122,7 +126,8 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
     shots.mkdir()
     nb_name = "03_assembly_explorer.ipynb"
     shutil.copy(notebook, root / nb_name)
-    env = {"MTLAB_PROFILE": os.environ.get("MTLAB_BROWSER_PROFILE", "smoke"), "OMP_NUM_THREADS": "1", "MTLAB_CACHE": os.environ["MTLAB_CACHE"]}
+    env = {"MTLAB_PROFILE": os.environ.get("MTLAB_BROWSER_PROFILE", "smoke"), "OMP_NUM_THREADS": "1",
+           "MTLAB_CACHE": os.environ["MTLAB_CACHE"], "MTLAB_EXPLORER": EXPLORER}
     console: list[str] = []
     failures: list[str] = []   # console errors, page errors, failed requests, HTTP errors
     lab = None
@@ -188,6 +193,7 @@ def _drive(page, lab, nb_name, deadline, shots, expect):
     page.wait_for_function(IMG_CHANGED, arg=[root, PLOT_IMG, ""], timeout=deadline.ms(60), polling=250)
     assert error.inner_text().strip() == "", f"explorer shows an error in its initial state: {error.inner_text()!r}"
     assert explorer.locator(SPAN).count() > 0, f"no span dropdowns ({SPAN})"
+    assert COVERAGE.search(readout.inner_text()), f"the read-out does not say how much is screened: {readout.inner_text()!r}"
     _snapshot(explorer, shots, "explorer-initial")
 
     # 4. change the strategy: the plan changes, so must the read-out and the plot
@@ -215,6 +221,7 @@ def _drive(page, lab, nb_name, deadline, shots, expect):
     _expect_change(explorer, readout, error, deadline, expect, lambda: span.select_option(label=choice),
                    f"span {current!r} -> {choice!r}")
     _snapshot(explorer, shots, "explorer-span-changed")
+    assert COVERAGE.search(readout.inner_text()), f"no coverage after a span change: {readout.inner_text()!r}"
 
 
 def _expect_change(explorer, readout, error, deadline, expect, action, what):

@@ -143,3 +143,79 @@ def test_pairs_are_capped_and_still_exact(g2p_task, t5_6_bank, exhaustive, monke
     found = frontier_search(*t5_6_bank, g2p_task, budget=exhaustive.attrs["block_evals"] - 1, beam=4, **WORDS)
     assert 0 < len(found) <= 40
     assert compare_to_exhaustive(found, exhaustive)["max_abs_diff"] < 1e-5
+
+
+# ---- a decoder-only LM: one stack ("layers") ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2_space():
+    """A 12-layer tiny GPT-2 built from config, a bank {2,4} unlike its layers, and a text task."""
+    from pathlib import Path
+
+    import transformers as T
+
+    from mtlab.tasks import CausalLMTask
+    from mtlab.tasks.causal_lm import word_tokenizer
+
+    text = Path(__file__).parent / "data" / "text_small.txt"
+    tok = word_tokenizer(text.read_text().splitlines())
+    task = CausalLMTask.from_file(text, tok, block_size=16)
+    torch.manual_seed(0)
+    lm = T.GPT2LMHeadModel(T.GPT2Config(n_embd=16, n_layer=12, n_head=2, vocab_size=len(tok), n_positions=32,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    torch.manual_seed(1)
+    bank = ModuleBank.build(lm, (2, 4))
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    full = screen(lm, bank, task, **WORDS)
+    return lm, bank, task, full
+
+
+@pytest.mark.parametrize("prefix_score", ["nll", "hidden"])
+def test_search_on_a_decoder_only_lm_reports_exhaustive_scores(gpt2_space, prefix_score):
+    lm, bank, task, full = gpt2_space
+    space = AssemblySpace.of(lm, bank)
+    assert space.stacks == ["layers"] and len(space) == len(full) == 125
+    assert full.attrs["block_evals"] == space.screen_block_evals() * 2   # 2 batches
+    budget = (search_evals(space, 2, prefix_score) + 40) * 2   # the stack search, and 40 blocks a batch to screen
+    if prefix_score == "hidden":
+        assert budget < full.attrs["block_evals"]
+    found = frontier_search(lm, bank, task, budget=budget, beam=2, prefix_score=prefix_score, **WORDS)
+    a = found.attrs
+    assert a["method"] == "frontier-search" and a["beam"] == 2 and a["plans_in_space"] == 125
+    assert a["block_evals"] == a["block_evals_stacks"] + a["block_evals_screen"] <= budget
+    assert a["block_evals_stacks"] == search_evals(space, 2, prefix_score) * a["batches"]
+    assert a["exhaustive_block_evals"] == full.attrs["block_evals"]
+    assert 0 < len(found) < len(full)
+    cmp = compare_to_exhaustive(found, full)
+    assert cmp["max_abs_diff"] < 1e-5      # every reported score is the exhaustive screen's score
+    assert cmp["hypervolume_ratio"] >= 0.9
+    full_on = set(full.plan[compare_frontier(full)])   # found plans on the space's frontier are on the search's
+    assert full_on & set(found.plan) and full_on & set(found.plan) <= set(found.plan[found.on_frontier_any])
+
+
+def test_decoder_only_budget_that_fits_screens_exhaustively(gpt2_space):
+    lm, bank, task, full = gpt2_space
+    found = frontier_search(lm, bank, task, budget=full.attrs["block_evals"], **WORDS)
+    assert found.attrs["method"].startswith("exhaustive") and len(found) == len(full)
+    with pytest.raises(BudgetError, match="at least"):
+        frontier_search(lm, bank, task, budget=20, **WORDS)
+
+
+@pytest.mark.parametrize("depth,ks", [(6, (2, 3, 6)), (8, (2, 4, 8))])
+def test_space_counts_and_samples_without_listing(depth, ks):
+    space = AssemblySpace({"encoder": depth, "decoder": depth}, {"encoder": ks, "decoder": (2,)})
+    plans = set(space)
+    assert len(space) == len(plans) and space.count("encoder") == len(space.tilings("encoder"))
+    sample = space.sample(20, seed=0)
+    assert len(set(sample)) == 20 and set(sample) <= plans and sample == space.sample(20, seed=0)
+    assert set(space.sample(len(space) + 5)) == plans
+
+
+def test_space_sample_is_uniform_over_plans():
+    from collections import Counter
+
+    space = AssemblySpace({"layers": 6}, {"layers": (2, 3, 6)})   # 14 tilings; (6,) alone would be 1/4 if each
+    counts = Counter(str(p) for i in range(2800) for p in space.sample(1, seed=i))   # span were drawn evenly
+    assert len(counts) == 14 and 120 <= min(counts.values()) and max(counts.values()) <= 290   # 200 +- 6 sigma

@@ -407,3 +407,43 @@ def test_spec_sizes_match_the_built_models(tiny_t5):
     assert sizes(["encoder:0-1@first/permute"]) == sizes(["encoder:0-1@first/vanilla"]) < sizes([])
     with pytest.raises(ValueError, match="no layer encoder.5"):
         sizes(["prune encoder:4-5"])
+
+
+# ---- the assembly explorer on a space too large to screen whole (12+12) -------------------------------
+
+def test_assembly_explorer_on_a_12_plus_12_space_reads_out_screens_of_the_chosen_plan(g2p_task, monkeypatch):
+    import re
+
+    import mtlab.ui.assembly as assembly
+    from mtlab.experiments.explore import searched_explorer, tiny_12x12
+    from mtlab.explore.screen import screen
+
+    teacher, bank = tiny_12x12(g2p_task)
+    e = searched_explorer(teacher, bank, g2p_task, budget=3000, sample=40, limit=8)
+    assert e.plans_in_space == 85_849 and [len(b) for b in e.spans.values()] == [12, 12]  # one control a position
+    assert e.search.attrs["method"] == "frontier-search" and e.search.attrs["block_evals"] <= 3000
+    assert len(e.search) + 40 <= len(e.screen) <= len(e.search) + 42    # searched, sample, teacher, first plan
+    target = next(p for p in AssemblySpace(e.depths, e.granularities).sample(60, seed=1)
+                  if str(p) not in e.screen.index and any(k > 1 for k in p.stack("decoder")))
+    e.custom.value = "e=111111111111 d=111111111111"   # the teacher, then the span controls, one module each
+    for s, boxes in e.spans.items():
+        for start, k in target.blocks(s):
+            if k > 1:
+                boxes[start].value = str(k)
+    assert e.plan == target and e.error.value == ""
+    ref = screen(teacher, bank, g2p_task, [e.plan], limit=8, batch_size=8, progress=False).iloc[0]
+    row = e.screen.loc[str(e.plan)]
+    assert row.source == "on demand" and row.nll == pytest.approx(ref.nll, abs=1e-6)
+    assert f"{ref.nll:.4f}" in e.readout.value
+    n = len(e.screen)
+    assert re.search(rf"screened {n:,} of 85,849 plans \(\d\.\d%\)", e.readout.value)
+    searched = e.search.sort_values("nll").plan.iloc[0]    # a searched plan: read from the table, as screened
+    e.custom.value = searched
+    assert len(e.screen) == n and e.error.value == "" and str(e.plan) == searched
+    ref = screen(teacher, bank, g2p_task, [searched], limit=8, batch_size=8, progress=False).iloc[0]
+    assert e.screen.loc[searched].nll == pytest.approx(ref.nll, abs=1e-5)
+    assert {"searched", "sample", "on demand", "teacher"} <= set(e.plotted(searched).kind)
+    monkeypatch.setattr(assembly, "PLOT_POINTS", 30)     # past it: the frontier, teacher, plan and a sample
+    shown = e.plotted(searched)
+    assert searched in set(shown.plan) and len(shown) < n and (shown.kind == "teacher").sum() == 1
+    assert e.figure().axes[0].get_title() == searched

@@ -237,11 +237,68 @@ def screening_bench(profile=None, *, repeats: int = 3, progress: bool = True) ->
         "threads": torch.get_num_threads(), **sizes}])
 
 
-def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: bool = False):
-    """The assembly explorer over the profile's screened space (and its decoded frontier)."""
+EXPLORER_MODELS = ("bundled", "tiny-12+12")   # assembly_explorer(model=...), $MTLAB_EXPLORER
+SEARCH_SHARE = 0.03   # the searched explorer's budget: this share of the exhaustive screen's block evaluations
+SEARCH_WORDS = 256    # at most this many dev words screened by the searched explorer (one batch)
+
+
+def tiny_12x12(task, seed: int = 0):
+    """A 12+12 tiny T5 built from config (d_model 32, random weights) and an untrained bank
+    {2,3,4,6,12} (85,849 plans): the explorer at T5-base depth, with no training."""
+    from ..modular.bank import ModuleBank
+    from ..teacher import TeacherConfig, build_teacher
+
+    torch.manual_seed(seed)
+    teacher = build_teacher(task.tokenizer, TeacherConfig(d_model=32, d_ff=64, num_heads=2, num_layers=12,
+                                                          num_decoder_layers=12, dropout=0.0)).eval()
+    return teacher, ModuleBank.build(teacher, (2, 3, 4, 6, 12)).eval()
+
+
+def searched_explorer(teacher, bank, task, *, budget: int | None = None, sample: int = 200, limit: int = 64,
+                      seed: int = 0, progress: bool = False):
+    """The assembly explorer on a space too large to screen whole: the plans `frontier_search`
+    screened within `budget` block evaluations (default SEARCH_SHARE of the exhaustive screen's),
+    the teacher and `sample` plans drawn uniformly, all on the same `limit` dev words (one batch);
+    a plan the controls reach outside them is screened on demand on those words. `.search` holds
+    the search's table (attrs: block evaluations, beam)."""
+    from ..explore.search import frontier_search
+    from ..widgets import AssemblyExplorer
+
+    space = AssemblySpace.of(teacher, bank)
+    budget = int(SEARCH_SHARE * space.screen_block_evals()) if budget is None else budget
+    kw = dict(split="dev", limit=limit, batch_size=limit)
+    found = frontier_search(teacher, bank, task, budget=budget, progress=progress, **kw)
+    have = set(found.plan)
+    extra = [p for p in [Plan.teacher(space.depths), *space.sample(sample, seed)] if str(p) not in have]
+    parts = [found.assign(source="searched")]
+    if extra:
+        parts.append(screen(teacher, bank, task, extra, progress=progress, **kw).assign(source="sample"))
+
+    def score(plan: Plan) -> dict:
+        return screen(teacher, bank, task, [plan], progress=False, **kw).iloc[0].to_dict()
+
+    e = AssemblyExplorer(pd.concat(parts, ignore_index=True), stack_depths(teacher), bank.granularities,
+                         block_params(teacher), score=score)
+    e.search = found
+    return e
+
+
+def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: bool = False, model: str | None = None):
+    """The assembly explorer over the profile's screened space (and its decoded frontier). `model`
+    (None: $MTLAB_EXPLORER, else "bundled"): "tiny-12+12" explores `tiny_12x12` through
+    `searched_explorer` instead (on the profile's screen words, at most SEARCH_WORDS)."""
+    import os
+
     from ..widgets import AssemblyExplorer
 
     prof = get_profile(profile)
+    model = model or os.environ.get("MTLAB_EXPLORER") or "bundled"
+    if model not in EXPLORER_MODELS:
+        raise ValueError(f"unknown explorer model {model!r}: use one of {EXPLORER_MODELS} (or unset MTLAB_EXPLORER)")
+    if model == "tiny-12+12":
+        _, task = load_teacher()
+        limit = min(prof.explore.screen_limit or SEARCH_WORDS, SEARCH_WORDS)
+        return searched_explorer(*tiny_12x12(task), task, limit=limit, progress=progress)
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress)
     fr = frontier_table(prof, progress=progress) if with_frontier else None
@@ -276,7 +333,7 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
                          similarity_label="CKA of FF outputs (train tokens)")
 
 
-__all__ = ["assembly_explorer", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS"]
+__all__ = ["assembly_explorer", "searched_explorer", "tiny_12x12", "EXPLORER_MODELS", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS"]
 
 
 # ---------------------------------------------------------------------------

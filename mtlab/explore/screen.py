@@ -36,6 +36,7 @@ from ..surgery import Swapper, span_block, stack_blocks, stack_depths
 from .space import AssemblySpace
 
 METRICS = ("nll", "token_acc", "tf_word_acc")
+FINISH_ELEMENTS = 2 ** 24   # numbers in the stack outputs finished at once (64 MB of float32)
 
 
 class _Stop(Exception):
@@ -83,6 +84,12 @@ def _require_supported(model: nn.Module) -> None:
     raise ValueError(f"screening needs an encoder-decoder model (stacks encoder, decoder) or a decoder-only LM "
                      f"(one stack, layers, with an LM head, e.g. *ForCausalLM); this one has {names}. Evaluate "
                      "its assemblies with mtlab.modular.assemble and the task's own metric")
+
+
+def require_screenable(model: nn.Module) -> None:
+    """Refuses a model that screening (and frontier search) cannot run: neither an encoder-decoder
+    nor a decoder-only LM; the message names what to use instead."""
+    _require_supported(model)
 
 
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -156,9 +163,23 @@ class BlockRunner:
             return list(self.run(stack, enc_out).split(_hidden(first).shape[0]))
 
     def outputs(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> dict[tuple, torch.Tensor]:
-        """{tiling: stack output} for every tiling, finished together."""
-        leaves = dict(self.walk(stack, tilings, enc_out))
-        return dict(zip(leaves, self.finish(stack, list(leaves.values()), enc_out)))
+        """{tiling: stack output} for every tiling (all held at once: `iter_outputs` streams them)."""
+        return dict(self.iter_outputs(stack, tilings, enc_out))
+
+    def iter_outputs(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None,
+                     max_elements: int = FINISH_ELEMENTS) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+        """(tiling, stack output) for every tiling, finished in chunks whose outputs hold at most
+        `max_elements` numbers (the first alone, to learn its size): memory stays bounded however
+        many tilings and however large the vocabulary."""
+        chunk, pending = 1, []
+        for leaf in self.walk(stack, tilings, enc_out):
+            pending.append(leaf)
+            if len(pending) >= chunk:
+                outs = self.finish(stack, [o for _, o in pending], enc_out)
+                yield from zip([t for t, _ in pending], outs)
+                chunk, pending = max(1, max_elements // max(1, outs[0].numel())), []
+        if pending:
+            yield from zip([t for t, _ in pending], self.finish(stack, [o for _, o in pending], enc_out))
 
     def walk(self, stack: str, tilings: Iterable[tuple[int, ...]], enc_out=None) -> Iterator[tuple[tuple[int, ...], object]]:
         """(tiling, output of its last block) for every tiling; each distinct prefix runs one block."""
@@ -289,8 +310,8 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
         r = BlockRunner(teacher, bank, task.collate(split, idx))
-        for enc, enc_out in r.outputs("encoder", by_enc).items():
-            for dec, logits in r.outputs("decoder", by_enc[enc], enc_out).items():
+        for enc, enc_out in r.iter_outputs("encoder", by_enc):
+            for dec, logits in r.iter_outputs("decoder", by_enc[enc], enc_out):
                 _add(sums, names[enc, dec], _metrics(logits, r.batch.labels))
         evals += r.blocks_run
     df = _plan_rows(sums, stats)
@@ -306,7 +327,7 @@ def _screen_single(teacher, bank, task, plans, index, stats, split, limit, batch
     t0, evals = time.perf_counter(), 0
     for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
         r = BlockRunner(teacher, bank, task.collate(split, idx))
-        for tiling, logits in r.outputs("layers", names).items():
+        for tiling, logits in r.iter_outputs("layers", names):
             check_aligned(logits, r.batch.labels)
             _add(sums, names[tiling], _metrics(logits, r.batch.labels))
         evals += r.blocks_run

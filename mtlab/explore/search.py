@@ -12,8 +12,10 @@ Exhaustive screening (`mtlab.explore.screen`) is exact but builds a trie over ev
    more than `beam` prefixes, by `prefix_score`: "hidden" (default) is the relative squared
    distance to the teacher's hidden state at the same layer boundary (no extra blocks); "nll" is the
    screened prefix, completed by the teacher's remaining layers and scored by teacher-forced token
-   NLL (costs the completion). Complete tilings are always scored by NLL.
-2. **Combination.** Encoder and decoder candidates are paired; pairs are ordered by proxy Pareto
+   NLL (costs the completion). Complete tilings are always scored by NLL. A decoder-only LM (one
+   stack, "layers") has one such beam, its complete tilings scored by the LM's NLL.
+2. **Combination.** Encoder and decoder candidates are paired (one stack: its tilings are the
+   candidates); pairs are ordered by proxy Pareto
    layer (additive proxy: nll_enc + nll_dec - nll_teacher, against FLOPs and against parameters),
    then by rank inside their cost cell, and added while the exact screen of the chosen set
    (prefix-shared, its cost known before it runs) fits in what is left of the budget.
@@ -27,6 +29,7 @@ counts are known before anything runs, so the largest beam that fits the budget 
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from typing import Mapping
 
@@ -40,8 +43,10 @@ from ..measure import count_params
 from ..modular.bank import ModuleBank, block_params, plan_stats, stack_block_flops
 from ..modular.plan import Plan
 from ..surgery import stack_depths
+from ..tasks.causal_lm import check_aligned
 from .frontier import pareto_mask
-from .screen import BlockRunner, block_hidden, eval_mode, max_abs_diff, require_seq2seq, screen, token_metrics
+from .screen import (BlockRunner, block_hidden, eval_mode, max_abs_diff, require_screenable, screen,
+                     token_metrics)
 from .space import AssemblySpace
 
 MAX_BEAM = 64
@@ -90,23 +95,31 @@ def stack_candidates(depth: int, ks, beam: int) -> int:
 
 
 def pairs_bound(space: AssemblySpace, beam: int) -> int:
-    """The most one batch's exact screen of EVERY candidate pair can cost (each tiling's blocks)."""
-    ce = stack_candidates(space.depths["encoder"], space.granularities.get("encoder", ()), beam)
-    cd = stack_candidates(space.depths["decoder"], space.granularities.get("decoder", ()), beam)
-    enc = min(ce * space.depths["encoder"], space.prefixes("encoder"))
-    return enc + ce * min(cd * space.depths["decoder"], space.prefixes("decoder"))
+    """The most one batch's exact screen of EVERY candidate combination can cost: each stack's trie
+    of candidates, the later stack's once per candidate of the stacks before it."""
+    total, mult = 0, 1
+    for s in space.stacks:
+        c = stack_candidates(space.depths[s], space.granularities.get(s, ()), beam)
+        total += mult * min(c * space.depths[s], space.prefixes(s))
+        mult *= c
+    return total
 
 
 PREFIX_SCORES = ("nll", "hidden")
 
 
 def search_evals(space: AssemblySpace, beam: int, prefix_score: str = "hidden") -> int:
-    """Blocks one batch costs phase 1 for both stacks: the teacher encoder once, and with
-    prefix_score="hidden" the teacher decoder once (its hidden states are the targets)."""
+    """Blocks one batch costs phase 1 for every stack. Encoder-decoder: the teacher encoder once,
+    and with prefix_score="hidden" the teacher decoder once (its hidden states are the targets).
+    A decoder-only stack ("layers"): the teacher's layers once for "hidden" (the targets)."""
     if prefix_score not in PREFIX_SCORES:
         raise ValueError(f"prefix_score must be one of {PREFIX_SCORES}, got {prefix_score!r}")
-    de, dd = space.depths["encoder"], space.depths["decoder"]
     cheap = prefix_score == "hidden"
+    if space.stacks == ["layers"]:
+        d = space.depths["layers"]
+        return stack_beam_evals(d, space.granularities.get("layers", ()), beam,
+                                lambda q: 0 if cheap else d - q) + (d if cheap else 0)
+    de, dd = space.depths["encoder"], space.depths["decoder"]
     enc = stack_beam_evals(de, space.granularities.get("encoder", ()), beam,
                            lambda q: dd if q == de else 0 if cheap else de - q + dd)
     dec = stack_beam_evals(dd, space.granularities.get("decoder", ()), beam, lambda q: 0 if cheap else dd - q)
@@ -168,30 +181,41 @@ class _StackSearch:
         self.runners, self.stack, self.beam, self.targets = runners, stack, beam, targets
         self.depth, self.ks = space.depths[stack], space.granularities.get(stack, ())
         self.enc_outs = enc_outs or [None] * len(runners)
-        self.teacher_dec = (1,) * space.depths["decoder"]
+        self.teacher_dec = (1,) * space.depths["decoder"] if stack == "encoder" else None
 
     def score(self, prefix: tuple[int, ...], states) -> float:
-        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers, or
-        (with targets, below the top) its distance to the teacher's hidden state."""
-        q = sum(prefix)
-        if self.targets is not None and q < self.depth:
-            num = den = 0.0
-            for r, (out, _), t in zip(self.runners, states, self.targets):
-                mask = (r.batch.attention_mask if self.stack == "encoder" else r.batch.labels != -100).unsqueeze(-1)
-                num += float((((block_hidden(out) - t[q]) ** 2) * mask).sum())
-                den += float(((t[q] ** 2) * mask).sum())
-            return num / den
+        """With targets, below the top: the prefix's distance to the teacher's hidden state (no
+        blocks run); otherwise its NLL (`nll`)."""
+        if self.targets is not None and sum(prefix) < self.depth:
+            return self.distance(prefix, states)
+        return self.nll(prefix, states)
+
+    def distance(self, prefix: tuple[int, ...], states) -> float:
+        """Relative squared distance to the teacher's hidden state at the prefix's layer boundary."""
+        q, num, den = sum(prefix), 0.0, 0.0
+        for r, (out, _), t in zip(self.runners, states, self.targets):
+            mask = (r.batch.labels != -100 if self.stack == "decoder" else r.batch.attention_mask).unsqueeze(-1)
+            num += float((((block_hidden(out) - t[q]) ** 2) * mask).sum())
+            den += float(((t[q] ** 2) * mask).sum())
+        return num / den
+
+    def nll(self, prefix: tuple[int, ...], states) -> float:
+        """Teacher-forced token NLL of the prefix completed by the teacher's remaining layers."""
         total = {"nll_sum": 0.0, "tokens": 0}
         for r, (out, call), enc in zip(self.runners, states, self.enc_outs):
             if self.stack == "encoder":
                 enc_final = r.complete("encoder", prefix, out, call)
                 logits = r.outputs("decoder", [self.teacher_dec], enc_final)[self.teacher_dec]
-            else:
-                logits = r.complete("decoder", prefix, out, call, enc)
+            else:  # the decoder, or a decoder-only stack ("layers"): its output is the logits
+                logits = r.complete(self.stack, prefix, out, call, enc)
             m = token_metrics(logits, r.batch.labels)
             total["nll_sum"] += m["nll_sum"]
             total["tokens"] += m["tokens"]
         return total["nll_sum"] / total["tokens"]
+
+    def ranked(self, group, score) -> list:
+        """(score, tiling, states) of the group's `beam` best by `score`."""
+        return sorted(((score(t, st), t, st) for t, st in group), key=lambda x: (x[0], x[1]))[:self.beam]
 
     def extend(self, prefix, states, k):
         return [r.step(self.stack, prefix, out, call, k, enc)
@@ -211,10 +235,10 @@ class _StackSearch:
                 del kept[key]  # no span from there reaches past q: free its hidden states
             for n, group in incoming.items():
                 if len(group) > self.beam or q == self.depth:
-                    ranked = sorted(((self.score(t, st), t, st) for t, st in group), key=lambda x: (x[0], x[1]))
-                    group = [(t, st) for _, t, st in ranked[:self.beam]]
+                    ranked = self.ranked(group, self.score)
+                    group = [(t, st) for _, t, st in ranked]
                     if q == self.depth:
-                        done[n] = [(s, t) for s, t, _ in ranked[:self.beam]]
+                        done[n] = [(s, t) for s, t, _ in ranked]
                 kept[(q, n)] = group
             bar.update(1)
         return done
@@ -246,36 +270,36 @@ def _cell_costs(teacher, inputs) -> dict:
 
 
 def _pair_depth(cands: dict, cap: int) -> int:
-    """How many of each block count's best candidates to pair so that at most `cap` pairs exist
-    (memory stays bounded whatever the beam), at least 1."""
-    def pairs(r):
-        return (sum(min(r, len(v)) for v in cands["encoder"].values())
-                * sum(min(r, len(v)) for v in cands["decoder"].values()))
+    """How many of each block count's best candidates to combine so that at most `cap` combinations
+    exist (memory stays bounded whatever the beam), at least 1."""
+    def combos(r):
+        return int(np.prod([sum(min(r, len(v)) for v in c.values()) for c in cands.values()]))
     r = max([len(v) for c in cands.values() for v in c.values()] + [1])
-    while r > 1 and pairs(r) > cap:
+    while r > 1 and combos(r) > cap:
         r -= 1
     return r
 
 
 def _combine(cands: dict, costs: dict, depths: Mapping[str, int], teacher_nll: float) -> list[Plan]:
-    """Candidate pairs, most promising first: proxy Pareto layer (the better of FLOPs and params),
-    then rank inside the cost cell, then proxy NLL."""
+    """Candidate combinations (one tiling per stack), most promising first: proxy Pareto layer (the
+    better of FLOPs and params), then rank inside the cost cell, then proxy NLL. The proxy adds
+    the stacks' NLL increases over the teacher (one stack: its own NLL)."""
     r = _pair_depth(cands, MAX_PAIRS)
+    stacks = list(cands)
+    per = [[(s, i, t) for group in cands[st].values() for i, (s, t) in enumerate(group[:r])] for st in stacks]
     rows = []
-    for ne, es in cands["encoder"].items():
-        for nd, ds in cands["decoder"].items():
-            for i, (se, e) in enumerate(es[:r]):
-                for j, (sd, d) in enumerate(ds[:r]):
-                    rows.append((se + sd - teacher_nll, i + j, e, d))
+    for combo in itertools.product(*per):
+        rows.append((sum(c[0] for c in combo) - (len(combo) - 1) * teacher_nll, sum(c[1] for c in combo),
+                     Plan.of({st: c[2] for st, c in zip(stacks, combo)})))
     proxy = np.array([r[0] for r in rows])
-    plans = [Plan.of({"encoder": r[2], "decoder": r[3]}) for r in rows]
+    plans = [r[2] for r in rows]
     stats = {}
     for p in plans:
-        key = (p.depth("encoder"), p.depth("decoder"))
+        key = tuple(p.depth(st) for st in stacks)
         if key not in stats:
             s = plan_stats(p, costs["n"], costs["bparams"], costs["flops"])
             stats[key] = (1 / s["ideal_speedup"], s["params"])
-    cost = np.array([stats[p.depth("encoder"), p.depth("decoder")] for p in plans])
+    cost = np.array([stats[tuple(p.depth(st) for st in stacks)] for p in plans])
     layer = np.minimum(pareto_layers(cost[:, 0], proxy), pareto_layers(cost[:, 1], proxy))
     order = sorted(range(len(rows)), key=lambda i: (layer[i], rows[i][1], proxy[i], str(plans[i])))
     return [plans[i] for i in order]
@@ -283,19 +307,20 @@ def _combine(cands: dict, costs: dict, depths: Mapping[str, int], teacher_nll: f
 
 def _fit(plans: list[Plan], room: int) -> list[Plan]:
     """The longest greedy selection (in order, skipping what does not fit) whose prefix-shared screen
-    costs at most `room` blocks per batch (same count as `screen_block_evals`)."""
-    enc: set = set()
-    dec: dict[tuple, set] = {}
+    costs at most `room` blocks per batch (as `screen` counts: a stack's trie runs once per
+    combination of the tilings of the stacks before it)."""
+    seen: set = set()
     chosen, used = [], 0
     for p in plans:
-        e, d = p.stack("encoder"), p.stack("decoder")
-        new_e = {e[:i] for i in range(1, len(e) + 1)} - enc
-        new_d = {d[:i] for i in range(1, len(d) + 1)} - dec.get(e, set())
-        if used + len(new_e) + len(new_d) > room:
+        new, before = set(), ()
+        for st in p.stacks:
+            t = p.stack(st)
+            new |= {(st, before, t[:i]) for i in range(1, len(t) + 1)} - seen
+            before += (t,)
+        if used + len(new) > room:
             continue
-        used += len(new_e) + len(new_d)
-        enc |= new_e
-        dec.setdefault(e, set()).update(new_d)
+        used += len(new)
+        seen |= new
         chosen.append(p)
     return chosen
 
@@ -313,7 +338,7 @@ def frontier_search(teacher: nn.Module, bank: ModuleBank, task, *, budget: int, 
     the largest whose stack search fits `stack_share` of the budget); `granularities` restricts the
     bank's. attrs: config, block_evals (all phases), block_evals_stacks, block_evals_screen, beam,
     batches, plans_in_space, exhaustive_block_evals, seconds."""
-    require_seq2seq(teacher)
+    require_screenable(teacher)
     if split == "test":
         raise ValueError("the search chooses models: use the dev split (test is read only for final numbers)")
     if not 0 < stack_share < 1:
@@ -331,11 +356,21 @@ def frontier_search(teacher: nn.Module, bank: ModuleBank, task, *, budget: int, 
     with eval_mode(teacher, bank):
         cands, evals, teacher_nll = _stack_searches(teacher, bank, task, space, beam, split, index, progress,
                                                      prefix_score)
-        inputs = task.collate(split, index[0]).model_inputs()
+        inputs = _flop_inputs(task.collate(split, index[0]), space)
         ordered = _combine(cands, _cell_costs(teacher, inputs), space.depths, teacher_nll)
         chosen = _fit(ordered, (int(budget) - evals) // len(index))
     df = screen(teacher, bank, task, chosen, split=split, limit=limit, batch_size=batch_size, progress=progress)
     return _mark(df, space, budget, stack_share, prefix_score, evals, beam, len(index), t0, "frontier-search")
+
+
+def _flop_inputs(batch, space: AssemblySpace) -> dict:
+    """The forward that per-block FLOPs are counted on (as `screen` counts them): a decoder-only
+    LM reads no labels (they are aligned with its logits, checked)."""
+    inputs = batch.model_inputs()
+    if space.stacks == ["layers"]:
+        check_aligned(batch.input_ids, batch.labels)
+        inputs.pop("labels")
+    return inputs
 
 
 def _mark(df, space, budget, stack_share, prefix_score, evals, beam, batches, t0, method) -> pd.DataFrame:
@@ -362,22 +397,41 @@ def _teacher_path(r: BlockRunner, stack: str, depth: int, enc_out=None) -> tuple
 
 
 def _stack_searches(teacher, bank, task, space, beam, split, index, progress, prefix_score):
-    """Phase 1 for both stacks: (candidates per stack, blocks run, the teacher's NLL)."""
+    """Phase 1 for every stack: (candidates per stack, blocks run, the teacher's NLL)."""
     runners = [BlockRunner(teacher, bank, task.collate(split, idx)) for idx in index]
-    de, dd = space.depths["encoder"], space.depths["decoder"]
     hidden = prefix_score == "hidden"
+    if space.stacks == ["layers"]:
+        cands = _single_search(runners, space, beam, progress, hidden)
+    else:
+        cands = _pair_search(runners, space, beam, progress, hidden)
+    first = space.stacks[0]
+    teacher_nll = next(s for s, t in cands[first][space.depths[first]] if t == (1,) * space.depths[first])
+    expected = search_evals(space, beam, prefix_score) * len(index)
+    evals = sum(r.blocks_run for r in runners)
+    if evals != expected:
+        raise RuntimeError(f"stack search ran {evals} blocks, its cost model says {expected}: a bug in mtlab")
+    return cands, evals, teacher_nll
+
+
+def _single_search(runners, space, beam, progress, hidden) -> dict:
+    """A decoder-only LM: one beam over its one stack ("layers")."""
+    d = space.depths["layers"]
+    targets = [_teacher_path(r, "layers", d)[0] for r in runners] if hidden else None
+    with tqdm(total=d, desc=f"search (beam {beam})", disable=not progress) as bar:
+        return {"layers": _StackSearch(runners, "layers", space, beam, targets=targets).run(bar)}
+
+
+def _pair_search(runners, space, beam, progress, hidden) -> dict:
+    """An encoder-decoder: the encoder's beam under the teacher decoder, then the decoder's beam
+    reading the teacher encoder's output."""
+    de, dd = space.depths["encoder"], space.depths["decoder"]
     enc_paths = [_teacher_path(r, "encoder", de) for r in runners]
     enc_outs = [r.finish("encoder", [last])[0] for r, (_, last) in zip(runners, enc_paths)]
     dec_targets = [_teacher_path(r, "decoder", dd, e)[0] for r, e in zip(runners, enc_outs)] if hidden else None
     with tqdm(total=de + dd, desc=f"search (beam {beam})", disable=not progress) as bar:
         enc = _StackSearch(runners, "encoder", space, beam, targets=[h for h, _ in enc_paths] if hidden else None).run(bar)
         dec = _StackSearch(runners, "decoder", space, beam, enc_outs, targets=dec_targets).run(bar)
-    teacher_nll = next(s for s, t in enc[de] if t == (1,) * de)
-    expected = search_evals(space, beam, prefix_score) * len(index)
-    evals = sum(r.blocks_run for r in runners)
-    if evals != expected:
-        raise RuntimeError(f"stack search ran {evals} blocks, its cost model says {expected}: a bug in mtlab")
-    return {"encoder": enc, "decoder": dec}, evals, teacher_nll
+    return {"encoder": enc, "decoder": dec}
 
 
 def hypervolume(x, y, ref: tuple[float, float]) -> float:

@@ -41,11 +41,45 @@ class AssemblySpace:
     def stacks(self) -> list[str]:
         return list(self.depths)
 
+    def count(self, stack: str) -> int:
+        """Tilings of one stack, counted (`_ways`) without listing them."""
+        return self._ways(stack)[0]
+
     def __len__(self) -> int:
         n = 1
         for s in self.stacks:
-            n *= len(self.tilings(s))
+            n *= self.count(s)
         return n
+
+    def _ways(self, stack: str) -> list[int]:
+        """ways[pos]: tilings of the layers from `pos` to the top (ways[depth] = 1)."""
+        depth, ks = self.depths[stack], sorted(set(self.granularities.get(stack, ())) - {1})
+        ways = [0] * depth + [1]
+        for pos in range(depth - 1, -1, -1):
+            ways[pos] = sum(ways[pos + k] for k in [1, *ks] if pos + k <= depth and (k == 1 or pos % k == 0))
+        return ways
+
+    def sample(self, n: int, seed: int = 0) -> list[Plan]:
+        """`n` distinct plans drawn uniformly from the space (all of them if it has no more), without
+        listing it: each span is drawn with the share of tilings that continue from it."""
+        import random
+
+        if n >= len(self):
+            return list(self)
+        rng, ways, out = random.Random(seed), {s: self._ways(s) for s in self.stacks}, {}
+        while len(out) < n:
+            spans = {}
+            for s in self.stacks:
+                pos, t, depth, ks = 0, [], self.depths[s], sorted(set(self.granularities.get(s, ())) - {1})
+                while pos < depth:
+                    opts = [k for k in [1, *ks] if pos + k <= depth and (k == 1 or pos % k == 0)]
+                    k = rng.choices(opts, weights=[ways[s][pos + k] for k in opts])[0]
+                    t.append(k)
+                    pos += k
+                spans[s] = tuple(t)
+            plan = Plan.of(spans)
+            out.setdefault(str(plan), plan)
+        return list(out.values())
 
     def __iter__(self) -> Iterator[Plan]:
         return iter_plans(self.depths, self.granularities)
@@ -63,9 +97,12 @@ class AssemblySpace:
 
     def screen_block_evals(self) -> int:
         """Blocks one batch costs when `mtlab.explore.screen` screens the whole space: every encoder
-        prefix once, every decoder prefix once per encoder tiling (encoder-decoder spaces only)."""
+        prefix once, every decoder prefix once per encoder tiling; a decoder-only LM's one trie."""
+        if self.stacks == ["layers"]:  # a decoder-only LM: one trie
+            return self.prefixes("layers")
         if self.stacks != ["encoder", "decoder"]:
-            raise ValueError(f"screen_block_evals needs stacks encoder, decoder; this space has {self.stacks}")
+            raise ValueError(f"screen_block_evals needs stacks encoder, decoder (or one stack, layers); this "
+                             f"space has {self.stacks}")
         return self.prefixes("encoder") + len(self.tilings("encoder")) * self.prefixes("decoder")
 
     def sizes(self) -> dict[str, int]:

@@ -1,8 +1,9 @@
-"""The assembly explorer: a plan per span position, or by strategy and target ratio, read against the
-screened table of the whole assembly space (instant: no model is run)."""
+"""The assembly explorer: a plan per span position, or by strategy and target ratio, read against a
+screened table: the whole assembly space (instant: no model is run), or, for a space too large to
+screen whole, the searched frontier and a sample, with any other plan screened on demand."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import pandas as pd
 
@@ -12,6 +13,8 @@ from .readout import fmt_metric, fmt_size, table
 
 STRATEGIES = ("size_first", "speed_first", "uniform", "custom")
 COVERED = "·"   # a position inside a module span started below it
+PLOT_POINTS = 2000   # most plans drawn: beyond it, the frontier, the teacher, the plan and a sample
+ON_DEMAND = "on demand"   # `source` of a plan screened when it was chosen
 
 
 class AssemblyExplorer(Explorer):
@@ -19,12 +22,19 @@ class AssemblyExplorer(Explorer):
     speed-up, screened quality next to the original model's and its place among every screened plan.
 
     `screen`: one row per plan (`mtlab.explore.screen.screen`: plan, params, ratio,
-    ideal_speedup, nll, token_acc, tf_word_acc, words); `frontier` (optional): decoded candidates
-    (plan, test_wer, speedup_b64, ...) whose numbers are shown when the plan is one of them."""
+    ideal_speedup, nll, token_acc, tf_word_acc, words), optionally `source` (e.g. "searched",
+    "sample": the plot's legend); `frontier` (optional): decoded candidates (plan, test_wer,
+    speedup_b64, ...) whose numbers are shown when the plan is one of them. `score` (optional)
+    screens a plan missing from the table (a row dict; it joins the table as "on demand"), so a
+    partial table (`mtlab.experiments.explore.searched_explorer`) serves any plan. The read-out says
+    how many of the space's plans are screened."""
 
     def __init__(self, screen: pd.DataFrame, depths: Mapping[str, int], granularities: Mapping[str, tuple[int, ...]],
-                 block_params: Mapping[str, int], frontier: pd.DataFrame | None = None):
+                 block_params: Mapping[str, int], frontier: pd.DataFrame | None = None,
+                 score: Callable[[Plan], Mapping] | None = None):
         import ipywidgets as W
+
+        from ..explore.space import AssemblySpace
 
         for c in ("plan", "params", "ratio", "ideal_speedup", "nll", "token_acc"):
             if c not in screen.columns:
@@ -34,6 +44,7 @@ class AssemblyExplorer(Explorer):
         self.frontier = frontier.set_index("plan") if frontier is not None and len(frontier) else None
         self.depths, self.block_params = dict(depths), dict(block_params)
         self.granularities = {s: tuple(sorted(granularities.get(s, ()))) for s in self.depths}
+        self.score_plan, self.plans_in_space = score, len(AssemblySpace(self.depths, self.granularities))
         self._busy = False
         self.current = Plan.teacher(self.depths)
 
@@ -58,7 +69,7 @@ class AssemblyExplorer(Explorer):
                 dd.observe(lambda ch, s=s, i=i: self._on_span(s, i, ch), names="value")
                 boxes.append(dd)
             self.spans[s] = boxes
-            rows.append(W.HBox(boxes))
+            rows.append(W.HBox(boxes, layout=W.Layout(flex_flow="row wrap")))   # any depth: rows wrap
         self._outputs()
         for w in (self.strategy, self.ratio):
             w.observe(lambda ch: self._on_strategy(), names="value")
@@ -173,13 +184,31 @@ class AssemblyExplorer(Explorer):
                                       "ideal_speedup": float(r.ideal_speedup), "screened_nll": float(r.nll),
                                       "screened_token_acc_%": 100 * float(r.token_acc)})
 
+    def row(self, plan: Plan) -> pd.Series:
+        """The plan's screened row; a plan missing from the table is screened now with `score`
+        (and kept), or refused with the fix when there is none."""
+        key = str(plan)
+        if key not in self.screen.index:
+            if self.score_plan is None:
+                raise KeyError(f"plan {key} is not in the screened table: screen it with mtlab.explore.screen")
+            r = dict(self.score_plan(plan))
+            r.pop("plan", None)
+            r["source"] = ON_DEMAND
+            self.screen = pd.concat([self.screen, pd.DataFrame([r], index=pd.Index([key], name="plan"))])
+        return self.screen.loc[key]
+
+    def coverage(self) -> str:
+        """'screened 1,234 of 85,849 plans (1.4%)': how much of the space the table holds."""
+        n, total = len(self.screen), self.plans_in_space
+        pct = 100 * n / total
+        share = f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%" if pct >= 0.1 else f"{pct:.2g}%"
+        return f"screened {n:,} of {total:,} plans ({share})"
+
     def readouts(self) -> dict[str, str]:
         """The current plan's numbers, each next to the original model's (the teacher's row of the screen)."""
         plan = self.plan
         key = str(plan)
-        if key not in self.screen.index:
-            raise KeyError(f"plan {key} is not in the screened table: screen it with mtlab.explore.screen")
-        r = self.screen.loc[key]
+        r = self.row(plan)
         t = self.screen.loc[str(Plan.teacher(self.depths))] if str(Plan.teacher(self.depths)) in self.screen.index \
             else None
         words = int(r.words) if "words" in r and pd.notna(r.words) else None
@@ -200,20 +229,34 @@ class AssemblyExplorer(Explorer):
                 out["measured speed-up (batch 1 / 64)"] = f"{f.speedup_b1:.2f}x / {f.speedup_b64:.2f}x"
         rank = int((self.screen.nll < r.nll).sum()) + 1
         out["rank by screened NLL"] = f"{rank} of {len(self.screen)}"
+        out["space"] = self.coverage()
         return out
 
     @staticmethod
     def _caption(plan: str | None) -> str:
         return f"ringed: {plan}" if plan else "ringed: nothing (no valid plan)"
 
-    def figure(self, selected: bool = True):
-        """Every screened plan (FLOP-ideal speed-up vs token NLL), the screened frontier, this plan
-        ringed (`selected=False`: none, for an invalid state). Same size whatever the state."""
-        from ..explore.frontier import frontier_plot
+    def plotted(self, selected: str | None = None) -> pd.DataFrame:
+        """The plans drawn, with their `kind`: every screened plan, or past PLOT_POINTS the screened
+        frontier, the teacher, the selected plan and a fixed sample of the rest."""
+        from ..explore.frontier import pareto_mask
 
         d = self.screen.reset_index()
         teacher = str(Plan.teacher(self.depths))
-        d["kind"] = ["teacher" if p == teacher else "modules" for p in d.plan]
+        if len(d) > PLOT_POINTS:
+            keep = pareto_mask(d, "ideal_speedup", "nll") | d.plan.isin([teacher, selected])
+            rest = d[~keep].sample(n=min(PLOT_POINTS, int((~keep).sum())), random_state=0)
+            d = pd.concat([d[keep], rest])
+        src = d["source"] if "source" in d.columns else pd.Series("modules", index=d.index)
+        d["kind"] = ["teacher" if p == teacher else str(k) for p, k in zip(d.plan, src.fillna("modules"))]
+        return d
+
+    def figure(self, selected: bool = True):
+        """The screened plans (FLOP-ideal speed-up vs token NLL; see `plotted`), their frontier, this
+        plan ringed (`selected=False`: none, for an invalid state). Same size whatever the state."""
+        from ..explore.frontier import frontier_plot
+
+        d = self.plotted(str(self.plan) if selected else None)
         fig = PlotFigure(figsize=self.FIGSIZE)   # not pyplot's: see Explorer
         ax = fig.subplots()
         frontier_plot(d, "ideal_speedup", "nll", ax=ax, highlight=str(self.plan) if selected else None)
@@ -232,4 +275,4 @@ def _valid(plan: Plan, depths, granularities) -> bool:
         return False
 
 
-__all__ = ["AssemblyExplorer", "STRATEGIES", "COVERED"]
+__all__ = ["AssemblyExplorer", "STRATEGIES", "COVERED", "ON_DEMAND", "PLOT_POINTS"]
