@@ -17,7 +17,7 @@ is never modified (it may be moved to the training device).
   teacher ONCE with structured layer dropout, then prune to any depth with no further training.
 
 Each baseline is also a registered recipe (`@baseline(name)`: layer_drop, sft, layerdrop) turning
-a teacher, a task and a `BaselineBudget` into model rows; `build_baselines` runs them all. Layer
+a teacher, a task and a `BaselineBudget` into `Candidate`s; `build_baselines` runs them all. Layer
 surgery (dropping blocks, transient installs) is `mtlab.surgery`'s.
 
 Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indices):
@@ -49,6 +49,7 @@ from typing import Callable, Iterable, Mapping
 import pandas as pd
 from torch import nn
 
+from .candidate import Budget, Candidate
 from .checkpoint import atomic_dir, write_json
 from .distill import DistillConfig, distill_loss
 from .measure import count_params
@@ -360,13 +361,13 @@ class BaselineBudget:
     progress: bool = True
 
 
-Recipe = Callable[[nn.Module, Seq2SeqTask, BaselineBudget], list[dict]]
+Recipe = Callable[[nn.Module, Seq2SeqTask, BaselineBudget], list[Candidate]]
 _BASELINES: dict[str, Recipe] = {}
 
 
 def baseline(name: str) -> Callable[[Recipe], Recipe]:
-    """Decorator: register `recipe(teacher, task, budget) -> [row, ...]` as baseline `name`. Each row is a
-    dict with method, strategy, plan (text), model, train_runs, train_steps, train_seconds (a run shared
+    """Decorator: register `recipe(teacher, task, budget) -> [Candidate, ...]` as baseline `name`: each
+    candidate has its method, strategy, spec (the kept layers as text), model and `Budget` (a run shared
     by several models counts once). `build_baselines` and the experiments run every registered recipe."""
     def register(fn: Recipe) -> Recipe:
         _BASELINES[name] = fn
@@ -385,8 +386,8 @@ def unregister_baseline(name: str) -> None:
 
 
 def build_baselines(teacher: nn.Module, task: Seq2SeqTask, budget: BaselineBudget,
-                    names: Iterable[str] | None = None) -> list[dict]:
-    """The rows of every registered baseline recipe (`names`, default all), in registry order."""
+                    names: Iterable[str] | None = None) -> list[Candidate]:
+    """The candidates of every registered baseline recipe (`names`, default all), in registry order."""
     names = baselines() if names is None else tuple(names)
     unknown = [n for n in names if n not in _BASELINES]
     if unknown:
@@ -395,10 +396,10 @@ def build_baselines(teacher: nn.Module, task: Seq2SeqTask, budget: BaselineBudge
     return [row for n in names for row in _BASELINES[n](teacher, task, budget)]
 
 
-def run_cost(log: pd.DataFrame) -> dict:
-    """train_runs / train_steps / train_seconds of one finished baseline run (its log's config)."""
+def run_cost(log: pd.DataFrame) -> Budget:
+    """The budget of one finished baseline run (its log's config): one run, its steps and seconds."""
     c = log.attrs["config"]
-    return {"train_runs": 1, "train_steps": c["steps_done"], "train_seconds": c["train_seconds"]}
+    return Budget(runs=1, steps=c["steps_done"], seconds=c["train_seconds"])
 
 
 def kept_text(log: pd.DataFrame) -> str:
@@ -408,43 +409,40 @@ def kept_text(log: pd.DataFrame) -> str:
 
 
 @baseline("layer_drop")
-def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """Sajjad et al.'s alternate dropping to each depth, then a distillation fine-tune."""
     out = []
     for depth in budget.depths:
         want = {s: depth for s in stack_depths(teacher)}
         m, log = layer_drop(teacher, task, "alternate", budget.train, depths=want, progress=budget.progress,
                             out_dir=budget.run_dir("layer_drop", {"depths": want}))
-        out.append({"method": "layer_drop", "strategy": "alternate", "plan": kept_text(log), "model": m,
-                    **run_cost(log)})
+        out.append(Candidate("layer_drop", kept_text(log), m, "alternate", run_cost(log)))
     return out
 
 
 @baseline("sft")
-def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """DistilBART's shrink and fine-tune to each depth."""
     out = []
     for depth in budget.depths:
         want = {s: depth for s in stack_depths(teacher)}
         m, log = shrink_and_finetune(teacher, task, want, budget.train, progress=budget.progress,
                                      out_dir=budget.run_dir("sft", {"depths": want}))
-        out.append({"method": "sft", "strategy": "spread", "plan": kept_text(log), "model": m, **run_cost(log)})
+        out.append(Candidate("sft", kept_text(log), m, "spread", run_cost(log)))
     return out
 
 
 @baseline("layerdrop")
-def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[dict]:
+def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """LayerDrop: ONE fine-tune, pruned to every other layer and to each depth (counted once)."""
     d = stack_depths(teacher)
     full, log = layerdrop_finetune(teacher, task, budget.train, progress=budget.progress,
                                    out_dir=budget.run_dir("layerdrop", {}))
-    cost = run_cost(log)
-    shared = {**cost, "train_runs": 0, "train_steps": 0, "train_seconds": 0.0}
-    out = [{"method": "layerdrop", "strategy": "every_other", "plan": "every other layer",
-            "model": layerdrop_prune(full, "every_other"), **cost}]
+    out = [Candidate("layerdrop", "every other layer", layerdrop_prune(full, "every_other"), "every_other",
+                     run_cost(log))]
     for depth in budget.depths:
         if depth * 2 == max(d.values()):
             continue  # same model as every_other for a 6-layer stack
-        out.append({"method": "layerdrop", "strategy": "spread", "plan": f"{depth} per stack",
-                    "model": layerdrop_prune(full, {s: depth for s in d}), **shared})
+        out.append(Candidate("layerdrop", f"{depth} per stack", layerdrop_prune(full, {s: depth for s in d}),
+                             "spread", Budget()))  # the shared run is counted once, on every_other
     return out

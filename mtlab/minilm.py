@@ -431,7 +431,8 @@ def minilm_merge_vs_prune(model: nn.Module | None = None, tokenizer=None, *, n: 
     See `mtlab.merging.search.window_search` for the columns; `df.attrs["config"]` adds the
     sentence counts.
     """
-    from .merging.search import CorrelationCache, build_candidate, window_search
+    from .candidate import apply
+    from .merging.search import CorrelationCache, window_search
 
     loaded = model is None or tokenizer is None
     if loaded:
@@ -457,7 +458,7 @@ def minilm_merge_vs_prune(model: nn.Module | None = None, tokenizer=None, *, n: 
             df[c] = float("nan")
         for i in df.index[df.best | (df.kind == "original")]:
             spec = df.at[i, "spec"]
-            m = model if spec == "original" else build_candidate(model, spec, cache=cache)
+            m = model if spec == "original" else apply(model, spec, cache=cache)
             for key, v in fidelity(ref_test, embed(m, tokenizer, data["test"], batch_size), k).items():
                 df.at[i, cols[key]] = v
     df.attrs["config"] = {**df.attrs.get("config", {}), "model_dir": str(model_dir()) if loaded else "given",

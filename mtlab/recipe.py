@@ -23,10 +23,14 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from dataclasses import replace
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .candidate import Candidate
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe", "load_model_and_data"]
 
@@ -392,7 +396,11 @@ def _train_cfg(steps: int, batch_size: int, lr: float, seed: int):
                        log_every=max(1, min(50, steps)), ckpt_every=max(1, min(500, steps)))
 
 
-def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
+Built = "tuple[dict[str, Candidate], dict[str, pd.DataFrame]]"   # a section's candidates and side tables
+
+
+def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
+    from .candidate import Candidate
     from .explore import screen
     from .modular import ReplacingConfig, assemble, teacher_ladders, train_modules
     from .modular.plan import Plan
@@ -403,77 +411,63 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, 
     bank, _ = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
     depths = stack_depths(teacher)
     if m.plans == "ladders":
-        plans = list(dict.fromkeys(str(p) for _, p in teacher_ladders(teacher, bank)))
+        plans = list(dict.fromkeys(p for _, p in teacher_ladders(teacher, bank)))
     else:
-        plans = [str(Plan.parse(t, depths)) for t in m.plans]
-    plans = [p for p in plans if p != str(Plan.teacher(depths))]
-    out = {f"modules {p}": {"kind": "modules", "spec": p, "model": assemble(teacher, bank, p)} for p in plans}
+        plans = [Plan.parse(t, depths) for t in m.plans]
+    plans = [p for p in plans if p != Plan.teacher(depths)]
+    out = {f"modules {p}": Candidate("modules", p, assemble(teacher, bank, p), info={"kind": "modules"})
+           for p in plans}
+    tables = {}
     if m.screen:
-        df = screen(teacher, bank, task, split="dev", limit=m.screen_limit, batch_size=m.batch_size, progress=progress)
-        out["_screen"] = {"table": df}
-    return out
+        tables["screen"] = screen(teacher, bank, task, split="dev", limit=m.screen_limit, batch_size=m.batch_size,
+                                  progress=progress)
+    return out, tables
 
 
-def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
-    from .merging.search import CorrelationCache, build_candidate, recover, window_search
+def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
+    from .candidate import Budget, Candidate, apply, parse_spec
+    from .merging.search import CorrelationCache, recover, window_search
 
     mg = r.merge
     batches = lambda: task.iter_batches("train", 16, shuffle=True, seed=r.seed)  # noqa: E731
     cache = CorrelationCache(teacher, batches, max_tokens=mg.align_tokens)
-    specs, out = list(mg.sets), {}
+    specs, out, tables = list(mg.sets), {}, {}
     if mg.window_search is not None:
         ws = mg.window_search
         df = window_search(teacher, task, None, sizes=ws.sizes, methods=list(ws.methods), starts=ws.starts,
                            select_limit=ws.select_limit, align_tokens=mg.align_tokens, cache=cache, seed=r.seed,
                            eval_kw={"batch_size": r.eval.batch_size}, progress=progress)
-        out["_window_search"] = {"table": df}
+        tables["window_search"] = df
         specs += [s for s in df[df.best & (df.kind == "merge")].spec if s not in specs]
-    for spec in specs:
-        model = build_candidate(teacher, spec, cache=cache).requires_grad_(True)
+    for text in specs:
+        spec = parse_spec(text)
+        model = apply(teacher, spec, cache=cache).requires_grad_(True)
+        budget = Budget()
         if mg.recovery.steps:
             cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
-            model, _ = recover(model.train(), task, cfg, work / "recover" / _slug(spec), progress=progress, save=False)
-        out[f"merge {spec}"] = {"kind": "merge", "spec": spec, "model": model.eval()}
-    return out
+            model, log = recover(model.train(), task, cfg, work / "recover" / _slug(text), progress=progress, save=False)
+            budget = Budget(1, mg.recovery.steps, log.attrs.get("config", {}).get("train_seconds"))
+        out[f"merge {text}"] = Candidate("merge", spec, model.eval(), budget=budget, info={"kind": "merge"})
+    return out, tables
 
 
-def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> dict[str, dict]:
+def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     from .baselines import BaselineBudget, build_baselines, default_run_dir
 
     b = r.baselines
     budget = BaselineBudget(train=_train_cfg(b.steps, b.batch_size, b.lr, r.seed), depths=b.depths, progress=progress,
                             run_dir=lambda name, key: work / default_run_dir(name, key))
-    rows = build_baselines(teacher, task, budget, b.names)
-    return {f"{row['method']} {row['plan']}": {"kind": "baseline", "spec": f"{row['strategy']}: {row['plan']}",
-                                               "model": row["model"]} for row in rows}
+    return {f"{c.method} {c.label}": replace(c, info={"kind": "baseline"})
+            for c in build_baselines(teacher, task, budget, b.names)}, {}
 
 
 def export_model(model, directory: Path, task) -> str:
     """A folder plain transformers loads: `mtlab.export.export` when this mtlab has it, else
     `save_pretrained` of an untied copy (merged FFs get their own weights), plus the tokenizer."""
-    from .checkpoint import atomic_dir
+    from .export import export
 
-    try:
-        from .export import export  # written by another part of mtlab; optional here
-    except ImportError:
-        export = None
-    if export is not None:
-        export(model, directory, task=task)
-        return "mtlab.export"
-    config = copy.deepcopy(model.config)
-    for key in ("mtlab_merges", "mtlab_pruned"):
-        if hasattr(config, key):
-            delattr(config, key)
-    plain = type(model)(config)
-    plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
-    with atomic_dir(directory) as tmp:
-        plain.save_pretrained(tmp)
-        tok = getattr(task, "tokenizer", None)
-        if hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(tmp)
-        elif hasattr(tok, "save"):
-            tok.save(tmp)
-    return "save_pretrained"
+    export(model, directory, task=task)
+    return "mtlab.export"
 
 
 def _prepare_output(r: Recipe, record: dict) -> Path:
@@ -493,14 +487,15 @@ def _prepare_output(r: Recipe, record: dict) -> Path:
     return out
 
 
-def _score(name: str, c: dict, task, r: Recipe, n0: int, progress: bool) -> dict:
+def _score(name: str, c: Candidate, task, r: Recipe, n0: int, progress: bool) -> dict:
     from .measure import count_params
 
-    n = count_params(c["model"])
-    scores = task.evaluate(c["model"], r.eval.split, limit=r.eval.limit, batch_size=r.eval.batch_size,
+    n = count_params(c.model)
+    scores = task.evaluate(c.model, r.eval.split, limit=r.eval.limit, batch_size=r.eval.batch_size,
                            progress=progress)
     scores = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"name": name, "kind": c["kind"], "spec": c["spec"], "params": n, "compression": n0 / n,
+    spec = f"{c.strategy}: {c.label}" if c.info["kind"] == "baseline" else c.label
+    return {"name": name, "kind": c.info["kind"], "spec": spec, "params": n, "compression": n0 / n,
             **{f"{r.eval.split}_{k}": v for k, v in scores.items()}}
 
 
@@ -518,11 +513,15 @@ def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None 
     record = json.loads(r.model_dump_json())
     out = _prepare_output(r, record)
     work, t0 = out / "work", time.perf_counter()
-    cands: dict[str, dict] = {"original": {"kind": "original", "spec": "", "model": teacher}}
+    from .candidate import Candidate
+
+    cands = {"original": Candidate("original", "", teacher, provenance="given", info={"kind": "original"})}
+    tables: dict[str, pd.DataFrame] = {}
     for section, build in (("modules", _modules), ("merge", _merges), ("baselines", _baselines)):
         if getattr(r, section) is not None:
-            cands.update(build(r, teacher, task, work, progress))
-    tables = {k.lstrip("_"): cands.pop(k)["table"] for k in [k for k in cands if k.startswith("_")]}
+            built, side = build(r, teacher, task, work, progress)
+            cands.update(built)
+            tables.update(side)
     for name, table in tables.items():
         write_csv(out / f"{name}.csv", table)
     from .measure import count_params
@@ -531,9 +530,9 @@ def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None 
     rows = []
     for name, c in cands.items():
         row = _score(name, c, task, r, n0, progress)
-        if c["kind"] != "original":
+        if c.info["kind"] != "original":
             path = out / "models" / _slug(name)
-            row["saved_with"] = export_model(c["model"], path, task)
+            row["saved_with"] = export_model(c.model, path, task)
             row["path"] = str(path.relative_to(out))
         rows.append(row)
     df = pd.DataFrame(rows)

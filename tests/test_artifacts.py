@@ -50,10 +50,10 @@ def test_baseline_ships_and_reloads_with_the_scores_of_its_card(tmp_path):
     cfg = baseline_recipe(steps=2, batch_size=4)
     train_baseline("sft-3", cfg, out_root=tmp_path / "b", work_root=tmp_path / "w", progress=False, words=4)
     (row,) = load_baseline("sft-3", cfg, tmp_path / "b")
-    assert row["method"] == "sft" and row["train_steps"] == 2 and row["plan"] == "e=0,2,5 d=0,2,5"
+    assert row.method == "sft" and row.budget.steps == 2 and row.label == "e=0,2,5 d=0,2,5"
     _, task = load_teacher()
-    again = score_splits(row["model"], task, limit=4)
-    assert again["test_per"] == pytest.approx(row["test_per"], abs=1e-3)
+    again = score_splits(row.model, task, limit=4)
+    assert again["test_per"] == pytest.approx(row.scores["test_per"], abs=1e-3)
     with pytest.raises(ArtifactMismatch, match="train.lr"):
         load_baseline("sft-3", baseline_recipe(steps=2, batch_size=4, lr=1e-3), tmp_path / "b")
     with pytest.raises(ValueError, match="unknown baseline"):
@@ -66,7 +66,7 @@ def test_a_baseline_not_shipped_is_an_empty_row_naming_the_fix(monkeypatch, tmp_
 
     monkeypatch.setattr(artifacts, "BASELINE_DIR", tmp_path)
     rows = shipped_baselines(get_profile("default").modular)
-    assert len(rows) == 7 and all(r["model"] is None and "make baselines" in r["note"] for r in rows)
+    assert len(rows) == 7 and all(r.model is None and "make baselines" in r.note for r in rows)
 
 
 def test_make_targets_parse(capsys):

@@ -10,7 +10,8 @@ import torch
 import transformers as T
 
 from mtlab.explore import max_abs_diff, screen, screen_per_plan
-from mtlab.merging.search import build_candidate, check_ties, recover, window_search
+from mtlab.candidate import apply
+from mtlab.merging.search import check_ties, recover, window_search
 from mtlab.modular import ReplacingConfig, assemble, train_modules
 from mtlab.modular.replacing import Replacer, replacing_loss
 from mtlab.modular.bank import ModuleBank
@@ -195,7 +196,7 @@ def test_merge_search_and_recovery(task, tok, tmp_path, family):
     assert ws.attrs["config"]["metric"] == "ppl" and not ws.attrs["config"]["higher_is_better"]
     assert ws.ppl.notna().all() and set(ws.kind) == {"original", "merge", "prune"}
     spec = ws[ws.kind == "merge"].spec.iloc[0]
-    cand = build_candidate(model, spec, lambda: task.iter_batches("train", 8), 500)
+    cand = apply(model, spec, batches_fn=lambda: task.iter_batches("train", 8), max_tokens=500)
     before = task.evaluate(cand, "dev", progress=False)["nll"]
     cand, log = recover(cand.train(), task, TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup=1, log_every=4),
                         tmp_path, progress=False)

@@ -115,6 +115,6 @@ def test_equal_params_pruning_picks_the_closest_removal():
     search["spec"] = [f"{m} {s}" if m == "prune" else f"{s}:1-3@middle/{m}" for s, m in zip(search["stack"], search.method)]
     search.loc[search.method == "prune", "spec"] = ["prune encoder:1-3", "prune decoder:1-3"]
     cands = X.candidates(search)
-    equal = [c for c in cands if c["compare"] == "equal params"]
-    assert len(equal) == 1 and equal[0]["specs"] == ["prune decoder:1-3"]  # 520 is closest to 2 x 260
-    assert {c["method"] for c in cands if c["kind"] == "combined"} == {"permute", "vanilla", "layer_prune"}
+    equal = [c for c in cands if c.info["compare"] == "equal params"]
+    assert len(equal) == 1 and X.spec_texts(equal[0]) == ["prune decoder:1-3"]  # 520 is closest to 2 x 260
+    assert {c.method for c in cands if c.info["kind"] == "combined"} == {"permute", "vanilla", "layer_prune"}

@@ -14,7 +14,8 @@ import transformers as T
 
 from mtlab.anatomy import anatomy
 from mtlab.merging.merge import load_merged, merge_ffs
-from mtlab.merging.search import (CorrelationCache, build_candidate, check_ties, count_params, final_eval,
+from mtlab.candidate import apply
+from mtlab.merging.search import (CorrelationCache, check_ties, count_params, final_eval,
                                   merge_model, prune_model, recover, window_search, windows)
 from mtlab.merging.stats import merge_correlations
 from mtlab.train import TrainConfig
@@ -87,11 +88,11 @@ def test_prune_model_keeps_the_first_block_of_the_window(t5_44):
         assert all(torch.equal(a[k], b[k]) for k in a)
     block = _numel(old.layers[2].parameters())
     assert count_params(t5_44) - count_params(pruned) == 2 * block
-    assert str(build_candidate(t5_44, "prune encoder:1-3").config.num_layers) == "2"
+    assert str(apply(t5_44, "prune encoder:1-3").config.num_layers) == "2"
     with pytest.raises(ValueError, match="does not fit"):
         prune_model(t5_44, "encoder", 3, 2)
     with pytest.raises(ValueError, match="prune STACK:START-END"):
-        build_candidate(t5_44, "prune encoder:1")
+        apply(t5_44, "prune encoder:1")
 
 
 def test_window_search_columns_splits_params_and_best(g2p_task, t5_44, monkeypatch):
@@ -137,7 +138,7 @@ def test_window_search_columns_splits_params_and_best(g2p_task, t5_44, monkeypat
             # pruning removes more parameters than merging at equal k
             assert r.params_removed > rows[(rows.kind == "merge") & (rows["stack"] == r["stack"])
                                            & (rows["size"] == k)].params_removed.max()
-        assert count_params(build_candidate(t5_44, r.spec, _align(g2p_task))) == r.params
+        assert count_params(apply(t5_44, r.spec, batches_fn=_align(g2p_task))) == r.params
     for _, g in rows.groupby(["stack", "size", "method"]):
         assert g.best.sum() == 1 and g[g.best].per.iloc[0] == g.per.min()
 

@@ -73,6 +73,7 @@ def test_a_registered_assembly_strategy_is_listed_and_laddered():
 def test_a_registered_baseline_is_listed_and_built(g2p_task, tmp_path):
     from mtlab.baselines import (BaselineBudget, baseline, baselines, build_baselines, keep_only,
                                  unregister_baseline)
+    from mtlab.candidate import Budget, Candidate
     from mtlab.teacher import TeacherConfig, build_teacher
     from mtlab.train import TrainConfig
 
@@ -84,19 +85,19 @@ def test_a_registered_baseline_is_listed_and_built(g2p_task, tmp_path):
 
     @baseline("bottom_only")
     def bottom_only(teacher, task, budget):  # no training: keep the bottom layers of every stack
-        return [{"method": "bottom_only", "strategy": "top", "plan": f"{d} per stack", "train_runs": 0,
-                 "model": keep_only(teacher, {s: list(range(d)) for s in ("encoder", "decoder")})}
+        return [Candidate("bottom_only", f"{d} per stack", keep_only(teacher, {s: list(range(d)) for s in
+                                                                         ("encoder", "decoder")}), "top", Budget())
                 for d in budget.depths]
 
     try:
         assert baselines() == ("layer_drop", "sft", "layerdrop", "bottom_only")
         (row,) = build_baselines(teacher, g2p_task, budget, ["bottom_only"])
-        assert row["model"].config.num_layers == 2 and len(teacher.encoder.block) == 4
+        assert row.model.config.num_layers == 2 and len(teacher.encoder.block) == 4
         rows = build_baselines(teacher, g2p_task, budget)  # the built-in recipes, trained 2 steps each
-        assert [(r["method"], r["strategy"]) for r in rows] == [
+        assert [(r.method, r.strategy) for r in rows] == [
             ("layer_drop", "alternate"), ("sft", "spread"), ("layerdrop", "every_other"), ("bottom_only", "top")]
-        assert rows[0]["plan"] == "e=0,2 d=0,2" and rows[1]["plan"] == "e=0,3 d=0,3"
-        assert [r["train_steps"] for r in rows[:3]] == [2, 2, 2]
+        assert rows[0].label == "e=0,2 d=0,2" and rows[1].label == "e=0,3 d=0,3"
+        assert [r.budget.steps for r in rows[:3]] == [2, 2, 2]
     finally:
         unregister_baseline("bottom_only")
     assert "bottom_only" not in baselines()

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ..cache import teacher_hash
+from ..candidate import Budget, Candidate
 from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..shipped import verify, write_artifact
 from ..teacher import ROOT, load_teacher
@@ -185,37 +186,37 @@ def _budget_of(name: str, cfg: TrainConfig, work: Path, progress: bool) -> tuple
 
 
 def train_baseline(name: str, cfg: TrainConfig | None = None, out_root: str | Path = BASELINE_DIR,
-                   work_root: str | Path = BASELINE_WORK, *, progress: bool = True, words: int | None = None) -> list[dict]:
+                   work_root: str | Path = BASELINE_WORK, *, progress: bool = True, words: int | None = None) -> list[Candidate]:
     """Train (or resume) one shipped baseline run with its registered recipe (`mtlab.baselines`),
     then export every model it yields (bf16, scored after the round trip, as the teacher is)
-    with a card to out_root/name. Returns the recipe's rows."""
+    with a card to out_root/name. Returns the recipe's candidates."""
     cfg = cfg or baseline_recipe()
     teacher, task = load_teacher()
     method, budget = _budget_of(name, cfg, Path(work_root) / name, progress)
-    rows = build_baselines(teacher, task, budget, names=[method])
-    done = max(r["train_steps"] for r in rows)
+    cands = build_baselines(teacher, task, budget, names=[method])
+    done = max(c.budget.steps for c in cands)
     if done < cfg.steps:
         print(f"{name}: stopped at step {done}/{cfg.steps}; rerun `{BASELINE_COMMAND}` to resume")
-        return rows
+        return cands
     entries = []
-    for i, r in enumerate(rows):
-        r["model"] = r["model"].to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
-        entries.append({**{k: v for k, v in r.items() if k != "model"}, "dir": f"models/{i}",
-                        **_rounded(score_splits(r["model"], task, limit=words, progress=progress))})
+    for i, c in enumerate(cands):
+        c.model = c.model.to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
+        entries.append({**c.row(), "dir": f"models/{i}",
+                        **_rounded(score_splits(c.model, task, limit=words, progress=progress))})
     card = {"what": f"baseline {name} of the bundled teacher (recipe {method!r} of mtlab.baselines)",
             "teacher_hash": teacher_hash(), "config": {"train": asdict(cfg), "name": name},
             "steps": done, "batch_size": cfg.batch_size, "examples_seen": done * cfg.batch_size,
-            "train_seconds": sum(r["train_seconds"] for r in rows),
+            "train_seconds": sum(c.budget.seconds for c in cands),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
             "words": words or "all", "models": entries, "command": BASELINE_COMMAND}
 
     def files(tmp: Path) -> None:
-        for e, r in zip(entries, rows):
-            r["model"].to(torch.bfloat16).save_pretrained(tmp / e["dir"], safe_serialization=True)
-            r["model"].to(torch.float32)
+        for e, c in zip(entries, cands):
+            c.model.to(torch.bfloat16).save_pretrained(tmp / e["dir"], safe_serialization=True)
+            c.model.to(torch.float32)
 
     on_main_process(lambda: write_artifact(Path(out_root) / name, files, card, render_baseline_card(card)))
-    return rows
+    return cands
 
 
 def render_baseline_card(card: dict) -> str:
@@ -237,16 +238,17 @@ def render_baseline_card(card: dict) -> str:
 """
 
 
-def load_baseline(name: str, cfg: TrainConfig, root: str | Path | None = None) -> list[dict]:
-    """The rows of a shipped baseline run (model in float32, scores and costs from the card),
+def load_baseline(name: str, cfg: TrainConfig, root: str | Path | None = None) -> list[Candidate]:
+    """The candidates of a shipped baseline run (model in float32, scores and budget from the card),
     after `shipped.verify`; default root `BASELINE_DIR`."""
     from transformers import AutoModelForSeq2SeqLM
 
     path = Path(root or BASELINE_DIR) / name
     card = verify(path, teacher_hash=teacher_hash(), config={"train": asdict(cfg), "name": name},
                   remake=BASELINE_COMMAND)
-    return [{**{k: v for k, v in e.items() if k != "dir"},
-             "model": AutoModelForSeq2SeqLM.from_pretrained(path / e["dir"], dtype=torch.float32).eval()}
+    return [Candidate(e["method"], e["plan"], AutoModelForSeq2SeqLM.from_pretrained(path / e["dir"], dtype=torch.float32).eval(),
+                      e["strategy"], Budget(e["train_runs"], e["train_steps"], e["train_seconds"]), provenance="shipped",
+                      scores={k: v for k, v in e.items() if k.startswith(("dev_", "test_"))})
             for e in card["models"]]
 
 

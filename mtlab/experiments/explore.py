@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ..cache import artifact_dir, cached_frame, teacher_hash
+from ..candidate import Budget, Candidate, CompressionSpec, apply
 from ..explore.frontier import mark_frontiers, pareto_mask, spearman
 from ..explore.screen import block_evals_per_plan, max_abs_diff, screen, screen_per_plan
 from ..explore.space import AssemblySpace, space_sizes
@@ -33,7 +34,7 @@ from ..surgery import stack_depths
 from ..modular.plan import size_first
 from ..profiles import get_profile
 from ..teacher import load_teacher
-from .modular import QUALITY, evaluate_models, modular_table, replacing_config, trained_bank, trained_baselines
+from .modular import QUALITY, evaluate_candidates, modular_table, replacing_config, trained_bank, trained_baselines
 
 VERSION = 2   # 2: speed-ups are medians of per-round ratios (measure.latency rounds)
 COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
@@ -103,59 +104,55 @@ def _recovered(build_net, task, rcfg, d, progress: bool):
     return net.eval()
 
 
-def merge_rows(prof, teacher, task, progress: bool = True) -> list[dict]:
+def merge_rows(prof, teacher, task, progress: bool = True) -> list[Candidate]:
     """The FF-merging study's combined candidates (same search, chosen on dev), recovered."""
     from ..merging.search import CorrelationCache
-    from .merging import build, candidates, recovery_config, recovery_dir, teacher_window_search
+    from .merging import candidates, recovery_config, recovery_dir, spec_texts, teacher_window_search
 
     rcfg = recovery_config(prof.merging)
     search = teacher_window_search(prof, progress=progress)
     cache = CorrelationCache(teacher, _align(task), max_tokens=prof.merging.align_tokens)
     out = []
     for c in candidates(search):
-        if c["kind"] != "combined":
+        if c.info["kind"] != "combined":
             continue
-        net = _recovered(lambda c=c: build(teacher, c["specs"], cache), task, rcfg, recovery_dir(c["specs"], rcfg),
-                         progress)
-        kind = "layer_prune" if c["method"] == "layer_prune" else "merge"
-        out.append({"kind": kind, "method": kind, "strategy": f"{c['method']} ({c['compare']})",
-                    "plan": "; ".join(c["specs"]), "model": net, "train_runs": 1, "train_steps": rcfg.steps})
+        net = _recovered(lambda c=c: apply(teacher, c.spec, cache=cache), task, rcfg,
+                         recovery_dir(spec_texts(c), rcfg), progress)
+        kind = "layer_prune" if c.method == "layer_prune" else "merge"
+        out.append(Candidate(kind, c.spec, net, f"{c.method} ({c.info['compare']})", Budget(1, rcfg.steps, None),
+                             provenance="cache", info={"kind": kind}))
     return out
 
 
-def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[str]:
+def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[MergeSpec]:
     """One permute merge per stack over its top `window` blocks (fewer in a shallower stack)."""
     out = []
     for s in plan.stacks:
         d = plan.depth(s)
         w = min(window, d)
         if w >= 2:
-            out.append(str(MergeSpec(s, tuple(range(d - w, d)), "middle", "permute")))
+            out.append(MergeSpec(s, tuple(range(d - w, d)), "middle", "permute"))
     return out
 
 
-def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[dict]:
+def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[Candidate]:
     """Assemblies of the size-first ladder with FF merges inside, recovered."""
-    from ..merging.search import CorrelationCache, merge_model
     from .merging import recovery_config
 
     rcfg = recovery_config(prof.merging)
     ladder = size_first(stack_depths(teacher), bank.granularities, block_params(teacher), COMBINED_TARGETS)
     out = []
     for plan in ladder[: prof.explore.combined]:
-        specs = combined_specs(plan)
-        if not specs:
+        merges = combined_specs(plan)
+        if not merges:
             continue
-        d = artifact_dir("recovered", {"bank": _bank_key(prof), "plan": str(plan), "specs": specs,
+        spec = CompressionSpec(plan, tuple(merges))
+        d = artifact_dir("recovered", {"bank": _bank_key(prof), "plan": str(plan), "specs": list(map(str, merges)),
                                        "recovery": asdict(rcfg)})
-
-        def build(plan=plan, specs=specs):
-            asm = assemble(teacher, bank, plan)
-            return merge_model(asm, specs, cache=CorrelationCache(asm, _align(task), max_tokens=prof.merging.align_tokens))
-
-        net = _recovered(build, task, rcfg, d, progress)
-        out.append({"kind": "combined", "method": "combined", "strategy": "size_first + permute",
-                    "plan": f"{plan} + {'; '.join(specs)}", "model": net, "train_runs": 1, "train_steps": rcfg.steps})
+        net = _recovered(lambda spec=spec: apply(teacher, spec, bank=bank, batches_fn=_align(task),
+                                                 max_tokens=prof.merging.align_tokens), task, rcfg, d, progress)
+        out.append(Candidate("combined", spec, net, "size_first + permute", Budget(1, rcfg.steps, None), provenance="cache",
+                             info={"kind": "combined"}))
     return out
 
 
@@ -172,29 +169,28 @@ def _frontier(prof, progress: bool) -> pd.DataFrame:
     torch.manual_seed(0)
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress).set_index("plan")
-    rows, seen = [], set()
+    cands, seen = [], set()
     for strategy, plan in teacher_ladders(teacher, bank):
         if str(plan) in seen:
             continue
         seen.add(str(plan))
         kind = "teacher" if strategy == "teacher" else "modules"
-        rows.append({"kind": kind, "method": kind, "strategy": strategy, "plan": str(plan),
-                     "model": assemble(teacher, bank, plan)})
+        cands.append(Candidate(kind, plan, assemble(teacher, bank, plan), strategy, info={"kind": kind}))
     for p in picks(scr.reset_index(), prof.explore.picks, exclude=seen):
-        rows.append({"kind": "modules", "method": "modules", "strategy": "screened", "plan": p,
-                     "model": assemble(teacher, bank, p)})
-    rows += combined_rows(prof, teacher, task, bank, progress)
-    rows += merge_rows(prof, teacher, task, progress)
+        plan = Plan.parse(p, stack_depths(teacher))
+        cands.append(Candidate("modules", plan, assemble(teacher, bank, plan), "screened", info={"kind": "modules"}))
+    cands += combined_rows(prof, teacher, task, bank, progress)
+    cands += merge_rows(prof, teacher, task, progress)
     for b in trained_baselines(prof, teacher, task, progress):
-        if b["model"] is not None:  # a baseline not shipped yet has no model to place
-            rows.append({**b, "kind": b["method"]})
+        if b.model is not None:  # a baseline not shipped yet has no model to place
+            cands.append(replace(b, info={"kind": b.method}))
     e = prof.explore
     if prof.modular.eval_limit == e.eval_limit:  # same models, same words: reuse notebook 02's decoding
         known = modular_table(prof, progress=progress).drop_duplicates(["method", "plan"]).set_index(["method", "plan"])
-        for r in rows:
-            if (r["method"], r["plan"]) in known.index:
-                r.update(known.loc[(r["method"], r["plan"]), list(QUALITY)].to_dict())
-    df = evaluate_models(rows, teacher, task, replace(prof.modular, eval_limit=e.eval_limit), progress)
+        for c in cands:
+            if (c.method, c.label) in known.index:
+                c.scores = {**c.scores, **known.loc[(c.method, c.label), list(QUALITY)].to_dict()}
+    df = evaluate_candidates(cands, teacher, task, replace(prof.modular, eval_limit=e.eval_limit), progress)
     for c in ("nll", "token_acc", "tf_word_acc"):
         df[f"screen_{c}"] = df.plan.map(scr[c])
     df = mark_frontiers(df)
@@ -312,7 +308,7 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
     from ..merging.search import CorrelationCache, count_params
     from ..ui.spec_sizes import SpecSizes
     from ..widgets import MergeExplorer
-    from .merging import build, similarity_frames, similarity_matrix
+    from .merging import similarity_frames, similarity_matrix
 
     prof = get_profile(profile)
     m = prof.merging
@@ -325,7 +321,7 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
     cache = CorrelationCache(teacher, _align(task), max_tokens=m.align_tokens)
 
     def evaluate(specs: list[str]) -> dict:
-        net = build(teacher, specs, cache)
+        net = apply(teacher, CompressionSpec(None, tuple(specs)), cache=cache)
         r = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
         return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"], "n": r["n"]}
 

@@ -13,7 +13,6 @@ method, so permute, vanilla and layer pruning see the same batches.
 """
 from __future__ import annotations
 
-import copy
 import io
 import itertools
 import json
@@ -28,12 +27,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..cache import cached_frame, file_hash, teacher_hash
+from ..candidate import Candidate, CompressionSpec, apply
 from ..checkpoint import write_csv, write_json
-from ..merging.merge import MergeSpec
 from ..merging.methods import merge_methods
 from ..merging.search import FIXED_COLUMNS as SEARCH_FIXED  # window_search's non-score columns
-from ..merging.search import (CorrelationCache, PruneSpec, candidate_spec, count_params, final_eval, merge_model,
-                              prune_model, recover, window_search)
+from ..merging.search import CorrelationCache, count_params, final_eval, recover, window_search
 from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
@@ -255,27 +253,18 @@ def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFram
     return _search(get_profile(profile), progress=progress)
 
 
-def _removed(specs: list[str]) -> tuple[int, int]:
-    """(FF sublayers, blocks) that a candidate's specs remove."""
-    ff = blocks = 0
-    for spec in map(candidate_spec, specs):
-        if isinstance(spec, PruneSpec):
-            ff, blocks = ff + spec.size - 1, blocks + spec.size - 1
-        else:
-            ff += len(spec.layers) - 1
-    return ff, blocks
-
-
-def candidates(search: pd.DataFrame) -> list[dict]:
+def candidates(search: pd.DataFrame) -> list[Candidate]:
     """The models of the final table, all chosen on dev: the best window per (stack, size, method);
     per method the combination of its best 3-layer window in every stack (4 of 12 FF sublayers for
     the 6+6 teacher); and layer pruning at (nearly) the merges' parameters removed: the combination
-    of best pruning windows (or none) per stack whose removed parameters come closest."""
+    of best pruning windows (or none) per stack whose removed parameters come closest. Each
+    candidate's `info` holds the table's kind, compare, stack and layers columns."""
     best = search[search.best]
     stacks = list(dict.fromkeys(search["stack"][search.kind != "original"]))
     ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, RANK["method"].get(r.method, 9)))
-    out = [{"kind": "window", "compare": "single window", "method": method_label(r.method), "stack": r.stack,
-            "layers": r.layers, "specs": [r.spec]} for r in ranked]
+    out = [Candidate(method_label(r.method), CompressionSpec.parse(r.spec), provenance="search",
+                     info={"kind": "window", "compare": "single window", "stack": r.stack, "layers": r.layers})
+           for r in ranked]
     three = best[best["size"] == COMBINED_SIZE]
     if set(three["stack"]) != set(stacks):
         warnings.warn(f"no combined candidate: window size {COMBINED_SIZE} is not searched in every stack; add it "
@@ -283,10 +272,10 @@ def candidates(search: pd.DataFrame) -> list[dict]:
         return out
 
     def combo(rows, method, compare):
-        return {"kind": "combined", "compare": compare, "method": method,
-                "stack": "+".join(r.stack for r in rows),
-                "layers": rows[0].layers if len(rows) == 1 else " ".join(f"{r.stack}:{r.layers}" for r in rows),
-                "specs": [r.spec for r in rows]}
+        layers = rows[0].layers if len(rows) == 1 else " ".join(f"{r.stack}:{r.layers}" for r in rows)
+        return Candidate(method, CompressionSpec(None, tuple(r.spec for r in rows)), provenance="search",
+                         info={"kind": "combined", "compare": compare, "stack": "+".join(r.stack for r in rows),
+                               "layers": layers})
 
     for method in (*merge_methods(), "prune"):
         rows = [r for s in stacks for r in three[(three["stack"] == s) & (three.method == method)].itertuples()]
@@ -298,21 +287,15 @@ def candidates(search: pd.DataFrame) -> list[dict]:
         options = [[None, *best[(best["stack"] == s) & (best.method == "prune")].itertuples()] for s in stacks]
         combos = [[r for r in c if r is not None] for c in itertools.product(*options)]
         pick = min((c for c in combos if c), key=lambda c: abs(sum(r.params_removed for r in c) - target))
-        if [r.spec for r in pick] != next((c["specs"] for c in out if c["compare"] == "equal FF sublayers"
-                                           and c["method"] == "layer_prune"), None):
+        if [r.spec for r in pick] != next((spec_texts(c) for c in out if c.info["compare"] == "equal FF sublayers"
+                                           and c.method == "layer_prune"), None):
             out.append(combo(pick, "layer_prune", "equal params"))
     return out
 
 
-def build(model, specs: list[str], cache: CorrelationCache):
-    """A copy of `model` with every spec of a candidate applied (merges tied, pruned blocks gone)."""
-    parsed = [candidate_spec(s) for s in specs]
-    merges = [s for s in parsed if isinstance(s, MergeSpec)]
-    net = merge_model(model, merges, cache=cache) if merges else copy.deepcopy(model)
-    for p in parsed:
-        if isinstance(p, PruneSpec):
-            net = prune_model(net, p.stack, p.start, p.size)
-    return net
+def spec_texts(c: Candidate) -> list[str]:
+    """The text of each edit of a merging candidate (the key of its recovery run)."""
+    return [str(e) for e in c.spec.edits]
 
 
 def _scores(net, task, m: MergingProfile, searched: dict | None = None) -> dict:
@@ -352,22 +335,23 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
         cands = candidates(search)
         bar = tqdm(cands, desc="merge table", disable=not progress)
         for c in bar:
-            key = tuple(c["specs"])
-            bar.set_postfix_str("; ".join(key))
+            key = tuple(spec_texts(c))
+            bar.set_postfix_str(c.label)
             if key not in done:
-                net = build(model, c["specs"], cache)
+                net = apply(model, c.spec, cache=cache)
                 stages = [{"recovery_steps": 0, **_scores(net, task, m, searched.get("; ".join(key)))}]
                 if rcfg.steps > 0:
                     t0 = time.perf_counter()
-                    recover(net, task, rcfg, recovery_dir(c["specs"], rcfg), progress=False)
+                    recover(net, task, rcfg, recovery_dir(list(key), rcfg), progress=False)
                     stages.append({"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0,
                                    **_scores(net, task, m)})
-                ff, blocks = _removed(c["specs"])
+                ff, blocks = c.spec.removed()
                 done[key] = [{"params": count_params(net), "ff_removed": ff, "blocks_removed": blocks, **s}
                              for s in stages]
                 del net
-            info = {k: v for k, v in c.items() if k != "specs"}
-            rows += [{**info, "spec": "; ".join(key), **s} for s in done[key]]
+            info = {"kind": c.info["kind"], "compare": c.info["compare"], "method": c.method, "stack": c.info["stack"],
+                    "layers": c.info["layers"]}
+            rows += [{**info, "spec": c.label, **s} for s in done[key]]
         df = pd.DataFrame(rows)
         df.insert(df.columns.get_loc("params") + 1, "params_removed", n0 - df.params)
         df.insert(df.columns.get_loc("params_removed") + 1, "params_removed_frac", (n0 - df.params) / n0)
@@ -549,6 +533,6 @@ def conclusion(merge: pd.DataFrame) -> str:
 
 
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
-           "teacher_window_search", "candidates", "build", "teacher_merge_table", "before_after", "quality_plot",
+           "teacher_window_search", "candidates", "spec_texts", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
            "minilm_hash", "minilm_contrast", "conclusion", "similarity_conclusion", "COLUMNS"]

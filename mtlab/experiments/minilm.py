@@ -35,7 +35,8 @@ from torch import nn
 
 from ..anatomy import anatomy
 from ..embedding import embed_split, embedding_scores, recover_embeddings
-from ..merging.search import CorrelationCache, build_candidate, count_params, window_search
+from ..candidate import apply
+from ..merging.search import CorrelationCache, count_params, window_search
 from ..train import TrainConfig
 
 __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "original", "fresh_copy", "study_task",
@@ -124,7 +125,7 @@ def minilm_ff_merging(model: nn.Module | None = None, tokenizer=None, task=None,
         for p in plan.itertuples():
             best = _search(model, task, p.merge_size, p.prune_size, list(methods), cache, select_limit, progress)
             for r in best.itertuples():
-                cand = build_candidate(model, r.spec, cache=cache)
+                cand = apply(model, r.spec, cache=cache)
                 base = {"target": p.target, "method": r.method, "spec": r.spec, "layers": r.layers,
                         "params": r.params, "params_removed_frac": r.params_removed_frac,
                         "dev_mean_cos": r.dev_mean_cos}

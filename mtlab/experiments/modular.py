@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pandas as pd
 import torch
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..baselines import BaselineBudget, build_baselines
 from ..cache import artifact_dir, cached_frame, teacher_hash
+from ..candidate import Budget, Candidate
 from ..measure import generate_flops, latency, stack_params
 from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..profiles import ModularProfile, get_profile
@@ -74,10 +75,10 @@ def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -
 ladders = teacher_ladders  # (strategy, plan) of every registered strategy, teacher first
 
 
-def trained_baselines(profile=None, teacher=None, task=None, progress: bool = True) -> list[dict]:
-    """Every registered baseline's models with their training budget (rows of method, strategy, plan,
-    model, train_runs, train_steps, train_seconds): the shipped runs (with their scores from the
-    cards; a run not shipped yet is a row with model None and a note), or trained in the cache."""
+def trained_baselines(profile=None, teacher=None, task=None, progress: bool = True) -> list[Candidate]:
+    """Every registered baseline's candidates with their training budget: the shipped runs (with
+    their scores from the cards; a run not shipped yet has model None and a note), or trained in
+    the cache."""
     p = get_profile(profile).modular
     if teacher is None:
         teacher, task = load_teacher()
@@ -89,7 +90,7 @@ def trained_baselines(profile=None, teacher=None, task=None, progress: bool = Tr
     return build_baselines(teacher, task, budget)
 
 
-def shipped_baselines(p: ModularProfile) -> list[dict]:
+def shipped_baselines(p: ModularProfile) -> list[Candidate]:
     """The baseline runs shipped under data/baselines, verified against this profile's budget."""
     out = []
     for name in artifacts.baseline_names(p.baseline_depths):
@@ -99,8 +100,7 @@ def shipped_baselines(p: ModularProfile) -> list[dict]:
             if (artifacts.BASELINE_DIR / name).exists():
                 raise
             print(f"baseline {name} is not shipped yet (`make baselines` trains it); its row stays empty", flush=True)
-            out.append({"method": name.partition("-")[0], "strategy": "", "plan": name, "model": None,
-                        "train_runs": 0, "train_steps": 0, "train_seconds": 0.0, "note": "not shipped: make baselines"})
+            out.append(Candidate(name.partition("-")[0], name, budget=Budget(), provenance="missing", note="not shipped: make baselines"))
     return out
 
 
@@ -124,43 +124,45 @@ def _modular_table(prof, progress: bool) -> pd.DataFrame:
     teacher, task = load_teacher()
     bank, log = trained_bank(prof, teacher, task, progress)
     module_seconds = float(log.seconds.max()) if len(log) else 0.0
+    provenance = "shipped" if p.shipped else "cache"
     # the shipped bank's card holds every ladder rung scored on the full splits: not decoded again
     card_scores = {r["plan"]: {k: v for k, v in r.items() if k.startswith(("dev_", "test_"))}
                    for r in log.attrs.get("card", {}).get("ladders", [])}
-    rows, seen = [], {}
+    cands, seen = [], {}
     for strategy, plan in ladders(teacher, bank):
-        first = not any(r["method"] == "modules" for r in rows)
+        first = not any(c.method == "modules" for c in cands)
         method = "teacher" if strategy == "teacher" else "modules"
         if str(plan) in seen:  # a plan on both ladders is evaluated once, listed under both
-            rows.append({**seen[str(plan)], "strategy": strategy, "train_runs": 0, "train_steps": 0,
-                         "train_seconds": 0.0})
+            cands.append(replace(seen[str(plan)], strategy=strategy, budget=Budget()))
             continue
-        cost = ({"train_runs": 1, "train_steps": p.steps, "train_seconds": module_seconds} if method == "modules"
-                and first else {"train_runs": 0, "train_steps": 0, "train_seconds": 0.0})
-        row = {"method": method, "strategy": strategy, "plan": str(plan), "model": assemble(teacher, bank, plan), **cost,
-               **card_scores.get(str(plan), {})}
-        rows.append(row)
-        seen[str(plan)] = row
-    rows += trained_baselines(prof, teacher, task, progress)
-    return evaluate_models(rows, teacher, task, p, progress)
+        cost = Budget(1, p.steps, module_seconds) if method == "modules" and first else Budget()
+        c = Candidate(method, plan, assemble(teacher, bank, plan), strategy, cost, provenance=provenance,
+                      scores=card_scores.get(str(plan), {}))
+        cands.append(c)
+        seen[str(plan)] = c
+    cands += trained_baselines(prof, teacher, task, progress)
+    return evaluate_candidates(cands, teacher, task, p, progress)
 
 
-def evaluate_models(rows: list[dict], teacher: nn.Module, task, p: ModularProfile, progress: bool = True) -> pd.DataFrame:
-    """Quality, size, FLOPs and measured speed of every row's `model`, in one run. A row that
-    already carries QUALITY (decoded on the same `eval_limit` words elsewhere) is not decoded again."""
+def evaluate_candidates(cands: list[Candidate], teacher: nn.Module, task, p: ModularProfile,
+                        progress: bool = True) -> pd.DataFrame:
+    """Quality, size, FLOPs and measured speed of every candidate's model, in one run (the first
+    candidate is the reference of the ratios). A candidate that already carries QUALITY (decoded on
+    the same `eval_limit` words elsewhere) is not decoded again; one without a model is an empty row."""
     t_stack, t_all = stack_params(teacher), sum(x.numel() for x in teacher.parameters())
     order = task.batches("dev", p.latency_words, shuffle=True, seed=0)[0]
     b = task.collate("dev", order)
     new = task.max_target_len(int(b.attention_mask.sum(1).max()))
     flops0 = generate_flops(teacher, b.input_ids, b.attention_mask, max_new_tokens=new, min_new_tokens=new)
     evaluated: dict[int, dict] = {}
-    for r in tqdm(rows, desc="evaluate models", disable=not progress):
-        m = r["model"]
+    rows = [c.row() for c in cands]
+    for c, r in zip(tqdm(cands, desc="evaluate models", disable=not progress), rows):
+        m = c.model
         if m is None:  # an artifact that is not there yet: an empty row, with its note
             continue
         if id(m) not in evaluated:
             t0 = time.perf_counter()
-            q = {k: v for k, v in r.items() if k.startswith(("dev_", "test_"))}
+            q = dict(c.scores)
             if not all(k in q for k in QUALITY):  # not decoded yet (shipped rows carry their scores)
                 q = score_splits(m, task, limit=p.eval_limit)
             f = generate_flops(m, b.input_ids, b.attention_mask, max_new_tokens=new, min_new_tokens=new)
@@ -169,20 +171,17 @@ def evaluate_models(rows: list[dict], teacher: nn.Module, task, p: ModularProfil
                                 "ideal_speedup": flops0 / f, "eval_seconds": time.perf_counter() - t0}
         r.update(evaluated[id(m)])
         r["ratio_model"] = t_all / r["params"]
-    models = {}
-    for r in rows:
-        if r["model"] is not None:
-            models.setdefault(id(r["model"]), r["model"])
+    models = {id(c.model): c.model for c in cands if c.model is not None}
     lat = latency({str(k): m for k, m in models.items()}, task, batch_sizes=tuple(p.latency_batches),
                   max_new_tokens=new, min_run_time=p.latency_seconds, rounds=p.latency_rounds)  # teacher first
     for bs in p.latency_batches:
         speedup = lat[lat.batch_size == bs].set_index("model").speedup_vs_first
-        for r in rows:
-            r[f"speedup_b{bs}"] = speedup[str(id(r["model"]))] if r["model"] is not None else float("nan")
-    df = pd.DataFrame([{k: v for k, v in r.items() if k != "model"} for r in rows])
-    for c in COLUMNS:
-        if c not in df:
-            df[c] = float("nan")
+        for c, r in zip(cands, rows):
+            r[f"speedup_b{bs}"] = speedup[str(id(c.model))] if c.model is not None else float("nan")
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = float("nan")
     df["rel_word_acc"] = (100 - df.test_wer) / (100 - df.test_wer.iloc[0])
     df["rel_per_acc"] = (100 - df.test_per) / (100 - df.test_per.iloc[0])
     df["len_ratio"], df["eos_rate"] = df.test_len_ratio, df.test_eos_rate

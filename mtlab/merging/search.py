@@ -22,7 +22,7 @@ row so the comparison stays honest (pruning is also faster at inference; merging
 
 Spec strings in the result: a merge is its `MergeSpec` string ("encoder:2-4@3/permute");
 pruning is "prune STACK:START-END" naming the WINDOW (the blocks after START are dropped;
-the `removed` column spells out what disappears). `build_candidate(model, spec, ...)`
+the `removed` column spells out what disappears). `mtlab.candidate.apply(model, spec, ...)`
 rebuilds the model of any row.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .merge import merge_ffs, merged_specs, save_merged
 from .methods import get_merge_method, merge_methods
 from .stats import merge_correlations
 
-__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "PruneSpec", "candidate_spec", "build_candidate", "count_params",
+__all__ = ["windows", "CorrelationCache", "merge_model", "prune_model", "PruneSpec", "candidate_spec", "count_params",
            "window_search", "final_eval", "recover", "tie_groups", "check_ties"]
 
 ScoreFn = Callable[[nn.Module], Mapping[str, float]]
@@ -160,17 +160,6 @@ def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Modul
     if config is not None:
         config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [f"{stack}:{layer_runs(dropped)}"]
     return out
-
-
-def build_candidate(model: nn.Module, spec: str | MergeSpec | PruneSpec, batches_fn: BatchesFn | Sequence | None = None,
-                    max_tokens: int | None = 10_000, *, cache: CorrelationCache | None = None) -> nn.Module:
-    """The model of one `window_search` row, from its `spec` column: a merge spec
-    ("encoder:2-4@3/permute") or a pruning spec "prune STACK:START-END" (window START..END,
-    first block kept)."""
-    if PruneSpec.is_prune(spec):
-        p = PruneSpec.parse(spec)
-        return prune_model(model, p.stack, p.start, p.size)
-    return merge_model(model, [spec], batches_fn, max_tokens, cache=cache)
 
 
 # ---------------------------------------------------------------------------
