@@ -22,8 +22,8 @@ import html
 import json
 import re
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 import pandas as pd
