@@ -235,7 +235,8 @@ def _slug(text: str) -> str:
 def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *, progress: bool = False) -> MergeResult:
     """Search the profile's window sizes (those that fit) with permute merges and layer pruning on dev,
     merge the best window, and fine-tune it `recovery_steps` (resumable under work/recover/)."""
-    from ..merging.search import CorrelationCache, build_candidate, count_params, recover, window_search
+    from ..candidate import apply
+    from ..merging.search import CorrelationCache, count_params, recover, window_search
 
     p = get_profile(profile).your_model
     depth = min(stack_depths(model).values())
@@ -249,7 +250,7 @@ def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *,
     metric = search.attrs["config"]["metric"]
     merges = search[search.kind == "merge"]
     spec = merges.sort_values(metric, ascending=not task.higher_is_better).spec.iloc[0]
-    merged = build_candidate(model, spec, cache=cache).requires_grad_(True)
+    merged = apply(model, spec, cache=cache).requires_grad_(True)
     rows = [{"model": "original", "spec": "", "recovery_steps": 0, "params": count_params(model),
              **_dev(model, task, p.eval_limit)},
             {"model": "merged", "spec": spec, "recovery_steps": 0, "params": count_params(merged),
@@ -272,16 +273,15 @@ def _seq2seq(model) -> bool:
 
 
 def screen_space(model: nn.Module, bank, task, profile=None, *, progress: bool = False) -> pd.DataFrame:
-    """The assembly space on dev, teacher-forced: every plan (`mtlab.explore.screen`), or for an
-    encoder-decoder with a `search_budget`, the plans `frontier_search` screens within that many block
-    evaluations. Flags on_frontier (NLL against ideal speed-up) and on_frontier_params."""
+    """The assembly space on dev, teacher-forced: every plan (`mtlab.explore.screen`), or with a
+    `search_budget`, the plans `frontier_search` screens within that many block evaluations. Flags on_frontier (NLL against ideal speed-up) and on_frontier_params."""
     from ..explore import screen
     from ..explore.frontier import pareto_mask
     from ..explore.search import frontier_search
 
     p = get_profile(profile).your_model
     kw = dict(split="dev", limit=p.screen_limit, batch_size=p.batch_size, progress=progress)
-    if p.search_budget and _seq2seq(model):
+    if p.search_budget:
         df = frontier_search(model, bank, task, budget=p.search_budget, **kw)
     else:
         df = screen(model, bank, task, **kw)
