@@ -268,10 +268,6 @@ def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *,
 # ---------------------------------------------------------------------------
 # screening, explorers
 
-def _seq2seq(model) -> bool:
-    return list(stack_depths(model)) == ["encoder", "decoder"]
-
-
 def screen_space(model: nn.Module, bank, task, profile=None, *, progress: bool = False) -> pd.DataFrame:
     """The assembly space on dev, teacher-forced: every plan (`mtlab.explore.screen`), or with a
     `search_budget`, the plans `frontier_search` screens within that many block evaluations. Flags on_frontier (NLL against ideal speed-up) and on_frontier_params."""
