@@ -48,9 +48,16 @@ class TaskSpec(_Strict):
     kind: Literal["g2p", "pairs", "text"] = Field(description="g2p (bundled CMUdict), pairs (tsv/csv/jsonl), text")
     path: Path | None = Field(None, description="the pairs or text file (not for g2p)")
     block_size: int | None = Field(64, ge=1, description="text: tokens per example; null: one example per line")
-    metric: Literal["bleu", "rouge"] = Field("bleu", description="pairs: the score")
+    metric: str = Field("bleu", description="pairs: a registered task metric (mtlab.tasks.metrics: bleu, rouge, ...)")
     dev_fraction: float = Field(0.05, gt=0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v):
+        from .tasks.metrics import get_metric
+
+        return get_metric(v).name
 
     @model_validator(mode="after")
     def _path_fits_kind(self):

@@ -128,3 +128,34 @@ def test_a_registered_merge_method_is_offered_by_the_merge_explorer():
         assert not c["anchor"].disabled
     finally:
         unregister_merge_method("reverse")
+
+
+def test_a_registered_task_metric_scores_pairs_tasks_and_recipes(tmp_path):
+    from mtlab.recipe import TaskSpec
+    from mtlab.tasks.metrics import get_metric, task_metric, task_metrics, unregister_metric
+    from mtlab.tasks.pairs import PairsTask
+
+    class Tok:  # the least a PairsTask needs of a tokenizer
+        pad_token_id, eos_token_id, vocab_size = 0, 1, 10
+
+        def __call__(self, *a, **k):
+            raise NotImplementedError
+
+        def decode(self, ids, **k):
+            return ""
+
+    @task_metric("exact", ("exact",), "exact", higher_is_better=True)
+    def exact(hyps, refs):
+        return {"exact": 100.0 * sum(h == r for h, r in zip(hyps, refs)) / len(refs)}
+
+    try:
+        assert task_metrics()[:3] == ("bleu", "rouge", "per_wer") and "exact" in task_metrics()
+        task = PairsTask({"train": (["a"], ["b"]), "dev": (["a"], ["b"]), "test": (["a"], ["b"])}, Tok(), metric="exact")
+        assert task.primary_metric == "exact" and task.higher_is_better
+        assert task.score(["x y", "z"], ["x y", "w"]) == {"exact": 50.0}
+        assert TaskSpec(kind="pairs", path=tmp_path / "p.tsv", metric="Exact").metric == "exact"
+    finally:
+        unregister_metric("exact")
+    with pytest.raises(ValueError, match="unknown metric 'exact'.*task_metric"):
+        get_metric("exact")
+    assert get_metric("per_wer")(["K AE1 T"], ["K AE1 T"]) == {"per": 0.0, "wer": 0.0}

@@ -14,9 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import editdistance
-
 from .base import Seq2SeqTask
+from .metrics import get_metric, per_wer  # noqa: F401  (per_wer: G2P's metric, importable from here)
 from .split import split_by_hash
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -102,18 +101,6 @@ class G2PTokenizer:
         return tok
 
 
-def per_wer(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """PER = total phone edit distance / total reference phones; WER = share of words not exactly right."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    if not references:
-        raise ValueError("nothing to score: empty reference list")
-    edits = sum(editdistance.eval(list(h), list(r)) for h, r in zip(hypotheses, references))
-    phones = sum(len(r) for r in references)
-    wrong = sum(list(h) != list(r) for h, r in zip(hypotheses, references))
-    return {"per": 100.0 * edits / phones, "wer": 100.0 * wrong / len(references)}
-
-
 class G2PTask(Seq2SeqTask):
     """CMUdict G2P as a Seq2SeqTask; texts are words and space-joined phone strings."""
 
@@ -144,7 +131,7 @@ class G2PTask(Seq2SeqTask):
         return " ".join(self.tokenizer.decode_phones(ids))
 
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
-        return per_wer([h.split() for h in hypotheses], [r.split() for r in references])
+        return get_metric("per_wer")(hypotheses, references)
 
     def sizes(self) -> dict[str, int]:
         return {s: len(v[0]) for s, v in self.splits.items()}

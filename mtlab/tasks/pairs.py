@@ -35,13 +35,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .base import SPLITS, Batch, Seq2SeqTask, pad
+from .metrics import get_metric
 from .split import split_by_hash
 
-#: metric name -> (reported keys, primary metric, higher_is_better)
-METRICS: dict[str, tuple[tuple[str, ...], str, bool]] = {
-    "bleu": (("bleu", "chrf"), "bleu", True),
-    "rouge": (("rouge1", "rouge2", "rougeL"), "rougeL", True),
-}
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "dev": "dev", "development": "dev", "validation": "dev", "valid": "dev", "val": "dev",
@@ -275,11 +271,9 @@ class PairsTask(Seq2SeqTask):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        key = str(metric).strip().lower()
-        if key not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
-        self.metric = key
-        self.metric_keys, self.primary_metric, self.higher_is_better = METRICS[key]
+        m = get_metric(metric)
+        self.metric = m.name
+        self.metric_keys, self.primary_metric, self.higher_is_better = m.keys, m.primary, m.higher_is_better
         self.rouge_use_stemmer = rouge_use_stemmer
         self.bleu_tokenize = bleu_tokenize
         if name:
@@ -458,26 +452,8 @@ class PairsTask(Seq2SeqTask):
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
-        if len(hypotheses) != len(references):
-            raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-        if not references:
-            raise ValueError("nothing to score: empty reference list")
-        hyps, refs = [str(h) for h in hypotheses], [str(r) for r in references]
-        if self.metric == "bleu":
-            import sacrebleu
-
-            bleu_kw = {} if self.bleu_tokenize is None else {"tokenize": self.bleu_tokenize}
-            return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs], **bleu_kw).score),
-                    "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(list(self.metric_keys), use_stemmer=self.rouge_use_stemmer)
-        totals = dict.fromkeys(self.metric_keys, 0.0)
-        for h, r in zip(hyps, refs):
-            scores = scorer.score(r, h)  # (target, prediction)
-            for k in self.metric_keys:
-                totals[k] += scores[k].fmeasure
-        return {k: 100.0 * v / len(refs) for k, v in totals.items()}
+        options = {"bleu": {"tokenize": self.bleu_tokenize}, "rouge": {"use_stemmer": self.rouge_use_stemmer}}
+        return get_metric(self.metric)(hypotheses, references, **options.get(self.metric, {}))
 
     def sizes(self) -> dict[str, int]:
         return {s: len(v[0]) for s, v in self.splits.items()}

@@ -1,0 +1,111 @@
+"""The registry of task metrics: how decoded texts are scored against their references.
+
+A metric is one decorated function, `@task_metric(name, keys, primary, higher_is_better)`, that
+maps (hypotheses, references, **options) to a dict holding `keys` on a 0-100 scale. Tasks look
+metrics up by name (`PairsTask(metric="rouge")`, a recipe's `task.metric`), so a new metric is
+usable everywhere (tasks, recipes, studies, read-outs) once registered. Built in:
+
+- "bleu": corpus BLEU and chrF (sacrebleu); primary BLEU. Option `tokenize` (sacrebleu's).
+- "rouge": mean ROUGE-1/2/L F-measure over examples (rouge_score) x 100; primary ROUGE-L.
+  Option `use_stemmer` (default True).
+- "per_wer": phone error rate (total edit distance / reference phones, editdistance) and word
+  error rate (share of outputs not exactly right), over space-separated tokens; primary PER.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import editdistance
+
+__all__ = ["Metric", "task_metric", "get_metric", "task_metrics", "unregister_metric", "per_wer"]
+
+ScoreFn = Callable[..., dict]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    keys: tuple[str, ...]        # the scores it reports
+    primary: str                 # the one the studies rank by
+    higher_is_better: bool
+    fn: ScoreFn
+
+    def __call__(self, hypotheses: Sequence[str], references: Sequence[str], **options) -> dict[str, float]:
+        if len(hypotheses) != len(references):
+            raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        if not references:
+            raise ValueError("nothing to score: empty reference list")
+        return self.fn([str(h) for h in hypotheses], [str(r) for r in references], **options)
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def task_metric(name: str, keys: Sequence[str], primary: str, higher_is_better: bool) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: register `fn(hypotheses, references, **options) -> {key: score}` as metric `name`."""
+    if primary not in keys:
+        raise ValueError(f"metric {name!r}: the primary score {primary!r} must be one of its keys {list(keys)}")
+
+    def register(fn: ScoreFn) -> ScoreFn:
+        _METRICS[name] = Metric(name, tuple(keys), primary, higher_is_better, fn)
+        return fn
+
+    return register
+
+
+def get_metric(name: str) -> Metric:
+    key = str(name).strip().lower()
+    if key not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(_METRICS)} (or register one with "
+                         "@mtlab.tasks.metrics.task_metric)")
+    return _METRICS[key]
+
+
+def task_metrics() -> tuple[str, ...]:
+    """The registered metric names, in registration order."""
+    return tuple(_METRICS)
+
+
+def unregister_metric(name: str) -> None:
+    _METRICS.pop(name, None)
+
+
+@task_metric("bleu", ("bleu", "chrf"), "bleu", higher_is_better=True)
+def _bleu(hyps: list[str], refs: list[str], tokenize: str | None = None) -> dict[str, float]:
+    import sacrebleu
+
+    kw = {} if tokenize is None else {"tokenize": tokenize}
+    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs], **kw).score),
+            "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
+
+
+@task_metric("rouge", ("rouge1", "rouge2", "rougeL"), "rougeL", higher_is_better=True)
+def _rouge(hyps: list[str], refs: list[str], use_stemmer: bool = True) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    keys = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(keys, 0.0)
+    for h, r in zip(hyps, refs):
+        scores = scorer.score(r, h)  # (target, prediction)
+        for k in keys:
+            totals[k] += scores[k].fmeasure
+    return {k: 100.0 * v / len(refs) for k, v in totals.items()}
+
+
+def per_wer(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """PER = total phone edit distance / total reference phones; WER = share of words not exactly right."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not references:
+        raise ValueError("nothing to score: empty reference list")
+    edits = sum(editdistance.eval(list(h), list(r)) for h, r in zip(hypotheses, references))
+    phones = sum(len(r) for r in references)
+    wrong = sum(list(h) != list(r) for h, r in zip(hypotheses, references))
+    return {"per": 100.0 * edits / phones, "wer": 100.0 * wrong / len(references)}
+
+
+@task_metric("per_wer", ("per", "wer"), "per", higher_is_better=False)
+def _per_wer(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    return per_wer([h.split() for h in hyps], [r.split() for r in refs])
