@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import pandas as pd
 
 from ..merging.methods import get_merge_method, merge_methods
+from ..merging.spec import MergeSpec, PruneSpec
 from .explorer import Explorer, PlotFigure, wrap_layout
 from .latest import LatestWorker
 from .readout import BUSY, fmt_metric, fmt_params, fmt_size, metric_keys, metric_label, table
@@ -97,7 +98,7 @@ class MergeExplorer(Explorer):
                 raise ValueError(f"{s}: a merge needs a window of 2 or more layers; widen the range "
                                  f"(now {a}-{b})")
             c = self.controls[s]
-            out.append(f"{s}:{a}-{b}@{c['anchor'].value}/{c['method'].value}")
+            out.append(str(MergeSpec(s, tuple(range(a, b + 1)), c["anchor"].value, c["method"].value)))
         return out
 
     def size(self, specs) -> int:
@@ -119,10 +120,10 @@ class MergeExplorer(Explorer):
             return (), ""
         if self.params_fn is None:
             ns = [max(1, min(b - a, self.prune_blocks(s, a, b))) for s, (a, b) in wins.items()]
-            return tuple(f"prune {s}:{b - n}-{b}" for (s, (a, b)), n in zip(wins.items(), ns)), "blocks by prune_blocks"
+            return tuple(str(PruneSpec(s, b - n, b)) for (s, (a, b)), n in zip(wins.items(), ns)), "blocks by prune_blocks"
         target, best = self.size(self.specs(wins)), None
         for ns in itertools.product(*[range(b - a + 1) for a, b in wins.values()]):
-            cand = tuple(f"prune {s}:{b - n}-{b}" for (s, (a, b)), n in zip(wins.items(), ns) if n)
+            cand = tuple(str(PruneSpec(s, b - n, b)) for (s, (a, b)), n in zip(wins.items(), ns) if n)
             if cand and self.size(cand) <= target and (best is None or self.size(cand) > self.size(best)):
                 best = cand
         if best is None:
