@@ -8,9 +8,10 @@ two changes at once, untick both stacks at once, make the window invalid; after 
 computing, the read-out, the plot's outline (its caption) and the error line must agree with the
 controls as the browser shows them. No console error, failed request or HTTP error may occur.
 Screenshots, the server log and the browser console go to $MTLAB_ARTIFACTS/browser/ (default:
-test-artifacts/browser/). MTLAB_BROWSER_EXPLORER=tiny-12+12 points the assembly explorer at a 12+12
-T5 built from config (85,849 plans, frontier search + sample, plans screened on demand; ~30 s more);
-every read-out must then say how much of the space is screened.
+test-artifacts/browser/). The test runs twice: on the bundled teacher, and with the assembly explorer on a
+12+12 T5 built from config (85,849 plans, frontier search + sample, plans screened on demand; artifacts
+in browser-tiny-12+12/), where every read-out must say how much of the space is screened.
+MTLAB_BROWSER_EXPLORER=bundled (or tiny-12+12) runs one of them only.
 
 Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Without it the test FAILS;
 set MTLAB_SKIP_BROWSER=1 to skip it on a machine without Chromium.
@@ -27,7 +28,8 @@ from browser.lab import Deadline, jupyter_lab
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "03_assembly_explorer.ipynb"
 CHROMIUM = os.environ.get("MTLAB_CHROMIUM", "/usr/bin/chromium")
-EXPLORER = os.environ.get("MTLAB_BROWSER_EXPLORER", "bundled")   # the assembly explorer's model (notebook 03)
+# the assembly explorer's models (notebook 03): the bundled 6+6 teacher and a 12+12 T5 built from config
+EXPLORERS = [os.environ["MTLAB_BROWSER_EXPLORER"]] if os.environ.get("MTLAB_BROWSER_EXPLORER") else ["bundled", "tiny-12+12"]
 BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "480"))  # seconds for the whole test, server start to last check
 
 # the widget contract: CSS classes the notebook sets with widget.add_class(...)
@@ -115,8 +117,9 @@ def _norm(label: str) -> str:
 
 
 @pytest.mark.timeout(BUDGET + 120)
-@pytest.mark.parametrize("notebook", [NOTEBOOK], ids=[NOTEBOOK.stem])
-def test_assembly_explorer_in_browser(notebook, tmp_path):
+@pytest.mark.parametrize("explorer", EXPLORERS)
+def test_assembly_explorer_in_browser(explorer, tmp_path):
+    notebook = NOTEBOOK
     chromium_path = _require_browser()
     from playwright.sync_api import expect, sync_playwright
 
@@ -127,7 +130,7 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
     nb_name = "03_assembly_explorer.ipynb"
     shutil.copy(notebook, root / nb_name)
     env = {"MTLAB_PROFILE": os.environ.get("MTLAB_BROWSER_PROFILE", "smoke"), "OMP_NUM_THREADS": "1",
-           "MTLAB_CACHE": os.environ["MTLAB_CACHE"], "MTLAB_EXPLORER": EXPLORER}
+           "MTLAB_CACHE": os.environ["MTLAB_CACHE"], "MTLAB_EXPLORER": explorer}
     console: list[str] = []
     failures: list[str] = []   # console errors, page errors, failed requests, HTTP errors
     lab = None
@@ -153,7 +156,7 @@ def test_assembly_explorer_in_browser(notebook, tmp_path):
         (shots / "problems.log").write_text("\n".join(failures))
         if lab is not None and lab.log.exists():
             shutil.copy(lab.log, shots / lab.log.name)
-        out = _artifact_dir()
+        out = _artifact_dir() if explorer == "bundled" else _artifact_dir().with_name(f"browser-{explorer}")
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(shots, out)
     assert not failures, f"the page logged errors or failed requests (see {_artifact_dir()}/problems.log): {failures[:10]}"
