@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe", "load_model_and_data"]
 
 
+def _registered(names, known, what: str):
+    """`names` when every one is registered; otherwise the error lists the unknown and the known."""
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; use some of {list(known)}")
+    return names
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the field and the fix."""
 
@@ -110,10 +118,7 @@ class WindowSearchSpec(_Strict):
     def _methods(cls, v):
         from .merging.methods import merge_methods
 
-        bad = [m for m in v if m not in merge_methods()]
-        if bad:
-            raise ValueError(f"unknown merge method(s) {bad}; use some of {list(merge_methods())}")
-        return v
+        return _registered(v, merge_methods(), "merge method(s)")
 
 
 class RecoverySpec(_Strict):
@@ -164,10 +169,7 @@ class BaselinesSpec(_Strict):
     def _names(cls, v):
         from .baselines import baselines
 
-        bad = [n for n in v if n not in baselines()]
-        if bad:
-            raise ValueError(f"unknown baseline(s) {bad}; use some of {list(baselines())}")
-        return v
+        return _registered(v, baselines(), "baseline(s)")
 
 
 class EvalSpec(_Strict):
