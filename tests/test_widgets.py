@@ -396,9 +396,12 @@ def test_explorer_figures_stay_out_of_pyplot(monkeypatch):
 
 
 def test_spec_sizes_match_the_built_models(tiny_t5):
-    from mtlab.experiments.merging import build
+    from mtlab.candidate import CompressionSpec, apply
     from mtlab.merging.search import count_params
     from mtlab.ui.spec_sizes import SpecSizes
+
+    def build(model, specs, cache):
+        return apply(model, CompressionSpec(None, tuple(specs)), cache=cache) if specs else model
 
     sizes = SpecSizes(tiny_t5)
     for specs in ([], ["encoder:0-1@first/vanilla"], ["decoder:0-1@last/vanilla", "prune encoder:0-1"],

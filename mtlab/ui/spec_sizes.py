@@ -17,7 +17,7 @@ class SpecSizes:
     """`sizes(specs) -> int`: parameters of `model` with the specs applied, counted from the model's
     anatomy. A merge of layers L ties every non-anchor FF sublayer to the anchor's (their w_in,
     w_gate, w_out weights and biases are removed); "prune STACK:A-B" drops blocks A+1..B. Equals
-    `count_params(build(model, specs))` for specs whose windows do not overlap."""
+    `count_params(apply(model, specs))` for specs whose windows do not overlap."""
 
     def __init__(self, model: nn.Module):
         ana = anatomy(model)
