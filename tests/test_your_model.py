@@ -84,7 +84,7 @@ def test_demo_is_built_once_in_the_cache():
 
 
 def test_merge_explorer_for_scores_a_merge_of_any_model(gpt2_dir):
-    from mtlab.experiments.merging import build
+    from mtlab.candidate import apply
     from mtlab.merging.search import CorrelationCache, count_params
 
     model, task, _ = ym.load(gpt2_dir, TEXT, "text", PROFILE)
@@ -94,7 +94,7 @@ def test_merge_explorer_for_scores_a_merge_of_any_model(gpt2_dir):
     spec = "layers:0-1@middle/permute"
     assert ex.specs() == [spec]
     got = ex.scores([spec])
-    net = build(model, [spec], CorrelationCache(model, ym._align(task), max_tokens=200))
+    net = apply(model, spec, cache=CorrelationCache(model, ym._align(task), max_tokens=200))
     assert got["params"] == count_params(net) < count_params(model)
     assert got["dev_ppl"] == pytest.approx(task.evaluate(net, "dev", limit=4, progress=False)["ppl"], rel=1e-5)
 

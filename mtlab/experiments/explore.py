@@ -321,7 +321,7 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
     cache = CorrelationCache(teacher, _align(task), max_tokens=m.align_tokens)
 
     def evaluate(specs: list[str]) -> dict:
-        net = apply(teacher, CompressionSpec(None, tuple(specs)), cache=cache)
+        net = apply(teacher, CompressionSpec(None, tuple(specs)), cache=cache) if specs else teacher
         r = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
         return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"], "n": r["n"]}
 

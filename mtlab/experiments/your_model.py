@@ -310,14 +310,14 @@ def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, 
     from ..merging.search import CorrelationCache, count_params
     from ..ui.spec_sizes import SpecSizes
     from ..widgets import MergeExplorer
-    from .merging import build
+    from ..candidate import CompressionSpec, apply
 
     p = get_profile(profile).your_model
     cache = CorrelationCache(model, _align(task), max_tokens=p.align_tokens)
     metric = task.primary_metric
 
     def evaluate(specs: list[str]) -> dict:
-        net = build(model, specs, cache)
+        net = apply(model, CompressionSpec(None, tuple(specs)), cache=cache) if specs else model
         r = task.evaluate(net, "dev", limit=p.eval_limit, progress=False)
         return {"params": count_params(net), f"dev_{metric}": r[metric], "n": r["n"]}
 
