@@ -453,6 +453,10 @@ def _shipped_student(m):
     return student
 
 
+MERGE_COLUMNS = ["target", "method", "spec", "layers", "params", "params_removed_frac", "stage", "recovery_steps",
+                 "dev_mean_cos", "test_mean_cos", "test_recall_at_10", "test_spearman", "note"]
+
+
 def _shipped_merges(m) -> pd.DataFrame:
     """`minilm_ff_merging`'s table read from the shipped merge-P cards (a target not shipped yet:
     one row per method with the note)."""
@@ -465,7 +469,7 @@ def _shipped_merges(m) -> pd.DataFrame:
             print(f"MiniLM {name}: {shipped.NOT_SHIPPED}; its rows stay empty", flush=True)
             parts.append(pd.DataFrame([{"target": t, "method": meth, "spec": "", "stage": "recovered",
                                         "recovery_steps": m.steps, "note": shipped.NOT_SHIPPED}
-                                       for meth in (*m.merge_methods, "prune")]))
+                                       for meth in (*m.merge_methods, "prune")]).reindex(columns=MERGE_COLUMNS))
         else:
             parts.append(shipped.load_merges(name, m)[0])
     df = pd.concat(parts, ignore_index=True)

@@ -234,8 +234,8 @@ def render_card(card: dict) -> str:
   `{card['teacher_hash']}`); refused for any other. Corpus hash `{cfg['corpus']}`.
 - Budget: {card['steps']:,} steps at batch {card['batch_size']} = {card['examples_seen']:,} examples per run,
   {card['train_seconds'] / 60:.1f} minutes of training on {card['machine']}.
-- Weights: stored against the original (`mtlab.compact`: unchanged tensors by reference, int8 deltas),
-  {sum(1 for _ in card['files'])} file(s); the scores below are those of the decoded weights.
+- Weights: `*.safetensors` stored against the original (`mtlab.compact`: unchanged tensors by reference,
+  the others as int8 deltas or bf16); the scores below are those of the decoded weights.
 - Reproduce: `{card['command']}` (resumable; `make minilm` trains every artifact).
 - Config: `{json.dumps(cfg['minilm'])}`
 
