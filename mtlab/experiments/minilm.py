@@ -356,11 +356,11 @@ def merge_rows(table: pd.DataFrame) -> pd.DataFrame:
     """`minilm_ff_merging`'s table in the study's columns (one row per candidate and stage)."""
     t = table[table.method != "original"]
     extra = {"note": t.note} if "note" in t else {}
-    return pd.DataFrame({**extra, "method": t.method.replace({"prune": "layer_prune"}), "plan": t.spec, "params": t.params,
+    return pd.DataFrame({"method": t.method.replace({"prune": "layer_prune"}), "plan": t.spec, "params": t.params,
                          "params_removed_frac": t.params_removed_frac, "recovery_steps": t.recovery_steps,
                          "train_steps": t.recovery_steps, "mean_cos": t.test_mean_cos,
                          "recall_at_10": t.test_recall_at_10, "sim_spearman": t.test_spearman,
-                         "target": t.target}).reset_index(drop=True)
+                         "target": t.target, **extra}).reset_index(drop=True)
 
 
 # ---- cached tables (notebook 06) --------------------------------------------------------

