@@ -134,7 +134,7 @@ def _minilm(p: argparse.ArgumentParser, only: list[str] | None, steps: int | Non
     each checkpoints, so stop any time and rerun to resume."""
     from dataclasses import replace
 
-    from .experiments.minilm_artifacts import artifact_names, ship
+    from .experiments.minilm_artifacts import MINILM_DIR, artifact_names, ship
     from .profiles import get_profile
 
     m = get_profile("default").minilm
@@ -148,6 +148,8 @@ def _minilm(p: argparse.ArgumentParser, only: list[str] | None, steps: int | Non
         t0 = time.time()
         done = ship(name, m)
         print(f"{name}: {'exported' if done else 'unfinished'} in {time.time() - t0:.0f}s", flush=True)
+    size = sum(f.stat().st_size for f in MINILM_DIR.rglob("*") if f.is_file())
+    print(f"{MINILM_DIR.name}: {size / 1e6:.1f} MB shipped in all")
     return 0
 
 
