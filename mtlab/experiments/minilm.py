@@ -22,6 +22,9 @@ module-replacing run (`mtlab.modular.embedding_replacing`) assembled along the s
 steps and batch (`minilm_baseline_table`), this study's merges with the same budget
 (`minilm_merge_study`), and every candidate scored on the same test sentences and timed in one
 run (`minilm_frontier`; `minilm_csv` is reports/minilm.csv, `minilm_conclusion` reads it).
+With `MiniLMProfile.shipped` (the `default` profile) the trained runs are not trained here but read
+from data/minilm (`mtlab.experiments.minilm_artifacts`, `make minilm`), verified against the profile;
+one not shipped yet is a row without scores whose `note` says so.
 """
 from __future__ import annotations
 
