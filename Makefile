@@ -16,7 +16,7 @@ STAMP_REPORT := $(VENV)/.mtlab-report
 STAMP_LAB    := $(VENV)/.mtlab-lab
 LAB_EXTRAS   := .[notebooks,minilm]
 
-.PHONY: venv test browser-test report figures teacher modules baselines ablation lab clean
+.PHONY: venv test browser-test report figures teacher modules baselines merges ablation lab clean
 venv: $(STAMP)
 
 define install
@@ -74,6 +74,13 @@ modules: $(STAMP_CORE)
 baselines: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab baselines
+
+# Recover the combined FF-merge candidates of the default profile (data/merging: permute, vanilla and layer
+# pruning at 4 of 12 FF sublayers, layer pruning at equal parameters), 1,000 steps at batch 64 each. Resumable;
+# long: mkdir -p runs && nohup make merges > runs/merges.log 2>&1 &
+merges: $(STAMP_CORE)
+	mkdir -p runs
+	$(BIN)/python -m mtlab merges
 
 # Recipe ablation: every variant of mtlab/experiments/ablation.py at 3,000 steps (about 8 minutes each
 # on 2 cores), written to data/ablation/modular_ablation.csv. Cached, so a rerun only adds new variants.
