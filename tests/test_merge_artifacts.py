@@ -55,6 +55,11 @@ def test_ship_and_reload_give_the_same_model_and_scores(shipped):
     assert card["ff_removed"] == 4 and card["blocks_removed"] == 0 and card["command"] == "make merges"
     assert {"test_per", "test_wer", "dev_per", "dev_wer"} <= set(card["before"]) & set(card["after"])
     assert card["before"]["test_n"] == 4 and "rel_word_acc" in card["relative"]["after"]
+    summary = A.shipped_summary(root / "merging")
+    assert sorted(summary.name) == sorted(SHIPPED) and (summary.steps == 2).all()
+    target = summary.attrs["target"]
+    assert target["permute_keeps_99"] == (target["permute_rel_word_acc"] >= 0.99)
+    assert "permute_beats_prune_at_equal_params" not in target  # layer pruning at equal params is not shipped here
     assert "save_merged" in card["format"] and "export" in read_card(root / "merging" / "layer_prune-equal-ff")["format"]
 
 

@@ -48,7 +48,7 @@ COMPARE = {"equal FF sublayers": "equal-ff", "equal params": "equal-params"}
 SEARCH_FIELDS = ("align_tokens", "select_limit", "window_sizes", "window_starts")  # what picks the windows
 
 __all__ = ["MERGE_DIR", "MERGE_COMMAND", "NOT_SHIPPED", "load_merge", "merge_card_config", "merge_name", "merge_names",
-           "shippable", "shipped_stages", "shipped_state", "train_merge", "train_merges"]
+           "shippable", "shipped_stages", "shipped_state", "shipped_summary", "train_merge", "train_merges"]
 
 
 def merge_name(c: Candidate) -> str:
@@ -224,7 +224,38 @@ def train_merges(names: list[str] | None = None, profile=MERGE_PROFILE, *, progr
         if train_merge(name, p, search=search, teacher_scores=teacher_scores, progress=progress) is not None:
             shipped.append(name)
         print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+    summary = shipped_summary()
+    if len(summary):
+        print(summary.to_string(index=False), "\ntarget:", summary.attrs["target"], flush=True)
     return shipped
+
+
+def shipped_summary(root: str | Path | None = None) -> pd.DataFrame:
+    """One row per shipped candidate (from the cards, not verified): spec, parameters removed, budget,
+    test PER/WER and relative word accuracy before and after recovery; `attrs["target"]` says whether
+    permute at 4 of 12 FF sublayers keeps relative word accuracy >= .99 and beats layer pruning at
+    equal parameters (test WER after recovery)."""
+    from ..shipped import read_card
+
+    root = Path(root or MERGE_DIR)
+    cards = [read_card(p.parent) for p in sorted(root.glob("*/card.json"))] if root.is_dir() else []
+    df = pd.DataFrame([{"name": c["name"], "method": c["method"], "compare": c["compare"], "spec": c["spec"],
+                        "params_removed_frac": c["params_removed_frac"], "steps": c["steps"], "batch_size": c["batch_size"],
+                        "train_seconds": c["train_seconds"], "words": c["words"],
+                        **{f"test_{m}@{stage}": c[key][f"test_{m}"] for stage, key in (("0", "before"), ("after", "after"))
+                           for m in ("per", "wer")},
+                        "rel_word_acc@0": c["relative"]["before"]["rel_word_acc"],
+                        "rel_word_acc@after": c["relative"]["after"]["rel_word_acc"]} for c in cards])
+    by = df.set_index("name") if len(df) else df
+    target = {}
+    if "permute-equal-ff" in by.index:
+        target["permute_rel_word_acc"] = float(by.at["permute-equal-ff", "rel_word_acc@after"])
+        target["permute_keeps_99"] = target["permute_rel_word_acc"] >= 0.99
+        if "layer_prune-equal-params" in by.index:
+            target["permute_beats_prune_at_equal_params"] = bool(
+                by.at["permute-equal-ff", "test_wer@after"] < by.at["layer_prune-equal-params", "test_wer@after"])
+    df.attrs["target"] = target
+    return df
 
 
 def render_merge_card(card: dict, log: pd.DataFrame) -> str:

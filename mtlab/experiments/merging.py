@@ -511,15 +511,23 @@ def _span(layers) -> int:
 
 
 def _teacher_lines(t: pd.DataFrame) -> list[str]:
-    steps = int(t.recovery_steps.max())
-    final = t[t.recovery_steps == steps]
+    # each (stack, size) is compared at the longest recovery that two methods have scores after (combined
+    # candidates may have a longer, shipped budget than single windows; one not shipped yet has no scores)
+    scored = t.dropna(subset=["test_wer"])
+    scored = scored[scored.method != "original"]
+    two = scored.groupby([scored["stack"], scored.layers.map(_span), scored.recovery_steps]).method.transform("nunique") > 1
+    group = [scored["stack"], scored.layers.map(_span)]
+    top = scored.recovery_steps.where(two).groupby(group).transform("max")
+    final = scored[scored.recovery_steps == top]
     orig = t[t.method == "original"]
     lines = [f"The original teacher scores {orig.test_wer.iloc[0]:.1f}% WER / {orig.test_per.iloc[0]:.1f}% PER on test."] \
         if len(orig) else []
     wins: dict[str, int] = {}
-    stage = f"after {steps} recovery steps" if steps else "without recovery"
+    stages = set()
     for (stack, size), g in final[final.method != "original"].groupby(["stack", final.layers.map(_span)], sort=False):
-        g = g.dropna(subset=["test_wer"]).sort_values(["test_wer", "test_per"])
+        g = g.sort_values(["test_wer", "test_per"])
+        steps = int(g.recovery_steps.max())
+        stage = f"after {steps} recovery steps" if steps else "without recovery"
         if g.method.nunique() < 2:
             continue
         best, runner = g.iloc[0], g[g.method != g.iloc[0].method].iloc[0]
@@ -531,11 +539,13 @@ def _teacher_lines(t: pd.DataFrame) -> list[str]:
                          "parameters removed).")
             continue
         wins[best.method] = wins.get(best.method, 0) + 1
+        stages.add(stage)
         lines.append(f"{stack}, {size} layers ({stage}): **{best.method}** wins with {best.test_wer:.1f}% WER "
                      f"({removed}, {runner.test_wer - best.test_wer:.1f} points better.")
     if wins:
         lines.insert(1 if len(orig) else 0, "Teacher, wins per method: " + ", ".join(
-            f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])) + f" (lowest test WER {stage}).")
+            f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1]))
+            + f" (lowest test WER {stages.pop() if len(stages) == 1 else 'after the longest recovery two methods share'}).")
     return lines
 
 
