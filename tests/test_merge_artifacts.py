@@ -121,3 +121,18 @@ def test_smoke_reads_nothing_shipped_and_the_cli_parses(capsys):
     with pytest.raises(SystemExit):
         main(["merges", "--only", "permute-9"])
     assert "unknown merge candidate" in capsys.readouterr().err
+
+
+def test_the_conclusion_compares_each_size_at_its_own_longest_shared_budget():
+    rows = [("original", "-", "-", 0.0, 0, 40.0, 11.0),
+            ("permute", "encoder", "1-3", 0.09, 0, 45.0, 13.0), ("permute", "encoder", "1-3", 0.09, 50, 42.0, 12.0),
+            ("layer_prune", "encoder", "1-3", 0.14, 0, 50.0, 14.0), ("layer_prune", "encoder", "1-3", 0.14, 50, 44.0, 12.5),
+            ("permute", "encoder+decoder", "encoder:1-3 decoder:1-3", 0.19, 1000, 40.5, 11.2),
+            ("vanilla", "encoder+decoder", "encoder:1-3 decoder:1-3", 0.19, 1000, None, None),  # not shipped
+            ("layer_prune", "encoder+decoder", "encoder:1-3 decoder:1-3", 0.33, 1000, 48.0, 14.0)]
+    t = pd.DataFrame(rows, columns=["method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_wer",
+                                    "test_per"]).assign(model="teacher", mean_cos=None)
+    text = X.conclusion(t)
+    assert "encoder, 3 layers (after 50 recovery steps): **permute** wins with 42.0% WER" in text
+    assert "encoder+decoder, 6 layers (after 1000 recovery steps): **permute** wins with 40.5% WER" in text
+    assert "after the longest recovery two methods share" in text and "vanilla" not in text
