@@ -36,8 +36,7 @@ from ..shipped import ArtifactMismatch, sha256, verify, write_artifact
 from ..tasks.diagnosis import score_splits
 from ..teacher import ROOT, load_teacher
 from ..train import on_main_process
-from .merging import (ANCHOR, COMBINED_SIZE, align_batches, candidates, combined_recovery_config, spec_texts,
-                      teacher_window_search)
+from .merging import ANCHOR, COMBINED_SIZE, align_batches, candidates, combined_recovery_config, teacher_window_search
 
 MERGE_DIR = ROOT / "data" / "merging"
 MERGE_WORK = ROOT / "runs" / "merging"
@@ -263,12 +262,13 @@ def render_merge_card(card: dict, log: pd.DataFrame) -> str:
     rows = [{"model": label, "split": s, **{c: card[key].get(f"{s}_{c}") for c in cols}}
             for label, key in (("teacher", "teacher"), ("as built", "before"), (f"after {card['steps']:,} steps", "after"))
             for s in ("dev", "test")]
-    curve = log[[c for c in ("step", "loss", "lr", "seconds") if c in log]]
+    curve = log[[c for c in ("step", "loss", "lr", "seconds") if c in log]].astype({"step": int}).astype({"step": str})
     rel = card["relative"]
     return f"""# mtlab merge candidate `{card['name']}` for the bundled teacher
 
-- {card['what']}: `{card['spec']}` ({card['stack']} {card['layers']}; {card['ff_removed']} FF sublayers and
-  {card['blocks_removed']} blocks removed, {card['params']:,} parameters, {100 * card['params_removed_frac']:.1f}% removed).
+- {card['what']}.
+- Spec: `{card['spec']}`; {card['ff_removed']} FF sublayers and {card['blocks_removed']} blocks removed:
+  {card['params']:,} parameters, {100 * card['params_removed_frac']:.1f}% of the teacher's removed.
 - Teacher: `data/teacher` (weights hash `{card['teacher_hash']}`); refused for any other.
 - Budget: {card['steps']:,} recovery steps at batch {card['batch_size']} = {card['examples_seen']:,} examples, lr
   {card['lr']}, {card['train_seconds'] / 60:.1f} minutes on {card['machine']}; the same for every combined candidate.
