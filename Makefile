@@ -17,7 +17,7 @@ STAMP_LAB    := $(VENV)/.mtlab-lab
 STAMP_MINILM := $(VENV)/.mtlab-minilm
 LAB_EXTRAS   := .[notebooks,minilm]
 
-.PHONY: venv test browser-test report figures teacher modules baselines minilm ablation lab clean
+.PHONY: venv test browser-test report figures teacher modules baselines merges minilm ablation lab clean
 venv: $(STAMP)
 
 define install
@@ -78,6 +78,13 @@ modules: $(STAMP_CORE)
 baselines: $(STAMP_CORE)
 	mkdir -p runs
 	$(BIN)/python -m mtlab baselines
+
+# Recover the combined FF-merge candidates of the default profile (data/merging: permute, vanilla and layer
+# pruning at 4 of 12 FF sublayers, layer pruning at equal parameters), 1,000 steps at batch 64 each. Resumable;
+# long: mkdir -p runs && nohup make merges > runs/merges.log 2>&1 &
+merges: $(STAMP_CORE)
+	mkdir -p runs
+	$(BIN)/python -m mtlab merges
 
 # Train the MiniLM study's runs shipped under data/minilm (module bank, layer dropping and SFT at 1.5x/2x/3x,
 # FF-merge recoveries at ~10% and ~20%), 500 steps at batch 32 each; about 45 minutes on one busy CPU

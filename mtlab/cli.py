@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baselines", help="train (or resume) the shipped baselines and export them to data/baselines")
     b.add_argument("--only", nargs="*", default=None, help="these runs only (e.g. sft-3 layerdrop)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    mg = sub.add_parser("merges", help="recover the combined FF-merge candidates at the real budget and export "
+                        "them to data/merging")
+    mg.add_argument("--only", nargs="*", default=None, help="these candidates only (e.g. permute-equal-ff)")
+    mg.add_argument("--steps", type=int, default=None, help="override the recovery steps (the report then refuses them)")
     ml = sub.add_parser("minilm", help="train (or resume) the MiniLM study's runs and export them to data/minilm")
     ml.add_argument("--only", nargs="*", default=None, help="these artifacts only (e.g. modules sft-3 merge-10)")
     ml.add_argument("--steps", type=int, default=None, help="override the steps of every run (the report then "
@@ -92,6 +96,19 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
             print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
     elif a.cmd == "minilm":
         return _minilm(p, a.only, a.steps)
+    elif a.cmd == "merges":
+        from .experiments.merge_artifacts import MERGE_PROFILE, merge_names, train_merges
+        from .profiles import get_profile, replace
+
+        bad = sorted(set(a.only or ()) - set(merge_names()))
+        if bad:
+            p.error(f"unknown merge candidate(s) {bad}: choose from {merge_names()}")
+        prof = get_profile(MERGE_PROFILE)
+        if a.steps:
+            prof = replace(prof, merging=replace(prof.merging, combined_recovery_steps=a.steps))
+        t0 = time.time()
+        train_merges(a.only, prof)  # each run checkpoints: stop it any time, rerun to resume
+        print(f"done in {time.time() - t0:.0f}s")
     elif a.cmd == "ablation":
         from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table
 

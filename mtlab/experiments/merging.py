@@ -20,7 +20,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -232,6 +232,16 @@ def recovery_config(m: MergingProfile) -> TrainConfig:
                        ckpt_every=max(1, steps))
 
 
+def combined_recovery_config(m: MergingProfile) -> TrainConfig:
+    """The recovery budget of the combined candidates: `combined_recovery_steps` (None: the windows'
+    `recovery_config`), same batch, lr and seed; a checkpoint every 100 steps at most, so a long
+    run resumes (the shipped ones: `make merges`, mtlab/experiments/merge_artifacts.py)."""
+    if m.combined_recovery_steps is None:
+        return recovery_config(m)
+    cfg = recovery_config(replace(m, recovery_steps=m.combined_recovery_steps))
+    return replace(cfg, ckpt_every=min(cfg.ckpt_every, 100))
+
+
 def _search(p, model=None, task=None, cache=None, progress: bool = True) -> pd.DataFrame:
     m = p.merging
 
@@ -317,7 +327,10 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """Final numbers of the teacher's merge candidates (see `candidates`), before and after the
     recovery fine-tune: one row per (candidate, stage) with method (original / permute / vanilla /
     layer_prune), stack, layers, spec, params, params_removed(_frac), ff_removed, blocks_removed,
-    recovery_steps (0: before), dev_* on `select_limit` dev words, test_* on `eval_limit` test words."""
+    recovery_steps (0: before), dev_* on `select_limit` dev words, test_* on `eval_limit` test words.
+    The combined candidates get `combined_recovery_config`; with `shipped`, their rows are read from
+    the cards under data/merging (full dev/test splits, see dev_n/test_n), and one not shipped yet
+    is a row whose `note` says `make merges`."""
     p = get_profile(profile)
     m = p.merging
     rcfg = recovery_config(m)
@@ -335,20 +348,12 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
         cands = candidates(search)
         bar = tqdm(cands, desc="merge table", disable=not progress)
         for c in bar:
-            key = tuple(spec_texts(c))
+            combined = c.info["kind"] == "combined"
+            ccfg = combined_recovery_config(m) if combined else rcfg
+            key = (tuple(spec_texts(c)), ccfg.steps, combined and m.shipped)
             bar.set_postfix_str(c.label)
             if key not in done:
-                net = apply(model, c.spec, cache=cache)
-                stages = [{"recovery_steps": 0, **_scores(net, task, m, searched.get("; ".join(key)))}]
-                if rcfg.steps > 0:
-                    t0 = time.perf_counter()
-                    recover(net, task, rcfg, recovery_dir(list(key), rcfg), progress=False)
-                    stages.append({"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0,
-                                   **_scores(net, task, m)})
-                ff, blocks = c.spec.removed()
-                done[key] = [{"params": count_params(net), "ff_removed": ff, "blocks_removed": blocks, **s}
-                             for s in stages]
-                del net
+                done[key] = _candidate_stages(c, ccfg, model, task, m, cache, searched, shipped=key[-1])
             info = {"kind": c.info["kind"], "compare": c.info["compare"], "method": c.method, "stack": c.info["stack"],
                     "layers": c.info["layers"]}
             rows += [{**info, "spec": c.label, **s} for s in done[key]]
@@ -357,10 +362,43 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
         df.insert(df.columns.get_loc("params_removed") + 1, "params_removed_frac", (n0 - df.params) / n0)
         df.attrs["config"] = {"recovery": asdict(rcfg), "search": search.attrs.get("details", {}),
                               "combined_size": COMBINED_SIZE}
+        if m.combined_recovery_steps is not None:
+            df.attrs["config"]["combined_recovery"] = asdict(combined_recovery_config(m))
         return df
 
-    cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg))
+    extra = {}
+    if m.combined_recovery_steps is not None:
+        extra["combined_recovery"] = asdict(combined_recovery_config(m))
+    if m.shipped:
+        from .merge_artifacts import shipped_state
+
+        extra["shipped"] = shipped_state()  # a card written (or replaced) by `make merges` makes a new table
+    cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg), **extra)
     return _cached("teacher_merge", cfg, compute)
+
+
+def _candidate_stages(c: Candidate, rcfg: TrainConfig, model, task, m: MergingProfile, cache, searched: dict, *,
+                      shipped: bool) -> list[dict]:
+    """One candidate's rows: as built (recovery_steps 0) and after `rcfg`, recovered in the cache,
+    or read from its shipped card (`shipped`); a candidate not shipped yet gets a row with a note."""
+    from .merge_artifacts import NOT_SHIPPED, shipped_stages
+
+    if shipped:
+        stages = shipped_stages(c, m)
+        if stages is not None:
+            return stages
+    key = spec_texts(c)
+    net = apply(model, c.spec, cache=cache)
+    stages = [{"recovery_steps": 0, **_scores(net, task, m, searched.get("; ".join(key)))}]
+    if shipped:
+        stages.append({"recovery_steps": rcfg.steps, "note": NOT_SHIPPED})
+    elif rcfg.steps > 0:
+        t0 = time.perf_counter()
+        recover(net, task, rcfg, recovery_dir(key, rcfg), progress=False)
+        stages.append({"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0,
+                       **_scores(net, task, m)})
+    ff, blocks = c.spec.removed()
+    return [{"params": count_params(net), "ff_removed": ff, "blocks_removed": blocks, **s} for s in stages]
 
 
 def before_after(table: pd.DataFrame, metrics=("test_per", "test_wer")) -> pd.DataFrame:
@@ -473,15 +511,23 @@ def _span(layers) -> int:
 
 
 def _teacher_lines(t: pd.DataFrame) -> list[str]:
-    steps = int(t.recovery_steps.max())
-    final = t[t.recovery_steps == steps]
+    # each (stack, size) is compared at the longest recovery that two methods have scores after (combined
+    # candidates may have a longer, shipped budget than single windows; one not shipped yet has no scores)
+    scored = t.dropna(subset=["test_wer"])
+    scored = scored[scored.method != "original"]
+    two = scored.groupby([scored["stack"], scored.layers.map(_span), scored.recovery_steps]).method.transform("nunique") > 1
+    group = [scored["stack"], scored.layers.map(_span)]
+    top = scored.recovery_steps.where(two).groupby(group).transform("max")
+    final = scored[scored.recovery_steps == top]
     orig = t[t.method == "original"]
     lines = [f"The original teacher scores {orig.test_wer.iloc[0]:.1f}% WER / {orig.test_per.iloc[0]:.1f}% PER on test."] \
         if len(orig) else []
     wins: dict[str, int] = {}
-    stage = f"after {steps} recovery steps" if steps else "without recovery"
+    stages = set()
     for (stack, size), g in final[final.method != "original"].groupby(["stack", final.layers.map(_span)], sort=False):
-        g = g.dropna(subset=["test_wer"]).sort_values(["test_wer", "test_per"])
+        g = g.sort_values(["test_wer", "test_per"])
+        steps = int(g.recovery_steps.max())
+        stage = f"after {steps} recovery steps" if steps else "without recovery"
         if g.method.nunique() < 2:
             continue
         best, runner = g.iloc[0], g[g.method != g.iloc[0].method].iloc[0]
@@ -493,11 +539,13 @@ def _teacher_lines(t: pd.DataFrame) -> list[str]:
                          "parameters removed).")
             continue
         wins[best.method] = wins.get(best.method, 0) + 1
+        stages.add(stage)
         lines.append(f"{stack}, {size} layers ({stage}): **{best.method}** wins with {best.test_wer:.1f}% WER "
                      f"({removed}, {runner.test_wer - best.test_wer:.1f} points better.")
     if wins:
         lines.insert(1 if len(orig) else 0, "Teacher, wins per method: " + ", ".join(
-            f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])) + f" (lowest test WER {stage}).")
+            f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1]))
+            + f" (lowest test WER {stages.pop() if len(stages) == 1 else 'after the longest recovery two methods share'}).")
     return lines
 
 
@@ -535,4 +583,5 @@ def conclusion(merge: pd.DataFrame) -> str:
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
            "teacher_window_search", "candidates", "spec_texts", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
-           "minilm_hash", "minilm_contrast", "conclusion", "similarity_conclusion", "COLUMNS"]
+           "minilm_hash", "minilm_contrast", "conclusion", "similarity_conclusion", "COLUMNS", "combined_recovery_config",
+           "recovery_dir"]

@@ -1,0 +1,288 @@
+"""The teacher's combined FF-merging candidates, recovered at a real budget and shipped under data/merging.
+
+A 1,000-step recovery of four candidates does not fit in `make report`, so `make merges`
+(`python -m mtlab merges [--only NAME ...]`) does it once, as `make baselines` does for the
+baselines: the window search of the shipping profile (`default`, cached like the study's), the
+combined candidates of `experiments.merging.candidates` (permute and vanilla tying 4 of 12 FF
+sublayers, layer pruning at equal FF sublayers and at equal parameters), EACH recovered with the
+same budget (`combined_recovery_config`: steps, batch, lr, seed) in runs/merging/<name>
+(resumable), then exported with a card: spec, method, what is held equal, budget, teacher hash,
+scores on the full dev and test splits before and after recovery, the command. The weights are
+bf16 (scored after the round trip, as the teacher is): a tied model in `save_merged`'s compact
+format, a pruned one as a plain transformers folder (`mtlab.export`).
+
+With `MergingProfile.shipped`, `teacher_merge_table` reads these cards (`shipped_stages`, after
+`shipped.verify`) instead of recovering in the cache; `load_merge` returns the model itself.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..cache import teacher_hash
+from ..candidate import Budget, Candidate, apply
+from ..export import export
+from ..merging.merge import MERGES_NAME, load_merged, merged_specs, save_merged
+from ..merging.methods import merge_methods
+from ..merging.search import CorrelationCache, check_ties, count_params, recover
+from ..profiles import MergingProfile, get_profile
+from ..shipped import ArtifactMismatch, sha256, verify, write_artifact
+from ..tasks.diagnosis import score_splits
+from ..teacher import ROOT, load_teacher
+from ..train import on_main_process
+from .merging import ANCHOR, COMBINED_SIZE, align_batches, candidates, combined_recovery_config, teacher_window_search
+
+MERGE_DIR = ROOT / "data" / "merging"
+MERGE_WORK = ROOT / "runs" / "merging"
+MERGE_COMMAND = "make merges"
+MERGE_PROFILE = "default"          # the profile whose search and budget are shipped (the report's)
+NOT_SHIPPED = "not shipped: make merges"
+COMPARE = {"equal FF sublayers": "equal-ff", "equal params": "equal-params"}
+SEARCH_FIELDS = ("align_tokens", "select_limit", "window_sizes", "window_starts")  # what picks the windows
+
+__all__ = ["MERGE_DIR", "MERGE_COMMAND", "NOT_SHIPPED", "load_merge", "merge_card_config", "merge_name", "merge_names",
+           "shippable", "shipped_stages", "shipped_state", "shipped_summary", "train_merge", "train_merges"]
+
+
+def merge_name(c: Candidate) -> str:
+    """The shipped folder of a combined candidate: METHOD-equal-ff or METHOD-equal-params."""
+    return f"{c.method}-{COMPARE[c.info['compare']]}"
+
+
+def merge_names() -> list[str]:
+    """Every name a combined candidate can ship under (which exist depends on the search)."""
+    return [f"{m}-equal-ff" for m in (*merge_methods(), "layer_prune")] + ["layer_prune-equal-params"]
+
+
+def shippable(search: pd.DataFrame) -> dict[str, Candidate]:
+    """The combined candidates of a window search, by shipped name."""
+    return {merge_name(c): c for c in candidates(search) if c.info["kind"] == "combined"}
+
+
+def merge_card_config(c: Candidate, m: MergingProfile) -> dict:
+    """What a shipped candidate must match: its recovery recipe, its spec and the search settings."""
+    return {"recovery": asdict(combined_recovery_config(m)), "spec": c.label, "anchor": ANCHOR,
+            "combined_size": COMBINED_SIZE, "search": {k: getattr(m, k) for k in SEARCH_FIELDS}}
+
+
+def shipped_state(root: str | Path | None = None) -> dict[str, str]:
+    """{name: SHA-256 of its card} of every shipped candidate: a cache key that changes with them."""
+    root = Path(root or MERGE_DIR)
+    return {p.parent.name: sha256(p) for p in sorted(root.glob("*/card.json"))} if root.is_dir() else {}
+
+
+def _verified(c: Candidate, m: MergingProfile, root: str | Path | None) -> tuple[Path, dict]:
+    path = Path(root or MERGE_DIR) / merge_name(c)
+    remake = f"{MERGE_COMMAND} (or python -m mtlab merges --only {merge_name(c)})"
+    return path, verify(path, teacher_hash=teacher_hash(), config=merge_card_config(c, m), remake=remake)
+
+
+def shipped_stages(c: Candidate, m: MergingProfile, root: str | Path | None = None) -> list[dict] | None:
+    """A shipped candidate's rows of the merge table (before and after recovery, full splits, from
+    its verified card); None when it is not shipped yet. A card from another teacher or recipe raises."""
+    try:
+        _, card = _verified(c, m, root)
+    except ArtifactMismatch:
+        if (Path(root or MERGE_DIR) / merge_name(c)).exists():
+            raise
+        print(f"merge candidate {merge_name(c)} is not shipped yet (`{MERGE_COMMAND}` recovers it); its row "
+              "stays empty", flush=True)
+        return None
+    size = {k: card[k] for k in ("params", "ff_removed", "blocks_removed")}
+    return [{**size, "recovery_steps": 0, **card["before"]},
+            {**size, "recovery_steps": card["steps"], "recovery_seconds": card["train_seconds"], **card["after"]}]
+
+
+def load_merge(c: Candidate, m: MergingProfile, root: str | Path | None = None) -> Candidate:
+    """The shipped, recovered model of combined candidate `c` (float32, eval mode), with its test and
+    dev scores and budget from the card, after `shipped.verify` (teacher hash, recipe, spec, files)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path, card = _verified(c, m, root)
+    model_dir = path / "model"
+    if (model_dir / MERGES_NAME).exists():
+        net = load_merged(model_dir).float().eval()
+        check_ties(net)
+    else:
+        net = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return Candidate(c.method, c.spec, net, card["compare"], Budget(1, card["steps"], card["train_seconds"]),
+                     provenance="shipped", scores=dict(card["after"]), info=dict(c.info))
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _before(net, task, work: Path, spec: str, words: int | None, progress: bool) -> dict:
+    """Scores of the candidate as built, kept in `work` so that a resumed run does not decode again."""
+    path = work / "before.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("spec") == spec and kept.get("words") == words:
+            return kept["scores"]
+    scores = _rounded(score_splits(net, task, limit=words, progress=progress))
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"spec": spec, "words": words, "scores": scores}, indent=1))
+    tmp.replace(path)
+    return scores
+
+
+def _rel(scores: dict, teacher: dict, split: str = "test") -> dict:
+    """Relative word and phone accuracy against the teacher on the same words."""
+    return {"rel_word_acc": round((100 - scores[f"{split}_wer"]) / (100 - teacher[f"{split}_wer"]), 4),
+            "rel_per_acc": round((100 - scores[f"{split}_per"]) / (100 - teacher[f"{split}_per"]), 4)}
+
+
+FORMATS = {True: "save_merged (tied FF sublayers stored once; load with mtlab.merging.merge.load_merged), bf16",
+           False: "plain transformers folder (mtlab.export; AutoModelForSeq2SeqLM.from_pretrained), bf16"}
+
+
+def _save(net, path: Path) -> None:
+    """bf16 weights: tied sublayers stored once (save_merged), a plain model as a transformers folder."""
+    net.to(torch.bfloat16)
+    try:
+        save_merged(net, path) if merged_specs(net) else export(net, path)
+    finally:
+        net.to(torch.float32)
+
+
+def train_merge(name: str, profile=MERGE_PROFILE, out_root: str | Path | None = None,
+                work_root: str | Path | None = None, *, search: pd.DataFrame | None = None,
+                teacher_scores: dict | None = None, words: int | None = None,
+                progress: bool = True) -> Candidate | None:
+    """Recover (or resume) one combined candidate of `profile`'s search with its combined budget in
+    work_root/name, score it on `words` words of dev and test (None: the full splits) before and
+    after, and ship it with a card to out_root/name. Returns the shipped candidate (model in float32,
+    exactly the shipped weights), or None when the run stopped before its last step."""
+    p = get_profile(profile)
+    m = p.merging
+    rcfg = combined_recovery_config(m)
+    out_root, work = Path(out_root or MERGE_DIR), Path(work_root or MERGE_WORK) / name
+    search = teacher_window_search(p, progress=progress) if search is None else search
+    cands = shippable(search)
+    if name not in cands:
+        raise ValueError(f"no combined merge candidate {name!r} in the search of profile {p.name!r}: "
+                         f"it yields {sorted(cands)}")
+    c = cands[name]
+    try:
+        return load_merge(c, m, out_root)  # already shipped with this recipe: nothing to do
+    except ArtifactMismatch:
+        pass
+    teacher, task = load_teacher()
+    net = apply(teacher, c.spec, cache=CorrelationCache(teacher, align_batches(task), max_tokens=m.align_tokens))
+    before = _before(net, task, work, c.label, words, progress)
+    net, log = recover(net.train(), task, rcfg, work, progress=progress, save=False)
+    done = int(log.step.max()) if len(log) else 0
+    if done < rcfg.steps:
+        print(f"{name}: stopped at step {done}/{rcfg.steps}; rerun `{MERGE_COMMAND}` to resume")
+        return None
+    net.to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
+    check_ties(net)
+    after = _rounded(score_splits(net, task, limit=words, progress=progress))
+    if teacher_scores is None:
+        teacher_scores = _rounded(score_splits(teacher, task, limit=words, progress=progress))
+    n0, n = count_params(teacher), count_params(net)
+    ff, blocks = c.spec.removed()
+    card = {"what": f"{c.method} candidate of the bundled teacher's FF-merging study ({c.info['compare']}), "
+                    "recovered", "name": name, "spec": c.label, "method": c.method, "compare": c.info["compare"],
+            "stack": c.info["stack"], "layers": c.info["layers"], "teacher_hash": teacher_hash(),
+            "config": merge_card_config(c, m), "profile": p.name, "steps": done, "batch_size": rcfg.batch_size,
+            "lr": rcfg.lr, "examples_seen": done * rcfg.batch_size, "train_seconds": round(float(log.seconds.max()), 1),
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "words": words or "all", "params": n, "params_removed": n0 - n, "params_removed_frac": round((n0 - n) / n0, 6),
+            "ff_removed": ff, "blocks_removed": blocks, "teacher": teacher_scores, "before": before, "after": after,
+            "relative": {"before": _rel(before, teacher_scores), "after": _rel(after, teacher_scores)},
+            "format": FORMATS[bool(merged_specs(net))], "command": MERGE_COMMAND}
+
+    def files(tmp: Path) -> None:
+        _save(net, tmp / "model")
+        log.to_csv(tmp / "training_log.csv", index=False)
+
+    on_main_process(lambda: write_artifact(out_root / name, files, card, render_merge_card(card, log)))
+    return replace(load_merge(c, m, out_root), model=net)
+
+
+def train_merges(names: list[str] | None = None, profile=MERGE_PROFILE, *, progress: bool = True) -> list[str]:
+    """`make merges`: every combined candidate of the profile's search (or `names`), one after the
+    other with the same budget; the teacher is scored once on the full splits. Returns the names shipped."""
+    p = get_profile(profile)
+    search = teacher_window_search(p, progress=progress)
+    names = list(shippable(search)) if names is None else names
+    teacher, task = load_teacher()
+    teacher_scores = _rounded(score_splits(teacher, task, progress=progress))
+    shipped = []
+    for name in names:
+        t0 = time.time()
+        if train_merge(name, p, search=search, teacher_scores=teacher_scores, progress=progress) is not None:
+            shipped.append(name)
+        print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+    summary = shipped_summary()
+    if len(summary):
+        print(summary.to_string(index=False), "\ntarget:", summary.attrs["target"], flush=True)
+    return shipped
+
+
+def shipped_summary(root: str | Path | None = None) -> pd.DataFrame:
+    """One row per shipped candidate (from the cards, not verified): spec, parameters removed, budget,
+    test PER/WER and relative word accuracy before and after recovery; `attrs["target"]` says whether
+    permute at 4 of 12 FF sublayers keeps relative word accuracy >= .99 and beats layer pruning at
+    equal parameters (test WER after recovery)."""
+    from ..shipped import read_card
+
+    root = Path(root or MERGE_DIR)
+    cards = [read_card(p.parent) for p in sorted(root.glob("*/card.json"))] if root.is_dir() else []
+    df = pd.DataFrame([{"name": c["name"], "method": c["method"], "compare": c["compare"], "spec": c["spec"],
+                        "params_removed_frac": c["params_removed_frac"], "steps": c["steps"], "batch_size": c["batch_size"],
+                        "train_seconds": c["train_seconds"], "words": c["words"],
+                        **{f"test_{m}@{stage}": c[key][f"test_{m}"] for stage, key in (("0", "before"), ("after", "after"))
+                           for m in ("per", "wer")},
+                        "rel_word_acc@0": c["relative"]["before"]["rel_word_acc"],
+                        "rel_word_acc@after": c["relative"]["after"]["rel_word_acc"]} for c in cards])
+    by = df.set_index("name") if len(df) else df
+    target = {}
+    if "permute-equal-ff" in by.index:
+        target["permute_rel_word_acc"] = float(by.at["permute-equal-ff", "rel_word_acc@after"])
+        target["permute_keeps_99"] = target["permute_rel_word_acc"] >= 0.99
+        if "layer_prune-equal-params" in by.index:
+            target["permute_beats_prune_at_equal_params"] = bool(
+                by.at["permute-equal-ff", "test_wer@after"] < by.at["layer_prune-equal-params", "test_wer@after"])
+    df.attrs["target"] = target
+    return df
+
+
+def render_merge_card(card: dict, log: pd.DataFrame) -> str:
+    cols = ["per", "wer", "len_ratio", "eos_rate", "sub", "ins", "del", "n"]
+    rows = [{"model": label, "split": s, **{c: card[key].get(f"{s}_{c}") for c in cols}}
+            for label, key in (("teacher", "teacher"), ("as built", "before"), (f"after {card['steps']:,} steps", "after"))
+            for s in ("dev", "test")]
+    curve = log[[c for c in ("step", "loss", "lr", "seconds") if c in log]].astype({"step": int}).astype({"step": str})
+    rel = card["relative"]
+    return f"""# mtlab merge candidate `{card['name']}` for the bundled teacher
+
+- {card['what']}.
+- Spec: `{card['spec']}`; {card['ff_removed']} FF sublayers and {card['blocks_removed']} blocks removed:
+  {card['params']:,} parameters, {100 * card['params_removed_frac']:.1f}% of the teacher's removed.
+- Teacher: `data/teacher` (weights hash `{card['teacher_hash']}`); refused for any other.
+- Budget: {card['steps']:,} recovery steps at batch {card['batch_size']} = {card['examples_seen']:,} examples, lr
+  {card['lr']}, {card['train_seconds'] / 60:.1f} minutes on {card['machine']}; the same for every combined candidate.
+- Relative word accuracy on test ((100 - WER) / (100 - teacher WER)): {rel['before']['rel_word_acc']:.3f} as built,
+  {rel['after']['rel_word_acc']:.3f} after recovery.
+- Recovery config: `{json.dumps(card['config']['recovery'])}`
+- Weights: {card['format']}; the scores are of these weights.
+- Reproduce: `{card['command']}` (or `python -m mtlab merges --only {card['name']}`; resumable).
+
+## Greedy decoding ({card['words']} words per split; PER, WER, substitutions/insertions/deletions in %)
+
+{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3f')}
+
+## Training log
+
+{curve.to_markdown(index=False, floatfmt='.4f')}
+"""
