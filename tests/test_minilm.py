@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mtlab import minilm
-from mtlab.merging.search import check_ties, count_params, merge_model
+from mtlab.merging.build import check_ties, merge_model
+from mtlab.measure import count_params
 
 N = 64
 

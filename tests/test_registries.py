@@ -10,7 +10,7 @@ from mtlab import anatomy as A
 from mtlab.merging.align import permuted_weights
 from mtlab.merging.merge import MergeSpec, merge_ffs
 from mtlab.merging.methods import merge_method, merge_methods, unregister_merge_method
-from mtlab.merging.search import window_search
+from mtlab.merging.windows import window_search
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import pytest
 
 from mtlab.explore.space import merge_specs
 from mtlab.merging.merge import MergeSpec
-from mtlab.merging.search import PruneSpec, candidate_spec
+from mtlab.merging.spec import PruneSpec, candidate_spec
 
 
 def test_prune_spec_round_trip_and_errors():

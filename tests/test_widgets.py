@@ -397,7 +397,7 @@ def test_explorer_figures_stay_out_of_pyplot(monkeypatch):
 
 def test_spec_sizes_match_the_built_models(tiny_t5):
     from mtlab.candidate import CompressionSpec, apply
-    from mtlab.merging.search import count_params
+    from mtlab.measure import count_params
     from mtlab.ui.spec_sizes import SpecSizes
 
     def build(model, specs, cache):

@@ -85,7 +85,8 @@ def test_demo_is_built_once_in_the_cache():
 
 def test_merge_explorer_for_scores_a_merge_of_any_model(gpt2_dir):
     from mtlab.candidate import apply
-    from mtlab.merging.search import CorrelationCache, count_params
+    from mtlab.merging.correlations import CorrelationCache
+    from mtlab.measure import count_params
 
     model, task, _ = ym.load(gpt2_dir, TEXT, "text", PROFILE)
     cka = ym.similarity(model, task, PROFILE)

@@ -91,7 +91,7 @@ def _recovered(build_net, task, rcfg, d, progress: bool):
     """`build_net()` (a merged model) recovered with the FF-merging budget `rcfg` in the cache
     directory `d`; a rerun (or a candidate notebook 04 already recovered) loads it instead."""
     from ..merging.merge import load_merged
-    from ..merging.search import recover
+    from ..merging.recover import recover
 
     if (d / "model").exists():
         return load_merged(d / "model")
@@ -106,7 +106,7 @@ def _recovered(build_net, task, rcfg, d, progress: bool):
 
 def merge_rows(prof, teacher, task, progress: bool = True) -> list[Candidate]:
     """The FF-merging study's combined candidates (same search, chosen on dev), recovered."""
-    from ..merging.search import CorrelationCache
+    from ..merging.correlations import CorrelationCache
     from .merging import candidates, recovery_config, recovery_dir, spec_texts, teacher_window_search
 
     rcfg = recovery_config(prof.merging)
@@ -305,7 +305,8 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
     """The merge-set explorer on the teacher: CKA of FF outputs per stack, merges scored on the
     merging study's dev words (`select_limit`) on a background thread, correlations computed once
     per layer pair, layer pruning compared at the closest size not larger than the merge."""
-    from ..merging.search import CorrelationCache, count_params
+    from ..merging.correlations import CorrelationCache
+    from ..measure import count_params
     from ..ui.spec_sizes import SpecSizes
     from ..widgets import MergeExplorer
     from .merging import similarity_frames, similarity_matrix

@@ -30,8 +30,11 @@ from ..cache import cached_frame, file_hash, teacher_hash
 from ..candidate import Candidate, CompressionSpec, apply
 from ..checkpoint import write_csv, write_json
 from ..merging.methods import merge_methods
-from ..merging.search import FIXED_COLUMNS as SEARCH_FIXED  # window_search's non-score columns
-from ..merging.search import CorrelationCache, count_params, final_eval, recover, window_search
+from ..measure import count_params
+from ..merging.correlations import CorrelationCache
+from ..merging.recover import recover
+from ..merging.windows import FIXED_COLUMNS as SEARCH_FIXED  # window_search's non-score columns
+from ..merging.windows import final_eval, window_search
 from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig

@@ -8,7 +8,7 @@ For each target share of parameters removed (default ~10% and ~20%):
 * layer pruning: a window whose first block is kept and the b blocks after it dropped, b chosen
   the same way (blocks also carry attention, so b < k-1; the actual shares are reported);
 * every window is scored on dev sentences by mean cosine to the original embeddings
-  (`mtlab.merging.search.window_search`), the best window per method is kept;
+  (`mtlab.merging.windows.window_search`), the best window per method is kept;
 * each kept model is scored on the test sentences, then fine-tuned with the SAME recovery budget
   (steps, batch, lr, seed: `mtlab.embedding.recover_embeddings`, distilling the original's
   embeddings on the train split) and scored on test again.
@@ -39,7 +39,9 @@ from torch import nn
 from ..anatomy import anatomy
 from ..embedding import embed_split, embedding_scores, recover_embeddings
 from ..candidate import apply
-from ..merging.search import CorrelationCache, count_params, window_search
+from ..measure import count_params
+from ..merging.correlations import CorrelationCache
+from ..merging.windows import window_search
 from ..train import TrainConfig
 
 __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "original", "fresh_copy", "study_task",

@@ -149,7 +149,7 @@ def load(model: str | Path | None = None, data: str | Path | None = None, kind: 
 def summary(model: nn.Module, task, profile=None) -> pd.DataFrame:
     """One row: the model's class, parameters and stack depths, the task, its examples per split and
     the model's dev scores (`eval_limit` examples)."""
-    from ..merging.search import count_params
+    from ..measure import count_params
 
     splits = getattr(task, "splits", None)
     sizes = task.sizes() if hasattr(task, "sizes") else {s: len(v[0]) for s, v in (splits or {}).items()}
@@ -236,7 +236,10 @@ def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *,
     """Search the profile's window sizes (those that fit) with permute merges and layer pruning on dev,
     merge the best window, and fine-tune it `recovery_steps` (resumable under work/recover/)."""
     from ..candidate import apply
-    from ..merging.search import CorrelationCache, count_params, recover, window_search
+    from ..merging.correlations import CorrelationCache
+    from ..measure import count_params
+    from ..merging.recover import recover
+    from ..merging.windows import window_search
 
     p = get_profile(profile).your_model
     depth = min(stack_depths(model).values())
@@ -307,7 +310,8 @@ def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, 
     """The merge-set explorer (`mtlab.widgets.MergeExplorer`) on this model: the CKA heatmap per stack
     (`similarity`), merges built on demand with correlations computed once per layer pair, scored on
     `eval_limit` dev examples by the task's primary metric, layer pruning at the closest size."""
-    from ..merging.search import CorrelationCache, count_params
+    from ..merging.correlations import CorrelationCache
+    from ..measure import count_params
     from ..ui.spec_sizes import SpecSizes
     from ..widgets import MergeExplorer
     from ..candidate import CompressionSpec, apply
@@ -349,7 +353,7 @@ def export_and_reload(models: dict[str, nn.Module], task, root: str | Path, prof
     score both on dev: one row per model with its folder (relative to root), the Auto class, parameters,
     the two scores and the largest logit difference on one dev batch."""
     from ..export import export
-    from ..merging.search import count_params
+    from ..measure import count_params
 
     limit = get_profile(profile).your_model.eval_limit
     metric = f"dev_{task.primary_metric}"

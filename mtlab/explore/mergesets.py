@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..measure import count_params
-from ..merging.search import CorrelationCache, merge_model
+from ..merging.build import merge_model
+from ..merging.correlations import CorrelationCache
 from ..surgery import stack_depths
 from .screen import token_metrics
 from .space import MergeSpace, merge_specs

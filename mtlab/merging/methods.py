@@ -9,7 +9,7 @@ A method is one function, registered with a decorator:
 
 It receives the set's FF sublayers `{layer: FF}`, the anchor's layer index and, for a
 method that `needs_correlations`, the checked anchor-vs-layer correlation matrices of
-every non-anchor layer (computed by `mtlab.merging.search.CorrelationCache` or passed to
+every non-anchor layer (computed by `mtlab.merging.correlations.CorrelationCache` or passed to
 `merge_ffs`); it returns `{layer: perm or None}` for the non-anchor layers (None: as is;
 `perm` in the `mtlab.merging.align` convention). Averaging, tying, recording and saving are
 the same for every method. Everything that lists methods (MergeSpec validation,

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..anatomy import anatomy
 from ..merging.merge import MergeSpec
-from ..merging.search import count_params
+from ..measure import count_params
 
 PRUNE = re.compile(r"^prune\s+(?P<stack>[A-Za-z_][\w.]*):(?P<a>\d+)-(?P<b>\d+)$")
 

@@ -24,7 +24,8 @@ from safetensors.torch import save
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mtlab, however launched
 from mtlab import checkpoint  # noqa: E402
 from mtlab.modular import ReplacingConfig, train_modules  # noqa: E402
-from mtlab.merging.search import merge_model, recover  # noqa: E402
+from mtlab.merging.build import merge_model  # noqa: E402
+from mtlab.merging.recover import recover  # noqa: E402
 from mtlab.tasks.g2p import G2PTask  # noqa: E402
 from mtlab.teacher import TeacherConfig, build_teacher  # noqa: E402
 from mtlab.train import TrainConfig, train  # noqa: E402
