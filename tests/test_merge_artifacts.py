@@ -8,7 +8,7 @@ import torch
 
 from mtlab.experiments import merge_artifacts as A
 from mtlab.experiments import merging as X
-from mtlab.merging.search import check_ties
+from mtlab.merging.build import check_ties
 from mtlab.profiles import get_profile, replace
 from mtlab.shipped import ArtifactMismatch, read_card
 from mtlab.tasks.diagnosis import score_splits

@@ -30,7 +30,10 @@ from ..candidate import Budget, Candidate, apply
 from ..export import export
 from ..merging.merge import MERGES_NAME, load_merged, merged_specs, save_merged
 from ..merging.methods import merge_methods
-from ..merging.search import CorrelationCache, check_ties, count_params, recover
+from ..measure import count_params
+from ..merging.build import check_ties
+from ..merging.correlations import CorrelationCache
+from ..merging.recover import recover
 from ..profiles import MergingProfile, get_profile
 from ..shipped import ArtifactMismatch, sha256, verify, write_artifact
 from ..tasks.diagnosis import score_splits
