@@ -97,18 +97,7 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     elif a.cmd == "minilm":
         return _minilm(p, a.only, a.steps)
     elif a.cmd == "merges":
-        from .experiments.merge_artifacts import MERGE_PROFILE, merge_names, train_merges
-        from .profiles import get_profile, replace
-
-        bad = sorted(set(a.only or ()) - set(merge_names()))
-        if bad:
-            p.error(f"unknown merge candidate(s) {bad}: choose from {merge_names()}")
-        prof = get_profile(MERGE_PROFILE)
-        if a.steps:
-            prof = replace(prof, merging=replace(prof.merging, combined_recovery_steps=a.steps))
-        t0 = time.time()
-        train_merges(a.only, prof)  # each run checkpoints: stop it any time, rerun to resume
-        print(f"done in {time.time() - t0:.0f}s")
+        return _merges(p, a.only, a.steps)
     elif a.cmd == "ablation":
         from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table
 
@@ -143,6 +132,23 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
 
         for path in write_figures(a.out, a.profile):
             print(f"wrote {path}")
+    return 0
+
+
+def _merges(p: argparse.ArgumentParser, only: list[str] | None, steps: int | None) -> int:
+    """`mtlab merges`: recover and ship the combined FF-merge candidates (data/merging), resumable."""
+    from .experiments.merge_artifacts import MERGE_PROFILE, merge_names, train_merges
+    from .profiles import get_profile, replace
+
+    bad = sorted(set(only or ()) - set(merge_names()))
+    if bad:
+        p.error(f"unknown merge candidate(s) {bad}: choose from {merge_names()}")
+    prof = get_profile(MERGE_PROFILE)
+    if steps:
+        prof = replace(prof, merging=replace(prof.merging, combined_recovery_steps=steps))
+    t0 = time.time()
+    train_merges(only, prof)  # each run checkpoints: stop it any time, rerun to resume
+    print(f"done in {time.time() - t0:.0f}s")
     return 0
 
 
