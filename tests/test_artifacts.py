@@ -79,3 +79,12 @@ def test_make_targets_parse(capsys):
     with pytest.raises(SystemExit):
         main(["baselines", "--only", "sft-9"])
     assert "unknown baseline" in capsys.readouterr().err
+
+
+def test_every_shipped_baseline_verifies_against_the_default_recipe():
+    shipped = sorted(p.name for p in artifacts.BASELINE_DIR.iterdir() if (p / "card.json").exists()) \
+        if artifacts.BASELINE_DIR.exists() else []
+    for name in shipped:
+        (cand, *more) = load_baseline(name, baseline_recipe())
+        assert cand.provenance == "shipped" and cand.budget.steps == 20_000 and cand.model is not None
+        assert {"test_wer", "test_per", "dev_wer", "dev_per"} <= set(cand.scores)
