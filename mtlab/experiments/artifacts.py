@@ -214,9 +214,17 @@ def train_baseline(name: str, cfg: TrainConfig | None = None, out_root: str | Pa
         for e, c in zip(entries, cands):
             c.model.to(torch.bfloat16).save_pretrained(tmp / e["dir"], safe_serialization=True)
             c.model.to(torch.float32)
+            (tmp / e["dir"] / "README.md").write_text(model_pointer(name, e))
 
     on_main_process(lambda: write_artifact(Path(out_root) / name, files, card, render_baseline_card(card)))
     return cands
+
+
+def model_pointer(name: str, entry: dict) -> str:
+    """The README beside one shipped baseline model: what it is, and where its card is."""
+    return (f"# {entry['method']} ({entry['strategy']}): {entry['plan']}\n\nOne model of the shipped baseline run "
+            f"`{name}`; its config, budget, scores and the command that rebuilds it are in `../../README.md` and "
+            f"`../../card.json`. Plain `transformers` loads this folder (bf16 weights).\n")
 
 
 def render_baseline_card(card: dict) -> str:

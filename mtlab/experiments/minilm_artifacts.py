@@ -119,7 +119,7 @@ def ship(name: str, m, root=None, work=None, *, progress: bool = True) -> bool:
 
 def _ship_modules(m, out: Path, work: Path, progress: bool) -> bool:
     from ..modular import ModuleBank
-    from .minilm import ladder_rows, original, reference_embeddings as _reference, study_task, train_bank
+    from .minilm import ladder_rows, original, reference_embeddings, study_task, train_bank
 
     model, tok = original()
     task = study_task(m, tok)
@@ -130,7 +130,7 @@ def _ship_modules(m, out: Path, work: Path, progress: bool) -> bool:
     base = _base()
     shipped = ModuleBank.build(model, tuple(m.granularities), bank.init)
     shipped.load_state_dict(_decoded(bank.state_dict(), base))
-    rows = ladder_rows(model, shipped.eval(), task, _reference(task), m.steps)
+    rows = ladder_rows(model, shipped.eval(), task, reference_embeddings(task), m.steps)
     card = _card("modules", m, "MiniLM module bank (ONE module-replacing run, the original frozen)",
                  float(log.seconds.max()), rows, granularities=list(m.granularities), init=bank.init)
 
@@ -145,7 +145,7 @@ def _ship_modules(m, out: Path, work: Path, progress: bool) -> bool:
 def _ship_baseline(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     from ..baselines import keep_layers, keep_only
     from .minilm import (BASELINE_RULES, STACK, baseline_student, finetune_config, original,
-                         reference_embeddings as _reference, student_rows, study_task)
+                         reference_embeddings, student_rows, study_task)
 
     method, _, depth = name.partition("-")
     keep = keep_layers(BASELINE_RULES[method], int(depth), 6)
@@ -159,7 +159,7 @@ def _ship_baseline(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     base = _base()
     shipped = keep_only(model, {STACK: keep})
     shipped.load_state_dict(_decoded(student.state_dict(), base))
-    ref = _reference(task)
+    ref = reference_embeddings(task)
     rows = student_rows(model, task, method, keep, ref, finetune_config(m).steps, shipped.eval())
     card = _card(name, m, f"MiniLM {method} keeping layers {keep}, fine-tuned by embedding distillation",
                  _seconds(work / "log.csv"), rows, keep=keep)
@@ -175,7 +175,7 @@ def _ship_baseline(name: str, m, out: Path, work: Path, progress: bool) -> bool:
 
 def _ship_merges(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     from ..merging.merge import load_merged
-    from .minilm import (finetune_config, minilm_ff_merging, original, reference_embeddings as _reference,
+    from .minilm import (finetune_config, minilm_ff_merging, original, reference_embeddings,
                          study_task, test_scores, trainable)
 
     target = int(name.partition("-")[2]) / 100
@@ -188,7 +188,7 @@ def _ship_merges(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     if not all((r / "model").exists() for r in runs.values()):
         print(f"{name}: a recovery run is unfinished; rerun to resume")
         return False
-    base, ref = _base(), _reference(task)
+    base, ref = _base(), reference_embeddings(task)
     rows, states = [], {}
     for r in table.to_dict("records"):
         if r["stage"] == "recovered":  # score exactly what ships: the decoded weights
