@@ -136,3 +136,21 @@ def test_the_conclusion_compares_each_size_at_its_own_longest_shared_budget():
     assert "encoder, 3 layers (after 50 recovery steps): **permute** wins with 42.0% WER" in text
     assert "encoder+decoder, 6 layers (after 1000 recovery steps): **permute** wins with 40.5% WER" in text
     assert "after the longest recovery two methods share" in text and "vanilla" not in text
+
+
+def test_the_frontier_takes_the_shipped_recovered_models(shipped, monkeypatch):
+    from mtlab.experiments.explore import merge_rows
+
+    root, search, made = shipped
+    monkeypatch.setenv("MTLAB_CACHE", str(root / "cache"))
+    monkeypatch.setattr(A, "MERGE_DIR", root / "merging")
+    teacher, task = load_teacher()
+    names = {f"{c.method} ({c.info['compare']})": name for name, c in A.shippable(search).items()}
+    rows = {names[c.strategy]: c for c in merge_rows(TINY, teacher, task, progress=False)}
+    assert set(rows) >= set(SHIPPED) | {"vanilla-equal-ff"}
+    for name in SHIPPED:  # the very models `make merges` shipped, with their card's budget
+        assert rows[name].provenance == "shipped" and rows[name].budget.steps == 2
+        assert torch.equal(_logits(rows[name].model, task), _logits(made[name].model, task)), name
+    assert rows["layer_prune-equal-ff"].method == "layer_prune" and rows["permute-equal-ff"].method == "merge"
+    vanilla = rows["vanilla-equal-ff"]  # not shipped: recovered in the cache with the windows' budget
+    assert vanilla.provenance == "cache" and vanilla.budget.steps == TINY.merging.recovery_steps

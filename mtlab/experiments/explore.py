@@ -105,7 +105,9 @@ def _recovered(build_net, task, rcfg, d, progress: bool):
 
 
 def merge_rows(prof, teacher, task, progress: bool = True) -> list[Candidate]:
-    """The FF-merging study's combined candidates (same search, chosen on dev), recovered."""
+    """The FF-merging study's combined candidates (same search, chosen on dev), recovered: the
+    shipped models of `make merges` where the profile reads them (`merging.shipped`), otherwise
+    recovered with the windows' budget in the cache."""
     from ..merging.correlations import CorrelationCache
     from .merging import candidates, recovery_config, recovery_dir, spec_texts, teacher_window_search
 
@@ -116,12 +118,29 @@ def merge_rows(prof, teacher, task, progress: bool = True) -> list[Candidate]:
     for c in candidates(search):
         if c.info["kind"] != "combined":
             continue
+        kind = "layer_prune" if c.method == "layer_prune" else "merge"
+        shipped = _shipped_merge(c, prof.merging)
+        if shipped is not None:
+            out.append(replace(shipped, method=kind, strategy=f"{c.method} ({c.info['compare']})",
+                               info={"kind": kind}))
+            continue
         net = _recovered(lambda c=c: apply(teacher, c.spec, cache=cache), task, rcfg,
                          recovery_dir(spec_texts(c), rcfg), progress)
-        kind = "layer_prune" if c.method == "layer_prune" else "merge"
         out.append(Candidate(kind, c.spec, net, f"{c.method} ({c.info['compare']})", Budget(1, rcfg.steps, None),
                              provenance="cache", info={"kind": kind}))
     return out
+
+
+def _shipped_merge(c: Candidate, m) -> Candidate | None:
+    """The shipped recovered model of combined candidate `c` (None where the profile does not read
+    shipped candidates or `make merges` has not shipped it yet; one from another recipe raises)."""
+    if not m.shipped:
+        return None
+    from .merge_artifacts import MERGE_DIR, load_merge, merge_name
+
+    if not (MERGE_DIR / merge_name(c) / "card.json").exists():
+        return None
+    return load_merge(c, m)
 
 
 def combined_specs(plan: Plan, window: int = COMBINED_WINDOW) -> list[MergeSpec]:
@@ -162,6 +181,10 @@ def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     explore = {k: v for k, v in asdict(prof.explore).items() if k != "bench_limit"}  # the benchmark's own knob
     key = {"version": VERSION, "bank": _bank_key(prof), "modular": asdict(prof.modular),
            "merging": asdict(prof.merging), "explore": explore}
+    if prof.merging.shipped:
+        from .merge_artifacts import shipped_state
+
+        key["shipped_merges"] = shipped_state()  # a candidate shipped by `make merges` makes a new frontier
     return cached_frame("frontier", key, lambda: _frontier(prof, progress))
 
 
