@@ -230,28 +230,7 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
         _broadcast_from_main(model)
     model.train()
 
-    def global_batches(**kw) -> list[list[int]]:
-        """One global batch per step; a (rare) last batch with fewer examples than processes is skipped."""
-        return [b for b in task.batches(cfg.split, cfg.batch_size * world, **kw) if len(b) >= world]
-
-    per_epoch = len(global_batches())
-    if per_epoch == 0:
-        raise ValueError(f"split {cfg.split!r} has fewer than {world} examples")
-    targets = task.encoded(cfg.split)[1]
-    epoch_cache: dict[int, list[list[int]]] = {}
-
-    def batch_for(step: int) -> tuple[Batch, float]:
-        """This process's share of the step's global batch, and the weight of its loss: its share
-        of the global batch's target tokens, times N (1 in one process)."""
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = global_batches(shuffle=True, seed=cfg.seed, epoch=epoch)
-        full = epoch_cache[epoch][i]
-        mine = full[rank::world]
-        weight = world * sum(len(targets[j]) for j in mine) / sum(len(targets[j]) for j in full) if world > 1 else 1.0
-        return task.collate(cfg.split, mine).to(accel.device), weight
-
+    shards = _Shards(task, cfg, world, rank, accel.device)
     t0, elapsed0 = time.perf_counter(), _logged_seconds(log_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress or not accel.is_main_process)
     step = start
@@ -259,24 +238,13 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     counted = 0
     for step in bar:
         lr = cfg.lr_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batch, weight = batch_for(step)
-        with accel.autocast():
-            loss, parts = loss_fn(model, batch, step)
-        accel.backward(loss * weight if world > 1 else loss)
-        parts = {"loss": loss.item(), **parts}
-        if world > 1:
-            parts = _average_gradients(params, parts, weight)
+        batch, weight = shards.batch(step)
+        parts = _update(model, batch, weight, step, lr, accel, optimizer, params, loss_fn, cfg, world)
         if not math.isfinite(parts["loss"]):  # the global batch's loss: every process stops here
             raise NonFiniteLossError(
                 f"loss is {parts['loss']} at step {step}; training stopped. The last good checkpoint "
                 f"({ckpt if ckpt.exists() else 'none yet'}) is intact. Lower the learning rate "
                 f"(now {lr:.2e}), use precision='no', or check the data.")
-        if cfg.grad_clip:
-            accel.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
         counted += 1
@@ -312,6 +280,59 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     bar.close()
     accel.wait_for_everyone()
     return read_log(log_path)
+
+
+class _Shards:
+    """Deterministic data order: one global batch (batch_size x N processes) per step, shuffled by
+    (seed, epoch); each process takes every N-th example of it. A (rare) last batch with fewer
+    examples than processes is skipped."""
+
+    def __init__(self, task, cfg: TrainConfig, world: int, rank: int, device):
+        self.task, self.cfg, self.world, self.rank, self.device = task, cfg, world, rank, device
+        self.per_epoch = len(self._global())
+        if self.per_epoch == 0:
+            raise ValueError(f"split {cfg.split!r} has fewer than {world} examples")
+        self.targets = task.encoded(cfg.split)[1]
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _global(self, **kw) -> list[list[int]]:
+        return [b for b in self.task.batches(self.cfg.split, self.cfg.batch_size * self.world, **kw)
+                if len(b) >= self.world]
+
+    def batch(self, step: int) -> tuple[Batch, float]:
+        """This process's share of the step's global batch, and the weight of its loss: its share
+        of the global batch's target tokens, times N (1 in one process)."""
+        epoch, i = divmod(step, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._global(shuffle=True, seed=self.cfg.seed, epoch=epoch))
+        full = self._epoch[1][i]
+        mine = full[self.rank::self.world]
+        weight = 1.0
+        if self.world > 1:
+            weight = self.world * sum(len(self.targets[j]) for j in mine) / sum(len(self.targets[j]) for j in full)
+        return self.task.collate(self.cfg.split, mine).to(self.device), weight
+
+
+def _update(model, batch: Batch, weight: float, step: int, lr: float, accel, optimizer, params, loss_fn,
+            cfg: TrainConfig, world: int) -> dict[str, float]:
+    """One optimizer step at learning rate `lr`; returns the step's loss parts (averaged over
+    processes). A non-finite loss is returned, not applied to the weights."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    with accel.autocast():
+        loss, parts = loss_fn(model, batch, step)
+    accel.backward(loss * weight if world > 1 else loss)
+    parts = {"loss": loss.item(), **parts}
+    if world > 1:
+        parts = _average_gradients(params, parts, weight)
+    if not math.isfinite(parts["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        return parts
+    if cfg.grad_clip:
+        accel.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts
 
 
 def on_main_process(write: Callable[[], object]) -> None:
