@@ -510,44 +510,13 @@ def latency_inputs(task, batch_sizes, split: str = "test") -> dict[int, dict]:
 
 def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
     """One model per architecture of the frontier rows (`arch`): the original, each assembled plan,
-    each recovered baseline (read with plain AutoModel) and each recovered merge (load_merged)."""
-    from transformers import AutoModel
-
-    from ..merging.merge import load_merged
+    each recovered baseline and each recovered merge, read from the shipped runs (`minilm.shipped`)
+    or from the profile's runs in the cache. A row with a note (not shipped) gets no model."""
     from ..modular import assemble
 
     _, m = _profile(profile)
-    if m.shipped:
-        return _shipped_models(m, rows, bank)
     model, _ = original()
-    runs = _runs(profile)
-    out: dict[str, nn.Module] = {}
-    for r in rows.drop_duplicates("arch").itertuples():
-        if r.method == "original":
-            out[r.arch] = model
-        elif r.method == "modules":
-            out[r.arch] = assemble(model, bank, r.plan)
-        elif r.method in BASELINE_RULES:
-            keep = r.plan.removeprefix("keep ").replace(",", "-")
-            path = _saved(runs / "baselines" / f"{r.method}_{keep}" / "student", r.arch)
-            out[r.arch] = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
-        else:
-            name = "prune" if r.method == "layer_prune" else r.method
-            out[r.arch] = load_merged(_saved(runs / "merging" / f"{r.target:.2f}_{name}" / "model", r.arch)).eval()
-    return out
-
-
-def _shipped_models(m, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
-    """`candidate_models` from the shipped artifacts; a row with a note (not shipped) gets no model."""
-    from ..modular import assemble
-    from . import minilm_artifacts as shipped
-
-    model, _ = original()
-    merged = {}
-    for t in m.merge_targets:
-        name = f"merge-{round(t * 100)}"
-        if not shipped.missing(name, m):
-            merged.update({(round(t, 4), meth): net for meth, net in shipped.load_merges(name, m)[1].items()})
+    trained = _shipped_loader(m, model) if m.shipped else _cache_loader(profile)
     out: dict[str, nn.Module] = {}
     live = rows[rows["note"].isna()] if "note" in rows else rows
     for r in live.drop_duplicates("arch").itertuples():
@@ -555,16 +524,48 @@ def _shipped_models(m, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
             out[r.arch] = model
         elif r.method == "modules":
             out[r.arch] = assemble(model, bank, r.plan)
-        elif r.method in BASELINE_RULES:
-            from ..baselines import keep_only
-
-            keep = [int(i) for i in r.plan.removeprefix("keep ").split(",")]
-            name = f"{r.method}-{len(keep)}"  # not shipped: its dropped row is timed on the same architecture
-            out[r.arch] = (keep_only(model, {STACK: keep}) if shipped.missing(name, m)
-                           else shipped.load_student(name, m)[0])
         else:
-            out[r.arch] = merged[round(r.target, 4), "prune" if r.method == "layer_prune" else r.method]
+            out[r.arch] = trained(r)
     return out
+
+
+def _cache_loader(profile):
+    """A row's recovered baseline (plain AutoModel) or merge (load_merged) from the cache's runs."""
+    from transformers import AutoModel
+
+    from ..merging.merge import load_merged
+
+    runs = _runs(profile)
+
+    def trained(r) -> nn.Module:
+        if r.method in BASELINE_RULES:
+            keep = r.plan.removeprefix("keep ").replace(",", "-")
+            path = _saved(runs / "baselines" / f"{r.method}_{keep}" / "student", r.arch)
+            return AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        name = "prune" if r.method == "layer_prune" else r.method
+        return load_merged(_saved(runs / "merging" / f"{r.target:.2f}_{name}" / "model", r.arch)).eval()
+    return trained
+
+
+def _shipped_loader(m, model: nn.Module):
+    """A row's model from data/minilm; a baseline not shipped yet is timed on its untrained
+    architecture (its row carries the note and no scores)."""
+    from ..baselines import keep_only
+    from . import minilm_artifacts as shipped
+
+    merged = {}
+    for t in m.merge_targets:
+        name = f"merge-{round(t * 100)}"
+        if not shipped.missing(name, m):
+            merged.update({(round(t, 4), meth): net for meth, net in shipped.load_merges(name, m)[1].items()})
+
+    def trained(r) -> nn.Module:
+        if r.method in BASELINE_RULES:
+            keep = [int(i) for i in r.plan.removeprefix("keep ").split(",")]
+            name = f"{r.method}-{len(keep)}"
+            return keep_only(model, {STACK: keep}) if shipped.missing(name, m) else shipped.load_student(name, m)[0]
+        return merged[round(r.target, 4), "prune" if r.method == "layer_prune" else r.method]
+    return trained
 
 
 def _saved(path: Path, what: str) -> Path:
