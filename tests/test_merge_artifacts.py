@@ -108,19 +108,11 @@ def test_the_merge_table_reads_the_cards_and_notes_what_is_not_shipped(shipped, 
     assert set(windows.recovery_steps) == {0, 1} and windows.note.isna().all()  # windows: cache recovery
 
 
-def test_smoke_reads_nothing_shipped_and_the_cli_parses(capsys):
-    from mtlab.cli import main
-
+def test_smoke_reads_nothing_shipped():
     assert not SMOKE.merging.shipped and SMOKE.merging.combined_recovery_steps is None
     assert X.combined_recovery_config(SMOKE.merging) == X.recovery_config(SMOKE.merging)
     d = get_profile("default").merging
     assert d.shipped and X.combined_recovery_config(d).steps >= 1000 and X.combined_recovery_config(d).batch_size == 64
-    with pytest.raises(SystemExit) as e:
-        main(["merges", "--help"])
-    assert e.value.code == 0
-    with pytest.raises(SystemExit):
-        main(["merges", "--only", "permute-9"])
-    assert "unknown merge candidate" in capsys.readouterr().err
 
 
 def test_the_conclusion_compares_each_size_at_its_own_longest_shared_budget():

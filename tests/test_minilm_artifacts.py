@@ -123,14 +123,3 @@ def test_report_reads_shipped_runs_and_notes_missing_ones(shipped, monkeypatch, 
     assert part[part.method == "original"].mean_cos.iloc[0] == pytest.approx(1.0)
     assert list(minilm_csv(part).columns) == list(minilm_csv(full).columns)
     assert "Not shipped yet (make minilm" in minilm_conclusion(part)
-
-
-def test_minilm_command_parses(capsys):
-    from mtlab.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(["minilm", "--help"])
-    assert e.value.code == 0
-    with pytest.raises(SystemExit):
-        main(["minilm", "--only", "sft-9"])
-    assert "unknown MiniLM artifact" in capsys.readouterr().err
