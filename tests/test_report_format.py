@@ -141,3 +141,39 @@ def test_smoke_rendered_notebook_shows_no_machine_path(tmp_path):
     for root in (str(REPO), str(tmp_path), str(cache_root())):
         assert root not in page, f"{root} shown in the rendered notebook"
     assert "PosixPath" not in page and "Warning" not in page
+
+
+def modular_rows() -> pd.DataFrame:
+    """A modular table with the shipped bank's and baselines' test numbers (README, issue #12)."""
+    rows = [("teacher", "e=111111 d=111111", 1.0, 39.9, 10.7, 1.000, 1.00),
+            ("modules", "e=111111 d=11112", 1.1, 40.6, 10.9, 0.988, 1.00),
+            ("modules", "e=1122 d=1122", 1.5, 42.4, 11.8, 0.959, 1.00),
+            ("modules", "e=222 d=222", 2.0, 43.3, 12.0, 0.943, 1.00),
+            ("modules", "e=33 d=33", 3.0, 47.2, 14.5, 0.879, 1.00),
+            ("modules", "e=33 d=6", 4.2, 53.3, 28.6, 0.777, 1.07),
+            ("sft", "4 per stack", 1.5, 40.1, 10.8, 0.997, 1.00),
+            ("layer_drop", "3 per stack", 2.0, 41.8, 11.4, 0.969, 1.00),
+            ("sft", "2 per stack", 3.0, 46.2, 13.1, 0.895, 1.00)]
+    return pd.DataFrame(rows, columns=["method", "plan", "ratio", "test_wer", "test_per", "rel_word_acc", "len_ratio"])
+
+
+def test_modular_targets_say_what_is_met_and_missed():
+    from mtlab.experiments.modular import conclusion, targets
+
+    t = targets(modular_rows(), {"ratio": 1.10, "batch_size": 64})
+    acc = t[t.target.str.startswith("rel_word_acc")].set_index("ratio")
+    assert acc.ok.to_dict() == {1.1: False, 1.5: True, 2.0: True, 3.0: True}
+    assert acc.loc[1.1, "reached"] == pytest.approx(0.988) and acc.loc[1.1, "need"] == 0.99
+    gaps = t[t.target.str.startswith("modules - best baseline")]
+    assert len(gaps) == 6 and not gaps.ok.any()
+    assert gaps.set_index(["ratio", "target"]).loc[(2.0, "modules - best baseline, test WER <="), "reached"] == \
+        pytest.approx(1.5)
+    assert set(gaps.detail) == {"sft 4 per stack", "layer_drop 3 per stack", "sft 2 per stack"}
+    length = t[t.target.str.startswith("worst |length")].iloc[0]
+    assert length.ok and length.reached == pytest.approx(0.07) and length.detail == "e=33 d=6: 1.07"
+    assert t[t.target.str.startswith("replacing step")].iloc[0].ok
+    assert not targets(modular_rows().assign(len_ratio=1.2)).iloc[-1].ok
+    text = conclusion(modular_rows())
+    assert "At 2x the modules (e=222 d=222) lose to the best baseline (layer_drop 3 per stack)" in text
+    assert "Relative word accuracy at 1.1x: 0.988 (target 0.99: missed)." in text
+    assert "no decoder collapses" in text
