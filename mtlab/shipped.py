@@ -38,6 +38,17 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+
+def shipped_state(root: str | Path, names=None) -> dict[str, str]:
+    """{name: SHA-256 of its card, or "missing"} for the artifacts `names` under `root` (every
+    folder with a card when `names` is None). The card names every weights file by hash, so this
+    is a cache key that changes when an artifact is shipped, re-shipped or removed: a table made
+    before is not reused."""
+    root = Path(root)
+    if names is None:
+        names = sorted(p.parent.name for p in root.glob(f"*/{CARD}")) if root.is_dir() else []
+    return {n: sha256(root / n / CARD) if (root / n / CARD).exists() else "missing" for n in names}
+
 def _flat(obj, prefix: str = "") -> dict[str, str]:
     if isinstance(obj, dict):
         out: dict[str, str] = {}
@@ -106,4 +117,5 @@ def verify(path: str | Path, *, teacher_hash: str, config: dict, remake: str) ->
     return card
 
 
-__all__ = ["ArtifactMismatch", "CARD", "config_diff", "read_card", "sha256", "verify", "write_artifact"]
+__all__ = ["ArtifactMismatch", "CARD", "config_diff", "read_card", "sha256", "shipped_state", "verify",
+           "write_artifact"]

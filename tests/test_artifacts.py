@@ -69,6 +69,21 @@ def test_a_baseline_not_shipped_is_an_empty_row_naming_the_fix(monkeypatch, tmp_
     assert len(rows) == 7 and all(r.model is None and "make baselines" in r.note for r in rows)
 
 
+def test_a_table_made_before_a_baseline_shipped_is_not_reused(monkeypatch, tmp_path):
+    from mtlab.experiments.modular import shipped_key
+    from mtlab.profiles import get_profile
+
+    p = get_profile("default").modular
+    monkeypatch.setattr(artifacts, "BASELINE_DIR", tmp_path)
+    before = shipped_key(p)
+    assert set(before["shipped"]["baselines"].values()) == {"missing"} and len(before["shipped"]["bank"]["modules"]) == 64
+    (tmp_path / "sft-3").mkdir()
+    (tmp_path / "sft-3" / "card.json").write_text("{}")
+    after = shipped_key(p)
+    assert after != before and after["shipped"]["bank"] == before["shipped"]["bank"]
+    assert "baselines" not in shipped_key(p, baselines=False)["shipped"] and shipped_key(get_profile("smoke").modular) == {}
+
+
 @pytest.mark.parametrize("cmd, bad_name, message", [
     ("modules", None, None), ("ablation", None, None),
     ("baselines", "sft-9", "unknown baseline"),

@@ -62,3 +62,14 @@ def test_card_without_weights_is_refused(tmp_path):
     (tmp_path / "b" / "card.json").write_text(json.dumps({"teacher_hash": "abc", "config": {}}))
     with pytest.raises(ArtifactMismatch, match="lists no weights"):
         verify(tmp_path / "b", teacher_hash="abc", config={}, remake="make x")
+
+
+def test_shipped_state_changes_when_an_artifact_is_shipped_or_replaced(tmp_path):
+    from mtlab.shipped import shipped_state
+
+    assert shipped_state(tmp_path / "none") == {} and shipped_state(tmp_path, ["a"]) == {"a": "missing"}
+    _write(tmp_path / "a", {"steps": 10})
+    first = shipped_state(tmp_path, ["a", "b"])
+    assert first["b"] == "missing" and len(first["a"]) == 64 and shipped_state(tmp_path) == {"a": first["a"]}
+    _write(tmp_path / "a", {"steps": 20})  # re-shipped with another config: another card
+    assert shipped_state(tmp_path, ["a"])["a"] != first["a"]

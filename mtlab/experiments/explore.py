@@ -33,8 +33,10 @@ from ..modular.bank import block_params, teacher_ladders
 from ..surgery import stack_depths
 from ..modular.plan import size_first
 from ..profiles import get_profile
+from ..shipped import shipped_state
 from ..teacher import load_teacher
-from .modular import QUALITY, evaluate_candidates, modular_table, replacing_config, trained_bank, trained_baselines
+from .modular import (QUALITY, evaluate_candidates, modular_table, replacing_config, shipped_key, trained_bank,
+                      trained_baselines)
 
 VERSION = 3   # 2: speed-ups are medians of per-round ratios (measure.latency rounds); 3: every row decoded on the same words
 COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
@@ -45,7 +47,8 @@ COMBINED_WINDOW = 3                        # blocks per stack whose FF sublayers
 
 
 def _bank_key(prof) -> dict:
-    return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular))}
+    return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular)),
+            **shipped_key(prof.modular, baselines=False)}
 
 
 def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
@@ -180,11 +183,11 @@ def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     prof = get_profile(profile)
     explore = {k: v for k, v in asdict(prof.explore).items() if k != "bench_limit"}  # the benchmark's own knob
     key = {"version": VERSION, "bank": _bank_key(prof), "modular": asdict(prof.modular),
-           "merging": asdict(prof.merging), "explore": explore}
+           "merging": asdict(prof.merging), "explore": explore, **shipped_key(prof.modular)}
     if prof.merging.shipped:
-        from .merge_artifacts import shipped_state
+        from .merge_artifacts import MERGE_DIR
 
-        key["shipped_merges"] = shipped_state()  # a candidate shipped by `make merges` makes a new frontier
+        key["shipped_merges"] = shipped_state(MERGE_DIR)  # a candidate shipped by `make merges` makes a new frontier
     return cached_frame("frontier", key, lambda: _frontier(prof, progress))
 
 

@@ -35,7 +35,7 @@ from ..merging.build import check_ties
 from ..merging.correlations import CorrelationCache
 from ..merging.recover import recover
 from ..profiles import MergingProfile, get_profile
-from ..shipped import ArtifactMismatch, sha256, verify, write_artifact
+from ..shipped import ArtifactMismatch, verify, write_artifact
 from ..tasks.diagnosis import score_splits
 from ..teacher import ROOT, load_teacher
 from ..train import on_main_process
@@ -50,7 +50,7 @@ COMPARE = {"equal FF sublayers": "equal-ff", "equal params": "equal-params"}
 SEARCH_FIELDS = ("align_tokens", "select_limit", "window_sizes", "window_starts")  # what picks the windows
 
 __all__ = ["MERGE_DIR", "MERGE_COMMAND", "NOT_SHIPPED", "load_merge", "merge_card_config", "merge_name", "merge_names",
-           "shippable", "shipped_stages", "shipped_state", "shipped_summary", "train_merge", "train_merges"]
+           "shippable", "shipped_stages", "shipped_summary", "train_merge", "train_merges"]
 
 
 def merge_name(c: Candidate) -> str:
@@ -72,12 +72,6 @@ def merge_card_config(c: Candidate, m: MergingProfile) -> dict:
     """What a shipped candidate must match: its recovery recipe, its spec and the search settings."""
     return {"recovery": asdict(combined_recovery_config(m)), "spec": c.label, "anchor": ANCHOR,
             "combined_size": COMBINED_SIZE, "search": {k: getattr(m, k) for k in SEARCH_FIELDS}}
-
-
-def shipped_state(root: str | Path | None = None) -> dict[str, str]:
-    """{name: SHA-256 of its card} of every shipped candidate: a cache key that changes with them."""
-    root = Path(root or MERGE_DIR)
-    return {p.parent.name: sha256(p) for p in sorted(root.glob("*/card.json"))} if root.is_dir() else {}
 
 
 def _verified(c: Candidate, m: MergingProfile, root: str | Path | None) -> tuple[Path, dict]:

@@ -373,9 +373,10 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     if m.combined_recovery_steps is not None:
         extra["combined_recovery"] = asdict(combined_recovery_config(m))
     if m.shipped:
-        from .merge_artifacts import shipped_state
+        from ..shipped import shipped_state
+        from .merge_artifacts import MERGE_DIR
 
-        extra["shipped"] = shipped_state()  # a card written (or replaced) by `make merges` makes a new table
+        extra["shipped"] = shipped_state(MERGE_DIR)  # a card written (or replaced) by `make merges` makes a new table
     cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg), **extra)
     return _cached("teacher_merge", cfg, compute)
 

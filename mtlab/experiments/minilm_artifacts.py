@@ -296,13 +296,9 @@ def load_merges(name: str, m, root=None) -> tuple[pd.DataFrame, dict[str, nn.Mod
 def shipped_status(m, root=None) -> dict[str, str]:
     """{name: SHA-256 of its card, or "missing"}: part of the report's cache key, so a table made
     before an artifact was shipped (or re-shipped) is not reused."""
-    from ..shipped import sha256
+    from ..shipped import shipped_state
 
-    out = {}
-    for name in artifact_names(m):
-        card = _root(root) / name / CARD
-        out[name] = sha256(card) if card.exists() else "missing"
-    return out
+    return shipped_state(_root(root), artifact_names(m))
 
 
 def missing(name: str, m, root=None) -> bool:

@@ -28,7 +28,7 @@ from ..candidate import Budget, Candidate
 from ..measure import generate_flops, latency, stack_params
 from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..profiles import ModularProfile, get_profile
-from ..shipped import ArtifactMismatch
+from ..shipped import ArtifactMismatch, shipped_state
 from ..tasks.diagnosis import score_splits
 from ..teacher import load_teacher
 from ..train import TrainConfig
@@ -54,6 +54,19 @@ def baseline_config(p: ModularProfile) -> TrainConfig:
     """The per-run budget of every baseline: the module run's steps and batch, a fine-tuning rate."""
     return baseline_recipe(p.baseline_steps, p.batch_size)
 
+
+
+def shipped_key(p: ModularProfile, baselines: bool = True) -> dict:
+    """The cards of the shipped bank (and baselines) that a shipped profile reads ({} otherwise):
+    part of a cache key, so a table made before `make modules` or `make baselines` shipped (or
+    re-shipped) a run is not reused."""
+    if not p.shipped:
+        return {}
+    bank = artifacts.BANK_DIR
+    key = {"bank": shipped_state(bank.parent, [bank.name])}
+    if baselines:
+        key["baselines"] = shipped_state(artifacts.BASELINE_DIR, artifacts.baseline_names(p.baseline_depths))
+    return {"shipped": key}
 
 def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -> tuple[ModuleBank, pd.DataFrame]:
     """The module bank of a profile: the shipped one (verified against this recipe and teacher), or
@@ -114,7 +127,8 @@ def modular_table(profile=None, *, progress: bool = True, refresh: bool = False)
     (`train_runs` 1) and as 0 on the others, so column sums give each method's total cost."""
     prof = get_profile(profile)
     key = {"version": VERSION, "teacher": teacher_hash(), "profile": asdict(prof.modular),
-           "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular))}
+           "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular)),
+           **shipped_key(prof.modular)}
     return cached_frame("modular_table", key, lambda: _modular_table(prof, progress), refresh=refresh)
 
 
