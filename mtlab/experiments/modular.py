@@ -259,13 +259,15 @@ def step_cost_ratio(batch_size: int = 64, steps: int = 20, granularities=(2, 3, 
 TARGETS = {1.1: 0.99, 1.5: 0.95, 2.0: 0.93, 3.0: 0.80}  # relative word accuracy the study aims for (issue #12)
 
 
-def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0)) -> pd.DataFrame:
-    """At each ratio: the module plan and the best baseline (lowest test WER) of that ratio."""
+def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0), methods=None) -> pd.DataFrame:
+    """At each ratio: the module plan and the best baseline (lowest test WER) of that ratio, among
+    `methods` (every baseline when None)."""
     rows = []
     for r in ratios:
         at = table[(table.ratio - r).abs() < 0.01]
         mods = at[at.method == "modules"].sort_values("test_wer")
-        base = at[~at.method.isin(["modules", "teacher"])].dropna(subset=["test_wer"]).sort_values("test_wer")
+        base = at[~at.method.isin(["modules", "teacher"])] if methods is None else at[at.method.isin(methods)]
+        base = base.dropna(subset=["test_wer"]).sort_values("test_wer")
         if not len(mods):
             continue
         m = mods.iloc[0]
@@ -316,6 +318,10 @@ def targets(table: pd.DataFrame, step_cost: dict | None = None) -> pd.DataFrame:
     return out
 
 
+def _verdict(r) -> str:
+    """beat / lose to / tie with, from a head_to_head row's WER and PER gaps (both must agree)."""
+    return "beat" if r.wer_gap < 0 and r.per_gap < 0 else "lose to" if r.wer_gap > 0 and r.per_gap > 0 else "tie with"
+
 def conclusion(table: pd.DataFrame) -> str:
     """A short written result of the modular table, computed from it (markdown)."""
     lines = []
@@ -327,10 +333,16 @@ def conclusion(table: pd.DataFrame) -> str:
             lines.append(f"At {r.ratio:g}x the modules ({r.modules_plan}) reach {r.modules_test_wer:.1f}% WER; "
                          "no baseline of that ratio is available.")
             continue
-        verdict = "beat" if r.wer_gap < 0 and r.per_gap < 0 else "lose to" if r.wer_gap > 0 and r.per_gap > 0 else "tie with"
-        lines.append(f"At {r.ratio:g}x the modules ({r.modules_plan}) {verdict} the best baseline ({r.baseline}): "
+        lines.append(f"At {r.ratio:g}x the modules ({r.modules_plan}) {_verdict(r)} the best baseline ({r.baseline}): "
                      f"{r.modules_test_wer:.1f} vs {r.baseline_test_wer:.1f}% WER, "
                      f"{r.modules_test_per:.1f} vs {r.baseline_test_per:.1f}% PER.")
+    budget = method_budget(table)
+    for m in budget[(budget.train_runs == 1) & (budget.models > 1) & (budget.method != "modules")].method:
+        pairs = [r for r in head_to_head(table, methods=[m]).itertuples() if pd.notna(getattr(r, "baseline", float("nan")))]
+        if pairs:
+            lines.append(f"Against {m}, which also trains ONCE for every ratio: " + "; ".join(
+                f"at {r.ratio:g}x the modules {_verdict(r)} it ({r.modules_test_wer:.1f} vs {r.baseline_test_wer:.1f}% WER, "
+                f"{r.modules_test_per:.1f} vs {r.baseline_test_per:.1f}% PER)" for r in pairs) + ".")
     for t in targets(table).itertuples():
         if t.target.startswith("rel_word_acc"):
             lines.append(f"Relative word accuracy at {t.ratio:g}x: {t.reached:.3f} (target {t.need:.2f}: "
