@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..compact import load_packed, pack_state, save_packed, unpack_state
-from ..shipped import CARD, ArtifactMismatch, verify, write_artifact
+from ..shipped import ArtifactMismatch, verify, write_artifact
 from ..teacher import ROOT
 from ..train import on_main_process
 

@@ -55,7 +55,6 @@ def baseline_config(p: ModularProfile) -> TrainConfig:
     return baseline_recipe(p.baseline_steps, p.batch_size)
 
 
-
 def shipped_key(p: ModularProfile, baselines: bool = True) -> dict:
     """The cards of the shipped bank (and baselines) that a shipped profile reads ({} otherwise):
     part of a cache key, so a table made before `make modules` or `make baselines` shipped (or
@@ -67,6 +66,7 @@ def shipped_key(p: ModularProfile, baselines: bool = True) -> dict:
     if baselines:
         key["baselines"] = shipped_state(artifacts.BASELINE_DIR, artifacts.baseline_names(p.baseline_depths))
     return {"shipped": key}
+
 
 def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -> tuple[ModuleBank, pd.DataFrame]:
     """The module bank of a profile: the shipped one (verified against this recipe and teacher), or
@@ -321,6 +321,7 @@ def targets(table: pd.DataFrame, step_cost: dict | None = None) -> pd.DataFrame:
 def _verdict(r) -> str:
     """beat / lose to / tie with, from a head_to_head row's WER and PER gaps (both must agree)."""
     return "beat" if r.wer_gap < 0 and r.per_gap < 0 else "lose to" if r.wer_gap > 0 and r.per_gap > 0 else "tie with"
+
 
 def conclusion(table: pd.DataFrame) -> str:
     """A short written result of the modular table, computed from it (markdown)."""
