@@ -1,5 +1,10 @@
 """mtlab: flexible compression of pretrained Transformers (modular assembly, FF merging)."""
-from importlib.metadata import PackageNotFoundError, version
+# First, before anything can load torch: the OpenMP wait policy / threads (MTLAB_THREADS; mtlab/runtime.py)
+from . import runtime as _runtime
+
+_runtime.configure()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("mtlab")

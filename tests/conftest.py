@@ -2,6 +2,8 @@ import os
 import tempfile
 
 import pytest
+
+import mtlab  # noqa: F401  (before torch: sets the OpenMP wait policy, mtlab/runtime.py)
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
