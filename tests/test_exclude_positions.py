@@ -65,7 +65,7 @@ def _off_diagonal(df: pd.DataFrame) -> np.ndarray:
 def test_planted_token_dominates_cka_until_left_out(tok):
     model, bs = _bert(tok, plant=True), _batches(tok)
     kw = dict(max_tokens=None, progress=False)
-    everything = cka_matrix(model, bs, "ff_out", **kw)
+    everything = cka_matrix(model, bs, "ff_out", exclude=None, **kw)  # every token (the default leaves specials out)
     clean = cka_matrix(model, bs, "ff_out", exclude=tok, **kw)
     assert _off_diagonal(everything).min() > 0.99           # unlike layers read as identical
     assert _off_diagonal(clean).max() < 0.8                  # ... and are not
@@ -76,7 +76,7 @@ def test_planted_token_dominates_cka_until_left_out(tok):
     assert clean.attrs["config"]["tokens"]["layers"] + n_special == everything.attrs["config"]["tokens"]["layers"]
     # without the plant the special tokens do not matter much: both maps are well below 1
     plain = _bert(tok)
-    assert _off_diagonal(cka_matrix(plain, bs, "ff_out", **kw)).max() < 0.9
+    assert _off_diagonal(cka_matrix(plain, bs, "ff_out", exclude=None, **kw)).max() < 0.9
 
 
 def test_masks_tensor_callable_and_batch_key_agree(tok):

@@ -138,7 +138,8 @@ def t5_batches():
 @pytest.mark.parametrize("estimator", ["minibatch", "exact"])
 def test_cka_matrix_tiny_t5(t5_batches, estimator):
     model = _model("t5")
-    df = S.cka_matrix(model, t5_batches, point="ff_out", estimator=estimator, chunk_tokens=8, progress=False)
+    df = S.cka_matrix(model, t5_batches, point="ff_out", estimator=estimator, chunk_tokens=8, progress=False,
+                      exclude=None)
     labels = ["encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"]
     assert list(df.index) == labels and list(df.columns) == labels
     M = df.to_numpy()
@@ -155,13 +156,13 @@ def test_cka_matrix_tiny_t5(t5_batches, estimator):
         assert M[2, 4] == pytest.approx(S.linear_cka(feats["decoder.0.ff_out"], feats["decoder.2.ff_out"]),
                                         abs=1e-9)
     enc = S.cka_matrix(model, t5_batches, point="block_out", stack="encoder", estimator=estimator,
-                       progress=False)
+                       progress=False, exclude=None)
     assert enc.shape == (2, 2) and list(enc.attrs["config"]["tokens"]) == ["encoder"]
 
 
 def test_matching_matrix_tiny_t5(t5_batches):
     model = _model("t5")
-    df = S.matching_matrix(model, t5_batches, stack="decoder", progress=False)
+    df = S.matching_matrix(model, t5_batches, stack="decoder", progress=False, exclude=None)
     M = df.to_numpy()
     assert df.shape == (3, 3) and (np.diag(M) == 1.0).all()
     np.testing.assert_allclose(M, M.T)
@@ -170,11 +171,13 @@ def test_matching_matrix_tiny_t5(t5_batches):
     assert M[0, 2] == pytest.approx(S.matching_score(feats["decoder.0.ff_pre"], feats["decoder.2.ff_pre"]),
                                     abs=1e-9)
     # several passes when statistics would exceed max_bytes: same result
-    tiny = S.matching_matrix(model, t5_batches, stack="decoder", max_bytes=8 * 64 * 64, progress=False)
+    tiny = S.matching_matrix(model, t5_batches, stack="decoder", max_bytes=8 * 64 * 64, progress=False,
+                             exclude=None)
     assert tiny.attrs["config"]["passes"] == 3
     np.testing.assert_allclose(tiny.to_numpy(), M, atol=1e-12)
     with pytest.raises(ValueError, match="one-shot"):
-        S.matching_matrix(model, iter(t5_batches), stack="decoder", max_bytes=8 * 64 * 64, progress=False)
+        S.matching_matrix(model, iter(t5_batches), stack="decoder", max_bytes=8 * 64 * 64, progress=False,
+                          exclude=None)
 
 
 def test_heatmap():
@@ -189,3 +192,131 @@ def test_heatmap():
         S.heatmap(pd.DataFrame())
     with pytest.raises(ValueError, match="square"):
         S.heatmap(pd.DataFrame(np.ones((2, 3))))
+
+
+# ---------------------------------------------------------------------------
+# special tokens are left out by default (issue 22, item 11)
+
+SENTS = ["the quick brown fox jumps over the lazy dog", "return the number of items in a list",
+         "a short one", "open the file and read every line of it", "raise an error when the value is bad",
+         "compute the square root of a number"] * 4
+
+
+def _bert_tokenizer():
+    """A word-level BERT-style tokenizer built offline: [CLS] sentence [SEP], [PAD] = 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for t in SENTS for w in t.split()})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _spiky_bert(tok):
+    """A tiny random BERT whose [CLS] carries one huge dimension through every FF (as trained BERTs do)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+    model = BertModel(cfg).eval()
+    cls = tok.cls_token_id
+    with torch.no_grad():
+        emb = model.embeddings
+        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+            table.weight[:, 0] = 0.0
+        emb.word_embeddings.weight[cls, 0] = 50.0
+        for layer in model.encoder.layer:
+            att = layer.attention
+            for lin in (att.self.query, att.self.key, att.self.value):
+                lin.weight[:, 0] = 0.0
+            att.output.dense.weight[0] = 0.0
+            att.output.dense.bias[0] = 0.0
+            w_in, w_out = layer.intermediate.dense, layer.output.dense
+            w_in.weight[:, 0] = 0.0
+            w_in.weight[0] = 0.0
+            w_in.weight[0, 0], w_in.bias[0] = 10.0, -20.0
+            w_out.weight[0] = 0.0
+            w_out.weight[:, 0] = 0.0
+            w_out.weight[0, 0], w_out.bias[0] = 100.0, 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """The spiky BERT saved with its tokenizer, as a user's model folder is."""
+    tok = _bert_tokenizer()
+    folder = tmp_path_factory.mktemp("bert") / "model"
+    _spiky_bert(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _bert_batches(tok):
+    return [dict(tok(SENTS[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, len(SENTS), 8)]
+
+
+def _off(df):
+    M = df.to_numpy()
+    return M[~np.eye(len(M), dtype=bool)]
+
+
+def test_cka_and_matching_leave_special_tokens_out_by_default(bert_folder):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(bert_folder).eval()
+    tok = AutoTokenizer.from_pretrained(bert_folder)
+    bs = _bert_batches(tok)
+    kw = dict(max_tokens=None, progress=False)
+    default = S.cka_matrix(model, bs, "ff_out", **kw)
+    by_tok = S.cka_matrix(model, bs, "ff_out", exclude=tok, **kw)
+    everything = S.cka_matrix(model, bs, "ff_out", exclude=None, **kw)
+    np.testing.assert_allclose(default.to_numpy(), by_tok.to_numpy(), atol=1e-12)
+    assert _off(everything).min() > 0.99 and _off(default).max() < 0.9  # [CLS] dominated the map over all tokens
+    cfg = default.attrs["config"]
+    assert cfg["tokens_left_out"] == "special tokens" and cfg["special_ids"] == sorted(tok.all_special_ids)
+    assert "tokenizer saved with the model" in cfg["special_ids_from"]
+    assert cfg["excluded_tokens"] == {"layers": 2 * len(SENTS)}  # [CLS] and [SEP] of every sentence
+    assert everything.attrs["config"]["tokens_left_out"] == "none"
+    assert everything.attrs["config"]["excluded_tokens"] == {"layers": 0}
+    m = S.matching_matrix(model, bs, "ff_pre", **kw)
+    assert m.attrs["config"]["tokens_left_out"] == "special tokens"
+    assert m.attrs["config"]["excluded_tokens"] == {"layers": 2 * len(SENTS)}
+    np.testing.assert_allclose(m.to_numpy(), S.matching_matrix(model, bs, "ff_pre", exclude=tok, **kw).to_numpy(),
+                               atol=1e-12)
+    plt.close("all")
+    assert "special tokens left out" in S.heatmap(default).get_title()
+    plt.close("all")
+
+
+def test_default_without_a_tokenizer_warns_or_names_the_fix():
+    tok = _bert_tokenizer()
+    model = _spiky_bert(tok)  # built from a config: no folder, no tokenizer beside it
+    bs = _bert_batches(tok)
+    with pytest.warns(UserWarning, match="exclude=tokenizer"):
+        df = S.cka_matrix(model, bs, "ff_out", max_tokens=None, progress=False)
+    assert df.attrs["config"]["special_ids"] == [tok.pad_token_id]
+    assert "pad_token_id=0" in df.attrs["config"]["special_ids_from"]
+    model.config.pad_token_id = None
+    with pytest.raises(ValueError, match="exclude=tokenizer.*exclude=None"):
+        S.cka_matrix(model, bs, "ff_out", progress=False)
+    with pytest.raises(ValueError, match="exclude='special'"):
+        S.cka_matrix(model, bs, "ff_out", progress=False, exclude="specials")
+
+
+def test_g2p_teacher_folder_names_its_special_tokens(tmp_path, tiny_t5, g2p_task):
+    from mtlab.tasks.g2p import SPECIALS
+
+    tiny_t5.save_pretrained(tmp_path)
+    g2p_task.tokenizer.save(tmp_path)
+    tiny_t5.config._name_or_path = str(tmp_path)
+    ids, source = S.special_ids(tiny_t5)
+    assert [g2p_task.tokenizer.vocab[i] for i in ids] == list(SPECIALS) == ["<pad>", "</s>", "<unk>"]
+    assert "tokenizer saved with the model" in source
