@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default=None, help="output folder (overrides the recipe's output)")
     run.add_argument("--check", action="store_true", help="only validate the recipe against the model; run nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--fresh", action="store_true", help="delete the results and work/ of an earlier run in the "
+                     "output folder (of another recipe, model or data) and start over")
     t = sub.add_parser("teacher", help="train (or resume) the bundled teacher and export it to data/teacher")
     t.add_argument("--out", default=None, help="export directory (default data/teacher)")
     t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
@@ -47,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser("ablation", help="train every recipe variant at one budget; write data/ablation/modular_ablation.csv")
     ab.add_argument("--steps", type=int, default=3000, help="steps per variant (batch 64)")
     ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
-    ab.add_argument("--only", nargs="*", default=None, help="these variants only")
+    ab.add_argument("--only", nargs="*", default=None, help="these variants only (their rows are added to the "
+                    "table or replace their earlier rows; the other rows are kept)")
+    ab.add_argument("--device", default=None, choices=("cpu", "cuda"), help="train on this device (default: cuda "
+                    "when available); recorded in the row and the cache key")
+    ab.add_argument("--seed", type=int, default=0, help="training seed (data order, sampling); recorded in the row")
+    ab.add_argument("--equal-time", action="store_true", help="train each variant for the steps that cost what the "
+                    "recipe's --steps run cost on this device (read from the table's rows)")
     r = sub.add_parser("report", help="evaluate the bundled teacher, run every notebook, write reports/")
     r.add_argument("--out", default="reports", help="report directory (default reports)")
     r.add_argument("--teacher", default=None, help="teacher directory (default data/teacher)")
@@ -63,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     if a.cmd == "run":
-        return _run(a.recipe, a.output, a.check, not a.no_progress)
+        return _run(a.recipe, a.output, a.check, not a.no_progress, a.fresh)
     if a.cmd == "teacher":
         from .teacher import ROOT, TEACHER_DIR, TeacherConfig, train_teacher
 
@@ -99,16 +107,18 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     elif a.cmd == "merges":
         return _merges(p, a.only, a.steps)
     elif a.cmd == "ablation":
-        from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table
+        from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table, resolve_device, write_rows
 
         bad = sorted(set(a.only or ()) - set(VARIANTS))
         if bad:
             p.error(f"unknown variant(s) {bad}: choose from {sorted(VARIANTS)}")
-        table = ablation_table(a.steps, words=a.words, variants=a.only)
-        ABLATION_CSV.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ABLATION_CSV.with_name(ABLATION_CSV.name + ".tmp")
-        table.to_csv(tmp, index=False)
-        tmp.replace(ABLATION_CSV)
+        try:
+            device = resolve_device(a.device)
+        except ValueError as e:
+            p.error(str(e))
+        table = ablation_table(a.steps, words=a.words, variants=a.only, seed=a.seed, device=device,
+                               equal_time=a.equal_time)
+        write_rows(table, ABLATION_CSV)  # merged: rows of other variants, seeds and devices are kept
         print(table.to_string(index=False))
     elif a.cmd == "report":
         from .notebooks import run_notebooks
@@ -176,18 +186,20 @@ def _minilm(p: argparse.ArgumentParser, only: list[str] | None, steps: int | Non
     return 0
 
 
-def _run(recipe: str, output: str | None, check: bool, progress: bool) -> int:
+def _run(recipe: str, output: str | None, check: bool, progress: bool, fresh: bool = False) -> int:
     """`mtlab run`: a recipe error is one clear message and exit status 2, not a traceback."""
     from .recipe import RecipeError, check_recipe, load_model_and_task, load_recipe, run_recipe
 
     try:
         r = load_recipe(recipe)
+        if output is not None:  # --check looks at the folder the run would use
+            r = r.model_copy(update={"output": Path(output)})
         if check:
-            check_recipe(r, load_model_and_task(r)[0])
+            check_recipe(r, *load_model_and_task(r), output=not fresh)
             print(f"{recipe}: valid")
             return 0
         t0 = time.time()
-        df = run_recipe(r, output=output, progress=progress)
+        df = run_recipe(r, output=output, progress=progress, fresh=fresh)
     except RecipeError as e:
         print(f"mtlab run: {e}", file=sys.stderr)
         return 2

@@ -5,11 +5,16 @@ some module aligns, that module is swapped in with probability p (which rises li
 over training), otherwise the original layer runs. Only module parameters train; the
 teacher is frozen and also provides the targets: logits (KD at temperature T) and hidden
 states at every span boundary (MSE, padding excluded).
+
+`PlanAwareConfig` (the recipe plus a `PlanSampling`) draws each step's plans otherwise: from the
+assembly strategies' ladders, from the whole assembly space, or several plans per step with their
+losses summed (a sandwich); see `SAMPLERS`.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +68,57 @@ class ReplacingConfig:
         t = min(1.0, step / max(1, self.ramp * self.train.steps))
         return self.p_start + (self.p_end - self.p_start) * t
 
+    def with_sampling(self, sampler: str, **kw) -> "PlanAwareConfig":
+        """This recipe with plan-aware sampling (`PlanSampling(sampler, **kw)`): a `PlanAwareConfig`."""
+        return PlanAwareConfig(**{f.name: getattr(self, f.name) for f in fields(ReplacingConfig)},
+                               sampling=PlanSampling(sampler, **kw))
+
+
+#: how each step's plans are drawn (`PlanSampling.sampler`):
+SAMPLERS = {
+    "granular": "the recipe: per stack, walking up, an aligned module with probability p (`sample_tilings`)",
+    "ladder": "one plan drawn uniformly from the ladders of `strategies` (teacher excluded)",
+    "space": "one plan drawn uniformly from the whole assembly space (teacher excluded)",
+    "sandwich": "K = 3 plans, losses summed: the most compressed plan, a ladder rung, a granular draw",
+    "mix": "K = 2 plans, losses summed: a granular draw and a ladder rung",
+    "ladder_final": "granular draws, then the last `final_phase` of the steps on ladder rungs",
+}
+
+
+@dataclass(frozen=True)
+class PlanSampling:
+    """Which plans a module-replacing step trains (see `SAMPLERS`). Ladder plans are those the
+    assembly strategies `strategies` produce for the teacher (`mtlab.modular.plan.ladders`),
+    deduplicated, the teacher's own plan excluded."""
+
+    sampler: str = "granular"
+    strategies: tuple[str, ...] = ("size_first", "speed_first")
+    final_phase: float = 0.2         # "ladder_final": the share of the steps (at the end) on ladder rungs
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"PlanSampling(sampler={self.sampler!r}) is unknown: use one of {sorted(SAMPLERS)}")
+        if not 0 < self.final_phase <= 1:
+            raise ValueError(f"PlanSampling(final_phase={self.final_phase}) must be in (0, 1]: the share of the "
+                             "steps at the end that train ladder rungs, e.g. 0.2")
+        if not self.strategies:
+            raise ValueError("PlanSampling(strategies=()) names no assembly strategy: use e.g. "
+                             "('size_first', 'speed_first')")
+        object.__setattr__(self, "strategies", tuple(self.strategies))
+
+
+@dataclass
+class PlanAwareConfig(ReplacingConfig):
+    """`ReplacingConfig` plus how each step's plans are drawn. A subclass, not a new field of
+    ReplacingConfig, so the shipped recipe's `asdict` (its card and every cache key) is unchanged."""
+
+    sampling: PlanSampling = field(default_factory=PlanSampling)
+
+
+def sampling_of(cfg: ReplacingConfig) -> PlanSampling:
+    """The plan sampling of a recipe (the granular sampler for a plain ReplacingConfig)."""
+    return getattr(cfg, "sampling", None) or PlanSampling()
+
 
 def sample_tiling(depth: int, ks: tuple[int, ...], p: float, rng: random.Random) -> tuple[int, ...]:
     """Walk up a stack; where modules align, take one (uniformly among them) with probability p."""
@@ -91,6 +147,80 @@ def sample_tilings(depths: dict[str, int], granularities: dict[str, tuple[int, .
         n = depths[s]
         out[s] = (1,) * (j * k) + (k,) + (1,) * (n - (j + 1) * k)
     return out
+
+
+class PlanPool:
+    """The plans the plan-aware samplers draw from, for one teacher's stack depths, the bank's
+    granularities and the teacher's block sizes: the ladders of `strategies` and the whole
+    assembly space (each without the teacher's own plan), and the most compressed plan."""
+
+    def __init__(self, depths: dict[str, int], granularities: dict[str, tuple[int, ...]],
+                 block_params: dict[str, int], strategies=("size_first", "speed_first")):
+        self.depths, self.granularities = dict(depths), {s: tuple(granularities.get(s, ())) for s in depths}
+        self.block_params, self.strategies = dict(block_params), tuple(strategies)
+
+    @property
+    def teacher(self):
+        from .plan import Plan
+
+        return Plan.teacher(self.depths)
+
+    @cached_property
+    def ladder(self) -> list[dict[str, tuple[int, ...]]]:
+        from .plan import ladders
+
+        out = []
+        for _, plan in ladders(self.depths, self.granularities, self.block_params, names=self.strategies):
+            spans = dict(plan.spans)
+            if plan != self.teacher and spans not in out:
+                out.append(spans)
+        if not out:
+            raise ValueError(f"the strategies {self.strategies} give no plan besides the teacher for this bank "
+                             f"(granularities {self.granularities}): train modules first, or use sampler='granular'")
+        return out
+
+    @cached_property
+    def space(self) -> list[dict[str, tuple[int, ...]]]:
+        from .plan import enumerate_plans
+
+        out = [dict(p.spans) for p in enumerate_plans(self.depths, self.granularities) if p != self.teacher]
+        if not out:
+            raise ValueError(f"the assembly space of granularities {self.granularities} holds only the teacher: "
+                             "train modules first, or use sampler='granular'")
+        return out
+
+    @cached_property
+    def most_compressed(self) -> dict[str, tuple[int, ...]]:
+        """The plan of the fewest parameters (the first of the space at the highest ratio)."""
+        from .plan import stack_ratio
+
+        return max(self.space, key=lambda spans: stack_ratio(spans, self.block_params))
+
+
+def sample_plans(sampling: PlanSampling, pool: PlanPool, step: int, steps: int, p: float,
+                 rng: random.Random) -> list[dict[str, tuple[int, ...]]]:
+    """The plans (one tiling per stack each) step `step` of `steps` trains under `sampling` (see
+    `SAMPLERS`); granular draws use `sample_tilings` at probability p. Deterministic given rng."""
+    def granular():
+        return sample_tilings(pool.depths, pool.granularities, p, rng)
+
+    def rung():
+        return dict(rng.choice(pool.ladder))
+
+    s = sampling.sampler
+    if s == "granular":
+        return [granular()]
+    if s == "ladder":
+        return [rung()]
+    if s == "space":
+        return [dict(rng.choice(pool.space))]
+    if s == "sandwich":
+        return [dict(pool.most_compressed), rung(), granular()]
+    if s == "mix":
+        return [granular(), rung()]
+    if s == "ladder_final":
+        return [rung()] if step >= (1 - sampling.final_phase) * steps else [granular()]
+    raise ValueError(f"unknown sampler {s!r}: use one of {sorted(SAMPLERS)}")
 
 
 class Replacer(nn.Module):
@@ -166,12 +296,15 @@ def capture_outputs(blocks: list[nn.Module], store: list) -> list:
 _capture = capture_outputs
 
 
-def student_pass(model: "Replacer", inputs: dict, p: float, rng: random.Random):
-    """One sampled mix: a tiling per stack (`sample_tilings` at probability p), the model run with
-    those blocks swapped in (the originals always come back), and each block's output hidden state.
-    Returns (output, tilings, {stack: (blocks, teacher layer each block ends at)}, {stack: outputs})."""
+def student_pass(model: "Replacer", inputs: dict, p: float, rng: random.Random,
+                 tilings: dict[str, tuple[int, ...]] | None = None):
+    """One sampled mix: a tiling per stack (`tilings`, or drawn by `sample_tilings` at probability p),
+    the model run with those blocks swapped in (the originals always come back), and each block's
+    output hidden state. Returns (output, tilings, {stack: (blocks, teacher layer each block ends at)},
+    {stack: outputs})."""
     stacks = list(model.originals)
-    tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
+    if tilings is None:
+        tilings = sample_tilings({s: len(model.originals[s]) for s in stacks}, model.bank.granularities, p, rng)
     plan_blocks = {s: model.blocks_for(s, t) for s, t in tilings.items()}
     s_hidden = {s: [None] * len(plan_blocks[s][0]) for s in stacks}
     hooks = []
@@ -253,8 +386,22 @@ def local_loss(model: "Replacer", span_inputs: dict, t_hidden: dict, masks: dict
 
 
 def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
-    """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass, weighted loss."""
+    """loss_fn for mtlab.train: teacher pass (targets), sampled mixed pass(es), weighted loss.
+
+    The plans of a step follow `sampling_of(cfg)` (one granular draw for the shipped recipe); with
+    several plans per step (sandwich, mix) their task, KD and hidden-state losses are SUMMED, the
+    local loss (which does not depend on the plan) counts once, and the logged parts are means."""
     rng_by_step = lambda step: random.Random(seed * 1_000_003 + step)  # noqa: E731 - resumable sampling
+    sampling = sampling_of(cfg)
+    pools: dict[int, PlanPool] = {}
+
+    def pool_of(model: Replacer) -> PlanPool:
+        if id(model) not in pools:
+            from .bank import block_params
+
+            pools[id(model)] = PlanPool({s: len(b) for s, b in model.originals.items()}, model.bank.granularities,
+                                        block_params(model.teacher), sampling.strategies)
+        return pools[id(model)]
 
     def loss_fn(model: Replacer, batch: Batch, step: int):
         rng = rng_by_step(step)
@@ -269,31 +416,43 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
             model.check_causal_batch(batch)
         t_out, t_hidden, span_inputs = teacher_pass(model, inputs, local=cfg.w_local > 0)
         p = cfg.p_at(step)
-        s_out, tilings, plan_blocks, s_hidden = student_pass(model, inputs, p, rng)
-        s_logits, labels = s_out.logits, batch.labels
-        check_aligned(s_logits, labels)
+        plans = [None] if sampling.sampler == "granular" else \
+            sample_plans(sampling, pool_of(model), step, cfg.train.steps, p, rng)
+        loss, attn, sums, modules_in = None, None, {}, 0
+        labels = batch.labels
         keep = labels != -100
-        ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
-        kd = logit_kd(s_logits, t_out.logits, keep, cfg.temperature)
-        mse, n = s_logits.new_zeros(()).float(), 0
-        for s in stacks:
-            m = masks[s]
-            for out, end in zip(s_hidden[s], plan_blocks[s][1]):
-                mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m], share)
-                n += 1
-        mse = mse / max(1, n)
-        loss = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
-        parts = {"ce": ce.item(), "kd": kd.item(), "hidden_mse": mse.item()}
+        for tilings in plans:  # None: student_pass draws the recipe's granular tiling itself
+            s_out, tilings, plan_blocks, s_hidden = student_pass(model, inputs, p, rng, tilings=tilings)
+            s_logits = s_out.logits
+            check_aligned(s_logits, labels)
+            ce = F.cross_entropy(s_logits.float()[keep], labels[keep])
+            kd = logit_kd(s_logits, t_out.logits, keep, cfg.temperature)
+            mse, n = s_logits.new_zeros(()).float(), 0
+            for s in stacks:
+                m = masks[s]
+                for out, end in zip(s_hidden[s], plan_blocks[s][1]):
+                    mse = mse + relative_mse(out.float()[m], t_hidden[s][end].float()[m], share)
+                    n += 1
+            mse = mse / max(1, n)
+            term = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_hidden * mse
+            loss = term if loss is None else loss + term
+            for k, v in (("ce", ce), ("kd", kd), ("hidden_mse", mse)):
+                sums[k] = sums.get(k, 0.0) + v.item()
+            if cfg.w_attn > 0:
+                a = attention_kd(s_out, t_out, {s: plan_blocks[s][1] for s in stacks}, masks)
+                attn = a if attn is None else attn + a
+            modules_in += sum(k > 1 for t in tilings.values() for k in t)
+        parts = {k: v / len(plans) for k, v in sums.items()}
         if cfg.w_local > 0:
             ks = {s: (rng.choice(model.bank.granularities[s]),) for s in stacks if model.bank.granularities.get(s)}
             local = local_loss(model, span_inputs, t_hidden, masks, ks, share)
             loss = loss + cfg.w_local * local
             parts["local_mse"] = local.item()
         if cfg.w_attn > 0:
-            attn = attention_kd(s_out, t_out, {s: plan_blocks[s][1] for s in stacks}, masks)
             loss = loss + cfg.w_attn * attn
-            parts["attn_kl"] = attn.item()
-        return loss, {**parts, "p": p, "modules_in": sum(k > 1 for t in tilings.values() for k in t)}
+            parts["attn_kl"] = attn.item() / len(plans)
+        extra = {} if sampling.sampler == "granular" else {"plans": len(plans)}
+        return loss, {**parts, "p": p, "modules_in": modules_in, **extra}
 
     return loss_fn
 
