@@ -3,7 +3,11 @@
 Every trained baseline returns (student, log) with its training budget in
 `log.attrs["config"]` (steps, batch_size, train_runs = 1 per call, train_seconds), is
 resumable from `out_dir/checkpoint` (rerun the same call) and saves the finished model
-with `save_pretrained` under `out_dir/student` (LayerDrop: `out_dir/model`). The teacher
+with `save_pretrained` under `out_dir/student` (LayerDrop: `out_dir/model`). A run folder
+records what it is of (`out_dir/baseline.json`: method, kept layers, the teacher's weights hash;
+the checkpoint: the student's starting weights, the data and the config): one holding a run of
+another teacher, data or layer choice raises `mtlab.train.RunMismatchError` naming the field,
+and is never resumed (`fresh=True` deletes it first). The teacher
 is never modified (it may be moved to the training device).
 
 - `drop_layers` / `keep_only`: layer dropping / layer pruning (Sajjad et al.; the FF-merging
@@ -55,7 +59,7 @@ from .distill import DistillConfig, distill_loss
 from .measure import count_params
 from .surgery import drop_blocks, first_block_state_lent, stack_blocks, stack_depths, swapped
 from .tasks.base import Seq2SeqTask
-from .train import EvalFn, TrainConfig, on_main_process, train
+from .train import EvalFn, RunMismatchError, TrainConfig, config_diff, on_main_process, train
 
 
 drop_layers = drop_blocks  # the layer-dropping baseline is plain surgery: mtlab.surgery.drop_blocks
@@ -180,15 +184,23 @@ def _budget(log: pd.DataFrame, cfg: TrainConfig, **meta) -> dict:
             "train_runs": 1, "train_seconds": seconds, "complete": done >= cfg.steps}
 
 
-def _claim(out: Path, meta: dict) -> None:
-    """Refuse to resume a checkpoint written for a different baseline or layer choice."""
-    meta = json.loads(json.dumps(meta))
+def _claim(out: Path, meta: dict, teacher: nn.Module, fresh: bool = False) -> None:
+    """Refuse to resume a checkpoint written for a different baseline, layer choice or teacher
+    (RunMismatchError naming the fields); record this run's in out/baseline.json."""
+    from .modular.bank import weights_hash
+
+    meta = json.loads(json.dumps({**meta, "teacher_hash": weights_hash(teacher)}))
     tag = out / "baseline.json"
-    if (out / "checkpoint").exists() and tag.exists():
+    if not fresh and (out / "checkpoint").exists() and tag.exists():
         old = json.loads(tag.read_text())
-        if old != meta:
-            raise ValueError(f"{out} holds a checkpoint of another run ({old}); this call is {meta}. "
-                             "Use a fresh out_dir, or delete the old one to restart")
+        if "teacher_hash" not in old:  # written before runs recorded their teacher: compare the rest
+            old["teacher_hash"] = meta["teacher_hash"]
+        diffs = config_diff(old, meta)
+        if diffs:
+            raise RunMismatchError(
+                f"{out} holds a checkpoint of another baseline run (another teacher, method or layer choice); "
+                "resuming it would return that run's weights. Differences:\n  " + "\n  ".join(diffs) +
+                "\nUse a fresh out_dir, delete this one, or pass fresh=True to delete the old run")
     out.mkdir(parents=True, exist_ok=True)
     on_main_process(lambda: write_json(tag, meta))
 
@@ -209,15 +221,15 @@ def _trainable_copy(model: nn.Module) -> nn.Module:
 
 def _finetune_student(method: str, rule: str, teacher: nn.Module, task: Seq2SeqTask, kept: dict[str, list[int]],
                       cfg: TrainConfig, distill: DistillConfig | None, out_dir, max_seconds, progress,
-                      evaluate) -> tuple[nn.Module, pd.DataFrame]:
+                      evaluate, fresh: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     distill = distill or DistillConfig()
     out = Path(out_dir)
     meta = {"method": method, "rule": rule, "keep": kept, "teacher_depths": stack_depths(teacher),
             "distill": asdict(distill)}
-    _claim(out, meta)
+    _claim(out, meta, teacher, fresh)
     student = _trainable_copy(keep_only(teacher, kept))
     log = train(student, task, cfg, out, loss_fn=distill_loss(teacher, distill), evaluate=evaluate,
-                max_seconds=max_seconds, progress=progress)
+                max_seconds=max_seconds, progress=progress, fresh=fresh)
     student.eval()
     log.attrs["config"] = _budget(log, cfg, **meta, student_depths=stack_depths(student),
                                   params=count_params(student), teacher_params=count_params(teacher))
@@ -229,24 +241,25 @@ def _finetune_student(method: str, rule: str, teacher: nn.Module, task: Seq2SeqT
 def layer_drop(teacher: nn.Module, task: Seq2SeqTask, keep, cfg: TrainConfig, distill: DistillConfig | None = None,
                out_dir: str | Path = "runs/layer_drop", *, depths: Mapping[str, int] | None = None,
                max_seconds: float | None = None, progress: bool = True,
-               evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+               evaluate: EvalFn | None = None, fresh: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """Layer dropping + distillation fine-tune of the whole student.
 
     keep: "top" or "alternate" (or "spread") with `depths` = target depth per stack, or
-    {stack: [kept layers]}. Stacks not named keep all layers. Resumable from out_dir."""
+    {stack: [kept layers]}. Stacks not named keep all layers. Resumable from out_dir (a run of
+    another teacher, data or config there is refused; `fresh=True` deletes it first)."""
     if depths is not None and not isinstance(keep, str):
         raise ValueError("depths goes with a rule name (keep='top' or 'alternate'); with explicit layers "
                          "per stack, leave depths out")
     kept = resolve_keep(teacher, keep, depths)
     rule = keep if isinstance(keep, str) else "explicit"
     return _finetune_student("layer_drop", rule, teacher, task, kept, cfg, distill, out_dir, max_seconds,
-                             progress, evaluate)
+                             progress, evaluate, fresh)
 
 
 def shrink_and_finetune(teacher: nn.Module, task: Seq2SeqTask, depths: Mapping[str, int], cfg: TrainConfig,
                         distill: DistillConfig | None = None, out_dir: str | Path = "runs/sft", *,
                         max_seconds: float | None = None, progress: bool = True,
-                        evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+                        evaluate: EvalFn | None = None, fresh: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """SFT (DistilBART): `depths[s]` layers per stack copied from evenly spaced teacher layers
     (the "spread" rule: first and last always kept, 6 -> 3 is [0, 2, 5]), then fine-tuned with
     distillation. Same code as layer_drop; only the layer choice rule differs."""
@@ -254,7 +267,7 @@ def shrink_and_finetune(teacher: nn.Module, task: Seq2SeqTask, depths: Mapping[s
         raise ValueError("depths must name the target depth per stack, e.g. {'encoder': 3, 'decoder': 3}")
     kept = resolve_keep(teacher, "spread", depths)
     return _finetune_student("sft", "spread", teacher, task, kept, cfg, distill, out_dir, max_seconds,
-                             progress, evaluate)
+                             progress, evaluate, fresh)
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +318,8 @@ def layerdrop_loss(student: nn.Module, teacher: nn.Module, distill: DistillConfi
 
 def layerdrop_finetune(teacher: nn.Module, task: Seq2SeqTask, cfg: TrainConfig, distill: DistillConfig | None = None,
                        out_dir: str | Path = "runs/layerdrop", p: float = 0.2, *, max_seconds: float | None = None,
-                       progress: bool = True, evaluate: EvalFn | None = None) -> tuple[nn.Module, pd.DataFrame]:
+                       progress: bool = True, evaluate: EvalFn | None = None,
+                       fresh: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """LayerDrop: fine-tune a copy of the teacher ONCE with structured layer dropout (each step,
     each layer of each stack skipped with probability p) and distillation from the frozen original
     teacher. Returns the full-depth model; cut it to any depth with `layerdrop_prune`."""
@@ -314,10 +328,10 @@ def layerdrop_finetune(teacher: nn.Module, task: Seq2SeqTask, cfg: TrainConfig, 
     distill = distill or DistillConfig()
     out = Path(out_dir)
     meta = {"method": "layerdrop", "p": float(p), "teacher_depths": stack_depths(teacher), "distill": asdict(distill)}
-    _claim(out, meta)
+    _claim(out, meta, teacher, fresh)
     model = _trainable_copy(copy.deepcopy(teacher))
     log = train(model, task, cfg, out, loss_fn=layerdrop_loss(model, teacher, distill, float(p), cfg.seed),
-                evaluate=evaluate, max_seconds=max_seconds, progress=progress)
+                evaluate=evaluate, max_seconds=max_seconds, progress=progress, fresh=fresh)
     model.eval()
     log.attrs["config"] = _budget(log, cfg, **meta, params=count_params(model),
                                   students="layerdrop_prune(model, keep): no further training")
@@ -346,7 +360,10 @@ def layerdrop_prune(model: nn.Module, keep="every_other") -> nn.Module:
 # The baseline registry: recipes turning a teacher, a task and a budget into models
 
 def default_run_dir(name: str, key: dict) -> Path:
-    """runs/NAME/HASH, HASH naming `key` (so different depths never share a checkpoint)."""
+    """runs/NAME/HASH, HASH naming `key` (so different depths never share a checkpoint). The key
+    holds the depths only: the same folder for another model or data is refused when it is reused
+    (each run records its teacher's and its student's weights hashes and its data's hash, and raises
+    `mtlab.train.RunMismatchError` naming the field), never resumed."""
     return Path("runs") / name / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -446,3 +463,6 @@ def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
         out.append(Candidate("layerdrop", f"{depth} per stack", layerdrop_prune(full, {s: depth for s in d}),
                              "spread", Budget()))  # the shared run is counted once, on every_other
     return out
+
+
+from . import block_influence  # noqa: E402,F401  registers "block_influence" (ShortGPT's block influence)

@@ -3,9 +3,10 @@
 Built on accelerate, so the same code runs in one CPU process or under
 `accelerate launch` on several GPUs. Deterministic data order from
 (seed, epoch), resumable from an atomic safetensors checkpoint, a progress bar,
-and a CSV log of losses and periodic evaluations. A checkpoint records its config: resuming it
-with another one is refused (runs never mix), and a run that fails before its first checkpoint
-leaves no folder behind.
+and a CSV log of losses and periodic evaluations. A checkpoint records its config and what the
+run is of (`run_identity`: the weights hash of the model it started from and the hash of the data it
+trains on): resuming it with another config, model or data is refused with RunMismatchError naming
+the field (runs never mix), and a run that fails before its first checkpoint leaves no folder behind.
 
 Under N processes every process builds the same global batches (N * batch_size
 examples) and takes every N-th example of each; its loss is weighted by its share
@@ -37,7 +38,41 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunMismatchError(CheckpointError):
-    """out_dir holds a checkpoint of a run with another config: resuming it would mix two runs."""
+    """out_dir holds a run (a checkpoint, a bank, a recipe's output) made with another config, model
+    or data: resuming it would mix two runs, or return the other run's weights. The message names
+    the differing fields and how to proceed."""
+
+
+def data_hash(task, *splits: str) -> str:
+    """Content hash of the token ids a run reads from `splits` (default "train") of `task`: another
+    data file, split or tokenizer gives another hash. `mtlab.cache.config_hash` of the encoded
+    examples, remembered on the task while its encoding is unchanged."""
+    from .cache import config_hash  # here: mtlab.cache imports the teacher, which trains with this module
+
+    memo = getattr(task, "_mtlab_data_hashes", None)
+    if memo is None:
+        memo = {}
+        try:
+            task._mtlab_data_hashes = memo
+        except AttributeError:  # a task that takes no attributes: hash every time
+            pass
+    per_split = {}
+    for split in splits or ("train",):
+        encoded = task.encoded(split)
+        seen = memo.get(split)
+        if seen is None or seen[0] is not encoded:
+            seen = memo[split] = (encoded, config_hash(encoded))
+        per_split[split] = seen[1]
+    return config_hash(per_split)
+
+
+def run_identity(model: torch.nn.Module, task, split: str = "train") -> dict[str, str]:
+    """What a run is of: {"model_hash": weights hash of `model` as given (`mtlab.modular.bank.weights_hash`,
+    the one used for teachers and banks), "data_hash": `data_hash(task, split)`}. `train` records it in
+    every checkpoint and refuses to resume one of another model or data."""
+    from .modular.bank import weights_hash
+
+    return {"model_hash": weights_hash(model), "data_hash": data_hash(task, split)}
 
 
 #: TrainConfig fields that change no weight (only logging and checkpoint cadence): may differ on resume
@@ -104,8 +139,11 @@ def train(
 
     Resumes from `out_dir/checkpoint` when present, if that checkpoint was written with the same
     config (and the same `meta`, a JSON-able description of what the caller trains, stored with
-    it); otherwise raises RunMismatchError listing the differing fields. `fresh=True` deletes the
-    old checkpoint and log first. `loss_fn(model, batch, step)` returns (loss, parts), a mean over
+    it), from the same model weights and the same data (`run_identity`: a checkpoint of another
+    model of the same shape would otherwise hand back that model's weights); otherwise raises
+    RunMismatchError listing the differing fields. `fresh=True` deletes the old checkpoint and log
+    first. A folder whose earlier run stopped before its first checkpoint restarts from step 0,
+    and says so. `loss_fn(model, batch, step)` returns (loss, parts), a mean over
     the batch's target tokens (see the module docstring), and defaults to token cross-entropy.
     Returns the log as a DataFrame. `max_seconds` stops early (after a checkpoint) so long runs
     can be split across sessions. A run that fails before its first checkpoint removes the
@@ -121,10 +159,15 @@ def train(
         remove_run(out)
     accel.wait_for_everyone()
     had_log = (out / "log.csv").exists()
-    check_resume(out, cfg, meta)
+    identity = run_identity(model, task, cfg.split)
+    if accel.num_processes > 1:  # one identity for every process: the main process's model is the one trained
+        from accelerate.utils import broadcast_object_list
+
+        identity = broadcast_object_list([identity], from_process=0)[0]
+    check_resume(out, cfg, meta, identity)
     try:
         return _train(model, task, cfg, out, accel, params=params, loss_fn=loss_fn, evaluate=evaluate,
-                      max_seconds=max_seconds, progress=progress, meta=meta)
+                      max_seconds=max_seconds, progress=progress, meta=meta, identity=identity)
     except BaseException:
         if main and latest_dir(out / "checkpoint") is None:  # nothing to resume: leave nothing behind
             if created is not None:
@@ -167,17 +210,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "") -> list[str]:
-    """'field: checkpoint X, now Y' for every (nested, dotted) field that differs, after a JSON round
-    trip (tuples become lists); fields named in `ignore` are skipped."""
+def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "", was: str = "checkpoint") -> list[str]:
+    """'field: checkpoint X, now Y' (`was` names the old side) for every (nested, dotted) field that
+    differs, after a JSON round trip (tuples become lists); fields named in `ignore` are skipped."""
     a, b = _flat(_json(old) or {}), _flat(_json(new) or {})
-    return [f"{prefix}{k}: checkpoint {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+    return [f"{prefix}{k}: {was} {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
 
 
-def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None) -> None:
+def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None,
+                 identity: dict | None = None) -> None:
     """Raise RunMismatchError if out_dir's checkpoint was made with another config or meta (fields
-    in BOOKKEEPING may differ). A corrupt checkpoint is reported as such first."""
+    in BOOKKEEPING may differ) or, given `identity` (`run_identity` of the model and task about to
+    train), from another model or data: each differing field is named ("model_hash: checkpoint
+    'a1...', now 'b2...'"). The model a run left in memory (its weights equal the checkpoint's) may
+    resume it. A corrupt checkpoint is reported as such first."""
     found = latest_dir(Path(out_dir) / "checkpoint")
     if found is None:
         return
@@ -186,21 +233,36 @@ def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{found}/state.json is unreadable ({e}); delete {found} to restart training") from e
     new = _json({"train": asdict(cfg), "meta": meta})
+    legacy = "identity" not in state  # written before runs recorded their model and data
     diffs = []
     for part, key in (("train", "config"), ("meta", "meta")):
-        if key in state:  # an older checkpoint may not record it: nothing to compare then
+        if key in state and not (legacy and part == "meta" and state[key] is None):  # older: nothing to compare
             diffs += config_diff(state[key], new[part], ignore=BOOKKEEPING if part == "train" else (), prefix=f"{part}.")
+    if identity is not None and not legacy:
+        old = dict(state["identity"])
+        if state.get("weights_hash") == identity.get("model_hash"):  # the model this run trained, continued
+            old["model_hash"] = identity["model_hash"]
+        diffs = config_diff(old, identity) + diffs
+    elif identity is not None:
+        from .cache import shown
+
+        print(f"note: {shown(found)} records no model or data hash (an older mtlab wrote it): it is resumed "
+              "without checking that it was made from this model and data", flush=True)
     if diffs:
         for name in ("weights.safetensors", "optimizer.safetensors"):
             load_tensors(found / name)  # a corrupt checkpoint says so, whatever its config
+        other = [k for k in ("model_hash", "data_hash") if any(d.startswith(k + ":") for d in diffs)]
+        what = " and ".join({"model_hash": "another model (other weights)", "data_hash": "other data"}[k]
+                            for k in other) or "another config"
         raise RunMismatchError(
-            f"{out_dir} holds a checkpoint (step {state.get('step')}) of a run with another config; resuming "
-            "it would mix two runs. Differences:\n  " + "\n  ".join(diffs) +
-            "\nUse a fresh out_dir, rerun with the checkpoint's config, or pass fresh=True to delete the old run")
+            f"{out_dir} holds a checkpoint (step {state.get('step')}) of a run of {what}; resuming it would "
+            "mix two runs (a finished one would return its own weights, not this model's). Differences:\n  "
+            + "\n  ".join(diffs) + "\nUse a fresh out_dir, delete this one, "
+            + ("" if other else "rerun with the checkpoint's config, ") + "or pass fresh=True to delete the old run")
 
 
 def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, evaluate, max_seconds, progress,
-           meta) -> pd.DataFrame:
+           meta, identity) -> pd.DataFrame:
     """The loop itself (see train)."""
     from accelerate.utils import set_seed
 
@@ -214,11 +276,17 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    start = 0
+    from .cache import shown  # here: mtlab.cache imports the teacher, which trains with this module
+    from .modular.bank import weights_hash
+
+    start, logged = 0, _logged_step(log_path)
     if (found := latest_dir(ckpt)) is not None:
         start = load_training_state(found, model, params, optimizer)["step"]
-        from .cache import shown  # here: mtlab.cache imports the teacher, which trains with this module
-        accel.print(f"resuming from {shown(found)} at step {start}/{cfg.steps}")
+        redo = f"; the earlier run had logged step {logged}, steps {start + 1}-{logged} are redone" if logged > start else ""
+        accel.print(f"resuming from {shown(found)} at step {start}/{cfg.steps}{redo}")
+    elif logged:  # killed before its first checkpoint: nothing to resume (mtlab.recipe checkpoints sooner)
+        accel.print(f"no checkpoint in {shown(out)}: the earlier run stopped at step {logged}/{cfg.steps} before its "
+                    f"first checkpoint (one every {cfg.ckpt_every} steps), so training restarts from step 0")
     if accel.is_main_process:
         _truncate_log(log_path, start)
     # the model is not wrapped in DDP: loss_fns call submodules (a Replacer's teacher and bank, a
@@ -273,7 +341,8 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
             if accel.is_main_process:
                 with atomic_dir(ckpt) as tmp:
                     save_training_state(tmp, model, params, optimizer, done,
-                                        {"config": asdict(cfg), "meta": _json(meta)})
+                                        {"config": asdict(cfg), "meta": _json(meta), "identity": identity,
+                                         "weights_hash": weights_hash(model)})
         if out_of_time:
             accel.print(f"stopping at step {done} after {max_seconds:.0f}s; rerun the same command to resume")
             break
@@ -373,6 +442,12 @@ def _average_gradients(params: list[torch.nn.Parameter], parts: dict[str, float]
 def read_log(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+def _logged_step(path: Path) -> int:
+    """The last step the log at `path` records (0: no log or no row)."""
+    log = read_log(path)
+    return int(log["step"].iloc[-1]) if len(log) and "step" in log else 0
 
 
 def _logged_seconds(path: Path) -> float:

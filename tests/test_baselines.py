@@ -8,7 +8,7 @@ from mtlab.baselines import (keep_alternate, keep_bottom, keep_for_depth, keep_l
                              layerdrop_finetune, layerdrop_prune, shrink_and_finetune, transient_keep)
 from mtlab.distill import DistillConfig, distill_loss
 from mtlab.modular import Plan
-from mtlab.train import TrainConfig, cross_entropy_loss
+from mtlab.train import RunMismatchError, TrainConfig, cross_entropy_loss
 
 
 def cfg(**kw):
@@ -110,7 +110,7 @@ def test_layer_drop_top_alternate_and_sft(g2p_task, teacher6, tmp_path):
     again, log2 = shrink_and_finetune(teacher6, g2p_task, {"decoder": 3}, cfg(steps=2), None, tmp_path / "sft",
                                       progress=False)
     assert same(weights(sft), weights(again)) and log2.step.tolist() == log.step.tolist()
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(RunMismatchError, match=r"(?s)another baseline run.*keep\.decoder.*rule: checkpoint 'spread', now 'top'"):
         layer_drop(teacher6, g2p_task, "top", cfg(steps=2), None, tmp_path / "sft", depths={"decoder": 3},
                    progress=False)
 

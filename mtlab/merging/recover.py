@@ -15,10 +15,15 @@ __all__ = ["recover"]
 
 
 def recover(model: nn.Module, task, cfg, out_dir: str | Path, *, loss_fn=None, evaluate=None,
-            max_seconds: float | None = None, progress: bool = True, save: bool = True):
+            max_seconds: float | None = None, progress: bool = True, save: bool = True,
+            meta: dict | None = None, fresh: bool = False):
     """Recovery fine-tune of a merged (tied) or pruned model on `cfg.split` (train) with
     `mtlab.train.train`, in place; resumable: rerun with the same `out_dir` (and a model built
-    the same way) to continue from `out_dir/checkpoint`. Tied parameters appear once in
+    the same way) to continue from `out_dir/checkpoint`. The checkpoint records the weights hash of
+    the model as given, the hash of the training data and the config (plus `meta`, e.g. the hash of
+    a distillation teacher): an `out_dir` holding a run of another model, data or config is refused
+    with `mtlab.train.RunMismatchError` naming the field, never resumed; `fresh=True` deletes that
+    run first. Tied parameters appear once in
     `model.parameters()`, so the optimizer updates one shared copy and the ties hold; this is
     checked after training (AssertionError otherwise), as is the unchanged parameter count.
     When training is complete and `save`, the model is written to `out_dir/model` with
@@ -32,7 +37,7 @@ def recover(model: nn.Module, task, cfg, out_dir: str | Path, *, loss_fn=None, e
     before = [(name, [id(p) for p in ps]) for name, ps in tie_groups(model)]
     n0 = count_params(model)
     log = train(model, task, cfg, out_dir, loss_fn=loss_fn, evaluate=evaluate, max_seconds=max_seconds,
-                progress=progress)
+                progress=progress, meta=meta, fresh=fresh)
     check_ties(model)
     after = [(name, [id(p) for p in ps]) for name, ps in tie_groups(model)]
     if after != before:
