@@ -12,7 +12,7 @@ def table():
 
 def test_table_has_every_method_and_the_promised_columns(table):
     assert list(table.columns[: len(COLUMNS)]) == COLUMNS
-    assert set(table.method) == {"teacher", "modules", "layer_drop", "sft", "layerdrop"}
+    assert set(table.method) == {"teacher", "modules", "layer_drop", "sft", "layerdrop", "block_influence"}
     assert set(table[table.method == "modules"].strategy) == {"size_first", "speed_first"}
     assert table.attrs["config"]["profile"]["steps"] == 20
 

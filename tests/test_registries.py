@@ -90,12 +90,13 @@ def test_a_registered_baseline_is_listed_and_built(g2p_task, tmp_path):
                 for d in budget.depths]
 
     try:
-        assert baselines() == ("layer_drop", "sft", "layerdrop", "bottom_only")
+        assert baselines() == ("layer_drop", "sft", "layerdrop", "block_influence", "bottom_only")
         (row,) = build_baselines(teacher, g2p_task, budget, ["bottom_only"])
         assert row.model.config.num_layers == 2 and len(teacher.encoder.block) == 4
         rows = build_baselines(teacher, g2p_task, budget)  # the built-in recipes, trained 2 steps each
         assert [(r.method, r.strategy) for r in rows] == [
-            ("layer_drop", "alternate"), ("sft", "spread"), ("layerdrop", "every_other"), ("bottom_only", "top")]
+            ("layer_drop", "alternate"), ("sft", "spread"), ("layerdrop", "every_other"), ("block_influence", "bi"),
+            ("bottom_only", "top")]
         assert rows[0].label == "e=0,2 d=0,2" and rows[1].label == "e=0,3 d=0,3"
         assert [r.budget.steps for r in rows[:3]] == [2, 2, 2]
     finally:
