@@ -42,3 +42,13 @@ def test_latency_table_times_every_model_on_the_same_inputs(g2p_task, tiny_t5):
     assert list(df.model) == ["a", "b", "a", "b"] and list(df.batch_size) == [1, 1, 4, 4]
     assert (df.seconds > 0).all() and (df.threads == torch.get_num_threads()).all()
     assert (df[df.model == "a"].speedup_vs_first == 1.0).all()
+
+
+def test_speedup_spread_and_suspects():
+    from mtlab.measure import NOISY_SPREAD, ratio_stats, suspect
+
+    s = ratio_stats([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    assert s == {"speedup": 2.0, "spread": 0.0} and suspect(s) == "" and suspect(s, ideal=2.2) == ""
+    assert "FLOP-ideal" in suspect(s, ideal=10.0) and "FLOP-ideal" in suspect(s, ideal=1.0)
+    wide = ratio_stats([1.0, 1.0, 1.0], [0.5, 0.25, 1.0])   # ratios 2, 4, 1: IQR 1.5 over median 2
+    assert wide["speedup"] == 2.0 and wide["spread"] == 0.75 > NOISY_SPREAD and "rounds disagree" in suspect(wide)

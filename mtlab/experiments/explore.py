@@ -38,7 +38,7 @@ from ..teacher import load_teacher
 from .modular import (QUALITY, evaluate_candidates, modular_table, replacing_config, shipped_key, trained_bank,
                       trained_baselines)
 
-VERSION = 3   # 2: speed-ups are medians of per-round ratios (measure.latency rounds); 3: every row decoded on the same words
+VERSION = 4   # 2: speed-ups are medians of per-round ratios (measure.latency rounds); 3: every row decoded on the same words; 4: speed spread, speed_noisy
 COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_speedup", "speedup_b1", "speedup_b64",
            "dev_per", "dev_wer", "test_per", "test_wer", "screen_nll", "screen_token_acc", "screen_tf_word_acc",
            "on_frontier", "on_frontier_params", "train_runs", "train_seconds"]
@@ -394,8 +394,12 @@ def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_
     missing = {"kind", "plan", speed, "test_wer", "on_frontier"} - set(frontier.columns)
     if missing:
         raise ValueError(f"conclusion needs the frontier columns {sorted(missing)}; pass frontier_table(profile)")
+    from ..explore.frontier import noisy_speed
+    from ..measure import QUIET
+
     f = frontier.dropna(subset=[speed, "test_wer"])
-    lines = []
+    lines, bad = [], noisy_speed(f)
+    noisy, f = f[bad], f[~bad]  # a speed-up whose rounds disagreed (or implausible against its FLOPs) decides nothing
     teacher = f[f.kind == "teacher"]
     if len(teacher):
         lines.append(f"The teacher scores {teacher.test_wer.iloc[0]:.1f}% test WER.")
@@ -416,4 +420,7 @@ def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_
             text += (f", tied with {r.kind} ({r.plan})" if r.test_wer - w.test_wer < 0.05 else
                      f", {r.test_wer - w.test_wer:.1f} points better than {r.kind} ({r.test_wer:.1f}%)")
         lines.append(text + ".")
+    if len(noisy):
+        lines.append(f"Left out, speed-up too noisy to compare ({len(noisy)}): "
+                     + ", ".join(f"{r.kind} {r.plan}" for r in noisy.itertuples()) + f"; {QUIET}.")
     return "\n".join(f"- {x}" for x in lines)

@@ -599,7 +599,10 @@ def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
         lat = encoder_latency(models, latency_inputs(study_task(m, tok), m.latency_batches),
                               min_run_time=m.latency_seconds, rounds=m.latency_rounds)
         for bs in m.latency_batches:
-            rows[f"speedup_b{bs}"] = rows.arch.map(lat[lat.batch_size == bs].set_index("model").speedup_vs_first)
+            per = lat[lat.batch_size == bs].set_index("model")
+            rows[f"speedup_b{bs}"] = rows.arch.map(per.speedup_vs_first)
+            rows[f"speedup_b{bs}_spread"] = rows.arch.map(per.speedup_spread)
+        rows["speed_noisy"] = rows.arch.map(lat.groupby("model").speed_noisy.any()).fillna(False).astype(bool)
         rows["kind"] = rows.method.map(KIND)
         rows["cos_gap"] = 1 - rows.mean_cos
         speed = f"speedup_b{max(m.latency_batches)}"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..baselines import BaselineBudget, build_baselines
 from ..cache import artifact_dir, cached_frame, teacher_hash
 from ..candidate import Budget, Candidate
-from ..measure import generate_flops, latency, stack_params
+from ..measure import generate_flops, latency, speed_columns, stack_params
 from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
 from ..profiles import ModularProfile, get_profile
 from ..shipped import ArtifactMismatch, shipped_state
@@ -42,7 +42,7 @@ COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "idea
 
 EXTRA = ["rel_word_acc", "rel_per_acc", "len_ratio", "eos_rate", "train_examples"]
 QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer", "test_len_ratio", "test_eos_rate")
-VERSION = 3   # bump when a code change changes what the table holds (3: diagnosis columns, shipped artifacts)
+VERSION = 4   # bump when a code change changes what the table holds (3: diagnosis columns, shipped artifacts; 4: speed spread, speed_noisy)
 
 
 def replacing_config(p: ModularProfile) -> ReplacingConfig:
@@ -187,11 +187,10 @@ def evaluate_candidates(cands: list[Candidate], teacher: nn.Module, task, p: Mod
         r["ratio_model"] = t_all / r["params"]
     models = {id(c.model): c.model for c in cands if c.model is not None}
     lat = latency({str(k): m for k, m in models.items()}, task, batch_sizes=tuple(p.latency_batches),
-                  max_new_tokens=new, min_run_time=p.latency_seconds, rounds=p.latency_rounds)  # teacher first
-    for bs in p.latency_batches:
-        speedup = lat[lat.batch_size == bs].set_index("model").speedup_vs_first
-        for c, r in zip(cands, rows):
-            r[f"speedup_b{bs}"] = speedup[str(id(c.model))] if c.model is not None else float("nan")
+                  max_new_tokens=new, min_run_time=p.latency_seconds, rounds=p.latency_rounds,
+                  ideal={str(k): evaluated[k]["ideal_speedup"] for k in models})  # teacher first
+    for c, r in zip(cands, rows):  # speed-ups with their spread; `speed_noisy` ones stay out of frontiers
+        r.update(speed_columns(lat, str(id(c.model))) if c.model is not None else {"speed_noisy": False})
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df:

@@ -39,11 +39,31 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str, *, x_higher: bool = True, y_lo
     return pd.Series(on, index=df.index)
 
 
-def mark_frontiers(df: pd.DataFrame, quality: str = "test_wer", speed: str = "speedup_b64") -> pd.DataFrame:
-    """Adds `on_frontier` (quality vs measured speed-up), `on_frontier_params` (quality vs
-    parameters) and `on_frontier_any`."""
+def noisy_speed(df: pd.DataFrame) -> pd.Series:
+    """True for rows whose measured speed-up is marked `speed_noisy` (its rounds disagreed, or it was
+    implausible against its FLOP-ideal, even after re-measuring: `mtlab.measure.checked_speedups`);
+    all False for a table without that column. Such speed-ups are left out of frontiers and conclusions."""
+    if "speed_noisy" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["speed_noisy"].map(lambda v: v is True or str(v).strip().lower() in ("true", "1", "1.0")).astype(bool)
+
+
+def trusted_speed(df: pd.DataFrame, speed: str) -> pd.DataFrame:
+    """`df` with the measured speed-up column `speed` blanked (NaN) where it is `noisy_speed`: such a
+    row can never be on a speed frontier. Columns that are not measured (`ideal_speedup`) are kept."""
+    bad = noisy_speed(df)
+    if speed == "ideal_speedup" or "speedup" not in speed or not bad.any():
+        return df
     out = df.copy()
-    out["on_frontier"] = pareto_mask(out, speed, quality)
+    out.loc[bad, speed] = np.nan
+    return out
+
+
+def mark_frontiers(df: pd.DataFrame, quality: str = "test_wer", speed: str = "speedup_b64") -> pd.DataFrame:
+    """Adds `on_frontier` (quality vs measured speed-up; a `speed_noisy` row is never on it),
+    `on_frontier_params` (quality vs parameters) and `on_frontier_any`."""
+    out = df.copy()
+    out["on_frontier"] = pareto_mask(trusted_speed(out, speed), speed, quality)
     out["on_frontier_params"] = pareto_mask(out, "params", quality, x_higher=False)
     out["on_frontier_any"] = out.on_frontier | out.on_frontier_params
     return out
@@ -52,7 +72,8 @@ def mark_frontiers(df: pd.DataFrame, quality: str = "test_wer", speed: str = "sp
 def frontier_plot(df: pd.DataFrame, x: str = "speedup_b64", y: str = "test_wer", *, hue: str = "kind",
                   x_higher: bool = True, ax=None, highlight: str | None = None, label: str = "plan"):
     """Scatter of every candidate coloured by `hue`, its Pareto frontier as a step line, the
-    teacher marked; `highlight` names one candidate (by its `label` column) to ring."""
+    teacher marked; `highlight` names one candidate (by its `label` column) to ring. Rows whose
+    measured speed-up is `speed_noisy` are drawn hollow (grey ring) and stay off the frontier."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -61,7 +82,11 @@ def frontier_plot(df: pd.DataFrame, x: str = "speedup_b64", y: str = "test_wer",
         _, ax = plt.subplots(figsize=(6.5, 4.2))
     kinds = [k for k in KIND_ORDER if k in set(df[hue])] + sorted(set(df[hue]) - set(KIND_ORDER))
     sns.scatterplot(data=df, x=x, y=y, hue=hue, hue_order=kinds, style=hue, style_order=kinds, s=55, ax=ax)
-    on = df[pareto_mask(df, x, y, x_higher=x_higher)].sort_values(x)
+    bad = noisy_speed(df)
+    if bad.any() and x in df.columns and "speedup" in x and x != "ideal_speedup":
+        ax.scatter(df.loc[bad, x], df.loc[bad, y], s=140, facecolors="none", edgecolors="grey", linewidths=1,
+                   label="speed noisy (not on frontier)")
+    on = df[pareto_mask(trusted_speed(df, x), x, y, x_higher=x_higher)].sort_values(x)
     ax.step(on[x], on[y], where="post" if x_higher else "pre", color="black", lw=1, alpha=0.6, label="frontier")
     if "teacher" in set(df[hue]):
         t = df[df[hue] == "teacher"].iloc[0]

@@ -57,7 +57,24 @@ def label(column: str) -> str:
 
 
 def _number(fmt: str):
-    return lambda v: "" if pd.isna(v) else fmt.format(v)
+    return lambda v: v if isinstance(v, str) else ("" if pd.isna(v) else fmt.format(v))
+
+
+def mark_noisy_speed(df: pd.DataFrame) -> pd.DataFrame:
+    """Measured speed-ups of rows marked `speed_noisy` (rounds that disagreed: `mtlab.measure`) as text,
+    "noisy (0.14?)", never a plain number; other cells and tables without the column are unchanged."""
+    if "speed_noisy" not in df.columns:
+        return df
+    bad = df["speed_noisy"].map(lambda v: v is True or str(v).strip().lower() in ("true", "1", "1.0")).astype(bool)
+    cols = [c for c in df.columns if "speedup" in str(c) and "ideal" not in str(c) and not str(c).endswith("_spread")]
+    if not bad.any() or not cols:
+        return df
+    df = df.copy()
+    for c in cols:
+        df[c] = df[c].astype(object)
+        df.loc[bad, c] = [f"noisy ({v:.2f}?)" if isinstance(v, (int, float)) and pd.notna(v) else "noisy"
+                          for v in df.loc[bad, c]]
+    return df
 
 
 def _formatter(kind: str, series: pd.Series):
@@ -87,6 +104,7 @@ def fmt(df: pd.DataFrame | pd.Series, columns: list[str] | None = None, *, index
         index = True
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"fmt needs a pandas DataFrame or Series, got {type(df).__name__}")
+    df = mark_noisy_speed(df)  # before columns are dropped: `speed_noisy` may not be among them
     if columns is not None:
         missing = [c for c in columns if c not in df.columns]
         if missing:
