@@ -466,6 +466,3 @@ def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
 
 
 from . import block_influence  # noqa: E402,F401  registers "block_influence" (ShortGPT's block influence)
-
-
-from . import block_influence  # noqa: E402,F401  registers "block_influence" (ShortGPT's block influence)
