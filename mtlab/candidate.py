@@ -7,10 +7,17 @@ A compression is described by a typed spec, never by a hand-built string:
     PruneSpec       "prune decoder:3-5"                 one layer-pruning window
     CompressionSpec "e=222 d=222 + encoder:3-5@middle/permute; decoder:3-5@middle/permute"
 
-`CompressionSpec` composes them in the order they are applied: an optional plan first (assembled
-from a module bank), then merges and prunings (edits, separated by "; "). `str` writes the
-canonical text and `CompressionSpec.parse(str(s)) == s`. `apply(model, spec, ...)` is the one
-way to turn a spec into a model, whatever its type.
+`CompressionSpec` composes them: an optional plan first (assembled from a module bank), then
+merges and prunings (edits, separated by "; "). `str` writes the canonical text and
+`CompressionSpec.parse(str(s)) == s`. `apply(model, spec, ...)` is the one way to turn a spec
+into a model, whatever its type.
+
+Layer indices (docs/methods.md, "Combining edits"): every edit's indices refer to the model the
+edits START from (the assembled model when there is a plan, else the model given), never to a
+model an earlier edit left behind, so the edits' order does not matter: "prune encoder:0-1; prune
+encoder:3-4" drops layers 1 and 4 of that model. All merges are aligned on that model, then the
+windows' blocks are dropped at once and the merge record renumbered. Merge sets must be disjoint,
+windows must be disjoint, and no layer may be both merged and dropped (ValueError otherwise).
 
 A `Candidate` is one compressed model with its spec, the method that made it, its training
 `Budget` and its provenance (shipped artifact, cache or a run just made); baseline recipes, the
@@ -31,7 +38,7 @@ from .modular.plan import Plan, PlanError
 Edit = Union[MergeSpec, PruneSpec]
 Spec = Union[Plan, MergeSpec, PruneSpec, "CompressionSpec"]
 
-__all__ = ["Budget", "Candidate", "CompressionSpec", "Edit", "Spec", "apply", "parse_spec"]
+__all__ = ["Budget", "Candidate", "CompressionSpec", "Edit", "Spec", "apply", "check_edits", "parse_spec"]
 
 _JOIN = " + "   # between the plan and the edits
 _SEP = "; "     # between edits
@@ -39,8 +46,9 @@ _SEP = "; "     # between edits
 
 @dataclass(frozen=True)
 class CompressionSpec:
-    """An optional assembly `plan` followed by FF merges and layer prunings (`edits`), applied in
-    that order (the edits' layer indices refer to the assembled model's blocks)."""
+    """An optional assembly `plan` followed by FF merges and layer prunings (`edits`); every edit's
+    layer indices refer to the model the edits start from (the assembled model's blocks when there
+    is a plan), whatever the edits' order (see the module docstring)."""
     plan: Plan | None = None
     edits: tuple[Edit, ...] = ()
 
@@ -111,9 +119,14 @@ def apply(model: nn.Module, spec: str | Spec, *, bank=None, cache=None, batches_
           max_tokens: int | None = 10_000) -> nn.Module:
     """A compressed COPY of `model` (untouched) described by `spec`: the plan assembled from `bank`,
     then the merges (aligned on `cache`, a `CorrelationCache` of the model they apply to, or on
-    `batches_fn`) and the prunings. A merge after a plan aligns on the assembled model."""
+    `batches_fn`) and the prunings. A merge after a plan aligns on the assembled model.
+
+    Every edit names layers of the model the edits start from (the assembled one, or `model`), in
+    any order: all edits are checked first (`check_edits`), the merges are made on that model, then
+    every window's blocks are dropped at once (`prune_windows`), renumbering the merge record so that
+    `save_merged`/`load_merged` and `export` tie the same layers."""
     from .merging.correlations import CorrelationCache
-    from .merging.build import merge_model, prune_model
+    from .merging.build import merge_model, prune_windows
     from .modular import assemble
 
     s = CompressionSpec.parse(spec)
@@ -124,11 +137,32 @@ def apply(model: nn.Module, spec: str | Spec, *, bank=None, cache=None, batches_
         net = assemble(model, bank, s.plan)
         if s.merges and cache is not None and cache.model is model:
             cache = CorrelationCache(net, cache.batches_fn, max_tokens=cache.max_tokens)
+    check_edits(net, s.edits)  # before any work: every edit names layers of `net`
     if s.merges:
         net = merge_model(net, s.merges, batches_fn, max_tokens, cache=cache)
-    for p in s.prunes:
-        net = prune_model(net, p.stack, p.start, p.size)
+    if s.prunes:
+        net = prune_windows(net, s.prunes)
     return copy.deepcopy(model) if net is model else net
+
+
+def check_edits(model: nn.Module, edits) -> None:
+    """Check edits against the model they start from (every index is one of its layers): merges and
+    pruning windows fit their stacks, merge sets are disjoint, windows are disjoint, and no layer is
+    both in a merge set and dropped by a window. ValueError naming the edits and the fix."""
+    from .merging.build import check_windows
+    from .merging.merge import merged_specs, validate_specs
+
+    edits = [candidate_spec(e) for e in edits]
+    merges = validate_specs([e for e in edits if isinstance(e, MergeSpec)], model, existing=merged_specs(model))
+    prunes = check_windows(model, [e for e in edits if isinstance(e, PruneSpec)])
+    for p in prunes:
+        for m in merges:
+            both = sorted(set(m.layers) & set(p.dropped())) if m.stack == p.stack else []
+            if both:
+                raise ValueError(f"{p.stack} layer(s) {both} are both merged ('{m}') and dropped ('{p}'): every "
+                                 "edit names layers of the model the edits start from, and a layer is either "
+                                 "merged or dropped. Move the window or the merge set so they share no dropped layer "
+                                 "(a window's first layer is kept and may be merged)")
 
 
 @dataclass

@@ -36,7 +36,16 @@ def stack_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def replace_blocks(model: nn.Module, stack: str, blocks: Sequence[nn.Module]) -> None:
-    """Make `blocks` the stack's blocks for good: renumbered, config depth updated (in place)."""
+    """Make `blocks` the stack's blocks for good: renumbered, config depth updated (in place).
+
+    Refuses a stack with FF merges recorded in `config.mtlab_merges`: the new blocks are arbitrary,
+    so the record could not say which of them are tied (assemble first, then merge)."""
+    merged = [m for m in _recorded_merges(model) if m.stack == stack]
+    if merged:
+        raise ValueError(f"{stack}: cannot replace the blocks of a stack with FF merges recorded "
+                         f"({', '.join(map(str, merged))}): the record would name the wrong layers. Replace "
+                         "(assemble) the blocks of the unmerged model first, then merge (a CompressionSpec "
+                         "'PLAN + EDITS' does it in that order)")
     set_stack_layers(model, stack, list(blocks))
 
 
@@ -52,8 +61,12 @@ def span_block(originals: Mapping[str, Sequence[nn.Module]], bank, stack: str, s
 
 
 def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]]) -> nn.Module:
-    """A copy of `model` without the given layers, e.g. {"decoder": [4, 5]}.
+    """A copy of `model` without the given layers, e.g. {"decoder": [4, 5]}; every index refers to
+    `model`'s own layers (all drops happen at once).
 
+    FF merges recorded in `config.mtlab_merges` (which `save_merged`/`load_merged` replay) are
+    renumbered to the kept layers; a set that loses layers keeps its survivors tied (still one
+    Parameter per projection) and is forgotten once fewer than two remain.
     Raises ValueError naming the problem for unknown stacks, out-of-range or duplicate
     indices, or a stack left empty. The input model is never modified."""
     ana = anatomy(model)
@@ -78,7 +91,38 @@ def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]]) -> nn.Modul
         if 0 in idx and len(kept):
             hand_over_first_block_state(layers[0], kept[0])
         set_stack_layers(out, stack, kept)
+        _renumber_merges(out, stack, [i for i in range(len(layers)) if i not in idx])
     return out
+
+
+def _recorded_merges(model: nn.Module) -> list:
+    from .merging.spec import MergeSpec  # lazy: mtlab.merging builds on this module
+
+    return [MergeSpec.parse(s) for s in getattr(getattr(model, "config", None), "mtlab_merges", None) or []]
+
+
+def _renumber_merges(model: nn.Module, stack: str, kept: Sequence[int]) -> None:
+    """Rewrite `config.mtlab_merges` after the blocks `kept` (old indices, in order) became the stack."""
+    from dataclasses import replace
+
+    specs = _recorded_merges(model)
+    if not any(s.stack == stack for s in specs):
+        return
+    new_index = {old: new for new, old in enumerate(kept)}
+    out = []
+    for spec in specs:
+        if spec.stack != stack:
+            out.append(spec)
+            continue
+        layers = tuple(new_index[i] for i in spec.layers if i in new_index)
+        if len(layers) < 2:  # one survivor (or none) keeps the merged weights, untied to nothing
+            continue
+        if len(layers) == len(spec.layers):  # the whole set kept: order is kept, so first/middle/last hold
+            anchor = new_index[spec.anchor] if isinstance(spec.anchor, int) else spec.anchor
+        else:  # the set lost layers: name the anchor (any survivor shares the tied Parameters)
+            anchor = new_index.get(spec.anchor_layer(), layers[0])
+        out.append(replace(spec, layers=layers, anchor=anchor))
+    model.config.mtlab_merges = [str(s) for s in out]
 
 
 def _extra_submodules(first: nn.Module, new_first: nn.Module) -> list[str]:

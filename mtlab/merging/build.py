@@ -15,13 +15,13 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from ..anatomy import FF_ROLES, anatomy
+from ..anatomy import FF_ROLES, Anatomy, anatomy, sync_cache_depth
 from ..surgery import drop_blocks
 from .correlations import BatchesFn, CorrelationCache
 from .merge import merge_ffs, merged_specs
 from .spec import MergeSpec, PruneSpec, layer_runs
 
-__all__ = ["merge_model", "prune_model", "tie_groups", "check_ties"]
+__all__ = ["merge_model", "prune_model", "prune_windows", "check_windows", "tie_groups", "check_ties"]
 
 
 def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec | str,
@@ -41,23 +41,56 @@ def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec |
     elif cache.model is not model:
         raise ValueError("cache was built for another model: correlations must come from the model being merged")
     out = copy.deepcopy(model)
-    return merge_ffs(out, specs, correlations=cache)
+    merge_ffs(out, specs, correlations=cache)
+    sync_cache_depth(out)  # a model given with a decoder deeper than its encoder generates too
+    return out
 
 
 def prune_model(model: nn.Module, stack: str, start: int, size: int) -> nn.Module:
     """Layer-pruning baseline for the window `start .. start+size-1` of `stack`: a copy of the model
     keeping the window's FIRST block and dropping the size-1 blocks after it (the same number of
     FF sublayers a merge of the window removes, plus their attention and norms). `model` is untouched."""
-    an = anatomy(model)
-    depth = len(an.stack(stack))
-    if size < 2 or start < 0 or start + size > depth:
-        raise ValueError(f"window start={start} size={size} does not fit stack {stack!r} with {depth} layers "
-                         f"(need size >= 2 and start + size <= {depth})")
-    dropped = PruneSpec.window(stack, start, size).dropped()
-    out = drop_blocks(model, {stack: dropped})
+    return prune_windows(model, [PruneSpec.window(stack, start, size)])
+
+
+def check_windows(model_or_anatomy: nn.Module | Anatomy, prunes: Iterable[PruneSpec | str]) -> list[PruneSpec]:
+    """Check pruning windows against a model, all in ITS layer numbering: each fits its stack, has at
+    least 2 layers, and no two windows of a stack share a layer. Returns them as PruneSpecs."""
+    an = model_or_anatomy if isinstance(model_or_anatomy, Anatomy) else anatomy(model_or_anatomy)
+    prunes = [PruneSpec.parse(p) for p in prunes]
+    for p in prunes:
+        if p.stack not in an.stacks:
+            raise ValueError(f"{p}: {type(an.model).__name__} ({an.family}) has no stack {p.stack!r}; "
+                             f"use one of {list(an.stacks)}")
+        depth = len(an.stacks[p.stack])
+        if p.size < 2 or p.start < 0 or p.end >= depth:
+            raise ValueError(f"{p}: window start={p.start} size={p.size} does not fit stack {p.stack!r} with "
+                             f"{depth} layers (need size >= 2 and start + size <= {depth})")
+    for i, p in enumerate(prunes):
+        for q in prunes[:i]:
+            common = sorted(set(range(p.start, p.end + 1)) & set(range(q.start, q.end + 1)))
+            if q.stack == p.stack and common:
+                raise ValueError(f"pruning windows '{q}' and '{p}' overlap at {p.stack} layer(s) {common}; every "
+                                 "window names layers of the model the edits start from, and each keeps its first "
+                                 f"layer: make the windows disjoint, or write them as one window "
+                                 f"'prune {p.stack}:{min(p.start, q.start)}-{max(p.end, q.end)}'")
+    return prunes
+
+
+def prune_windows(model: nn.Module, prunes: Iterable[PruneSpec | str]) -> nn.Module:
+    """A copy of `model` with every window pruned at once (each keeps its first block and drops the
+    rest); all windows name layers of `model` itself, so their order does not matter. Recorded
+    merges are renumbered (`mtlab.surgery.drop_blocks`); `config.mtlab_pruned` gains one entry per
+    window, the dropped layers in the numbering of the model they were pruned from."""
+    prunes = check_windows(model, prunes)
+    drop: dict[str, list[int]] = {}
+    for p in prunes:
+        drop.setdefault(p.stack, []).extend(p.dropped())
+    out = drop_blocks(model, drop)
     config = getattr(out, "config", None)
-    if config is not None:
-        config.mtlab_pruned = list(getattr(config, "mtlab_pruned", None) or []) + [f"{stack}:{layer_runs(dropped)}"]
+    if config is not None and prunes:
+        config.mtlab_pruned = (list(getattr(config, "mtlab_pruned", None) or [])
+                               + [f"{p.stack}:{layer_runs(p.dropped())}" for p in prunes])
     return out
 
 

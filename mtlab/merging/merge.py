@@ -28,8 +28,9 @@ tied embeddings are de-duplicated the way save_pretrained does it), `config.json
 `generation_config.json`), and `mtlab_merges.json` naming the merges and every dropped
 alias. Load it with `load_merged`. A plain `from_pretrained` would leave the non-anchor FF
 weights missing (randomly initialised), so in a folder with merges `config.json` carries
-`model_type` and `dtype` values that make every transformers loader raise (the real ones are
-kept in `mtlab_merges.json`), and a README.md says to use `load_merged`, or
+`model_type` and `dtype` values that make every transformers loader raise, each naming
+`mtlab.merging.load_merged` in the error (the real ones are kept in `mtlab_merges.json`), a
+`mtlab_load_with` field names it too, and a README.md says to use `load_merged`, or
 `mtlab.export.export` for a standard folder.
 """
 from __future__ import annotations
@@ -56,9 +57,14 @@ __all__ = ["MergeSpec", "validate_specs", "merge_ffs", "tie_ffs", "merged_specs"
 WEIGHTS_NAME = "model.safetensors"
 MERGES_NAME = "mtlab_merges.json"
 README_NAME = "README.md"
-# written to config.json of a folder with merges: plain transformers raises on either, naming this text
-GUARD_MODEL_TYPE = "mtlab-compact-merged"
-GUARD_DTYPE = "mtlab compact merged folder: load it with mtlab.merging.load_merged (see its README.md)"
+# written to config.json of a folder with merges: plain transformers raises on either and prints
+# the value, so each says what to do (AutoConfig/AutoModel* print the model_type, a model class's
+# from_pretrained the dtype); LOAD_WITH_KEY is a plain field saying the same to a reader of config.json
+LOAD_WITH = "mtlab.merging.load_merged(folder)"
+GUARD_MODEL_TYPE = (f"mtlab-compact-merged (not a plain transformers folder, do not upgrade transformers for it: "
+                    f"load it with {LOAD_WITH}, or write a plain folder with mtlab.export.export; see its README.md)")
+GUARD_DTYPE = f"mtlab compact merged folder: load it with {LOAD_WITH} (see its README.md)"
+LOAD_WITH_KEY = "mtlab_load_with"
 _FORMAT = 1
 
 Correlations = Mapping[tuple[str, int], object] | Callable[["MergeSpec"], Mapping[int, object]]
@@ -207,6 +213,8 @@ def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: 
         ffs = _set_ffs(an, spec)
         _check_compatible(spec, ffs)
         method = get_merge_method(spec.method)
+        if method.check is not None:
+            method.check(spec, ffs)
         corrs = (_correlations_for(spec, correlations, ff_width(ffs[spec.anchor_layer()]))
                  if method.needs_correlations else None)
         perms: dict[int, torch.Tensor | None] = {i: None for i in spec.layers}
@@ -216,6 +224,9 @@ def merge_ffs(model: nn.Module, specs: Iterable[MergeSpec | str], correlations: 
     with torch.no_grad():
         for spec, ffs, perms in plans:
             aligned = [permuted_weights(ffs[i], perms[i]) for i in spec.layers]
+            extend = get_merge_method(spec.method).extend
+            if extend is not None:  # per-layer extras (e.g. low-rank deltas) from the aligned weights
+                extend(spec, ffs, dict(zip(spec.layers, aligned)))
             anchor = ffs[spec.anchor_layer()]
             for role, (w0, b0) in aligned[0].items():
                 w = torch.stack([a[role][0].double() for a in aligned]).mean(0)
@@ -236,6 +247,9 @@ def tie_ffs(model: nn.Module, specs: Iterable[MergeSpec | str]) -> nn.Module:
         _check_compatible(spec, _set_ffs(an, spec))
     for spec in specs:
         _tie(an, spec)
+        extend = get_merge_method(spec.method).extend
+        if extend is not None:  # per-layer extras rebuilt empty, for the saved values
+            extend(spec, _set_ffs(an, spec), None)
     _record(model, specs)
     return model
 
@@ -328,7 +342,8 @@ def _guard_config(config_path: Path) -> dict:
     """Write the guard values into config.json; returns the real ones, for load_merged."""
     fields = json.loads(config_path.read_text())
     real = {k: fields.get(k) for k in ("model_type", "dtype")}
-    write_json(config_path, {**fields, "model_type": GUARD_MODEL_TYPE, "dtype": GUARD_DTYPE})
+    write_json(config_path, {LOAD_WITH_KEY: LOAD_WITH, **fields, "model_type": GUARD_MODEL_TYPE,
+                             "dtype": GUARD_DTYPE})
     return real
 
 
@@ -338,6 +353,7 @@ def _read_config(path: Path, record: dict):
 
     try:
         fields = json.loads((path / "config.json").read_text())
+        fields.pop(LOAD_WITH_KEY, None)
         for k, v in record.get("config_fields", {}).items():
             if v is None:
                 fields.pop(k, None)
@@ -353,11 +369,11 @@ def _compact_readme(model_class: str, merges: list[str]) -> str:
 
 {model_class} with tied feed-forward sublayers ({', '.join(merges)}): each tied weight is stored
 once in `{WEIGHTS_NAME}`. Plain `transformers` would load this folder with the tied layers
-re-initialised at random (wrong outputs), so `config.json` carries `model_type`
-"{GUARD_MODEL_TYPE}" and a `dtype` that make every transformers loader raise. The real values
-are in `{MERGES_NAME}`.
+re-initialised at random (wrong outputs), so `config.json` carries a `model_type` and a `dtype`
+that make every transformers loader raise (upgrading transformers does not help), and names the
+loader in `{LOAD_WITH_KEY}`. The real values are in `{MERGES_NAME}`.
 
-- Load it with mtlab: `from mtlab.merging.merge import load_merged; model = load_merged("<this folder>")`.
+- Load it with mtlab: `from mtlab.merging import load_merged; model = load_merged("<this folder>")`.
 - For a folder that plain transformers loads: `from mtlab.export import export; export(model, "<new folder>")`
   (tied weights written as plain copies; the outputs are checked after reloading).
 """
