@@ -239,3 +239,82 @@ def test_local_loss_is_zero_for_a_module_that_reproduces_its_span(g2p_task, teac
             bank.blocks[f"{s}_k2_j{j}"].load_state_dict(copy.deepcopy(rep.originals[s][2 * j].state_dict()))
     bank.eval()
     assert local_loss(rep, span_inputs, t_hidden, masks).item() < 1e-10
+
+
+def _planted_screen(seed=0):
+    import random
+
+    import pandas as pd
+
+    from mtlab.modular.plan import enumerate_plans
+
+    rng = random.Random(seed)
+    plans = enumerate_plans({"encoder": 6, "decoder": 6}, {"encoder": (2, 3, 6), "decoder": (2, 3, 6)})
+    df = pd.DataFrame({"plan": [str(p) for p in plans], "tf_word_acc": [rng.random() for _ in plans]})
+    df.attrs["config"] = {"split": "dev"}
+    return df
+
+
+def test_screened_strategy_picks_the_best_scored_plan_within_each_size_budget():
+    from mtlab.modular.plan import DEFAULT_TARGETS, screened, stack_ratio
+
+    depths, grans, bp = {"encoder": 6, "decoder": 6}, {"encoder": (2, 3, 6), "decoder": (2, 3, 6)}, \
+        {"encoder": 100, "decoder": 150}
+    df = _planted_screen()
+    ratio = {p: stack_ratio(dict(Plan.parse(p).spans), bp) for p in df.plan}
+    # plant: the best score of all sits on a plan just ABOVE the 2x budget (ratio < 2): never picked at 2x
+    over = max((p for p in df.plan if ratio[p] < 2.0), key=lambda p: ratio[p])
+    df.loc[df.plan == over, "tf_word_acc"] = 2.0
+    picks = screened(df)(depths, grans, bp)
+    for t in DEFAULT_TARGETS:
+        ok = df[[ratio[p] >= t - 1e-9 for p in df.plan]]
+        best = ok.sort_values("tf_word_acc", ascending=False).plan.iloc[0]
+        assert Plan.parse(best) in picks  # the best-scoring plan under the budget
+        assert ratio[best] >= t - 1e-9
+    for t in DEFAULT_TARGETS:  # one target at a time: exactly the best plan within the budget, never above it
+        (pick,) = screened(df, targets=(t,))(depths, grans, bp)
+        assert stack_ratio(dict(pick.spans), bp) >= t - 1e-9
+        assert str(pick) == df[[ratio[p] >= t - 1e-9 for p in df.plan]].sort_values("tf_word_acc").plan.iloc[-1]
+    assert screened(df, targets=(2.0,))(depths, grans, bp) != [Plan.parse(over)]
+    assert screened(df, targets=(ratio[over],))(depths, grans, bp) == [Plan.parse(over)]
+    # lower-is-better metrics (nll) pick the minimum
+    nll = df.rename(columns={"tf_word_acc": "nll"})
+    assert screened(nll, "nll")(depths, grans, bp)[0] == Plan.parse(
+        nll[[ratio[p] >= 1.1 for p in nll.plan]].sort_values("nll").plan.iloc[0])
+
+
+def test_screened_strategy_on_an_8_layer_lm_prefers_the_better_plan_at_2x():
+    import pandas as pd
+
+    from mtlab.modular.plan import screened
+
+    df = pd.DataFrame({"plan": ["layers=2222", "layers=1124", "layers=11111111"], "nll": [6.4, 4.85, 4.0]})
+    picks = screened(df, "nll")({"layers": 8}, {"layers": (2, 4)}, {"layers": 10}, )
+    assert Plan.parse("layers=1124") in picks and Plan.parse("layers=11111111") not in picks
+
+
+def test_screened_strategy_registers_refuses_test_scores_and_foreign_plans():
+    import pandas as pd
+
+    from mtlab.modular.plan import ladders, screened, strategies, using_screen
+
+    depths, grans, bp = {"encoder": 6, "decoder": 6}, {"encoder": (2, 3, 6), "decoder": (2, 3, 6)}, \
+        {"encoder": 100, "decoder": 150}
+    df = _planted_screen()
+    with using_screen(df) as name:
+        assert name == "screened" and "screened" in strategies()
+        got = [p for s, p in ladders(depths, grans, bp, names=["screened"]) if s == "screened"]
+        assert got == screened(df)(depths, grans, bp)
+    assert "screened" not in strategies()  # gone after the block: the card's ladders are unchanged
+    test = df.copy()
+    test.attrs["config"] = {"split": "test"}
+    with pytest.raises(ValueError, match="held out"):
+        screened(test)
+    with pytest.raises(ValueError, match="held out"):
+        screened(df.rename(columns={"tf_word_acc": "test_wer"}), "test_wer")
+    with pytest.raises(ValueError, match="higher_is_better"):
+        screened(df.rename(columns={"tf_word_acc": "score"}), "score")
+    with pytest.raises(ValueError, match="lack the column"):
+        screened(df, "dev_wer")
+    with pytest.raises(PlanError, match="assembly space"):
+        screened(pd.DataFrame({"plan": ["e=44 d=222"], "nll": [1.0]}), "nll")(depths, grans, bp)

@@ -313,3 +313,94 @@ def _speed_first_ladder(depths: Mapping[str, int], granularities: Mapping[str, I
 def uniform(depths: Mapping[str, int], k: int) -> Plan:
     """Every stack tiled by modules of one size k (layers past the last full span stay original)."""
     return Plan.of({s: (k,) * (n // k) + (1,) * (n % k) for s, n in depths.items()})
+
+
+# ---- a strategy that reads scores: the best plan under each size budget ---------------------
+
+#: whether a higher value of a screen's (or a decoded table's) metric is better
+HIGHER_IS_BETTER = {"tf_word_acc": True, "token_acc": True, "word_acc": True, "rel_word_acc": True,
+                    "nll": False, "dev_nll": False, "dev_wer": False, "dev_per": False, "wer": False, "per": False,
+                    "perplexity": False, "dev_perplexity": False}
+
+
+def screened(scores, metric: str = "tf_word_acc", *, higher_is_better: bool | None = None,
+             targets: Iterable[float] = DEFAULT_TARGETS) -> StrategyFn:
+    """An assembly strategy that reads scores: for each target ratio, the plan with the best
+    `metric` among the scored plans whose layer-stack compression reaches the target (so never a
+    plan above the ratio's size budget: teacher stack parameters / target).
+
+    `scores`: a DataFrame with a `plan` column (text form) and the metric, e.g. a screen of the
+    whole assembly space on dev (`mtlab.explore.screen`, metrics nll, token_acc, tf_word_acc) or a
+    frontier search's table. Scores are read on dev only: a test-split screen or a `test_*` metric
+    is refused (test is held out for the final numbers). Ties go to the smaller plan (higher
+    ratio). Register it with `register_screened` or, for a while, `using_screen`."""
+    if metric.startswith("test"):
+        raise ValueError(f"metric {metric!r} is read on the test split, which is held out: choose plans on dev "
+                         "(e.g. metric='tf_word_acc' of a dev screen, or 'dev_wer')")
+    config = getattr(scores, "attrs", {}).get("config", {}) or {}
+    if config.get("split") == "test":
+        raise ValueError("these scores were screened on the test split, which is held out: screen on dev "
+                         "(mtlab.explore.screen(..., split='dev'))")
+    missing = [c for c in ("plan", metric) if c not in scores]
+    if missing:
+        raise ValueError(f"scores lack the column(s) {missing} (they have {list(scores.columns)}): pass a screen "
+                         "(mtlab.explore.screen) or a table with a plan column and metric=<one of its columns>")
+    if higher_is_better is None:
+        if metric not in HIGHER_IS_BETTER:
+            raise ValueError(f"is a higher {metric!r} better? pass higher_is_better=True or False")
+        higher_is_better = HIGHER_IS_BETTER[metric]
+    table = scores[["plan", metric]].dropna()
+    dup = table.plan.astype(str)[table.plan.astype(str).duplicated()]
+    if len(dup):
+        raise ValueError(f"plan {dup.iloc[0]!r} is scored twice: pass one score per plan (e.g. average them first)")
+    rows = [(str(p), float(v)) for p, v in zip(table.plan, table[metric])]
+    targets = tuple(targets)
+    sign = -1.0 if higher_is_better else 1.0
+
+    def strategy(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
+                 block_params: Mapping[str, int]) -> list[Plan]:
+        cands = []
+        for text, value in rows:
+            try:
+                plan = Plan.parse(text, depths).validate(depths, granularities)
+            except PlanError as e:
+                raise PlanError(f"scored plan {text!r} does not fit this model and bank ({e}): score this bank's own "
+                                "assembly space (mtlab.explore.screen)") from e
+            cands.append((plan, stack_ratio(dict(plan.spans), block_params), value))
+        out: list[Plan] = []
+        for t in targets:
+            ok = [c for c in cands if c[1] >= t - 1e-9]
+            if ok:
+                plan = min(ok, key=lambda c: (sign * c[2], -c[1], str(c[0])))[0]
+                if plan not in out:
+                    out.append(plan)
+        return out
+
+    strategy.metric = metric  # type: ignore[attr-defined]
+    return strategy
+
+
+def register_screened(scores, name: str = "screened", **kw) -> str:
+    """Register `screened(scores, **kw)` as assembly strategy `name` (from then on `ladders` lists
+    it); returns the name. `using_screen` registers it only for a `with` block."""
+    assembly_strategy(name)(screened(scores, **kw))
+    return name
+
+
+class using_screen:
+    """`with using_screen(scores, metric=...):` strategy "screened" (or `name`) is registered inside
+    the block only, so ladders made elsewhere (the shipped bank's card) keep the rule-based ones."""
+
+    def __init__(self, scores, name: str = "screened", **kw):
+        self.fn, self.name = screened(scores, **kw), name
+
+    def __enter__(self) -> str:
+        self.before = _STRATEGIES.get(self.name)
+        assembly_strategy(self.name)(self.fn)
+        return self.name
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            unregister_strategy(self.name)
+        else:
+            _STRATEGIES[self.name] = self.before
