@@ -4,7 +4,13 @@ This is the main job's engine (`make report`): notebooks run in name order, each
 parameters PROFILE and OUT (the reports directory, where notebooks write their CSVs),
 sharing the artifact cache (`mtlab.cache`) so none recomputes another's work. Each
 executed notebook becomes reports/NAME.html; reports/index.html links them with the
-profile, git revision, machine and wall time of each.
+profile, git revision, machine, torch threads / OpenMP wait policy and wall time of each.
+
+The kernels are separate processes started by jupyter_client with this process's environment,
+so they inherit the OpenMP wait policy that `import mtlab` put there (mtlab/runtime.py) before
+their own torch loads. Notebooks run one after another, not side by side: 05_frontier reuses
+the tables of 02-04 (module table, screen, merge candidates) from the shared cache, and two
+kernels computing the same cached table at once would both compute it.
 """
 from __future__ import annotations
 
@@ -216,6 +222,7 @@ def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
     """reports/index.html: the headline results read from the CSVs the notebooks wrote (each with its
     conclusion), then the notebooks' links, wall times and status. Self-contained: nothing fetched."""
     from .report import git_revision
+    from .runtime import describe
 
     out = Path(out)
     links = "\n".join(
@@ -229,7 +236,8 @@ def write_index(out: Path, runs: pd.DataFrame, profile: str) -> Path:
 td,th{{border:1px solid #ccc;padding:.2em .6em}} .missing{{color:#a33}}</style></head><body>
 <h1>mtlab reports</h1>
 <p>Profile <b>{html.escape(profile)}</b> · git {git_revision()} · {html.escape(platform.node())}
-({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}) · total {runs.seconds.sum():.0f} s</p>
+({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; torch: {html.escape(describe())})
+· total {runs.seconds.sum():.0f} s</p>
 {headlines(out)}
 <h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>

@@ -102,3 +102,13 @@ def test_the_test_runner_and_make_set_it_before_torch():
 
 def test_describe_names_threads_and_policy():
     assert "threads, OpenMP wait policy" in runtime.describe()
+
+
+def test_the_report_index_names_threads_and_wait_policy(tmp_path):
+    import pandas as pd
+
+    from mtlab.notebooks import write_index
+
+    runs = pd.DataFrame([{"notebook": "00_teacher", "profile": "smoke", "seconds": 1.0, "status": "ok"}])
+    page = write_index(tmp_path, runs, "smoke").read_text()
+    assert "threads, OpenMP wait policy" in page
