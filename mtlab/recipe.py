@@ -56,7 +56,13 @@ class TaskSpec(_Strict):
     kind: Literal["g2p", "pairs", "text"] = Field(description="g2p (bundled CMUdict), pairs (tsv/csv/jsonl), text")
     path: Path | None = Field(None, description="the pairs or text file (not for g2p)")
     block_size: int | None = Field(64, ge=1, description="text: tokens per example; null: one example per line")
-    metric: str = Field("bleu", description="pairs: a registered task metric (mtlab.tasks.metrics: bleu, rouge, ...)")
+    metric: str | None = Field(None, description="pairs: a registered task metric (mtlab.tasks.metrics: bleu, chrf, "
+                               "rouge, ...); null: chrf when the median target has under 4 words, else bleu")
+    source_col: str | int | None = Field(None, description="pairs: the source column (header name, JSONL key or "
+                                         "index); null: 'source', or the first of a header-less 2-column file")
+    target_col: str | int | None = Field(None, description="pairs: the target column; null: 'target', or the second")
+    max_target_len: int | None = Field(None, ge=1, description="pairs: target tokens trained on and decoded at most; "
+                                       "null: 256, cut to the model's position table (e.g. BART's positions)")
     dev_fraction: float = Field(0.05, gt=0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
 
@@ -65,7 +71,7 @@ class TaskSpec(_Strict):
     def _metric(cls, v):
         from .tasks.metrics import get_metric
 
-        return get_metric(v).name
+        return None if v is None else get_metric(v).name
 
     @model_validator(mode="after")
     def _path_fits_kind(self):
@@ -73,6 +79,10 @@ class TaskSpec(_Strict):
             raise ValueError("the g2p task is bundled: remove path (or use kind: pairs for your own file)")
         if self.kind != "g2p" and self.path is None:
             raise ValueError(f"kind {self.kind!r} needs the data file, e.g. path: data/train.txt")
+        pairs_only = [k for k in ("source_col", "target_col", "max_target_len") if getattr(self, k) is not None]
+        if self.kind != "pairs" and pairs_only:
+            raise ValueError(f"{', '.join(pairs_only)}: only for kind: pairs; remove "
+                             f"{'them' if len(pairs_only) > 1 else 'it'}")
         return self
 
 
@@ -286,8 +296,8 @@ class _TaskOnly(_Strict):
 def load_model_and_data(model: str | Path | None, kind: str, path: str | Path | None = None, *,
                         tokenizer: str | None = None, **task) -> tuple:
     """(model, task) from a model folder (or 'bundled') and a data file, checked as a recipe's are:
-    `kind` and `task` keywords are the recipe's `task` section (block_size, metric, dev_fraction,
-    test_fraction). The g2p task needs the bundled teacher (model None or 'bundled')."""
+    `kind` and `task` keywords are the recipe's `task` section (block_size, metric, source_col, target_col,
+    max_target_len, dev_fraction, test_fraction). The g2p task needs the bundled teacher (model None or 'bundled')."""
     try:
         spec = _TaskOnly.model_validate({"task": {"kind": kind, "path": path, **task}}).task
     except ValidationError as e:
@@ -321,15 +331,37 @@ def _load(name: str, tokenizer: str | None, spec: TaskSpec):
     if spec.kind == "text" and seq2seq:
         raise RecipeError(f"task.kind: {name} is an encoder-decoder model; a text task needs a decoder-only LM, "
                           "or use kind: pairs")
+    from .tasks.guards import ENCODER_FIX, check_causal, check_head_loaded, describe, generation_cap, model_role
+
+    role = model_role(config)
     if spec.kind == "pairs" and not seq2seq:
-        raise RecipeError(f"task.kind: {name} is a decoder-only model; use kind: text (a text file) with it")
+        raise RecipeError(f"task.kind: {name} is {describe(config)}, not an encoder-decoder; " +
+                          (ENCODER_FIX if role == "encoder" else "use kind: text (a text file) with it"))
+    if spec.kind == "text" and role == "encoder":
+        raise RecipeError(f"task.kind: {name} is {describe(config)}, not a decoder-only LM: kind text would load "
+                          f"it with a language-model head initialised at random; {ENCODER_FIX}")
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if spec.kind == "text" and positions and spec.block_size and spec.block_size > positions:
         raise RecipeError(f"task.block_size: {spec.block_size} tokens, but the model reads at most {positions}; "
                           f"set block_size: {positions} or less")
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name).float().eval()
+    model, info = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
+        name, output_loading_info=True)
+    model = model.float().eval()
+    try:  # no head initialised at random; a text model that does not see later tokens
+        check_head_loaded(name, model, info, spec.kind)
+        if spec.kind == "text":
+            check_causal(model)
+    except ValueError as e:
+        raise RecipeError(f"model: {e}") from None
+    cap = generation_cap(model) if spec.kind == "pairs" else None
+    if cap is not None and spec.max_target_len is not None and spec.max_target_len > cap:
+        raise RecipeError(f"task.max_target_len: {spec.max_target_len} tokens, but the model's position table holds "
+                          f"{cap + 1} positions (max_position_embeddings; the decoder start token takes one); set "
+                          f"max_target_len: {cap} or less")
     try:
         task = _task(spec, tokenizer or name)
+        if spec.kind == "pairs":
+            task.fit_positions(model)  # sources and targets cut to the position table, before any training
     except (ValueError, KeyError, TypeError) as e:  # the tasks' own errors name the problem and the fix
         raise RecipeError(f"task: {e}") from None
     return model, task
@@ -346,20 +378,27 @@ def _task(spec: TaskSpec, tokenizer: str):
                                       dev_fraction=spec.dev_fraction, test_fraction=spec.test_fraction)
     from .tasks.pairs import PairsTask
 
+    cols = {k: v for k, v in (("source_col", spec.source_col), ("target_col", spec.target_col),
+                              ("max_target_len", spec.max_target_len)) if v is not None}
     return PairsTask.from_file(spec.path, tok, metric=spec.metric, dev_fraction=spec.dev_fraction,
-                               test_fraction=spec.test_fraction)
+                               test_fraction=spec.test_fraction, **cols)
 
 
 def check_recipe(r: Recipe, model) -> None:
     """Everything that can be checked against the model before any training: depths, granularities,
     plans, merge sets and windows, baseline depths."""
-    from .anatomy import anatomy
+    from .anatomy import UnsupportedArchitectureError, anatomy
     from .merging.spec import MergeSpec
     from .modular.plan import Plan, PlanError
     from .modular.replacing import ReplacingConfig
     from .surgery import stack_depths
 
-    depths = stack_depths(model)
+    try:
+        depths = stack_depths(model)
+    except UnsupportedArchitectureError as e:
+        first = str(e).splitlines()[0].split(". To support it")[0].rstrip(". ")
+        raise RecipeError(f"model: {first}; register its layout with mtlab.anatomy.register(ArchSpec(...)) "
+                          "in Python before running the recipe, or use a model of a registered family") from None
     try:
         if r.modules is not None:
             ReplacingConfig(granularities=r.modules.granularities).granularities_for(depths)

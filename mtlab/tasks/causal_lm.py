@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .base import SPLITS, Batch, Seq2SeqTask, check_finite, pad
+from .guards import check_causal
 from .split import split_by_hash
 
 __all__ = ["CausalLMTask", "load_tokenizer", "word_tokenizer"]
@@ -200,9 +201,11 @@ class CausalLMTask(Seq2SeqTask):
     @torch.no_grad()
     def evaluate(self, model, split: str, *, limit: int | None = None, batch_size: int = 32,
                  progress: bool = True) -> dict[str, float]:
-        """Mean token NLL and perplexity of `split` (the first `limit` examples) under teacher forcing."""
+        """Mean token NLL and perplexity of `split` (the first `limit` examples) under teacher forcing.
+        Refuses a model that is not causal (`mtlab.tasks.guards.check_causal`)."""
         self.check_model(model, [split])  # token ids fit the model, no NaN/inf weight: stop before the first batch
         check_finite(model)
+        check_causal(model)  # a model that sees later tokens (BERT without is_decoder) has a meaningless perplexity
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()

@@ -6,6 +6,11 @@ metrics up by name (`PairsTask(metric="rouge")`, a recipe's `task.metric`), so a
 usable everywhere (tasks, recipes, studies, read-outs) once registered. Built in:
 
 - "bleu": corpus BLEU and chrF (sacrebleu); primary BLEU. Option `tokenize` (sacrebleu's).
+  BLEU counts word n-grams up to 4, so it is 0.0 for any output when the references are shorter
+  than 4 words: scoring such references warns (`ShortTargetsWarning`) and names "chrf".
+- "chrf": corpus chrF (sacrebleu, character n-grams): the metric for short targets (single words,
+  names, a few tokens). `default_metric(references)` picks it when the median target has fewer
+  than 4 words, else "bleu".
 - "rouge": mean ROUGE-1/2/L F-measure over examples (rouge_score) x 100; primary ROUGE-L.
   Option `use_stemmer` (default True).
 - "per_wer": phone error rate (total edit distance / reference phones, editdistance) and word
@@ -18,7 +23,15 @@ from dataclasses import dataclass
 
 import editdistance
 
-__all__ = ["Metric", "task_metric", "get_metric", "task_metrics", "unregister_metric", "per_wer"]
+__all__ = ["Metric", "task_metric", "get_metric", "task_metrics", "unregister_metric", "per_wer", "default_metric",
+           "median_words", "ShortTargetsWarning", "BLEU_ORDER"]
+
+#: the n-gram order of sacrebleu's BLEU: references shorter than this many words score 0.0
+BLEU_ORDER = 4
+
+
+class ShortTargetsWarning(UserWarning):
+    """BLEU on targets too short for its 4-gram order: every model scores (close to) 0.0."""
 
 ScoreFn = Callable[..., dict]
 
@@ -71,10 +84,40 @@ def unregister_metric(name: str) -> None:
     _METRICS.pop(name, None)
 
 
+def median_words(texts: Sequence[str]) -> float:
+    """The median number of whitespace-separated words of `texts` (0.0 for none)."""
+    import statistics
+
+    return float(statistics.median(len(str(t).split()) for t in texts)) if texts else 0.0
+
+
+def default_metric(references: Sequence[str]) -> str:
+    """The metric that can rank models on these references: "chrf" when the median reference has
+    fewer than 4 words (BLEU would be 0.0 for every model), else "bleu"."""
+    return "chrf" if median_words(references) < BLEU_ORDER else "bleu"
+
+
+def short_targets_message(words: float) -> str:
+    return (f"BLEU counts word n-grams up to {BLEU_ORDER}, so it is 0.0 for every output when the targets are shorter "
+            f"than {BLEU_ORDER} words; the median target here has {words:g} word(s), so BLEU cannot tell models apart. "
+            "Use metric 'chrf' (character n-grams): PairsTask(metric='chrf'), or task.metric: chrf in a recipe "
+            "(leaving the metric unset picks it from the data)")
+
+
+def warn_short_targets(references: Sequence[str], stacklevel: int = 3) -> None:
+    """Warn (ShortTargetsWarning) when BLEU cannot score these references."""
+    import warnings
+
+    words = median_words(references)
+    if references and words < BLEU_ORDER:
+        warnings.warn(short_targets_message(words), ShortTargetsWarning, stacklevel=stacklevel)
+
+
 @task_metric("bleu", ("bleu", "chrf"), "bleu", higher_is_better=True)
 def _bleu(hyps: list[str], refs: list[str], tokenize: str | None = None) -> dict[str, float]:
     import sacrebleu
 
+    warn_short_targets(refs, stacklevel=4)
     kw = {} if tokenize is None else {"tokenize": tokenize}
     return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs], **kw).score),
             "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
@@ -109,3 +152,10 @@ def per_wer(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[s
 @task_metric("per_wer", ("per", "wer"), "per", higher_is_better=False)
 def _per_wer(hyps: list[str], refs: list[str]) -> dict[str, float]:
     return per_wer([h.split() for h in hyps], [r.split() for r in refs])
+
+
+@task_metric("chrf", ("chrf",), "chrf", higher_is_better=True)
+def _chrf(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    return {"chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}

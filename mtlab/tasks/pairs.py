@@ -16,8 +16,12 @@ every machine and identical sources never straddle two splits.
 
 Scores (all computed by the reference libraries, never by hand):
 
-* ``metric="bleu"`` (default): ``{"bleu", "chrf"}`` from ``sacrebleu.corpus_bleu``
+* ``metric=None`` (default): picked from the data, "chrf" when the median target has
+  fewer than 4 words (BLEU's n-gram order: it would be 0.0 for every model), else "bleu".
+* ``metric="bleu"``: ``{"bleu", "chrf"}`` from ``sacrebleu.corpus_bleu``
   and ``sacrebleu.corpus_chrf``, on sacrebleu's 0-100 scale; primary metric BLEU.
+  On targets under 4 words it warns (``ShortTargetsWarning``) and names "chrf".
+* ``metric="chrf"``: ``{"chrf"}`` from ``sacrebleu.corpus_chrf``; primary chrF.
 * ``metric="rouge"``: ``{"rouge1", "rouge2", "rougeL"}``, the mean over examples of
   the per-example F1 from ``rouge_score.rouge_scorer`` (Porter stemming on by
   default), multiplied by 100 so that all mtlab text metrics share the 0-100 scale
@@ -34,8 +38,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .base import SPLITS, Batch, Seq2SeqTask, pad
-from .metrics import get_metric
+from .base import SPLITS, Batch, ModelMismatchError, Seq2SeqTask, pad
+from .metrics import BLEU_ORDER, ShortTargetsWarning, default_metric, get_metric, median_words, short_targets_message
 from .split import split_by_hash
 
 SPLIT_ALIASES = {
@@ -45,6 +49,13 @@ SPLIT_ALIASES = {
 }
 FILE_FORMATS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DEFAULT_SOURCE_COL, DEFAULT_TARGET_COL = "source", "target"
+DEFAULT_MAX_LEN = 256
+#: column names that mark a first line as a header (compared in lower case, digits and _-. suffixes ignored)
+HEADER_WORDS = frozenset("""
+src tgt source target sources targets input inputs output outputs text texts label labels prompt prompts
+completion completions response responses question questions answer answers query queries sentence sentences
+translation translations original reference references hypothesis id idx index split lang language
+""".split())
 _ENCODE_CHUNK = 1024
 
 Pairs = tuple[list[str], list[str]]
@@ -133,6 +144,13 @@ def _read_table(path: Path, fmt: str, source_col, target_col, split_col, header:
     names = [c for c in (source_col, target_col, split_col) if isinstance(c, str)]
     if header is None:
         header = any(n in first for n in names)
+        if not header and _looks_like_header(first):
+            raise ValueError(
+                f"{path}: the first line {first} looks like a header naming other columns than the ones asked for "
+                f"(source_col={source_col!r}, target_col={target_col!r}); read as data it would become a training "
+                f"pair. Name its columns, e.g. source_col={_guess(first, _SOURCE_WORDS, 0)!r}, "
+                f"target_col={_guess(first, _TARGET_WORDS, 1)!r} (in a recipe: task.source_col / task.target_col), "
+                "or pass header=False if that line is data")
     if header:
         columns, rows = first, rows[1:]
 
@@ -169,6 +187,27 @@ def _read_table(path: Path, fmt: str, source_col, target_col, split_col, header:
                              f"stray tab/comma or missing field?")
         out.append((r[si], r[ti], None if pi is None else r[pi]))
     return out
+
+
+_SOURCE_WORDS = ("src", "source", "input", "prompt", "question", "query", "original", "text", "sentence")
+_TARGET_WORDS = ("tgt", "target", "output", "label", "completion", "response", "answer", "translation", "reference")
+
+
+def _guess(fields: list[str], words: Sequence[str], fallback: int) -> str:
+    """The first header field that starts with one of `words` (e.g. 'src_text' for the source), else fields[fallback]."""
+    return next((f for w in words for f in fields if f.strip().lower().startswith(w)), fields[fallback])
+
+
+def _looks_like_header(fields: list[str]) -> bool:
+    """Every field of a line is a column-like name (`src`, `tgt`, `source_text`, `input1`, ...)."""
+    import re
+
+    def name(f: str) -> bool:
+        stem = re.sub(r"[\s_.-]*\d*$", "", f.strip().lower())
+        parts = [p for p in re.split(r"[\s_.-]+", stem) if p]
+        return bool(parts) and len(f) <= 40 and any(p in HEADER_WORDS for p in parts)
+
+    return len(fields) >= 2 and all(name(f) for f in fields)
 
 
 def _read_jsonl(path: Path, source_col, target_col, split_col) -> list[tuple[str, str, Any]]:
@@ -263,17 +302,15 @@ class PairsTask(Seq2SeqTask):
         splits: Mapping[str, tuple[Sequence[str], Sequence[str]]],
         tokenizer,
         *,
-        max_source_len: int = 256,
-        max_target_len: int = 256,
-        metric: str = "bleu",
+        max_source_len: int = DEFAULT_MAX_LEN,
+        max_target_len: int = DEFAULT_MAX_LEN,
+        metric: str | None = None,
         rouge_use_stemmer: bool = True,
         bleu_tokenize: str | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__()
-        m = get_metric(metric)
-        self.metric = m.name
-        self.metric_keys, self.primary_metric, self.higher_is_better = m.keys, m.primary, m.higher_is_better
+        m = get_metric(metric) if metric is not None else None  # an unknown name fails before the data is read
         self.rouge_use_stemmer = rouge_use_stemmer
         self.bleu_tokenize = bleu_tokenize
         if name:
@@ -308,6 +345,13 @@ class PairsTask(Seq2SeqTask):
         if not any(src for src, _ in normalised.values()):
             raise ValueError("no (source, target) pairs: every split is empty")
         self.splits = {s: normalised[s] for s in SPLITS if s in normalised}
+        targets = [t for _, tgt in self.splits.values() for t in tgt]
+        if m is None:  # from the data: chrF where BLEU's 4-grams cannot match
+            m = get_metric(default_metric(targets))
+        elif m.name == "bleu" and median_words(targets) < BLEU_ORDER:
+            warnings.warn(short_targets_message(median_words(targets)), ShortTargetsWarning, stacklevel=2)
+        self.metric = m.name
+        self.metric_keys, self.primary_metric, self.higher_is_better = m.keys, m.primary, m.higher_is_better
 
     # ---- constructors ---------------------------------------------------------------------------------------
     @classmethod
@@ -321,16 +365,18 @@ class PairsTask(Seq2SeqTask):
         split_col: str | int | None = None,
         dev_fraction: float = 0.05,
         test_fraction: float = 0.05,
-        max_source_len: int = 256,
-        max_target_len: int = 256,
-        metric: str = "bleu",
+        max_source_len: int = DEFAULT_MAX_LEN,
+        max_target_len: int = DEFAULT_MAX_LEN,
+        metric: str | None = None,
         header: bool | None = None,
         **kw,
     ) -> "PairsTask":
         """Read a local .tsv/.tab, .csv or .jsonl/.ndjson file (format chosen by extension).
 
         TSV/CSV: a header line naming the columns, or (``header=None`` auto-detects)
-        a header-less 2-column file of source<TAB>target. Integer column indices are
+        a header-less 2-column file of source<TAB>target. A first line that names other
+        columns (``src<TAB>tgt``) is refused, naming ``source_col``/``target_col``, rather than
+        read as a training pair. Integer column indices are
         accepted too. TSV fields are split on tabs only (quotes are plain text); CSV
         uses standard quoting. JSONL: one object per line; "a.b" reads nested fields.
         Values of ``split_col`` must be train/dev/test (or validation/valid/val); with
@@ -372,9 +418,9 @@ class PairsTask(Seq2SeqTask):
         split_col: str | None = None,
         dev_fraction: float = 0.05,
         test_fraction: float = 0.05,
-        max_source_len: int = 256,
-        max_target_len: int = 256,
-        metric: str = "bleu",
+        max_source_len: int = DEFAULT_MAX_LEN,
+        max_target_len: int = DEFAULT_MAX_LEN,
+        metric: str | None = None,
         **kw,
     ) -> "PairsTask":
         """From memory; ``datasets`` is not needed (objects are duck-typed).
@@ -449,6 +495,61 @@ class PairsTask(Seq2SeqTask):
 
     def max_target_len(self, source_len: int) -> int:
         return self.max_target_length
+
+    # ---- the model's position table ---------------------------------------------------------------------------
+    def fit_positions(self, model) -> "PairsTask":
+        """Cap the source and target lengths at what `model`'s absolute position table holds
+        (`max_position_embeddings`, e.g. a BART with 64 positions; relative or rotary positions, as in
+        T5, have no bound), so training and decoding never index past it. Warns when data gets cut."""
+        from .guards import generation_cap, position_limit
+
+        limit = position_limit(model)
+        if limit is None:
+            return self
+        src_cap, tgt_cap = limit, generation_cap(model)
+        if self.max_source_length <= src_cap and self.max_target_length <= tgt_cap:
+            return self
+        self.max_source_length = min(self.max_source_length, src_cap)
+        self.max_target_length = min(self.max_target_length, tgt_cap)
+        self._encoded.clear()
+        src, tgt = self.encoded("train") if "train" in self.splits else ([], [])
+        cut = sum(len(s) >= self.max_source_length for s in src) + sum(len(t) >= self.max_target_length for t in tgt)
+        if cut:
+            warnings.warn(f"the model's position table holds {limit} positions, so sources are cut to "
+                          f"{self.max_source_length} tokens and targets to {self.max_target_length} (the decoder start "
+                          f"token takes one); {cut} train text(s) reach that length and may be cut", stacklevel=2)
+        return self
+
+    def check_model(self, model, splits: Sequence[str] | None = None) -> None:
+        """The vocabulary checks of every task, and that the encoded texts fit the model's position table."""
+        super().check_model(model, splits)
+        from .guards import generation_cap, position_limit
+
+        limit = position_limit(model)
+        if limit is None:
+            return
+        for split in splits if splits is not None else list(self.splits):
+            src, tgt = self.encoded(split)
+            longest_src, longest_tgt = max(map(len, src), default=0), max(map(len, tgt), default=0)
+            if longest_src > limit or longest_tgt > generation_cap(model):
+                raise ModelMismatchError(
+                    f"split {split!r} holds sources of up to {longest_src} tokens and targets of up to {longest_tgt}, "
+                    f"but the model's position table holds {limit} positions (max_position_embeddings; a target "
+                    f"also needs the decoder start token): build the task with max_source_len={limit} and "
+                    f"max_target_len={generation_cap(model)} or less, or call task.fit_positions(model)")
+
+    def predict(self, model, split: str, *, max_new_tokens: int | None = None, **kw):
+        """`Seq2SeqTask.predict`, decoding at most as many tokens as the model's position table holds."""
+        from .guards import generation_cap
+
+        cap = generation_cap(model)
+        if cap is not None:
+            if max_new_tokens is not None and max_new_tokens > cap:
+                raise ValueError(f"max_new_tokens={max_new_tokens}, but the model's position table holds "
+                                 f"{cap + 1} positions (with the decoder start token): use max_new_tokens={cap} "
+                                 "or less")
+            max_new_tokens = max_new_tokens or min(self.max_target_length, cap)
+        return super().predict(model, split, max_new_tokens=max_new_tokens, **kw)
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
