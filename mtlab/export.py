@@ -13,30 +13,62 @@ that plain `transformers.AutoModelFor*.from_pretrained(dir)` loads to the same o
   otherwise, and plain `generate()` fails with an IndexError).
 - The task's tokenizer is written beside the weights when it can be saved.
 
-The folder is written atomically (temporary folder, then rename), reloaded with plain
-transformers and compared with the in-memory model (forward outputs, and greedy `generate()`
-for models that generate) before it is put in place: a mismatch raises `ExportError` and
-leaves nothing behind.
+The folder is written to a temporary sibling folder, reloaded with plain transformers and
+compared with the in-memory model (forward outputs, and greedy `generate()` for models that
+generate) before it is put in place: a mismatch (or any other failure) raises and leaves the
+target as it was, with no half-written folder.
+
+What export writes and removes
+------------------------------
+Every export writes `mtlab_export.json` (the record), which lists the files export wrote
+("files"). The target folder decides what happens:
+
+- missing or empty: the checked folder is renamed into place.
+- an earlier export of the same thing, i.e. a folder whose record lists every file in it and
+  names the same model class (`type(model).__name__`): replaced as a whole (the old folder is
+  renamed aside, the new one renamed into place, then the old one's listed files deleted).
+  Re-running an export (a recipe, a notebook) therefore needs no flag.
+- anything else (a user's files, a model folder of their own, an export of another model class,
+  or an earlier export with files added to it): `ExportTargetError` before any work, naming
+  `overwrite=True`.
+- with `overwrite=True`: the files listed in the folder's record (if it has one) are deleted and
+  the new export is written beside everything else (file by file, the record last; a failure
+  half-way puts the folder back as it was). A file mtlab did not write is never deleted or
+  replaced: if the export would write a file of the same name (e.g. config.json in a copy of the
+  user's model folder) it raises `ExportTargetError` and changes nothing.
+
+A folder written by an mtlab before records listed their files counts as not an mtlab export:
+delete it yourself or choose another folder.
 """
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .anatomy import anatomy
-from .checkpoint import atomic_dir, write_json
+from .checkpoint import write_json
 from .tasks.base import cache_kwargs, check_finite
 
-__all__ = ["export", "ExportError", "AUTO_CLASSES", "EXPORT_RECORD"]
+__all__ = ["export", "ExportError", "ExportTargetError", "AUTO_CLASSES", "EXPORT_RECORD", "read_export_record"]
 
 #: tried in order: the first whose mapping gives the model's own class reloads it
 AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForCausalLM", "AutoModelForMaskedLM",
                 "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
                 "AutoModelForQuestionAnswering", "AutoModelForImageClassification", "AutoModel")
 EXPORT_RECORD = "mtlab_export.json"
+#: the record's "format": an export whose record lists the files it wrote
+EXPORT_FORMAT = "mtlab-export-2"
+_PARTIAL = ".mtlab-export-partial"  # marks a temporary folder export is still writing
 
 
 class ExportError(RuntimeError):
@@ -44,21 +76,33 @@ class ExportError(RuntimeError):
 
 
 def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 1e-5,
-           max_new_tokens: int = 8) -> Path:
+           max_new_tokens: int = 8, overwrite: bool = False) -> Path:
     """Write `model` to `directory` as a standard Hugging Face folder and verify it (see module docstring).
 
     `task` (a mtlab Seq2SeqTask, optional): its tokenizer is saved too, its token ids are checked
     against the model, and a few of its dev examples are the check's inputs (otherwise fixed
     synthetic inputs). Outputs must agree to `atol` (absolute, scaled by the output's magnitude
     when that exceeds 1). Returns the directory.
+
+    The target folder (see "What export writes and removes" in the module docstring): a missing or
+    empty folder, or an earlier mtlab export of a model of the same class that holds nothing but
+    the files its `mtlab_export.json` lists, is (re)written. Anything else raises
+    `ExportTargetError` before any work, unless `overwrite=True`: then export removes only the
+    files an earlier export listed in `mtlab_export.json` and writes its own beside the rest, and
+    still refuses if one of its files would replace a file mtlab did not write.
     """
     directory = Path(directory)
+    where = directory.resolve()  # a symlinked folder: its target is written; '.' has a name
+    target = _inspect_target(where, type(model).__name__, overwrite)  # refuse before any work
     check_finite(model)
     if task is not None:
         task.check_model(model)
     state = untied_state_dict(model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(directory) as tmp:
+    where.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(where)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(where), dir=where.parent))
+    try:
+        (tmp / _PARTIAL).touch()
         original = model.config
         model.config = export_config(model)  # save_pretrained validates and writes model.config
         try:
@@ -67,10 +111,17 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
             model.config = original
         tokenizer = _save_tokenizer(task, tmp)
         auto, report = check_reload(model, tmp, task=task, atol=atol, max_new_tokens=max_new_tokens)
+        files = sorted(f for f in _entries(tmp) if f not in (_PARTIAL, EXPORT_RECORD))
         write_json(tmp / EXPORT_RECORD, {
-            "model_class": type(model).__name__, "reload_with": f"transformers.{auto}.from_pretrained",
+            "format": EXPORT_FORMAT, "model_class": type(model).__name__,
+            "reload_with": f"transformers.{auto}.from_pretrained",
             "untied_merges": list(getattr(model.config, "mtlab_merges", None) or []),
-            "tokenizer": tokenizer, "check": report})
+            "tokenizer": tokenizer, "check": report, "files": files})
+        _place(tmp, where, target, files)
+        _remove_stale_temporaries(where)
+    finally:
+        if tmp.exists():  # a temporary folder of this call: everything in it was written by export
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -88,7 +139,9 @@ def untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k in keys:
                 if k.startswith(prefixes):  # HF state-dict keys are the module paths anatomy reports
                     out[k] = out[k].clone()
-    return out
+    from .merging.lowrank import fold_state_dict  # low-rank deltas folded into each layer's own weights
+
+    return fold_state_dict(model, out)
 
 
 def export_config(model: nn.Module):
@@ -255,3 +308,230 @@ def _check_generate(model, reloaded, inputs: dict, max_new_tokens: int, name: st
         raise ExportError(f"plain generate() of the reloaded model ({name}) differs from mtlab's; nothing was "
                           f"written to {directory}")
     return True
+
+
+# ---------------------------------------------------------------------------
+# the target folder: what export may replace, and putting the checked folder in place
+
+class ExportTargetError(FileExistsError):
+    """The target folder holds files mtlab did not write (or an export of another model class)."""
+
+
+@dataclass
+class _Target:
+    mode: str  # "new": missing or empty; "replace": swap the whole folder; "beside": keep the user's files
+    ours: list[str] = field(default_factory=list)  # entries an earlier export wrote (listed in its record)
+    theirs: list[str] = field(default_factory=list)  # entries mtlab did not write: never removed or replaced
+
+
+#: what `model.save_pretrained` writes: checked against a folder's own files before any work
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _tmp_prefix(directory: Path) -> str:
+    return f".{directory.name}.mtlab-export-"
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file (and symlink) under `folder` as a relative POSIX path, and every empty directory
+    (ending in '/')."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / f).as_posix() for f in files]
+        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+        if not files and not dirs and rel != Path("."):
+            out.append(rel.as_posix() + "/")
+    return sorted(out)
+
+
+def read_export_record(directory: str | Path) -> dict | None:
+    """The `mtlab_export.json` record of an earlier export in `directory`, or None when there is
+    none (or it is not a JSON object). Its "files" entry is None when it does not list files
+    safely (an export by an mtlab before file lists, or paths outside the folder)."""
+    path = Path(directory) / EXPORT_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    files = record.get("files")
+    ok = isinstance(files, list) and all(
+        isinstance(f, str) and f and not f.startswith("/") and "\\" not in f
+        and not any(part in ("", ".", "..") for part in f.split("/")) for f in files)
+    return {**record, "files": list(files) if ok else None}
+
+
+def _shown(entries: list[str], n: int = 5) -> str:
+    more = f" and {len(entries) - n} more" if len(entries) > n else ""
+    return ", ".join(entries[:n]) + more
+
+
+def _collisions(new: list[str], theirs: list[str]) -> list[str]:
+    """The files export would write that would replace (or need to replace) an entry it did not write."""
+    theirs_set = set(theirs)
+    bad = []
+    for f in new:
+        parts = f.split("/")
+        parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        if f in theirs_set or f"{f}/" in theirs_set or any(p in theirs_set for p in parents) \
+                or any(t.startswith(f"{f}/") for t in theirs):
+            bad.append(f)
+    return bad
+
+
+_OVERWRITE = (f"overwrite=True removes only the files an earlier mtlab export listed in its {EXPORT_RECORD}, "
+              "writes the export beside everything else, and never deletes or replaces a file mtlab did not write")
+
+
+def _inspect_target(directory: Path, model_class: str, overwrite: bool) -> _Target:
+    """What export may do in `directory`; ExportTargetError (before any work) when it may not."""
+    if directory.exists() and not directory.is_dir():
+        raise ExportTargetError(f"export: {directory} is a file, not a folder; give a folder path (export never "
+                                "replaces a file mtlab did not write, overwrite=True included)")
+    entries = _entries(directory) if directory.exists() else []
+    if not entries:
+        return _Target("new")
+    record = read_export_record(directory)
+    listed = record["files"] if record is not None else None
+    if listed is None:
+        ours = [EXPORT_RECORD] if record is not None else []
+        theirs = [e for e in entries if e not in ours]
+        what = (f"an export by an earlier mtlab whose {EXPORT_RECORD} does not list the files it wrote"
+                if record is not None else "not an earlier mtlab export")
+        if not overwrite:
+            raise ExportTargetError(
+                f"export: {directory} is not empty and is {what} (it holds {_shown(theirs)}). Choose a new or empty "
+                f"folder, or pass overwrite=True to write the export beside these files: {_OVERWRITE}")
+        clash = _collisions(list(_MODEL_FILES), theirs)
+        if clash:
+            raise ExportTargetError(
+                f"export: {directory} holds {_shown(clash)}, which mtlab did not write and the export would "
+                "replace; overwrite=True never replaces such files. Choose a new or empty folder (or move "
+                "those files out)")
+        return _Target("beside", ours, theirs)
+    ours_set = set(listed) | {EXPORT_RECORD}
+    ours = [e for e in entries if e in ours_set]
+    theirs = [e for e in entries if e not in ours_set]
+    other = record.get("model_class")
+    if other == model_class and not theirs:
+        return _Target("replace", ours)  # an earlier export of the same thing: replaced as a whole
+    if not overwrite:
+        why = (f"an earlier mtlab export of a {other}, not of a {model_class}" if other != model_class else
+               f"an earlier mtlab export plus files it did not write ({_shown(theirs)})")
+        raise ExportTargetError(f"export: {directory} holds {why}. Choose another folder, or pass overwrite=True "
+                                f"to replace the earlier export: {_OVERWRITE}")
+    clash = _collisions(list(_MODEL_FILES), theirs)
+    if clash:
+        raise ExportTargetError(f"export: {directory} holds {_shown(clash)}, which mtlab did not write and the export "
+                                "would replace; overwrite=True never replaces such files. Move them out or choose "
+                                "another folder")
+    return _Target("replace", ours) if not theirs else _Target("beside", ours, theirs)
+
+
+def _remove_listed(folder: Path, files: list[str], keep: frozenset = frozenset()) -> list[str]:
+    """Delete the listed files under `folder`, then the directories that held them once empty
+    (except those in `keep`); returns what is left in `folder`."""
+    for f in files:
+        p = folder / f
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    _prune_dirs(folder, files, keep)
+    return _entries(folder) if folder.exists() else []
+
+
+def _prune_dirs(folder: Path, files: list[str], keep: frozenset = frozenset()) -> None:
+    """Remove the (now empty) directories that held `files`, deepest first, except those in `keep`."""
+    parents = {a for f in files for a in Path(f).parents if a != Path(".")}
+    for d in sorted(parents - set(keep), key=lambda p: len(p.parts), reverse=True):
+        try:
+            (folder / d).rmdir()
+        except OSError:  # not empty (holds something else) or gone
+            pass
+
+
+def _dirs(folder: Path) -> frozenset:
+    return frozenset(Path(root).relative_to(folder) for root, _, _ in os.walk(folder))
+
+
+def _place(tmp: Path, directory: Path, target: _Target, files: list[str]) -> None:
+    """Put the checked folder `tmp` at `directory`: a rename when the target is missing, empty or an
+    earlier export alone (the old one is moved aside first, then its listed files deleted); file by
+    file beside the user's entries otherwise (see _place_beside)."""
+    if target.mode == "beside":
+        _place_beside(tmp, directory, target, files)
+        return
+    (tmp / _PARTIAL).unlink()
+    if target.mode == "new":
+        if directory.exists():
+            directory.rmdir()  # empty when inspected; raises (and leaves it) if something appeared since
+        os.replace(tmp, directory)
+        return
+    old = directory.with_name(f"{_tmp_prefix(directory)}old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    left = _remove_listed(old, target.ours)
+    if not left:
+        old.rmdir()
+    else:  # something was added to the old folder while this export ran: keep it
+        warnings.warn(f"export: {directory} was replaced, but files added to it meanwhile ({_shown(left)}) were "
+                      f"kept in {old}", stacklevel=3)
+
+
+def _place_beside(tmp: Path, directory: Path, target: _Target, files: list[str]) -> None:
+    """overwrite=True into a folder with entries mtlab did not write: the earlier export's listed
+    files are moved aside, the new files renamed in one by one, the record last; any failure moves
+    the new files out and the old ones back (the folder is as it was), success deletes the old ones.
+    The user's entries are never moved, replaced or deleted."""
+    ours = [f for f in target.ours if not f.endswith("/")]
+    theirs = [e for e in _entries(directory) if e not in set(ours)]
+    clash = _collisions([*files, EXPORT_RECORD], theirs)
+    if clash:
+        raise ExportTargetError(f"export: {directory} holds {_shown(clash)}, which mtlab did not write and the "
+                                "export would replace; nothing was changed there. Move them out or choose "
+                                "another folder")
+    existing = _dirs(directory)
+    aside = directory.with_name(f"{_tmp_prefix(directory)}old-{uuid.uuid4().hex[:8]}")
+    aside.mkdir()
+    moved, placed = [], []
+    try:
+        for f in ours:
+            (aside / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(directory / f, aside / f)
+            moved.append(f)
+        for f in [*files, EXPORT_RECORD]:  # the record last: a complete export only once all is in place
+            (directory / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / f, directory / f)
+            placed.append(f)
+    except BaseException:
+        _remove_listed(directory, placed, keep=existing)  # files this call put there
+        for f in moved:
+            (directory / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(aside / f, directory / f)
+        shutil.rmtree(aside, ignore_errors=True)  # only directories left: its files went back
+        raise
+    _prune_dirs(directory, ours, keep=frozenset(Path(f).parent for f in placed))
+    shutil.rmtree(aside, ignore_errors=True)  # the earlier export's listed files, nothing else
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Leftovers of an export into `directory` that was killed: a temporary folder (marked partial,
+    everything in it written by export) or an earlier export moved aside (only its listed files)."""
+    if not directory.parent.is_dir():
+        return
+    prefix = _tmp_prefix(directory)
+    for p in directory.parent.iterdir():
+        if not (p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()):
+            continue
+        if (p / _PARTIAL).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            continue
+        record = read_export_record(p)
+        if record is not None and record["files"] is not None and directory.exists():
+            if not _remove_listed(p, [*record["files"], EXPORT_RECORD]):
+                p.rmdir()

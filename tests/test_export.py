@@ -14,9 +14,12 @@ from mtlab.baselines import keep_only
 from mtlab.export import EXPORT_RECORD, ExportError, check_inputs, export
 from mtlab.merging.merge import merge_ffs
 from mtlab.modular import ModuleBank, assemble
-from mtlab.tasks.base import fresh_cache
+from mtlab.tasks.base import cache_kwargs
 
 torch.set_num_threads(1)
+# transformers 5.2x deprecates generate(past_key_values=...): mtlab and these tests pass the cache
+# under the keyword this transformers reads (cache_kwargs), so a FutureWarning here is a regression
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 FAMILIES = ["t5", "t5-gated", "bart", "marian", "mbart", "gpt2", "llama", "mistral", "qwen2", "bert", "vit"]
 # an assembly per case: every multi-layer stack gets its 2-module once (t5: decoder 3 > encoder 1)
@@ -59,7 +62,7 @@ def _generate_equal(model, again, inputs):
         return
     gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
                max_new_tokens=6, min_new_tokens=6, pad_token_id=1)
-    ours = model.generate(**gen, past_key_values=fresh_cache(model))
+    ours = model.generate(**gen, **cache_kwargs(model))
     assert torch.equal(again.generate(**gen), ours)
 
 
@@ -119,8 +122,9 @@ def test_pruned_and_combined_models_round_trip(tmp_path):
 
 
 def test_bundled_teacher_plan_with_a_deeper_decoder_generates_plainly(tmp_path):
-    """e=33 d=1122: 2 encoder blocks, 4 decoder blocks. Plain save_pretrained gives a folder whose
-    plain generate() fails; export's folder generates what mtlab decodes, and carries the tokenizer."""
+    """e=33 d=1122: 2 encoder blocks, 4 decoder blocks. The assembly's config names the decoder's
+    depth (transformers sizes T5's default cache from it), so plain save_pretrained and export both
+    give folders whose plain generate() is mtlab's decode; export's carries the tokenizer."""
     from mtlab.tasks.g2p import G2PTokenizer
     from mtlab.teacher import load_teacher
 
@@ -129,12 +133,13 @@ def test_bundled_teacher_plan_with_a_deeper_decoder_generates_plainly(tmp_path):
     batch = task.collate("dev", list(range(8)))
     gen = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=10, do_sample=False)
     model.save_pretrained(tmp_path / "plain")
-    with pytest.raises(IndexError):
-        T.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "plain").generate(**gen)
+    ours = model.generate(**gen, **cache_kwargs(model))
+    assert torch.equal(T.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "plain").eval().generate(**gen), ours)
+    assert torch.equal(model.generate(**gen), ours)  # in memory, transformers' default cache
     d = export(model, tmp_path / "out", task=task)
     again = T.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
     assert again.config.decoder_layers == 4 and again.config.num_layers == 2
-    assert torch.equal(again.generate(**gen), model.generate(**gen, past_key_values=fresh_cache(model)))
+    assert torch.equal(again.generate(**gen), ours)
     assert len(G2PTokenizer.load(d)) == len(task.tokenizer)
     assert task.predict(again, "dev", limit=16, progress=False).equals(task.predict(model, "dev", limit=16, progress=False))
 
@@ -189,6 +194,26 @@ def test_a_failed_check_nan_weights_or_a_mismatched_task_leave_nothing(tmp_path,
     with pytest.raises(ModelMismatchError, match="64 rows"):  # G2P ids run past the tiny model's 64 rows
         export(model, tmp_path / "out", task=g2p_task)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+@pytest.mark.parametrize("case", ["t5", "gpt2"])
+def test_generation_path_raises_no_future_warning(case, tmp_path, g2p_task):
+    """mtlab's decode (Seq2SeqTask.predict), export's generate check and a plain generate with
+    cache_kwargs, with FutureWarnings turned into errors (past_key_values is deprecated in 5.2x)."""
+    model = _model(case)
+    inputs = check_inputs(model)
+    gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
+               max_new_tokens=3, pad_token_id=1)
+    model.generate(**gen, **cache_kwargs(model))
+    export(model, tmp_path / "out")
+    if case == "t5":
+        from mtlab.teacher import TeacherConfig, build_teacher
+
+        torch.manual_seed(0)
+        t5 = build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=1,
+                                                             num_decoder_layers=2)).eval()
+        assert len(g2p_task.predict(t5, "dev", limit=4, max_new_tokens=3, progress=False)) == 4
 
 
 @pytest.mark.parametrize("case", ["t5", "bart", "gpt2"])
