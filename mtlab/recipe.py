@@ -8,7 +8,10 @@ folder receives:
 - `models/NAME/`: every compressed model, a folder that plain transformers loads
   (`mtlab.export.export` where available, else `save_pretrained` with merged FFs untied), with
   its tokenizer;
-- `results.csv`: one row per model (kind, spec, params, compression, scores on the eval split);
+- `results.csv`: one row per model (kind, spec, params, compression, scores on the eval split); with
+  a merge recovery, also the control row "original + same fine-tune (control)" (kind control): the
+  original fine-tuned with the same recovery config on the same data, so a recovered merge's score
+  splits into what the merge did and what the fine-tune did;
 - `summary.html`: the same table and the recipe; `screen.csv` / `window_search.csv` when run;
 - `recipe.json`: the validated recipe; `work/`: checkpoints (rerun the same recipe to resume).
 
@@ -433,6 +436,9 @@ def check_recipe(r: Recipe, model) -> None:
 
 # ---- running -------------------------------------------------------------------------------
 
+CONTROL = "original + same fine-tune (control)"  # a results row wherever recovered merges are compared
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
@@ -498,6 +504,14 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
             model, log = recover(model.train(), task, cfg, work / "recover" / _slug(text), progress=progress, save=False)
             budget = Budget(1, mg.recovery.steps, log.attrs.get("config", {}).get("train_seconds"))
         out[f"merge {text}"] = Candidate("merge", spec, model.eval(), budget=budget, info={"kind": "merge"})
+    if mg.recovery.steps and specs:  # the control: the original fine-tuned exactly as the merges were recovered
+        cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
+        model, log = recover(copy.deepcopy(teacher).train().requires_grad_(True), task, cfg,
+                             work / "recover" / "control_original", progress=progress, save=False)
+        out[CONTROL] = Candidate("control", f"original fine-tuned {mg.recovery.steps} steps like the merges' recovery",
+                                 model.eval(), budget=Budget(1, mg.recovery.steps,
+                                                             log.attrs.get("config", {}).get("train_seconds")),
+                                 info={"kind": "control"})
     return out, tables
 
 
@@ -580,7 +594,7 @@ def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None 
     rows = []
     for name, c in cands.items():
         row = _score(name, c, task, r, n0, progress)
-        if c.info["kind"] != "original":
+        if c.info["kind"] not in ("original", "control"):  # the control is a yardstick, not a compressed model
             path = out / "models" / _slug(name)
             row["saved_with"] = export_model(c.model, path, task)
             row["path"] = str(path.relative_to(out))

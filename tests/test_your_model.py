@@ -50,7 +50,7 @@ def test_load_model_and_data_checks_like_a_recipe(gpt2_dir):
     assert type(model).__name__ == "GPT2LMHeadModel" and task.block_size == 32
     with pytest.raises(RecipeError, match="did you mean 'block_size'"):
         load_model_and_data(gpt2_dir, "text", TEXT, blocksize=32)
-    with pytest.raises(RecipeError, match="decoder-only model; use kind: text"):
+    with pytest.raises(RecipeError, match="decoder-only model.*use kind: text"):
         load_model_and_data(gpt2_dir, "pairs", PAIRS)
     with pytest.raises(RecipeError, match="the g2p task needs it"):
         load_model_and_data(gpt2_dir, "g2p")
@@ -118,17 +118,56 @@ def test_conclusion_names_a_reload_that_changed_the_scores():
     class Task:
         primary_metric, higher_is_better = "ppl", False
 
-    ladder = pd.DataFrame({"plan": ["layers=11", "layers=2"], "params": [2e6, 1e6], "ratio": [1.0, 2.0],
-                           "ideal_speedup": [1.0, 1.8], "dev_ppl": [10.0, 12.5], "dev_n": [8, 8]})
-    table = pd.DataFrame({"model": ["original", "merged", "merged"], "params": [2e6, 1.8e6, 1.8e6],
-                          "recovery_steps": [0, 0, 5], "dev_ppl": [10.0, 15.0, 11.0]})
+    ladder = pd.DataFrame({"plan": ["layers=11", "layers=2"], "params": [2e6, 1e6], "params_ratio": [1.0, 1.41],
+                           "stack_ratio": [1.0, 2.0], "ideal_speedup": [1.0, 1.8], "dev_ppl": [10.0, 12.5],
+                           "dev_tokens": [800, 800]})
+    table = pd.DataFrame({"model": ["original", "merged", "merged", ym.CONTROL], "params": [2e6, 1.8e6, 1.8e6, 2e6],
+                          "recovery_steps": [0, 0, 5, 5], "dev_ppl": [10.0, 15.0, 11.0, 9.0]})
     merge = ym.MergeResult("layers:0-1@middle/permute", pd.DataFrame(), table, torch.nn.Linear(1, 1), pd.DataFrame())
     screened = pd.DataFrame({"plan": ["layers=11", "layers=2"], "on_frontier": [True, True]})
     exported = pd.DataFrame({"model": ["a", "b"], "reload_with": ["GPT2LMHeadModel"] * 2, "dev_ppl": [12.5, 11.0],
                              "dev_ppl_reloaded": [12.5, 11.5], "max_logit_diff": [0.0, 0.3]})
     text = ym.conclusion(ladder, merge, screened, exported, Task())
-    assert "**layers=2** 2.00x smaller stacks, 1.80x FLOP-ideal speed-up, 12.5 (+2.5)" in text
-    assert "removes 10.0% of the parameters: dev PPL 15 as built, 11 after 5 recovery steps" in text
+    assert "on 800 dev tokens" in text and "words" not in text
+    assert ("**layers=2** 1.41x fewer parameters overall (2.00x smaller stacks), 1.80x FLOP-ideal speed-up, "
+            "12.5 (+2.5)") in text
+    assert "removes 10.0% of the parameters: dev PPL 15 as built, 11 after 5 recovery steps (original 10" in text
+    assert "the control, 9). Against the control the merge costs +2; the fine-tune alone moves the original by -1" in text
     assert "DIFFERENT dev scores for ['b']" in text
     same = ym.conclusion(ladder, merge, screened, exported.assign(dev_ppl_reloaded=exported.dev_ppl), Task())
     assert "with the same dev scores" in same
+
+
+def test_labels_and_units_fit_a_text_task(gpt2_dir):
+    """Issue 22 item 10 / issue 27 item 9: no "layers layers" header, the overall parameter ratio beside the
+    stacks' ratio, counts in tokens (not words) and no word accuracy for a text task."""
+    from mtlab.modular import ReplacingConfig, train_modules
+    from mtlab.ui.tables import label
+
+    model, task, work = ym.load(gpt2_dir, TEXT, "text", PROFILE)
+    assert ym.count_unit(task) == "tokens"
+    row = ym.summary(model, task, PROFILE)
+    assert "layers" in row.columns and "layers_layers" not in row.columns and label("layers") == "layers"
+    assert "dev_tokens" in row.columns and "dev_n" not in row.columns
+    assert int(row.dev_tokens.iloc[0]) == task.evaluate(model, "dev", limit=4, progress=False)["tokens"]
+    cfg = ym.replacing_config(model, PROFILE)
+    bank, _ = train_modules(model, task, ReplacingConfig(granularities=cfg.granularities, train=cfg.train),
+                            work / "modules", progress=False)
+    ladder = ym.ladder_table(model, bank, task, PROFILE)
+    assert {"params_ratio", "stack_ratio"} <= set(ladder.columns) and "ratio" not in ladder.columns
+    rung = ladder.iloc[-1]
+    assert rung.params_ratio == pytest.approx(ladder.params.iloc[0] / rung.params)
+    assert 1 < rung.params_ratio < rung.stack_ratio  # the embeddings stay: the model shrinks less than its stacks
+    screened = ym.screen_space(model, bank, task, PROFILE)
+    assert "tf_word_acc" not in screened.columns and "words" not in screened.columns and "tokens" in screened.columns
+    assert screened.params_ratio.max() == pytest.approx(ladder.params_ratio.max())
+    ex = ym.assembly_explorer_for(model, bank, screened)
+    read = " ".join(ex.readouts())
+    assert "tokens)" in read and "words" not in read and "word accuracy" not in read
+    cka = ym.similarity(model, task, PROFILE)
+    assert cka.attrs["config"]["tokens_left_out"] == "special tokens"
+    assert cka.attrs["config"]["special_ids"] == sorted(task.tokenizer.all_special_ids)
+    merges = ym.merge_explorer_for(model, task, cka, PROFILE, background=False)
+    assert merges.scores(merges.specs())["n_unit"] == "tokens"
+    keys = " ".join(merges.readouts())
+    assert "dev PPL" in keys and "tokens)" in keys and "words" not in keys

@@ -27,11 +27,13 @@ from ..checkpoint import atomic_dir
 from ..profiles import get_profile
 from ..surgery import stack_depths
 
-__all__ = ["tiny_causal_lm", "demo_inputs", "load", "summary", "quiet_transformers", "fit_granularities",
+__all__ = ["tiny_causal_lm", "demo_inputs", "load", "summary", "quiet_transformers", "fit_granularities", "count_unit",
+           "CONTROL",
            "replacing_config", "similarity", "ladder_table", "merge_and_recover", "MergeResult", "screen_space", "assembly_explorer_for",
            "merge_explorer_for", "reload_plain", "export_and_reload", "conclusion"]
 
 VERSION = 1
+CONTROL = "original + same fine-tune (control)"  # the row that separates what the merge did from the fine-tune
 DEMO_LINES = 1000   # sentences of the shipped corpus the demo model reads
 SEED = 0
 
@@ -123,10 +125,13 @@ def _model_key(name: str) -> str:
 
 
 def load(model: str | Path | None = None, data: str | Path | None = None, kind: str = "text", profile=None, *,
-         progress: bool = False):
+         progress: bool = False, **task_options):
     """(model, task, work folder) from the notebook's parameters: `model` a save_pretrained folder (None:
     the demo GPT-2 for kind 'text', trained on `data` or on the demo's text; the bundled teacher for
-    'g2p'), `data` the pairs or text file, `kind` 'text' | 'pairs' | 'g2p'."""
+    'g2p'), `data` the pairs or text file, `kind` 'text' | 'pairs' | 'g2p'; `task_options` (None values
+    left out) are a recipe's task keys, e.g. max_target_len=64 for pairs (default: 256, cut to the
+    model's position table)."""
+    task_options = {k: v for k, v in task_options.items() if v is not None}
     from ..recipe import load_model_and_data
 
     if model is None and kind == "text":
@@ -138,25 +143,32 @@ def load(model: str | Path | None = None, data: str | Path | None = None, kind: 
         raise ValueError(f"TASK = {kind!r} needs DATA, your data file: a text file (one paragraph per line) for "
                          "'text', a TSV/CSV/JSONL of (source, target) pairs for 'pairs'")
     with quiet_transformers():
-        net, task = load_model_and_data(model, kind, data)
+        net, task = load_model_and_data(model, kind, data, **task_options)
     prof = get_profile(profile)
     work = artifact_dir("your_model", {"version": VERSION, "model": _model_key(str(model or "bundled")),
                                        "kind": kind, "data": file_hash(data) if data is not None else None,
-                                       "profile": asdict(prof.your_model)})
+                                       "profile": asdict(prof.your_model),
+                                       **({"task": task_options} if task_options else {})})
     return net, task, work
 
 
 def summary(model: nn.Module, task, profile=None) -> pd.DataFrame:
-    """One row: the model's class, parameters and stack depths, the task, its examples per split and
-    the model's dev scores (`eval_limit` examples)."""
+    """One row: the model's class, parameters and stack depths (`layers`, or `encoder_layers` and
+    `decoder_layers`), the task, its examples per split and the model's dev scores (`eval_limit`
+    examples; counted in the task's unit, `count_unit`)."""
     from ..measure import count_params
 
     splits = getattr(task, "splits", None)
     sizes = task.sizes() if hasattr(task, "sizes") else {s: len(v[0]) for s, v in (splits or {}).items()}
     return pd.DataFrame([{"model": type(model).__name__, "params": count_params(model),
-                          **{f"{s}_layers": n for s, n in stack_depths(model).items()}, "task": task.name,
+                          **{_depth_column(s): n for s, n in stack_depths(model).items()}, "task": task.name,
                           **{f"{s}_examples": n for s, n in sizes.items()},
                           **_dev(model, task, get_profile(profile).your_model.eval_limit)}])
+
+
+def _depth_column(stack: str) -> str:
+    """'layers' for a single stack named layers (not 'layers_layers'), else '<stack>_layers'."""
+    return "layers" if stack == "layers" else f"{stack}_layers"
 
 
 # ---------------------------------------------------------------------------
@@ -185,23 +197,60 @@ def _align(task):
     return lambda: task.iter_batches("train", 16, shuffle=True, seed=SEED)
 
 
-def similarity(model: nn.Module, task, profile=None, *, progress: bool = False) -> pd.DataFrame:
-    """Layer x layer linear CKA of the FF outputs on `cka_tokens` train tokens (`mtlab.similarity.cka_matrix`)."""
-    from ..similarity import cka_matrix
+def similarity(model: nn.Module, task, profile=None, *, progress: bool = False, exclude="special") -> pd.DataFrame:
+    """Layer x layer linear CKA of the FF outputs on `cka_tokens` train tokens (`mtlab.similarity.cka_matrix`),
+    the tokenizer's special tokens left out ([CLS]/[SEP] dominate a BERT-style model's map otherwise):
+    `exclude="special"` uses the task's tokenizer (or the G2P teacher's specials), None keeps every token;
+    the choice is in `df.attrs["config"]["tokens_left_out"]`."""
+    from ..similarity import SPECIAL, cka_matrix
 
+    if isinstance(exclude, str) and exclude == SPECIAL:
+        exclude = _task_special_ids(task, model)
     return cka_matrix(model, _align(task), "ff_out", max_tokens=get_profile(profile).your_model.cka_tokens,
-                      progress=progress)
+                      progress=progress, exclude=exclude)
+
+
+def _task_special_ids(task, model):
+    """The special token ids of the task's tokenizer (a HF tokenizer's all_special_ids, the G2P tokenizer's
+    SPECIALS), else "special" (cka_matrix finds them beside the model)."""
+    tok = getattr(task, "tokenizer", None)
+    if hasattr(tok, "all_special_ids"):
+        return tok
+    if tok is not None and hasattr(tok, "vocab") and hasattr(tok, "ids"):
+        from ..tasks.g2p import SPECIALS
+
+        return [tok.ids[t] for t in SPECIALS if t in tok.ids]
+    return "special"
+
+
+def count_unit(task) -> str:
+    """What a task's scores are counted in: 'tokens' for text (perplexity is per token; a block is no
+    word), 'words' for G2P (one word per example), 'sentences' for pairs."""
+    from ..tasks.causal_lm import CausalLMTask
+    from ..tasks.g2p import G2PTask
+
+    if isinstance(task, CausalLMTask):
+        return "tokens"
+    if isinstance(task, G2PTask):
+        return "words"
+    return "sentences"
 
 
 def _dev(model, task, limit) -> dict:
+    """dev scores, counted in the task's unit: `dev_tokens` (text), `dev_words` (G2P), `dev_sentences` (pairs)."""
     r = task.evaluate(model, "dev", limit=limit, progress=False)
-    return {f"dev_{k}": v for k, v in r.items()
-            if k not in ("split", "seconds") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    unit = count_unit(task)
+    out = {f"dev_{k}": v for k, v in r.items()
+           if k not in ("split", "seconds", "n", "tokens") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out[f"dev_{unit}"] = int(r["tokens"] if unit == "tokens" else r["n"])
+    return out
 
 
 def ladder_table(model: nn.Module, bank, task, profile=None, strategy: str = "size_first") -> pd.DataFrame:
-    """The original model and each rung of a strategy's ladder: parameters, ratio, FLOP-ideal speed-up
-    (`plan_table`) and dev scores of the assembled model."""
+    """The original model and each rung of a strategy's ladder: parameters, `params_ratio` (the whole
+    model's parameters, original / assembled: embeddings and head included), `stack_ratio` (the
+    transformer stacks' parameters only), FLOP-ideal speed-up (`plan_table`) and dev scores of the
+    assembled model."""
     from ..modular import assemble, block_params, ladders, plan_table
 
     plans = [p for _, p in ladders(stack_depths(model), bank.granularities, block_params(model), names=[strategy])]
@@ -209,7 +258,10 @@ def ladder_table(model: nn.Module, bank, task, profile=None, strategy: str = "si
         df = plan_table(model, bank, plans, task)
     limit = get_profile(profile).your_model.eval_limit
     scores = pd.DataFrame([_dev(assemble(model, bank, p), task, limit) for p in plans])
-    df = pd.concat([df.drop(columns="blocks"), scores], axis=1).assign(strategy=["original"] + [strategy] * (len(plans) - 1))
+    df = df.drop(columns="blocks").rename(columns={"ratio": "stack_ratio", "ratio_model": "params_ratio"})
+    df = df[["plan", "params", "params_ratio", "stack_ratio", *[c for c in df.columns
+                                                              if c not in ("plan", "params", "params_ratio", "stack_ratio")]]]
+    df = pd.concat([df, scores], axis=1).assign(strategy=["original"] + [strategy] * (len(plans) - 1))
     df.attrs["config"] = {"strategy": strategy, "eval_limit": limit, "granularities": dict(bank.granularities)}
     return df
 
@@ -220,7 +272,10 @@ def ladder_table(model: nn.Module, bank, task, profile=None, strategy: str = "si
 @dataclass
 class MergeResult:
     """One FF merge of the model: the window search it was chosen from, the merged model after recovery,
-    and the original / merged-as-built / recovered dev scores."""
+    and the dev scores of the original, the merged model as built, after recovery, and of the CONTROL:
+    the original fine-tuned with the same recovery config (steps, data, batch, lr, seed), so that the
+    recovered model's gain or loss against the original splits into what the merge did and what the
+    fine-tune did."""
     spec: str
     search: pd.DataFrame
     table: pd.DataFrame
@@ -234,7 +289,10 @@ def _slug(text: str) -> str:
 
 def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *, progress: bool = False) -> MergeResult:
     """Search the profile's window sizes (those that fit) with permute merges and layer pruning on dev,
-    merge the best window, and fine-tune it `recovery_steps` (resumable under work/recover/)."""
+    merge the best window, and fine-tune it `recovery_steps` (resumable under work/recover/); the
+    original is fine-tuned the same way as a control (`CONTROL` row, work/recover/control_original)."""
+    import copy
+
     from ..candidate import apply
     from ..merging.correlations import CorrelationCache
     from ..measure import count_params
@@ -263,8 +321,17 @@ def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *,
         merged, log = recover(merged.train(), task, cfg, Path(work) / "recover" / _slug(spec), progress=progress,
                               save=False)
     rows.append({**rows[1], "recovery_steps": p.recovery_steps, **_dev(merged, task, p.eval_limit)})
+    if p.recovery_steps:
+        with quiet_transformers():
+            control, _ = recover(copy.deepcopy(model).train().requires_grad_(True), task, cfg,
+                                 Path(work) / "recover" / "control_original", progress=progress, save=False)
+        rows.append({**rows[0], "model": CONTROL, "recovery_steps": p.recovery_steps,
+                     **_dev(control.eval(), task, p.eval_limit)})
+        del control
     table = pd.DataFrame(rows)
-    table.attrs["config"] = {"spec": spec, "chosen_by": f"dev {metric}", **asdict(p)}
+    table.attrs["config"] = {"spec": spec, "chosen_by": f"dev {metric}", "control": CONTROL if p.recovery_steps else None,
+                             "recovery": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                                          "seed": cfg.seed, "split": cfg.split}, **asdict(p)}
     return MergeResult(spec, search, table, merged.eval(), log)
 
 
@@ -273,9 +340,12 @@ def merge_and_recover(model: nn.Module, task, work: str | Path, profile=None, *,
 
 def screen_space(model: nn.Module, bank, task, profile=None, *, progress: bool = False) -> pd.DataFrame:
     """The assembly space on dev, teacher-forced: every plan (`mtlab.explore.screen`), or with a
-    `search_budget`, the plans `frontier_search` screens within that many block evaluations. Flags on_frontier (NLL against ideal speed-up) and on_frontier_params."""
+    `search_budget`, the plans `frontier_search` screens within that many block evaluations. Flags on_frontier (NLL against ideal speed-up) and on_frontier_params.
+    `ratio` is the stacks' compression, `params_ratio` the whole model's; counts and accuracies in the
+    task's unit (`count_unit`: no word accuracy for text)."""
     from ..explore import screen
     from ..explore.frontier import pareto_mask
+    from ..measure import count_params
     from ..explore.search import frontier_search
 
     p = get_profile(profile).your_model
@@ -286,7 +356,21 @@ def screen_space(model: nn.Module, bank, task, profile=None, *, progress: bool =
         df = screen(model, bank, task, **kw)
         df["on_frontier"] = pareto_mask(df, "ideal_speedup", "nll")
         df["on_frontier_params"] = pareto_mask(df, "params", "nll", x_higher=False)
+    n0 = count_params(model)
+    df["params_ratio"] = n0 / df["params"]
+    df = _in_task_units(df, task)
     return df.sort_values("ideal_speedup").reset_index(drop=True)
+
+
+def _in_task_units(screened: pd.DataFrame, task) -> pd.DataFrame:
+    """The screen counts examples as `words` and scores whole examples right as `tf_word_acc`: true for
+    G2P only. Text: no word accuracy (an example is a block of tokens), counted in tokens; pairs: sentences."""
+    unit = count_unit(task)
+    if unit == "tokens":
+        return screened.drop(columns=[c for c in ("words", "tf_word_acc") if c in screened.columns])
+    if unit == "sentences":
+        return screened.rename(columns={"words": "sentences", "tf_word_acc": "tf_sentence_acc"})
+    return screened
 
 
 def assembly_explorer_for(model: nn.Module, bank, screened: pd.DataFrame):
@@ -323,11 +407,15 @@ def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, 
     def evaluate(specs: list[str]) -> dict:
         net = apply(model, CompressionSpec(None, tuple(specs)), cache=cache) if specs else model
         r = task.evaluate(net, "dev", limit=p.eval_limit, progress=False)
-        return {"params": count_params(net), f"dev_{metric}": r[metric], "n": r["n"]}
+        unit = count_unit(task)
+        return {"params": count_params(net), f"dev_{metric}": r[metric],
+                "n": r["tokens"] if unit == "tokens" else r["n"], "n_unit": unit}
 
     depths = stack_depths(model)
+    left_out = cka.attrs.get("config", {}).get("tokens_left_out", "none")
+    label = "CKA of FF outputs (train tokens" + (", special tokens left out)" if left_out == "special tokens" else ")")
     return MergeExplorer(_per_stack(cka, depths), depths, evaluate, params=SpecSizes(model), background=background,
-                         similarity_label="CKA of FF outputs (train tokens)")
+                         similarity_label=label)
 
 
 # ---------------------------------------------------------------------------
@@ -377,21 +465,36 @@ def export_and_reload(models: dict[str, nn.Module], task, root: str | Path, prof
 def conclusion(ladder: pd.DataFrame, merge: MergeResult, screened: pd.DataFrame, exported: pd.DataFrame,
                task) -> str:
     """What the notebook found (markdown bullets), computed from its tables: the ladder's rungs against
-    the original, the merge before and after recovery, the screened frontier, the reload check."""
+    the original (the whole model's parameter ratio first, the stacks' ratio labelled as such), the merge
+    before and after recovery next to the control (the original fine-tuned the same way), the screened
+    frontier, the reload check. Counts are in the task's unit (`count_unit`)."""
     m = f"dev_{task.primary_metric}"
     name = f"dev {task.primary_metric.upper()}"
     sign = "higher" if task.higher_is_better else "lower"
     o = ladder.iloc[0]
-    lines = [f"The original model ({o.params / 1e6:.2f} M parameters) has {name} {o[m]:.3g} on {int(o.dev_n)} dev "
-             f"examples ({sign} is better)."]
-    rungs = "; ".join(f"**{r.plan}** {r.ratio:.2f}x smaller stacks, {r.ideal_speedup:.2f}x FLOP-ideal speed-up, "
-                      f"{r[m]:.3g} ({r[m] - o[m]:+.3g})" for _, r in ladder.iloc[1:].iterrows())
+    unit = next((u for u in ("tokens", "words", "sentences") if f"dev_{u}" in ladder.columns), None)
+    on = f" on {int(o[f'dev_{unit}']):,} dev {unit}" if unit and pd.notna(o[f"dev_{unit}"]) else ""
+    lines = [f"The original model ({o.params / 1e6:.2f} M parameters) has {name} {o[m]:.3g}{on} ({sign} is better)."]
+    rungs = "; ".join(f"**{r.plan}** {r.params_ratio:.2f}x fewer parameters overall ({r.stack_ratio:.2f}x smaller "
+                      f"stacks), {r.ideal_speedup:.2f}x FLOP-ideal speed-up, {r[m]:.3g} ({r[m] - o[m]:+.3g})"
+                      for _, r in ladder.iloc[1:].iterrows())
     lines.append(f"Size-first ladder: {rungs}." if rungs else "The size-first ladder has no rung below the original.")
     t = merge.table
-    built, done = t.iloc[1], t.iloc[-1]
-    lines.append(f"Merging **{merge.spec}** removes {100 * (1 - built.params / t.iloc[0].params):.1f}% of the "
-                 f"parameters: {name} {built[m]:.3g} as built, {done[m]:.3g} after {int(done.recovery_steps)} recovery "
-                 f"steps (original {t.iloc[0][m]:.3g}).")
+    first = t.iloc[0]
+    built = t[(t.model != CONTROL) & (t.recovery_steps == 0)].iloc[-1]
+    done = t[t.model != CONTROL].iloc[-1]
+    text = (f"Merging **{merge.spec}** removes {100 * (1 - built.params / first.params):.1f}% of the parameters: "
+            f"{name} {built[m]:.3g} as built, {done[m]:.3g} after {int(done.recovery_steps)} recovery steps "
+            f"(original {first[m]:.3g}")
+    control = t[t.model == CONTROL]
+    if len(control):
+        c = control.iloc[-1]
+        text += (f"; the original fine-tuned the same {int(c.recovery_steps)} steps on the same data, the control, "
+                 f"{c[m]:.3g}). Against the control the merge costs {done[m] - c[m]:+.3g}; the fine-tune alone moves "
+                 f"the original by {c[m] - first[m]:+.3g}.")
+    else:
+        text += "; no recovery, so no fine-tuned control)."
+    lines.append(text)
     front = screened[screened.on_frontier.astype(bool)]
     shown = ", ".join(front.plan[:8]) + (f" and {len(front) - 8} more" if len(front) > 8 else "")
     lines.append(f"{len(screened)} assemblies screened (teacher-forced NLL); {len(front)} on the speed/NLL frontier: "

@@ -211,8 +211,8 @@ class AssemblyExplorer(Explorer):
         r = self.row(plan)
         t = self.screen.loc[str(Plan.teacher(self.depths))] if str(Plan.teacher(self.depths)) in self.screen.index \
             else None
-        words = int(r.words) if "words" in r and pd.notna(r.words) else None
-        n = f" (dev, n={words:,} words)" if words else " (dev)"
+        unit = next((u for u in ("words", "sentences", "tokens") if u in r and pd.notna(r[u])), None)  # the task's
+        n = f" (dev, n={int(r[unit]):,} {unit})" if unit else " (dev)"
         out = {"plan": key, "parameters": fmt_size(r.params, t.params if t is not None else None),
                "stack compression": f"{r.ratio:.2f}x", "FLOP-ideal speed-up": f"{r.ideal_speedup:.2f}x",
                f"screened token NLL{n}": fmt_metric(r.nll, t.nll if t is not None else None, 4)}

@@ -230,7 +230,8 @@ class MergeExplorer(Explorer):
         known = next((r for r in (o, m, p) if r is not None), None)
         metrics = metric_keys(known) if known is not None else []
         words = next((r.get("n") for r in (o, m, p) if r is not None and r.get("n")), None)
-        label = {k: metric_label(k, words) for k in metrics}
+        unit = next((r["n_unit"] for r in (o, m, p) if r is not None and r.get("n_unit")), "words")
+        label = {k: metric_label(k, words, unit) for k in metrics}
         ref = o["params"] if o is not None else None
 
         def rows(name: str, r: dict | None) -> dict:

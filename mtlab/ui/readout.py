@@ -18,13 +18,14 @@ DPI = 90   # explorer plots: FIGSIZE inches x DPI = the image's pixels
 INVALID = "no read-out: the controls are in an invalid state (see the message above)"
 
 
-def metric_label(key: str, words: int | None = None) -> str:
-    """'dev_per' -> 'dev PER % (n=32 words)': what, in which unit, on which split and how many words."""
+def metric_label(key: str, words: int | None = None, counted: str = "words") -> str:
+    """'dev_per' -> 'dev PER % (n=32 words)': what, in which unit, on which split and how many words
+    (or `counted`: tokens for a text task, sentences for pairs)."""
     split, _, name = key.partition("_")
     if not name or split not in SPLITS:
         split, name = "", key
     what, unit = METRICS.get(name, (name.replace("_", " ").upper(), ""))
-    n = f" (n={words:,} words)" if words else ""
+    n = f" (n={words:,} {counted})" if words else ""
     return " ".join(p for p in (split, what, unit) if p) + n
 
 
