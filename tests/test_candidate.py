@@ -76,3 +76,88 @@ def test_a_candidate_row_holds_its_spec_text_budget_and_scores(t5_44):
     assert "train_seconds" not in unaccounted.row() and unaccounted.row()["train_steps"] == 50
     assert "train_runs" not in Candidate("teacher", "x").row()
     assert Candidate("sft", "sft-4", note="not shipped: make baselines").row()["note"].endswith("make baselines")
+
+
+# ---- issue 22: every model apply/assemble/prune returns generates with plain transformers; edit indices
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from mtlab.teacher import load_teacher
+
+    return load_teacher()[0]
+
+
+@pytest.mark.parametrize("spec", ["e=33 d=1122", "e=6 d=111111", "e=6 d=222", "prune encoder:0-2",
+                                  "e=33 d=111111 + prune encoder:0-1"])
+def test_the_teacher_with_a_deeper_decoder_generates_plainly(teacher, spec, tmp_path):
+    """transformers 5.x sized plain generate()'s cache from T5's encoder depth: IndexError in memory
+    and after a plain save_pretrained/from_pretrained (issue 22, item 2)."""
+    import transformers as T
+
+    from mtlab.tasks.base import cache_kwargs
+
+    model = apply(teacher, spec, bank=ModuleBank.build(teacher, (2, 3, 6)))
+    assert len(model.decoder.block) > len(model.encoder.block)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1], [10, 11, 12, 1, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **cache_kwargs(model))
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6), want)
+        model.save_pretrained(tmp_path)
+        again = T.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+        assert torch.equal(again.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6), want)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids[:, :4]).logits
+
+
+@pytest.mark.parametrize("spec,kept,tied", [
+    ("encoder:3-4@first/vanilla; prune encoder:0-1", [0, 2, 3, 4, 5], [2, 3]),
+    ("encoder:3-5@middle/permute; prune encoder:0-2", [0, 3, 4, 5], [1, 2, 3]),
+    ("prune encoder:3-4; encoder:0-1@last/vanilla", [0, 1, 2, 3, 5], [0, 1]),
+])
+def test_a_merge_and_a_prune_tie_the_same_layers_after_save_merged(teacher, g2p_task, spec, kept, tied, tmp_path):
+    """The merge record was not renumbered when blocks were dropped: load_merged tied other layers
+    (logits off by up to 2.4) or raised IndexError (issue 22, item 3)."""
+    from mtlab.merging import load_merged, save_merged
+
+    align = lambda: g2p_task.iter_batches("train", 8, shuffle=True, seed=0)  # noqa: E731
+    model = apply(teacher, spec, batches_fn=align, max_tokens=200)
+    for new, old in enumerate(kept):  # the kept blocks are the teacher's (attention untouched by a merge)
+        assert torch.equal(model.encoder.block[new].layer[0].SelfAttention.q.weight,
+                           teacher.encoder.block[old].layer[0].SelfAttention.q.weight)
+    w = [model.encoder.block[i].layer[-1].DenseReluDense.wi.weight for i in tied]
+    assert all(x is w[0] for x in w)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1]])
+    again = load_merged(save_merged(model, tmp_path / "m"))
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+    w = [again.encoder.block[i].layer[-1].DenseReluDense.wi.weight for i in tied]
+    assert all(x is w[0] for x in w)
+
+
+def test_two_prunes_drop_the_layers_they_name_in_any_order(teacher):
+    """Every edit's indices refer to the model the edits start from: "prune encoder:0-1; prune
+    encoder:3-4" drops teacher layers 1 and 4 (it dropped 1 and 5), whatever the order (item 4)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1]])
+    want = prune_model(prune_model(teacher, "encoder", 3, 2), "encoder", 0, 2)  # top window first: no shift
+    for spec in ("prune encoder:0-1; prune encoder:3-4", "prune encoder:3-4; prune encoder:0-1"):
+        got = apply(teacher, spec)
+        assert len(got.encoder.block) == 4
+        assert torch.equal(_logits(got, ids), _logits(want, ids))
+    a = apply(teacher, "encoder:4-5@first/vanilla; prune encoder:0-2")
+    b = apply(teacher, "prune encoder:0-2; encoder:4-5@first/vanilla")
+    assert torch.equal(_logits(a, ids), _logits(b, ids)) and a.config.mtlab_merges == ["encoder:2-3@first/vanilla"]
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("prune encoder:0-2; prune encoder:2-3", r"overlap at encoder layer\(s\) \[2\]"),
+    ("encoder:2-3@first/vanilla; prune encoder:1-2", r"both merged .* and dropped"),
+    ("prune encoder:4-6", "does not fit stack 'encoder' with 6 layers"),
+    ("prune layers:0-1", "has no stack 'layers'"),
+])
+def test_edits_that_contradict_each_other_are_refused(teacher, spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        apply(teacher, spec)

@@ -447,3 +447,24 @@ def test_tie_ffs_only_ties():
     tie_ffs(model, ["layers:0-1@first/permute"])
     assert st.layer(1).ff.w_in.weight is st.layer(0).ff.w_in.weight
     assert torch.equal(st.layer(1).ff.w_in.weight, w0)
+
+
+def test_plain_transformers_on_a_merged_folder_points_to_load_merged(tmp_path):
+    """A save_merged folder loaded with plain transformers must say to use mtlab.merging.load_merged
+    (it suggested upgrading transformers), and that name must exist (issue 22, item 12)."""
+    import importlib
+
+    model = merge_ffs(_build("t5"), ["encoder:0-1/vanilla"])
+    d = save_merged(model, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    assert config["mtlab_load_with"] == "mtlab.merging.load_merged(folder)"
+    for load in (T.AutoConfig.from_pretrained, T.AutoModelForSeq2SeqLM.from_pretrained,
+                 T.T5ForConditionalGeneration.from_pretrained):
+        with pytest.raises((ValueError, AttributeError, TypeError)) as e:
+            load(d)
+        assert "mtlab.merging.load_merged" in str(e.value), (load, str(e.value))
+    named = importlib.import_module("mtlab.merging").load_merged  # the name every message gives
+    again = named(d)
+    assert "mtlab_load_with" not in again.config.to_dict()
+    assert torch.equal(_out(again, "t5"), _out(model, "t5"))
+    assert "from mtlab.merging import load_merged" in (d / "README.md").read_text()
