@@ -13,7 +13,10 @@ folder receives:
   original fine-tuned with the same recovery config on the same data, so a recovered merge's score
   splits into what the merge did and what the fine-tune did;
 - `summary.html`: the same table and the recipe; `screen.csv` / `window_search.csv` when run;
-- `recipe.json`: the validated recipe; `work/`: checkpoints (rerun the same recipe to resume).
+- `recipe.json`: the validated recipe; `work/`: checkpoints (rerun the same recipe to resume);
+  `run.json`: the weights hash of the model and the hash of its training data. A rerun after the
+  recipe, the model's weights or the data changed is refused (`RecipeRunMismatch`, naming the
+  field; `mtlab run --check` says the same), never resumed: `--fresh` starts over.
 
 Relative paths in a recipe are read relative to the recipe file's folder. See `examples/`.
 """
@@ -32,10 +35,13 @@ from typing import TYPE_CHECKING, Literal, get_args, get_origin
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .train import RunMismatchError
+
 if TYPE_CHECKING:
     from .candidate import Candidate
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "check_recipe", "load_model_and_data"]
+__all__ = ["Recipe", "RecipeError", "RecipeRunMismatch", "load_recipe", "run_recipe", "check_recipe",
+           "load_model_and_data"]
 
 
 def _registered(names, known, what: str):
@@ -48,6 +54,11 @@ def _registered(names, known, what: str):
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the field and the fix."""
+
+
+class RecipeRunMismatch(RecipeError, RunMismatchError):
+    """The output folder holds the run of another recipe, model (weights) or data: resuming its work/
+    would return that run's models. The message names the differing fields and how to proceed."""
 
 
 class _Strict(BaseModel):
@@ -387,9 +398,10 @@ def _task(spec: TaskSpec, tokenizer: str):
                                test_fraction=spec.test_fraction, **cols)
 
 
-def check_recipe(r: Recipe, model) -> None:
+def check_recipe(r: Recipe, model, task=None, *, output: bool = True) -> None:
     """Everything that can be checked against the model before any training: depths, granularities,
-    plans, merge sets and windows, baseline depths."""
+    plans, merge sets and windows, baseline depths; and (`output`) that the output folder is new or
+    holds this recipe's run of this model and data (`check_output`: what the run itself refuses)."""
     from .anatomy import UnsupportedArchitectureError, anatomy
     from .merging.spec import MergeSpec
     from .modular.plan import Plan, PlanError
@@ -432,6 +444,41 @@ def check_recipe(r: Recipe, model) -> None:
         if bad:
             raise RecipeError(f"baselines.depths: {bad} do not shrink the model's stacks {depths}; use depths from 1 "
                               f"to {min(depths.values()) - 1}")
+    if output:
+        check_output(r, model, task)
+
+
+#: what a run writes in its output folder (deleted by a fresh run; anything else there is kept)
+RUN_FILES = ("work", "models", "results.csv", "summary.html", "screen.csv", "window_search.csv", "run.json",
+             "recipe.json")
+
+
+def check_output(r: Recipe, model, task=None, identity: dict | None = None) -> None:
+    """Raise RecipeError if `r.output` holds files of its own, and RecipeRunMismatch naming each field
+    if it holds the run of another recipe, model weights or training data (`run.json`); a new or
+    empty folder passes. `identity` (`mtlab.train.run_identity`) is computed when needed (`task`
+    built from the recipe when not given)."""
+    from .train import config_diff, run_identity
+
+    out = r.output
+    if not out.exists() or not any(out.iterdir()):
+        return
+    seen = out / "recipe.json"
+    if not seen.is_file():
+        raise RecipeError(f"output: {out} exists and holds other files; choose a new folder or empty it")
+    diffs = config_diff(json.loads(seen.read_text()), json.loads(r.model_dump_json()), prefix="recipe.",
+                        ignore=("output",), was="recorded")  # output: this folder, however it was named
+    if identity is None:
+        identity = run_identity(model, task if task is not None else load_model_and_task(r)[1])
+    ran = out / "run.json"
+    old = json.loads(ran.read_text()) if ran.is_file() else {k: "(not recorded: an older mtlab)" for k in identity}
+    diffs = config_diff(old, identity, was="recorded") + diffs
+    if diffs:
+        raise RecipeRunMismatch(
+            f"output: {out} holds the results of another recipe, model or data; rerunning there would resume its "
+            "work/ and return that run's models. Differences:\n  " + "\n  ".join(diffs) +
+            f"\nRerun with --fresh (run_recipe(..., fresh=True)) to delete its results and work/ and start over, "
+            f"delete {out}, or choose a new folder with --output")
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -446,8 +493,9 @@ def _slug(name: str) -> str:
 def _train_cfg(steps: int, batch_size: int, lr: float, seed: int):
     from .train import TrainConfig
 
+    # a checkpoint about every fifth of the run (at most every 500 steps): a killed short run resumes
     return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed,
-                       log_every=max(1, min(50, steps)), ckpt_every=max(1, min(500, steps)))
+                       log_every=max(1, min(50, steps)), ckpt_every=max(1, min(500, -(-steps // 5))))
 
 
 Built = "tuple[dict[str, Candidate], dict[str, pd.DataFrame]]"   # a section's candidates and side tables
@@ -534,20 +582,23 @@ def export_model(model, directory: Path, task) -> str:
     return "mtlab.export"
 
 
-def _prepare_output(r: Recipe, record: dict) -> Path:
-    """The output folder: new, or one this same recipe wrote (then its work/ resumes)."""
+def _prepare_output(r: Recipe, record: dict, identity: dict, fresh: bool = False) -> Path:
+    """The output folder: new, or one this same recipe wrote from the same model and data (then its
+    work/ resumes); `check_output` refuses any other. `fresh`: first delete what an earlier run of a
+    recipe wrote there (RUN_FILES; other files stay)."""
+    import shutil
+
     out = r.output
-    seen = out / "recipe.json"
-    if out.exists() and any(out.iterdir()):
-        if not seen.is_file():
-            raise RecipeError(f"output: {out} exists and holds other files; choose a new folder or empty it")
-        if json.loads(seen.read_text()) != record:
-            raise RecipeError(f"output: {out} holds the results of another recipe ({seen}); choose a new folder, "
-                              "or delete it to start over")
+    if fresh and (out / "recipe.json").is_file():
+        for name in RUN_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    check_output(r, None, identity=identity)
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import write_json
 
-    write_json(seen, record)
+    write_json(out / "recipe.json", record)
+    write_json(out / "run.json", identity)
     return out
 
 
@@ -564,18 +615,21 @@ def _score(name: str, c: Candidate, task, r: Recipe, n0: int, progress: bool) ->
 
 
 def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None = None,
-               progress: bool = True) -> pd.DataFrame:
+               progress: bool = True, fresh: bool = False) -> pd.DataFrame:
     """Validate a recipe, run it, write the output folder (see the module docstring); returns results.csv's
-    table, with the recipe in `attrs["recipe"]`. `output` overrides the recipe's output folder."""
+    table, with the recipe in `attrs["recipe"]`. `output` overrides the recipe's output folder. An output
+    folder holding the run of another recipe, model or data raises RecipeRunMismatch naming the field;
+    `fresh=True` deletes that run's results and work/ first and starts over."""
     from .checkpoint import write_csv
+    from .train import run_identity
 
     r = source if isinstance(source, Recipe) else load_recipe(source)
     if output is not None:
         r = r.model_copy(update={"output": Path(output)})
     teacher, task = load_model_and_task(r)
-    check_recipe(r, teacher)
+    check_recipe(r, teacher, task, output=False)  # the output folder: _prepare_output, by the same check_output
     record = json.loads(r.model_dump_json())
-    out = _prepare_output(r, record)
+    out = _prepare_output(r, record, run_identity(teacher, task), fresh)
     work, t0 = out / "work", time.perf_counter()
     from .candidate import Candidate
 
