@@ -14,11 +14,22 @@ every non-anchor layer (computed by `mtlab.merging.correlations.CorrelationCache
 `perm` in the `mtlab.merging.align` convention). Averaging, tying, recording and saving are
 the same for every method. Everything that lists methods (MergeSpec validation,
 `window_search`, the experiments) reads `merge_methods()`.
+
+A method may also take OPTIONS, written after its name in a spec ("permute_lowrank:r=8"):
+`options={"r": 8}` names each option with its default (whose type the value takes), and
+`MergeSpec` fills in the defaults so a spec's text always says them. Two hooks let a method keep
+more than the tied average: `check(spec, ffs)` refuses a set before anything is touched
+(ValueError naming the fix), and `extend(spec, ffs, aligned)` runs on the aligned weights
+`{layer: {role: (weight (out, in), bias)}}` just before they are averaged and tied (to add
+per-layer modules, e.g. the low-rank deltas of `mtlab.merging.lowrank`); `load_merged` calls
+`extend(spec, ffs, None)` to rebuild those modules empty before the saved values are loaded.
+`searched=False` keeps a method out of the default method list of `window_search`
+(`merge_methods(searched=True)`); naming it still works everywhere.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +39,8 @@ from .align import match
 __all__ = ["MergeMethod", "merge_method", "merge_methods", "get_merge_method", "unregister_merge_method"]
 
 AlignFn = Callable[[Mapping[int, FF], int, Mapping[int, torch.Tensor] | None], Mapping[int, object]]
+CheckFn = Callable[[object, Mapping[int, FF]], None]
+ExtendFn = Callable[[object, Mapping[int, FF], Mapping[int, Mapping[str, tuple]] | None], None]
 
 
 @dataclass(frozen=True)
@@ -35,29 +48,69 @@ class MergeMethod:
     name: str
     align: AlignFn
     needs_correlations: bool = False
+    options: Mapping[str, object] = field(default_factory=dict)  # option name -> default value
+    check: CheckFn | None = None
+    extend: ExtendFn | None = None
+    searched: bool = True
+
+    def option_values(self, given: Mapping[str, object], where: str = "") -> dict[str, object]:
+        """`given` options checked and converted to the defaults' types, the defaults filled in
+        (ValueError naming the method's options)."""
+        where = where or f"merge method {self.name!r}"
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            if not self.options:
+                raise ValueError(f"{where}: method {self.name!r} takes no options, got {unknown}; write it as "
+                                 f"'/{self.name}' without ':...'")
+            raise ValueError(f"{where}: method {self.name!r} has no option(s) {unknown}; its options are "
+                             f"{_options_text(self.name, self.options)}")
+        out = dict(self.options)
+        for k, v in given.items():
+            want = type(self.options[k])
+            try:
+                if isinstance(v, bool) or (want is int and isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                out[k] = want(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: option {k}={v!r} of method {self.name!r} must be a {want.__name__}, "
+                                 f"e.g. {_options_text(self.name, self.options)}") from None
+        return out
+
+
+def _options_text(name: str, options: Mapping[str, object]) -> str:
+    return f"'{name}:" + ",".join(f"{k}={v}" for k, v in options.items()) + "'"
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, *, needs_correlations: bool = False) -> Callable[[AlignFn], AlignFn]:
+def merge_method(name: str, *, needs_correlations: bool = False, options: Mapping[str, object] | None = None,
+                 check: CheckFn | None = None, extend: ExtendFn | None = None,
+                 searched: bool = True) -> Callable[[AlignFn], AlignFn]:
     """Decorator: register `fn(ffs, anchor, correlations) -> {layer: perm | None}` as merge method
-    `name` (lower case; the METHOD of a merge spec). Registering a name again replaces it."""
+    `name` (lower case; the METHOD of a merge spec). Registering a name again replaces it.
+    `options` ({name: default}), `check`, `extend` and `searched`: see the module docstring."""
     key = str(name).strip().lower()
     if not key.isidentifier():
         raise ValueError(f"merge method name {name!r} must be a word (letters, digits, _): it is the METHOD "
                          "of a merge spec 'STACK:LAYERS@ANCHOR/METHOD'")
 
+    for k in options or {}:
+        if not str(k).isidentifier():
+            raise ValueError(f"option name {k!r} of merge method {name!r} must be a word (letters, digits, _)")
+
     def register(fn: AlignFn) -> AlignFn:
-        _REGISTRY[key] = MergeMethod(key, fn, bool(needs_correlations))
+        _REGISTRY[key] = MergeMethod(key, fn, bool(needs_correlations), dict(options or {}), check, extend,
+                                     bool(searched))
         return fn
 
     return register
 
 
-def merge_methods() -> tuple[str, ...]:
-    """The registered method names, in registration order (built in: permute, vanilla)."""
-    return tuple(_REGISTRY)
+def merge_methods(searched: bool = False) -> tuple[str, ...]:
+    """The registered method names, in registration order (built in: permute, vanilla,
+    permute_lowrank); `searched=True`: only those a window search runs by default."""
+    return tuple(k for k, m in _REGISTRY.items() if m.searched or not searched)
 
 
 def get_merge_method(name: str) -> MergeMethod:
@@ -84,3 +137,6 @@ def permute(ffs, anchor, correlations):
 def vanilla(ffs, anchor, correlations):
     """Plain averaging, no alignment (the paper's ablation)."""
     return {i: None for i in ffs if i != anchor}
+
+
+from . import lowrank  # noqa: E402,F401  registers permute_lowrank (tied FF + per-layer low-rank deltas)

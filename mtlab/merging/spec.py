@@ -1,12 +1,14 @@
 """Typed specs of the FF-merging study, each with its text form (parsed and written here only).
 
-    MergeSpec   STACK ":" LAYERS ["@" ANCHOR] ["/" METHOD]    e.g. "encoder:2-4@middle/permute"
+    MergeSpec   STACK ":" LAYERS ["@" ANCHOR] ["/" METHOD [":" OPTION=VALUE {"," OPTION=VALUE}]]
+                e.g. "encoder:2-4@middle/permute", "encoder:3-5@middle/permute_lowrank:r=8"
     PruneSpec   "prune" STACK ":" START "-" END                e.g. "prune encoder:2-4"
 
 LAYERS are comma-separated indices and inclusive ranges ("2-4", "0,2,5"); ANCHOR is first |
 middle | last | a layer of the set (default first; "middle" of an even-sized set is the lower
-middle); METHOD is a registered merge method (`mtlab.merging.methods`; default permute).
-`str(spec)` writes the canonical form and `parse(str(spec)) == spec`. A pruning spec names the
+middle); METHOD is a registered merge method (`mtlab.merging.methods`; default permute), with
+its options after a colon (a registered method's defaults are filled in, so "permute_lowrank" reads
+"permute_lowrank:r=8"). `str(spec)` writes the canonical form and `parse(str(spec)) == spec`. A pruning spec names the
 WINDOW: its first block is kept and the blocks after it are dropped.
 """
 from __future__ import annotations
@@ -18,15 +20,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..anatomy import Anatomy, anatomy
+from .methods import _REGISTRY as _METHODS
 from .methods import merge_methods
 
 __all__ = ["MergeSpec", "PruneSpec", "as_merge_spec", "candidate_spec", "layer_runs", "ANCHORS"]
 
 ANCHORS = ("first", "middle", "last")
-_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?(?:/(?P<method>\w+))?$")
+_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?(?:/(?P<method>\w+)(?::(?P<options>[^@/:]*))?)?$")
 _SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or 'layers:0,1' "
            "(LAYERS: indices and inclusive ranges; ANCHOR: first|middle|last|a layer of the set; "
-           "METHOD: a registered merge method, e.g. permute|vanilla)")
+           "METHOD: a registered merge method, e.g. permute|vanilla|permute_lowrank:r=8)")
 
 
 def layer_runs(layers: Iterable[int]) -> str:
@@ -53,6 +56,7 @@ class MergeSpec:
     layers: tuple[int, ...]
     anchor: str | int = "first"
     method: str = "permute"
+    options: tuple[tuple[str, object], ...] = ()  # the method's options, sorted by name (a dict is accepted)
 
     def __post_init__(self):
         try:
@@ -68,7 +72,9 @@ class MergeSpec:
         elif isinstance(anchor, bool) or not isinstance(anchor, int):
             raise ValueError(f"MergeSpec.anchor must be one of {ANCHORS} or a layer index, got {self.anchor!r}")
         object.__setattr__(self, "anchor", anchor)
-        object.__setattr__(self, "method", str(self.method).strip().lower())
+        method, _, text = str(self.method).strip().lower().partition(":")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "options", _options(self.options, text, method))
 
     # -- string form
     @classmethod
@@ -91,10 +97,15 @@ class MergeSpec:
                                  f"e.g. {hi}-{lo}")
             layers.extend(range(lo, hi + 1))
         return cls(stack=m["stack"], layers=tuple(layers), anchor=m["anchor"] or "first",
-                   method=m["method"] or "permute")
+                   method=(m["method"] or "permute") + (f":{m['options']}" if m["options"] is not None else ""))
 
     def __str__(self) -> str:
-        return f"{self.stack}:{layer_runs(self.layers)}@{self.anchor}/{self.method}"
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.stack}:{layer_runs(self.layers)}@{self.anchor}/{self.method}" + (f":{opts}" if opts else "")
+
+    def option(self, name: str):
+        """The value of one of the method's options (defaults filled in for a registered method)."""
+        return dict(self.options)[name]
 
     # -- meaning
     def anchor_layer(self) -> int:
@@ -138,6 +149,27 @@ class MergeSpec:
         if self.method not in merge_methods():
             raise ValueError(f"{where}: unknown method {self.method!r}; use one of {merge_methods()} (or register "
                              "one with @mtlab.merging.methods.merge_method)")
+        _METHODS[self.method].option_values(dict(self.options), where)
+
+
+def _options(given, text: str, method: str) -> tuple[tuple[str, object], ...]:
+    """A spec's options as sorted (name, value) pairs: `given` (pairs or a dict) and the text after
+    the method's colon ("r=8,b=2"); a registered method's defaults filled in and values converted
+    (unknown options are kept, for `validate` to name)."""
+    try:
+        opts = dict(given.items() if isinstance(given, dict) else given or ())
+    except (TypeError, ValueError):
+        raise ValueError(f"MergeSpec.options must be a dict or (name, value) pairs, got {given!r}") from None
+    for part in filter(None, text.split(",")):
+        k, eq, v = part.partition("=")
+        if not eq or not k.isidentifier() or not v:
+            raise ValueError(f"cannot read option {part!r} of method {method!r}: write OPTION=VALUE, e.g. "
+                             f"'{method}:r=8'")
+        opts[k] = v
+    m = _METHODS.get(method)
+    if m is not None and not set(opts) - set(m.options):
+        opts = m.option_values(opts, f"merge method '{method}'")
+    return tuple(sorted(opts.items()))
 
 
 def as_merge_spec(s) -> MergeSpec:
