@@ -222,7 +222,7 @@ def test_short_position_table_decodes_within_it(tmp_path):
 
     tok = word_tokenizer(WORDS)
     model = T.BartForConditionalGeneration.from_pretrained(_bart(tmp_path / "bart", tok)).eval()
-    task = PairsTask.from_file(_pairs_file(tmp_path / "p.tsv", words=5), tok, metric="chrf")
+    task = PairsTask.from_file(_pairs_file(tmp_path / "p.tsv", words=5), tok)
     assert task.max_target_length == 256
     pred = task.predict(model, "dev", limit=2, progress=False)  # no fit_positions: predict caps by itself
     assert len(pred.hypothesis[0].split()) == 63
@@ -265,3 +265,20 @@ def test_unknown_architecture_in_check_is_one_message(tmp_path, capsys):
     [line] = [x for x in out.splitlines() if "mtlab run:" in x]
     assert "model: OPTForCausalLM (config.model_type='opt') is not in the mtlab architecture registry" in line
     assert "mtlab.anatomy.register" in line
+
+
+def test_notebook_07_loader_caps_and_exposes_the_length(tmp_path):
+    """Notebook 07 calls `your_model.load(MODEL, DATA, TASK, profile, max_target_len=MAX_TARGET_LEN)`."""
+    from mtlab.experiments.your_model import load, summary
+
+    tok = word_tokenizer(WORDS)
+    _bart(tmp_path / "bart", tok)
+    path = _pairs_file(tmp_path / "p.tsv", words=5)
+    model, task, work = load(tmp_path / "bart", path, "pairs", "smoke")
+    assert task.max_target_length == 63
+    row = summary(model, task, "smoke").iloc[0]  # decodes dev: ran past the 64 positions inside torch before
+    assert row.model == "BartForConditionalGeneration"
+    _, task12, work12 = load(tmp_path / "bart", path, "pairs", "smoke", max_target_len=12)
+    assert task12.max_target_length == 12 and work12 != work
+    with pytest.raises(RecipeError, match="max_target_len: 63 or less"):
+        load(tmp_path / "bart", path, "pairs", "smoke", max_target_len=100)
