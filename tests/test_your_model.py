@@ -155,6 +155,7 @@ def test_labels_and_units_fit_a_text_task(gpt2_dir):
                             work / "modules", progress=False)
     ladder = ym.ladder_table(model, bank, task, PROFILE)
     assert {"params_ratio", "stack_ratio"} <= set(ladder.columns) and "ratio" not in ladder.columns
+    assert label("params_ratio") == "params ratio, whole model (x)" and label("stack_ratio") == "stack ratio (x)"
     rung = ladder.iloc[-1]
     assert rung.params_ratio == pytest.approx(ladder.params.iloc[0] / rung.params)
     assert 1 < rung.params_ratio < rung.stack_ratio  # the embeddings stay: the model shrinks less than its stacks

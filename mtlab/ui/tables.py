@@ -20,7 +20,8 @@ LABELS = {"params": "params (M)", "params_removed": "params removed (M)", "param
           "ratio": "ratio (x)", "ideal_speedup": "ideal speed-up (x)", "speedup_b1": "speed-up, batch 1 (x)",
           "speedup_b64": "speed-up, batch 64 (x)", "recall_at_10": "recall@10", "test_recall_at_10": "test recall@10",
           "on_frontier": "on frontier", "on_frontier_params": "on params frontier", "mean_cos": "mean cosine",
-          "len_ratio": "length ratio", "rel_word_acc": "relative word accuracy", "n": "words"}
+          "len_ratio": "length ratio", "rel_word_acc": "relative word accuracy", "n": "words",
+          "params_ratio": "params ratio, whole model (x)", "stack_ratio": "stack ratio (x)"}
 
 
 def kind_of(column: str) -> str:
@@ -36,7 +37,7 @@ def kind_of(column: str) -> str:
     if "speedup" in name or "ratio" in name or name.startswith("rel_"):
         return "ratio"
     if name in ("n", "words", "steps", "tokens", "layers_removed") or name.endswith(
-            ("_steps", "_n", "_runs", "_removed", "_words", "_evals")):
+            ("_steps", "_n", "_runs", "_removed", "_words", "_evals", "_tokens", "_sentences")):
         return "count"
     return "other"
 
