@@ -356,8 +356,10 @@ def screen_space(model: nn.Module, bank, task, profile=None, *, progress: bool =
         df = screen(model, bank, task, **kw)
         df["on_frontier"] = pareto_mask(df, "ideal_speedup", "nll")
         df["on_frontier_params"] = pareto_mask(df, "params", "nll", x_higher=False)
-    n0 = count_params(model)
-    df["params_ratio"] = n0 / df["params"]
+    if "ratio_model" in df.columns:  # the whole model's ratio, named as in the ladder
+        df = df.rename(columns={"ratio_model": "params_ratio"})
+    else:
+        df["params_ratio"] = count_params(model) / df["params"]
     df = _in_task_units(df, task)
     return df.sort_values("ideal_speedup").reset_index(drop=True)
 
