@@ -110,6 +110,7 @@ def _err(data: dict, base: Path | None = None) -> str:
     ({"task": {"kind": "txt", "path": "x"}}, "task.kind", "'g2p', 'pairs' or 'text'"),
     ({"task": {"kind": "text"}}, "task", "path: data/train.txt"),
     ({"task": {"kind": "g2p"}}, "model", "model: bundled"),
+    ({"task": {"kind": "text", "path": "x", "max_target_len": 8}}, "task", "max_target_len: only for kind: pairs"),
     ({"modules": {"granularities": [1, 2]}}, "modules.granularities", "granularities: [2, 3]"),
     ({"modules": {"plans": ["layers=2x"]}}, "modules.plans", "positive integers"),
     ({"modules": {"steps": 0}}, "modules.steps", "greater than or equal to 1"),
