@@ -172,3 +172,17 @@ def test_labels_and_units_fit_a_text_task(gpt2_dir):
     assert merges.scores(merges.specs())["n_unit"] == "tokens"
     keys = " ".join(merges.readouts())
     assert "dev PPL" in keys and "tokens)" in keys and "words" not in keys
+
+
+def test_screen_columns_in_the_units_of_each_task(g2p_task):
+    """G2P examples are words (its word accuracy stays); text: tokens, no word accuracy; pairs: sentences."""
+    screened = pd.DataFrame({"plan": ["e=11 d=11"], "nll": [1.0], "token_acc": [0.5], "tf_word_acc": [0.25],
+                             "tokens": [40], "words": [8]})
+
+    class Pairs:  # any task that is neither text nor G2P reads sentence pairs
+        pass
+
+    assert ym.count_unit(g2p_task) == "words" and ym.count_unit(Pairs()) == "sentences"
+    assert list(ym._in_task_units(screened, g2p_task).columns) == list(screened.columns)
+    pairs = ym._in_task_units(screened, Pairs())
+    assert {"sentences", "tf_sentence_acc"} <= set(pairs.columns) and not {"words", "tf_word_acc"} & set(pairs.columns)
