@@ -238,3 +238,33 @@ def test_a_model_without_ff_handles_is_refused_with_the_fix():
     model = T.DistilBertModel(T.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, vocab_size=40))
     with pytest.raises(A.UnsupportedArchitectureError, match=r"register\(ArchSpec"):
         merge_ffs(model, ["layers:0-1/permute_lowrank:r=2"], {})
+
+
+def test_window_search_compares_ranks_named_with_their_options():
+    from mtlab.merging.windows import window_search
+
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                    vocab_size=50, max_position_embeddings=32)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 50, (8, 12), generator=g),
+             "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(3)]
+    with torch.no_grad():
+        ref = bert(**data[0]).last_hidden_state
+
+    def score(m):
+        with torch.no_grad():
+            return {"cos": torch.nn.functional.cosine_similarity(m(**data[0]).last_hidden_state, ref, -1).mean().item()}
+
+    df = window_search(bert, score_fn=score, align_batches=lambda: data, higher_is_better=True, sizes=[2], starts=[0],
+                       methods=["permute", "permute_lowrank:r=2", "permute_lowrank:r=32"], align_tokens=200,
+                       include_pruning=False, progress=False)
+    rows = df[df.kind == "merge"].set_index("method")
+    assert list(rows.index) == ["permute", "permute_lowrank:r=2", "permute_lowrank:r=32"]
+    assert rows.spec["permute_lowrank:r=2"] == "layers:0-1@middle/permute_lowrank:r=2"
+    assert rows.params["permute"] < rows.params["permute_lowrank:r=2"] < rows.params["permute_lowrank:r=32"]
+    assert rows.cos["permute_lowrank:r=32"] == pytest.approx(1.0, abs=1e-6)  # full rank: the original
+    assert rows.cos["permute"] < 1 - 1e-6
+    with pytest.raises(ValueError, match="unknown method"):
+        window_search(bert, score_fn=score, align_batches=lambda: data, higher_is_better=True, methods=["lowrank:r=2"],
+                      progress=False)

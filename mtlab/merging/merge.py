@@ -151,7 +151,7 @@ def _correlations_for(spec: MergeSpec, correlations, d_ff: int) -> dict[int, tor
     if correlations is None:
         raise ValueError(f"{where}: missing correlations; pass correlations={{(stack, layer): d_ff x d_ff "
                          "anchor-vs-layer matrix}} or a callable spec -> {layer: matrix}, or use method vanilla "
-                         f"('{replace(spec, method='vanilla')}')")
+                         f"('{replace(spec, method='vanilla', options=())}')")
     if callable(correlations):
         got = correlations(spec)
         if not isinstance(got, Mapping):

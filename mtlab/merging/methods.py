@@ -114,8 +114,9 @@ def merge_methods(searched: bool = False) -> tuple[str, ...]:
 
 
 def get_merge_method(name: str) -> MergeMethod:
+    """The registered method `name` (options after a colon are ignored: "permute_lowrank:r=8")."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[str(name).partition(":")[0].strip().lower()]
     except KeyError:
         raise ValueError(f"unknown merge method {name!r}; use one of {merge_methods()} or register one with "
                          "@mtlab.merging.methods.merge_method(name)") from None

@@ -113,7 +113,7 @@ def _check_search(task, score_fn, align_split: str, select_split: str, align_bat
         warnings.warn(f"align_split == select_split == {align_split!r}: windows are selected on the data their "
                       "alignment was computed on; align on 'train' and select on 'dev'", stacklevel=3)
     methods = list(merge_methods(searched=True) if methods is None else methods)
-    bad = [m for m in methods if m not in merge_methods()]
+    bad = [m for m in methods if m.partition(":")[0] not in merge_methods()]  # "permute_lowrank:r=8": with options
     if bad:
         raise ValueError(f"unknown method(s) {bad}; use {merge_methods()} (or register one with "
                          "@mtlab.merging.methods.merge_method)")
