@@ -182,21 +182,22 @@ def distillation_loss(teacher: nn.Module, hidden_weight: float = 0.0,
 def recover_embeddings(model: nn.Module, original: nn.Module, task, cfg, out_dir: str | Path, *,
                        hidden_weight: float = 0.0, layer_map: Mapping[int, int] | None = None,
                        eval_limit: int | None = 500, progress: bool = True, save: bool = True,
-                       fresh: bool = False):
+                       fresh: bool = False, evaluate=None):
     """Fine-tune `model` (merged or pruned; in place) to reproduce `original`'s sentence embeddings
     on `task`'s `cfg.split` (train), through `mtlab.merging.recover.recover` (the one training
     loop; resumable from out_dir). The run records the weights hashes of `model` and `original`,
     the data's hash and the loss settings: an out_dir holding a run of another model, original or
     data raises `mtlab.train.RunMismatchError` naming the field (`fresh=True` deletes it first).
-    Logs dev scores on `eval_limit` dev sentences at each evaluation. Returns (model in eval mode,
-    log DataFrame)."""
+    Logs dev scores on `eval_limit` dev sentences at each evaluation, or `evaluate(model) -> dict`'s
+    (e.g. test scores for recovery curves, `mtlab.curves`). Returns (model in eval mode, log DataFrame)."""
     from .merging.recover import recover
     from .modular.bank import weights_hash
 
-    ref_dev = embed_split(original, task, "dev", eval_limit)
+    if evaluate is None:
+        ref_dev = embed_split(original, task, "dev", eval_limit)
 
-    def evaluate(m):
-        return embedding_scores(ref_dev, embed_split(m, task, "dev", eval_limit))
+        def evaluate(m):
+            return embedding_scores(ref_dev, embed_split(m, task, "dev", eval_limit))
 
     meta = {"teacher_hash": weights_hash(original), "hidden_weight": float(hidden_weight),
             "layer_map": {str(k): v for k, v in dict(layer_map).items()} if layer_map else None}

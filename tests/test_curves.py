@@ -1,0 +1,112 @@
+"""mtlab.curves: recovery curves (quality every N recovery steps, per method, at equal parameters
+removed), smoke-sized: real MiniLM, a few sentences, 4 steps scored every 2; resumable after a kill;
+methods added by name; crossings computed from the table."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from mtlab import curves
+from mtlab.curves import (CURVE_COLUMNS, STUDIES, CurveSettings, crossing_sentence, crossings, curve_table,
+                          minilm_context, register_curve_method, run_curves)
+from mtlab.minilm import load_minilm
+from mtlab.profiles import get_profile
+from mtlab.tasks.sentences import SentencesTask
+
+SMOKE = CurveSettings(steps=4, every=2)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    model, tok = load_minilm()
+    m = replace(get_profile("default").minilm, align_tokens=200, select_limit=12, batch_size=4)
+    task = SentencesTask(tok, limit={"train": 48, "dev": 12, "test": 16}, max_length=24)
+    return minilm_context(model=model, tokenizer=tok, task=task, m=m, progress=False)
+
+
+def test_permute_vs_prune_curves(ctx, tmp_path):
+    csv = tmp_path / "minilm_curves.csv"
+    table = run_curves("minilm", SMOKE, only=["permute-10", "layer_prune-10"], ctx=ctx, work=tmp_path / "w",
+                       csv=csv, progress=False)
+    assert list(table.columns) == CURVE_COLUMNS
+    assert sorted(table.method.unique()) == ["layer_prune", "permute"]
+    for _, g in table.groupby("method"):
+        assert g.step.tolist() == [0, 2, 4]  # as built, then every 2 steps, on the same test sentences
+        assert g[["mean_cos", "recall_at_10", "sim_spearman"]].notna().all().all()
+        assert (g.mean_cos < 1).all() and (g.mean_cos > 0).all()
+    perm = table[table.method == "permute"]
+    assert perm.params_removed_frac.round(3).unique().tolist() == [0.104]
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table, check_dtype=False)
+    log = (tmp_path / "w" / "progress.log").read_text()
+    assert "permute-10: built layers:" in log and "evaluation: mean_cos" in log and "finished at step 4/4" in log
+    assert "steps" in crossing_sentence(table)
+    fig = curves.curve_figure(table)
+    assert len(fig.axes) == 3
+
+
+def test_resume_after_a_kill_and_methods_by_name(ctx, tmp_path, monkeypatch):
+    from mtlab.baselines import keep_only
+
+    built = []
+
+    def drop_last(c, point):
+        built.append(point.label)
+        net = keep_only(c.base, {"layers": [0, 1, 2, 3, 4]})
+        return net, {"spec": "keep layers 0-4", "params_removed_frac": 0.08}
+
+    register_curve_method("minilm", "droplast", drop_last)
+    try:
+        score = STUDIES["minilm"].score
+        calls = []
+
+        def flaky(c, net):
+            calls.append(1)
+            if len(calls) == 3:  # the evaluation at step 4: after the checkpoint at step 2
+                raise KeyboardInterrupt("killed")
+            return score(c, net)
+
+        monkeypatch.setattr(STUDIES["minilm"], "score", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            run_curves("minilm", SMOKE, only=["droplast-10"], ctx=ctx, work=tmp_path, csv=tmp_path / "c.csv",
+                       progress=False)
+        partial = curve_table(STUDIES["minilm"], tmp_path)
+        assert partial.step.tolist() == [0, 2]
+        table = run_curves("minilm", SMOKE, only=["droplast-10"], ctx=ctx, work=tmp_path, csv=tmp_path / "c.csv",
+                           progress=False)
+        assert built == ["10"]  # the candidate is built once; the resumed run trains the saved one
+        assert table.step.tolist() == [0, 2, 4] and table.method.unique().tolist() == ["droplast"]
+        assert table.mean_cos.iloc[1] == partial.mean_cos.iloc[1]
+        assert "resuming" in (tmp_path / "progress.log").read_text()
+    finally:
+        STUDIES["minilm"].builders.pop("droplast", None)
+
+
+def test_bad_input_names_the_fix(ctx, tmp_path):
+    with pytest.raises(ValueError, match="unknown curve method 'nope'.*choose from.*permute"):
+        run_curves("minilm", SMOKE, only=["nope-10"], ctx=ctx, work=tmp_path)
+    with pytest.raises(ValueError, match=r"POINT in \['10', '20'\]"):
+        run_curves("minilm", SMOKE, only=["permute-15"], ctx=ctx, work=tmp_path)
+    with pytest.raises(ValueError, match="does not divide"):
+        run_curves("minilm", CurveSettings(steps=5, every=2), ctx=ctx, work=tmp_path)
+    with pytest.raises(ValueError, match="may not contain"):
+        register_curve_method("minilm", "a-b", lambda c, p: None)
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_crossings_from_the_table():
+    rows = []
+    for step, a, b in [(0, 0.90, 0.95), (500, 0.94, 0.96), (1000, 0.97, 0.965), (1500, 0.98, 0.97)]:
+        rows += [{"method": "permute", "params_removed_frac": 0.104, "step": step, "mean_cos": a},
+                 {"method": "layer_prune", "params_removed_frac": 0.099, "step": step, "mean_cos": b}]
+    rows += [{"method": "permute", "params_removed_frac": 0.2, "step": s, "mean_cos": 0.8 + s / 1e4} for s in (0, 500)]
+    rows += [{"method": "layer_prune", "params_removed_frac": 0.21, "step": s, "mean_cos": 0.9 + s / 1e4}
+             for s in (0, 500)]
+    table = pd.DataFrame(rows)
+    cr = crossings(table)
+    assert cr.crossings.tolist() == [[1000], []]
+    assert cr.ahead_at_end.tolist() == ["permute", "layer_prune"]
+    text = crossing_sentence(table)
+    assert "cross 1 time(s) (between steps 500 and 1000)" in text and "do not cross; layer_prune stays ahead" in text
+    assert "nothing to compare" in crossing_sentence(table[table.method == "permute"])
