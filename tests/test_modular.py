@@ -281,6 +281,12 @@ def test_screened_strategy_picks_the_best_scored_plan_within_each_size_budget():
     nll = df.rename(columns={"tf_word_acc": "nll"})
     assert screened(nll, "nll")(depths, grans, bp)[0] == Plan.parse(
         nll[[ratio[p] >= 1.1 for p in nll.plan]].sort_values("nll").plan.iloc[0])
+    # ties on the metric go to the better NLL, then to the smaller plan
+    tied = df.assign(tf_word_acc=0.5, nll=[float(i) for i in range(len(df))])
+    (pick,) = screened(tied, targets=(2.0,))(depths, grans, bp)
+    assert str(pick) == tied[[ratio[p] >= 2.0 - 1e-9 for p in tied.plan]].sort_values("nll").plan.iloc[0]
+    (pick,) = screened(tied, targets=(2.0,), then=None)(depths, grans, bp)
+    assert stack_ratio(dict(pick.spans), bp) == max(ratio.values())
 
 
 def test_screened_strategy_on_an_8_layer_lm_prefers_the_better_plan_at_2x():

@@ -211,3 +211,11 @@ def test_cli_refuses_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         main(["ablation", "--only", "recipe", "--device", "cuda", "--steps", "5"])
     assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_step_costs_measure_every_variant_against_the_recipe():
+    from mtlab.experiments.ablation import step_costs
+
+    df = step_costs(["sandwich"], batch_size=4, min_run_time=0.01, device="cpu")
+    assert df.variant.tolist() == ["recipe", "sandwich"] and df.vs_recipe.iloc[0] == 1.0
+    assert (df.sec_per_step > 0).all() and (df.device == "cpu").all()

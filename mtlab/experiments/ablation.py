@@ -225,6 +225,46 @@ def equal_time_steps(table: pd.DataFrame, name: str, steps: int = 3000, referenc
     return max(1, int(round(steps * cost(reference) / cost(name))))
 
 
+def step_costs(names=None, batch_size: int = 64, step: int = 2900, steps: int = 3000, min_run_time: float = 3.0,
+               device: str | None = None) -> pd.DataFrame:
+    """Seconds per training step (loss, backward) of each variant's loss at step `step` of a
+    `steps`-step run, all measured in ONE process on the same batches, one after another
+    (torch.utils.benchmark), with the ratio to the recipe's: the step cost without the noise of
+    runs made at different times on a shared machine. Untrained modules: the cost, not the quality."""
+    import torch
+    from torch.utils import benchmark
+
+    from ..modular import ModuleBank
+    from ..modular.replacing import Replacer, replacing_loss
+
+    names = list(names or VARIANTS)
+    device = resolve_device(device)
+    teacher, task = load_teacher()
+    teacher.to(device)
+    batches = [task.collate("train", i).to(device) for i in task.batches("train", batch_size, shuffle=True)[:8]]
+    rows = []
+    for name in ["recipe"] + [n for n in names if n != "recipe"]:
+        cfg = variant_config(name, steps, batch_size)
+        model = Replacer(teacher, ModuleBank.build(teacher, cfg.granularities, cfg.init).to(device))
+        fn, state = replacing_loss(cfg, cfg.train.seed), {"i": 0}
+
+        def run(model=model, fn=fn, state=state):
+            b = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            loss, _ = fn(model, b, step)
+            loss.backward()
+            model.bank.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        t = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+        rows.append({"variant": name, "device": device, "batch_size": batch_size, "step": step,
+                     "sec_per_step": t.blocked_autorange(min_run_time=min_run_time).median})
+    df = pd.DataFrame(rows)
+    df["vs_recipe"] = df.sec_per_step / df.sec_per_step.iloc[0]
+    return df
+
+
 def read_rows(path: str | Path = ABLATION_CSV) -> pd.DataFrame:
     """The ablation table on disk (empty if none), rows from before the seed, device and step-cost
     columns completed: seed 0 and the CPU (the shipped rows were trained on the 2-core machine),
@@ -269,4 +309,4 @@ def write_rows(rows: pd.DataFrame, path: str | Path = ABLATION_CSV) -> pd.DataFr
 
 
 __all__ = ["ABLATION_CSV", "DEVICES", "PLANS", "ROW_ID", "VARIANTS", "ablation_table", "equal_time_steps", "read_rows",
-           "resolve_device", "variant", "variant_config", "variant_row", "write_rows"]
+           "resolve_device", "step_costs", "variant", "variant_config", "variant_row", "write_rows"]

@@ -324,7 +324,7 @@ HIGHER_IS_BETTER = {"tf_word_acc": True, "token_acc": True, "word_acc": True, "r
 
 
 def screened(scores, metric: str = "tf_word_acc", *, higher_is_better: bool | None = None,
-             targets: Iterable[float] = DEFAULT_TARGETS) -> StrategyFn:
+             targets: Iterable[float] = DEFAULT_TARGETS, then: str | None = "nll") -> StrategyFn:
     """An assembly strategy that reads scores: for each target ratio, the plan with the best
     `metric` among the scored plans whose layer-stack compression reaches the target (so never a
     plan above the ratio's size budget: teacher stack parameters / target).
@@ -332,8 +332,10 @@ def screened(scores, metric: str = "tf_word_acc", *, higher_is_better: bool | No
     `scores`: a DataFrame with a `plan` column (text form) and the metric, e.g. a screen of the
     whole assembly space on dev (`mtlab.explore.screen`, metrics nll, token_acc, tf_word_acc) or a
     frontier search's table. Scores are read on dev only: a test-split screen or a `test_*` metric
-    is refused (test is held out for the final numbers). Ties go to the smaller plan (higher
-    ratio). Register it with `register_screened` or, for a while, `using_screen`."""
+    is refused (test is held out for the final numbers). Ties (common for a word accuracy on few
+    words) go to the better `then` metric where the scores have it (default the screen's token
+    NLL), then to the smaller plan (higher ratio). Register it with `register_screened` or, for a
+    while, `using_screen`."""
     if metric.startswith("test"):
         raise ValueError(f"metric {metric!r} is read on the test split, which is held out: choose plans on dev "
                          "(e.g. metric='tf_word_acc' of a dev screen, or 'dev_wer')")
@@ -349,29 +351,35 @@ def screened(scores, metric: str = "tf_word_acc", *, higher_is_better: bool | No
         if metric not in HIGHER_IS_BETTER:
             raise ValueError(f"is a higher {metric!r} better? pass higher_is_better=True or False")
         higher_is_better = HIGHER_IS_BETTER[metric]
-    table = scores[["plan", metric]].dropna()
+    then = then if then and then != metric and then in scores else None
+    if then is not None and then not in HIGHER_IS_BETTER:
+        raise ValueError(f"is a higher {then!r} better? pass then=None or a metric of {sorted(HIGHER_IS_BETTER)}")
+    table = scores[["plan", metric] + ([then] if then else [])].dropna(subset=[metric])
     dup = table.plan.astype(str)[table.plan.astype(str).duplicated()]
     if len(dup):
         raise ValueError(f"plan {dup.iloc[0]!r} is scored twice: pass one score per plan (e.g. average them first)")
-    rows = [(str(p), float(v)) for p, v in zip(table.plan, table[metric])]
+    second = table[then].astype(float).tolist() if then else [0.0] * len(table)
+    rows = [(str(p), float(v), w) for p, v, w in zip(table.plan, table[metric], second)]
     targets = tuple(targets)
     sign = -1.0 if higher_is_better else 1.0
+    sign2 = -1.0 if then and HIGHER_IS_BETTER[then] else 1.0
 
     def strategy(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
                  block_params: Mapping[str, int]) -> list[Plan]:
         cands = []
-        for text, value in rows:
+        for text, value, tie in rows:
             try:
                 plan = Plan.parse(text, depths).validate(depths, granularities)
             except PlanError as e:
                 raise PlanError(f"scored plan {text!r} does not fit this model and bank ({e}): score this bank's own "
                                 "assembly space (mtlab.explore.screen)") from e
-            cands.append((plan, stack_ratio(dict(plan.spans), block_params), value))
+            cands.append((plan, stack_ratio(dict(plan.spans), block_params), value, tie))
         out: list[Plan] = []
         for t in targets:
             ok = [c for c in cands if c[1] >= t - 1e-9]
             if ok:
-                plan = min(ok, key=lambda c: (sign * c[2], -c[1], str(c[0])))[0]
+                plan = min(ok, key=lambda c: (sign * c[2], sign2 * c[3] if c[3] == c[3] else float("inf"), -c[1],
+                                              str(c[0])))[0]
                 if plan not in out:
                     out.append(plan)
         return out
