@@ -282,3 +282,18 @@ def test_notebook_07_loader_caps_and_exposes_the_length(tmp_path):
     assert task12.max_target_length == 12 and work12 != work
     with pytest.raises(RecipeError, match="max_target_len: 63 or less"):
         load(tmp_path / "bart", path, "pairs", "smoke", max_target_len=100)
+
+
+def test_notebook_07_runs_on_a_bart_with_64_positions(tmp_path):
+    """The whole notebook on a BART whose decoder never emits EOS: decoding stops at its 64 positions
+    (it crashed in torch with IndexError, after training, before)."""
+    import papermill
+
+    tok = word_tokenizer(WORDS)
+    _bart(tmp_path / "bart", tok)
+    data = _pairs_file(tmp_path / "p.tsv", n=200, words=5)
+    papermill.execute_notebook(str(ROOT / "notebooks" / "07_your_model.ipynb"), str(tmp_path / "07.ipynb"),
+                               parameters={"PROFILE": "smoke", "OUT": str(tmp_path / "out"), "MODEL": str(tmp_path / "bart"),
+                                           "DATA": str(data), "TASK": "pairs", "MAX_TARGET_LEN": 40},
+                               kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    assert (tmp_path / "out" / "your_model_export.csv").stat().st_size > 0
