@@ -116,7 +116,7 @@ def speedups(times: dict[str, list[float]]) -> dict[str, float]:
 # from what its FLOPs allow. Such a speed-up is measured again (up to RETRIES more times, the
 # reference and the suspects only) and, if it stays suspect, marked `speed_noisy`.
 NOISY_SPREAD = 0.10       # interquartile range of the per-round ratios over their median
-PLAUSIBLE = (0.4, 1.3)    # measured / FLOP-ideal speed-up: outside this, something else slowed a round
+PLAUSIBLE = (0.3, 1.3)    # measured / FLOP-ideal speed-up: outside this, something else slowed a round
 RETRIES = 2
 QUIET = ("measure it on a quiet machine: stop other CPU jobs and rerun (e.g. `modular_table(profile, refresh=True)`, "
          "or `make report` after deleting the cached table), or raise the profile's latency_rounds")

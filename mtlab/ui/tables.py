@@ -18,7 +18,9 @@ ACRONYMS = {"per": "PER", "wer": "WER", "nll": "NLL", "cka": "CKA", "ff": "FF", 
             "acc": "accuracy", "tf": "teacher-forced", "cos": "cosine", "n": "n"}
 LABELS = {"params": "params (M)", "params_removed": "params removed (M)", "params_removed_frac": "params removed (%)",
           "ratio": "ratio (x)", "ideal_speedup": "ideal speed-up (x)", "speedup_b1": "speed-up, batch 1 (x)",
-          "speedup_b64": "speed-up, batch 64 (x)", "recall_at_10": "recall@10", "test_recall_at_10": "test recall@10",
+          "speedup_b64": "speed-up, batch 64 (x)", "speedup_b1_spread": "speed-up spread, batch 1 (IQR/median)",
+          "speedup_b64_spread": "speed-up spread, batch 64 (IQR/median)", "speed_noisy": "speed noisy",
+          "recall_at_10": "recall@10", "test_recall_at_10": "test recall@10",
           "on_frontier": "on frontier", "on_frontier_params": "on params frontier", "mean_cos": "mean cosine",
           "len_ratio": "length ratio", "rel_word_acc": "relative word accuracy", "n": "words",
           "params_ratio": "params ratio, whole model (x)", "stack_ratio": "stack ratio (x)"}
