@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["model_role", "describe", "check_head_loaded", "check_causal", "position_limit", "generation_cap",
+__all__ = ["model_role", "describe", "check_head_loaded", "check_causal", "position_limit", "generation_cap", "cap_new_tokens",
            "ENCODER_FIX"]
 
 #: what an encoder-only model (BERT, MiniLM, RoBERTa) is compressed as in mtlab
@@ -133,9 +133,10 @@ def cap_new_tokens(models: dict[str, nn.Module], prompt_len: int, new: int, *, e
     if not caps or new <= min(caps.values()):
         return new
     name = min(caps, key=caps.get)
-    cap = caps[name]
+    cap, model = caps[name], models[name]
     if explicit or cap < 1:
-        raise ValueError(f"{new} new tokens do not fit model {name!r}: its position table holds {position_limit(models[name])} "
-                         f"positions and the inputs take {prompt_len if cap < 1 or not models[name].config.is_encoder_decoder else 1}; "
-                         f"use max_new_tokens={max(cap, 1)} or less" + (" and shorter inputs" if cap < 1 else ""))
+        taken = 1 if getattr(model.config, "is_encoder_decoder", False) else prompt_len
+        fix = f"use max_new_tokens={cap} or less" if cap >= 1 else "use shorter inputs"
+        raise ValueError(f"{new} new tokens do not fit model {name!r}: its position table holds "
+                         f"{position_limit(model)} positions and {taken} are taken before the first new token; {fix}")
     return cap
