@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["model_role", "describe", "check_head_loaded", "check_causal", "position_limit", "generation_cap", "cap_new_tokens",
-           "ENCODER_FIX"]
+__all__ = ["model_role", "describe", "check_head_loaded", "check_causal", "position_limit", "generation_cap",
+           "cap_new_tokens", "ENCODER_FIX"]
 
 #: what an encoder-only model (BERT, MiniLM, RoBERTa) is compressed as in mtlab
 ENCODER_FIX = ("an encoder is compressed as a sentence-embedding model, with the Python API: "
