@@ -49,7 +49,8 @@ def test_the_rank_is_part_of_the_spec_text():
     assert str(s) == "encoder:3-5@middle/permute_lowrank:r=8" and MergeSpec.parse(str(s)) == s
     # the default rank is written out, so a recorded merge never depends on a default
     assert str(MergeSpec.parse("layers:0-1/permute_lowrank")) == "layers:0-1@first/permute_lowrank:r=8"
-    assert MergeSpec("layers", (0, 1), "first", "permute_lowrank:r=3") == MergeSpec.parse("layers:0-1/permute_lowrank:r=3")
+    assert (MergeSpec("layers", (0, 1), "first", "permute_lowrank:r=3")
+            == MergeSpec.parse("layers:0-1/permute_lowrank:r=3"))
     assert MergeSpec("layers", (0, 1), method="permute_lowrank", options={"r": 3}).option("r") == 3
     assert str(MergeSpec.parse("layers:0-1/permute")) == "layers:0-1@first/permute"  # no options: as before
     assert "permute_lowrank" in merge_methods() and "permute_lowrank" not in merge_methods(searched=True)

@@ -26,7 +26,8 @@ from .methods import merge_methods
 __all__ = ["MergeSpec", "PruneSpec", "as_merge_spec", "candidate_spec", "layer_runs", "ANCHORS"]
 
 ANCHORS = ("first", "middle", "last")
-_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?(?:/(?P<method>\w+)(?::(?P<options>[^@/:]*))?)?$")
+_SPEC_RE = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*):(?P<layers>[^@/]+)(?:@(?P<anchor>[^@/]+))?"
+                      r"(?:/(?P<method>\w+)(?::(?P<options>[^@/:]*))?)?$")
 _SYNTAX = ("STACK:LAYERS[@ANCHOR][/METHOD], e.g. 'encoder:2-4@middle/permute' or 'layers:0,1' "
            "(LAYERS: indices and inclusive ranges; ANCHOR: first|middle|last|a layer of the set; "
            "METHOD: a registered merge method, e.g. permute|vanilla|permute_lowrank:r=8)")
