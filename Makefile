@@ -25,7 +25,7 @@ STAMP_LAB    := $(VENV)/.mtlab-lab
 STAMP_MINILM := $(VENV)/.mtlab-minilm
 LAB_EXTRAS   := .[notebooks,minilm]
 
-.PHONY: venv test browser-test report figures teacher modules baselines merges minilm ablation lab clean
+.PHONY: venv test browser-test report figures teacher modules baselines merges minilm minilm-curves t5-curves ablation lab clean
 venv: $(STAMP)
 
 define install
@@ -100,6 +100,17 @@ merges: $(STAMP_CORE)
 minilm: $(STAMP_MINILM)
 	mkdir -p runs
 	$(BIN)/python -m mtlab minilm $(if $(ONLY),--only $(ONLY))
+
+# Recovery curves (mtlab/curves.py): permute merging vs layer pruning at ~10% / ~20% of MiniLM's parameters
+# removed, one recovery each, scored on the same test sentences every EVERY steps; reports/minilm_curves.csv,
+# shipped to data/minilm/curves. Resumable (rerun the same command); progress in runs/minilm_curves/progress.log.
+# Long: nohup env OMP_NUM_THREADS=1 make minilm-curves > runs/minilm_curves.log 2>&1 &  (DEVICE=cuda on a GPU)
+# t5-curves: the same for the T5 merge study (4 of 12 FF sublayers), reports/t5_merge_curves.csv.
+STEPS ?= 4000
+EVERY ?= 500
+minilm-curves t5-curves: $(STAMP_MINILM)
+	mkdir -p runs
+	$(BIN)/python -m mtlab $@ --steps $(STEPS) --every $(EVERY) $(if $(DEVICE),--device $(DEVICE)) $(if $(ONLY),--only $(ONLY))
 
 # Recipe ablation: every variant of mtlab/experiments/ablation.py at 3,000 steps (about 8 minutes each
 # on 2 cores), written to data/ablation/modular_ablation.csv. Cached, so a rerun only adds new variants.

@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--only", nargs="*", default=None, help="these artifacts only (e.g. modules sft-3 merge-10)")
     ml.add_argument("--steps", type=int, default=None, help="override the steps of every run (the report then "
                                                              "refuses the artifacts: they no longer match it)")
+    for name, what in (("minilm-curves", "MiniLM: permute merging vs layer pruning at ~10%/~20% removed"),
+                       ("t5-curves", "the T5 merge study: permute vs layer pruning at 4 of 12 FF sublayers")):
+        cv = sub.add_parser(name, help=f"recovery curves (resumable), {what}: quality every --every steps")
+        cv.add_argument("--steps", type=int, default=4000, help="recovery steps per run")
+        cv.add_argument("--every", type=int, default=500, help="score on the test sentences every this many steps")
+        cv.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+        cv.add_argument("--only", nargs="*", default=None, help="these runs only (METHOD-POINT, e.g. permute-10)")
+        cv.add_argument("--no-ship", action="store_true", help="write the reports CSV only, not the shipped copy")
     ab = sub.add_parser("ablation", help="train every recipe variant at one budget; write data/ablation/modular_ablation.csv")
     ab.add_argument("--steps", type=int, default=3000, help="steps per variant (batch 64)")
     ab.add_argument("--words", type=int, default=1000, help="dev words each assembly is decoded on")
@@ -106,6 +114,10 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         return _minilm(p, a.only, a.steps)
     elif a.cmd == "merges":
         return _merges(p, a.only, a.steps)
+    elif a.cmd in ("minilm-curves", "t5-curves"):
+        from .curves import cli
+
+        return cli(a.cmd.split("-")[0], a.steps, a.every, a.only, a.device, ship=not a.no_ship)
     elif a.cmd == "ablation":
         from .experiments.ablation import ABLATION_CSV, VARIANTS, ablation_table, resolve_device, write_rows
 

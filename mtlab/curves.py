@@ -47,7 +47,7 @@ from .train import TrainConfig
 
 __all__ = ["CURVE_COLUMNS", "CurveStudy", "CurveSettings", "STUDIES", "register_curve_method", "curve_methods",
            "run_names", "run_curves", "curve_table", "crossings", "crossing_sentence", "curve_figure",
-           "ship_curves", "read_curves", "cli", "minilm_study", "t5_study"]
+           "ship_curves", "read_curves", "recovery_curves", "CurvesView", "cli", "minilm_study", "t5_study"]
 
 #: the MiniLM table's columns (issue #26)
 CURVE_COLUMNS = ["method", "params_removed_frac", "step", "mean_cos", "recall_at_10", "sim_spearman"]
@@ -92,7 +92,7 @@ class Point:
 
 @dataclass
 class CurveStudy:
-    """What a study needs: its points and default methods, a context (`setup(settings)`: the
+    """What a study needs: its points and default methods, a context (`setup(settings, progress)`: the
     original, data, reference scores), builders by method name, `load_start(ctx, path)` (the saved
     candidate, trainable), `train(ctx, model, cfg, out_dir, evaluate, progress)` -> log and
     `score(ctx, model)` -> {metric: value} on the test set."""
@@ -269,7 +269,7 @@ def run_curves(study: str | CurveStudy = "minilm", settings: CurveSettings | Non
     names = list(only) if only else run_names(study, methods, points)
     for name in names:
         _split_name(study, name, points)  # every name checked before any work
-    ctx = ctx if ctx is not None else study.setup(settings)
+    ctx = ctx if ctx is not None else study.setup(settings, progress)
     csv = Path(csv or study.csv)
     _log_line(work, f"{study.name} curves: {len(names)} runs ({', '.join(names)}), {settings.steps} steps, scored "
                     f"every {settings.every}")
@@ -427,6 +427,37 @@ def read_curves(study: str = "minilm", root: str | Path | None = None) -> pd.Dat
                             f"are missing): run `{s.command}` (resumable; long: see the Makefile)")
 
 
+@dataclass
+class CurvesView:
+    """A study's curve table (empty when no run has been made), the sentence on where the curves of
+    permute merging and layer pruning cross, computed from it, and the figure."""
+
+    study: str
+    table: pd.DataFrame
+    sentence: str
+    source: str
+
+    def figure(self):
+        if self.table.empty:
+            return None
+        return curve_figure(self.table, title=f"Recovery curves ({self.study}; {self.source})")
+
+
+def recovery_curves(study: str = "minilm", root: str | Path | None = None) -> CurvesView:
+    """The shipped curves of `study` (`read_curves`), with `crossing_sentence` on every metric; a
+    study with no curves yet gives an empty table and a sentence naming the command."""
+    s = STUDIES[study]
+    try:
+        table = read_curves(study, root)
+    except FileNotFoundError as e:
+        return CurvesView(study, pd.DataFrame(columns=s.columns), str(e), "none")
+    shipped = Path(root or s.shipped) / "curves.csv"
+    source = str(shipped.relative_to(ROOT)) if shipped.exists() and shipped.is_relative_to(ROOT) else \
+        str(shipped if shipped.exists() else s.csv)
+    text = " ".join(f"{m}: {crossing_sentence(table, m)}" for m in s.metrics)
+    return CurvesView(study, table, text, source)
+
+
 # ---------------------------------------------------------------------------
 # the MiniLM study
 
@@ -538,7 +569,7 @@ def minilm_study() -> CurveStudy:
     return CurveStudy(
         name="minilm", metrics=("mean_cos", "recall_at_10", "sim_spearman"),
         points=(Point("10", 0.10), Point("20", 0.20)), methods=("permute", "layer_prune"),
-        setup=lambda settings: minilm_context(settings), load_start=_minilm_load_start, train=_minilm_train,
+        setup=lambda settings, progress=True: minilm_context(settings, progress=progress), load_start=_minilm_load_start, train=_minilm_train,
         score=_minilm_score, csv=ROOT / "reports" / "minilm_curves.csv",
         shipped=ROOT / "data" / "minilm" / "curves", work=ROOT / "runs" / "minilm_curves",
         command="make minilm-curves", builders={"layer_prune": _minilm_prune}, merge_builder=_minilm_merge)
@@ -647,7 +678,8 @@ def _t5_train(ctx: T5Context, net, settings: CurveSettings, out: Path, evaluate,
 def t5_study() -> CurveStudy:
     return CurveStudy(
         name="t5", metrics=("test_per", "test_wer", "rel_word_acc"), points=(Point("ff4", None),),
-        methods=("permute", "layer_prune"), setup=lambda settings: t5_context(settings),
+        methods=("permute", "layer_prune"),
+        setup=lambda settings, progress=True: t5_context(settings, progress=progress),
         load_start=_t5_load_start, train=_t5_train, score=_t5_score,
         csv=ROOT / "reports" / "t5_merge_curves.csv", shipped=ROOT / "data" / "merging" / "curves",
         work=ROOT / "runs" / "t5_curves", command="make t5-curves", builders={"layer_prune": _t5_prune},
@@ -673,6 +705,12 @@ def cli(study: str, steps: int, every: int, only: Sequence[str] | None = None, d
     settings = CurveSettings(steps=steps, every=every)
     s = STUDIES[study]
     t0 = time.time()
+    try:
+        settings.check()
+        for name in only or ():
+            _split_name(s, name, s.points)
+    except ValueError as e:
+        raise SystemExit(f"mtlab {study}-curves: {e}") from None
     table = run_curves(s, settings, only=only, progress=progress)
     print(table.to_string(index=False))
     print(crossing_sentence(table))

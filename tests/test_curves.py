@@ -44,6 +44,19 @@ def test_permute_vs_prune_curves(ctx, tmp_path):
     assert "steps" in crossing_sentence(table)
     fig = curves.curve_figure(table)
     assert len(fig.axes) == 3
+    shipped = curves.ship_curves("minilm", root=tmp_path / "shipped", work=tmp_path / "w", settings=SMOKE)
+    view = curves.recovery_curves("minilm", root=shipped)  # what notebook 06 shows
+    pd.testing.assert_frame_equal(view.table, table, check_dtype=False)
+    assert "mean_cos: at ~10% removed" in view.sentence and view.figure() is not None
+    card = (shipped / "README.md").read_text()
+    assert "permute-10" in card and "Where the curves cross" in card and "make minilm-curves" in card
+
+
+def test_no_curves_yet_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(STUDIES["minilm"], "csv", tmp_path / "none.csv")
+    view = curves.recovery_curves("minilm", root=tmp_path / "nothing")
+    assert view.table.empty and list(view.table.columns) == CURVE_COLUMNS
+    assert "make minilm-curves" in view.sentence and view.figure() is None
 
 
 def test_resume_after_a_kill_and_methods_by_name(ctx, tmp_path, monkeypatch):
@@ -110,3 +123,31 @@ def test_crossings_from_the_table():
     text = crossing_sentence(table)
     assert "cross 1 time(s) (between steps 500 and 1000)" in text and "do not cross; layer_prune stays ahead" in text
     assert "nothing to compare" in crossing_sentence(table[table.method == "permute"])
+
+
+def test_t5_study_records_per_wer_and_relative_word_accuracy(tiny_t5, g2p_task, tmp_path):
+    from mtlab.baselines import keep_only
+    from mtlab.merging.merge import tie_ffs
+
+    ctx = curves.t5_context(model=tiny_t5, task=g2p_task, profile="smoke", progress=False)
+    t5 = STUDIES["t5"]
+    assert "permute" in curves.curve_methods(t5) and "layer_prune" in curves.curve_methods(t5)
+
+    def tied(c, point):
+        return tie_ffs(__import__("copy").deepcopy(c.model), ["encoder:0-1@first/vanilla"]), {
+            "spec": "encoder:0-1 tied", "params_removed_frac": 0.1}
+
+    def pruned(c, point):
+        return keep_only(c.model, {"encoder": [0]}), {"spec": "keep encoder 0", "params_removed_frac": 0.1}
+
+    register_curve_method("t5", "tied", tied)
+    register_curve_method("t5", "pruned", pruned)
+    try:
+        table = run_curves("t5", SMOKE, only=["tied-ff4", "pruned-ff4"], ctx=ctx, work=tmp_path,
+                           csv=tmp_path / "t5.csv", progress=False)
+    finally:
+        t5.builders.pop("tied", None)
+        t5.builders.pop("pruned", None)
+    assert list(table.columns) == ["method", "params_removed_frac", "step", "test_per", "test_wer", "rel_word_acc"]
+    assert sorted(table.groupby("method").step.apply(list).tolist()) == [[0, 2, 4], [0, 2, 4]]
+    assert table[["test_per", "test_wer", "rel_word_acc"]].notna().all().all()
