@@ -210,7 +210,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "", was: str = "checkpoint") -> list[str]:
+def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "",
+                was: str = "checkpoint") -> list[str]:
     """'field: checkpoint X, now Y' (`was` names the old side) for every (nested, dotted) field that
     differs, after a JSON round trip (tuples become lists); fields named in `ignore` are skipped."""
     a, b = _flat(_json(old) or {}), _flat(_json(new) or {})
@@ -282,7 +283,8 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     start, logged = 0, _logged_step(log_path)
     if (found := latest_dir(ckpt)) is not None:
         start = load_training_state(found, model, params, optimizer)["step"]
-        redo = f"; the earlier run had logged step {logged}, steps {start + 1}-{logged} are redone" if logged > start else ""
+        redo = (f"; the earlier run had logged step {logged}, steps {start + 1}-{logged} are redone"
+                if logged > start else "")
         accel.print(f"resuming from {shown(found)} at step {start}/{cfg.steps}{redo}")
     elif logged:  # killed before its first checkpoint: nothing to resume (mtlab.recipe checkpoints sooner)
         accel.print(f"no checkpoint in {shown(out)}: the earlier run stopped at step {logged}/{cfg.steps} before its "

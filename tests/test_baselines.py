@@ -110,7 +110,8 @@ def test_layer_drop_top_alternate_and_sft(g2p_task, teacher6, tmp_path):
     again, log2 = shrink_and_finetune(teacher6, g2p_task, {"decoder": 3}, cfg(steps=2), None, tmp_path / "sft",
                                       progress=False)
     assert same(weights(sft), weights(again)) and log2.step.tolist() == log.step.tolist()
-    with pytest.raises(RunMismatchError, match=r"(?s)another baseline run.*keep\.decoder.*rule: checkpoint 'spread', now 'top'"):
+    with pytest.raises(RunMismatchError,
+                       match=r"(?s)another baseline run.*keep\.decoder.*rule: checkpoint 'spread', now 'top'"):
         layer_drop(teacher6, g2p_task, "top", cfg(steps=2), None, tmp_path / "sft", depths={"decoder": 3},
                    progress=False)
 

@@ -77,7 +77,8 @@ def test_a_baseline_run_folder_is_refused_for_another_model_or_data(g2p_task, tm
     # the same model and data resume the finished run: the same weights, no training
     [again] = build_baselines(a, g2p_task, budget, ["sft"])
     assert same(weights(first.model), weights(again.model))
-    assert json.loads(saved)["teacher_hash"] and "model_hash" in json.loads((run / "checkpoint" / "state.json").read_text())["identity"]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert json.loads(saved)["teacher_hash"] and set(state["identity"]) == {"model_hash", "data_hash"}
 
 
 def test_layerdrop_fresh_starts_over_for_the_other_model(g2p_task, tmp_path):
