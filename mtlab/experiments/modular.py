@@ -27,6 +27,7 @@ from ..cache import artifact_dir, cached_frame, teacher_hash
 from ..candidate import Budget, Candidate
 from ..measure import generate_flops, latency, speed_columns, stack_params
 from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, train_modules
+from ..modular.plan import Plan, using_screen
 from ..profiles import ModularProfile, get_profile
 from ..shipped import ArtifactMismatch, shipped_state
 from ..tasks.diagnosis import score_splits
@@ -42,7 +43,7 @@ COLUMNS = ["method", "strategy", "plan", "params", "ratio", "ratio_model", "idea
 
 EXTRA = ["rel_word_acc", "rel_per_acc", "len_ratio", "eos_rate", "train_examples"]
 QUALITY = ("dev_per", "dev_wer", "test_per", "test_wer", "test_len_ratio", "test_eos_rate")
-VERSION = 4   # bump when a code change changes what the table holds (3: diagnosis columns, shipped artifacts; 4: speed spread, speed_noisy)
+VERSION = 5   # bump when a code change changes what the table holds (3: diagnosis columns, shipped artifacts; 4: speed spread, speed_noisy; 5: screened strategy rows)
 
 
 def replacing_config(p: ModularProfile) -> ReplacingConfig:
@@ -87,6 +88,27 @@ def trained_bank(profile=None, teacher=None, task=None, progress: bool = True) -
 
 ladders = teacher_ladders  # (strategy, plan) of every registered strategy, teacher first
 
+#: the screen's metric the "screened" strategy ranks plans by: words with every token right under
+#: teacher forcing on dev (the screen's closest kin of word accuracy)
+SCREEN_METRIC = "tf_word_acc"
+SCREEN_TIEBREAK = "nll"  # ties in word accuracy (common on few words) go to the lower token NLL
+RULE_STRATEGIES = ("size_first", "speed_first")
+
+
+def screened_ladder(prof, teacher, bank, task, progress: bool = True) -> list[tuple[str, Plan]]:
+    """("screened", plan) for each target ratio: the plan with the best `SCREEN_METRIC` within the
+    ratio's size budget, read from the profile's screen of the bank's whole assembly space on dev
+    (`mtlab.experiments.explore.screen_table`, cached; test held out)."""
+    from ..modular.bank import block_params
+    from ..modular.plan import ladders as plan_ladders
+    from ..surgery import stack_depths
+    from .explore import screen_table
+
+    scores = screen_table(prof, teacher, task, bank, progress=progress)
+    with using_screen(scores, metric=SCREEN_METRIC, then=SCREEN_TIEBREAK) as name:
+        return [(s, p) for s, p in plan_ladders(stack_depths(teacher), bank.granularities, block_params(teacher),
+                                                names=[name]) if s != "teacher"]
+
 
 def trained_baselines(profile=None, teacher=None, task=None, progress: bool = True) -> list[Candidate]:
     """Every registered baseline's candidates with their training budget: the shipped runs (with
@@ -128,6 +150,8 @@ def modular_table(profile=None, *, progress: bool = True, refresh: bool = False)
     prof = get_profile(profile)
     key = {"version": VERSION, "teacher": teacher_hash(), "profile": asdict(prof.modular),
            "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular)),
+           "screen": {"limit": prof.explore.screen_limit, "batch": prof.explore.screen_batch, "metric": SCREEN_METRIC,
+                      "then": SCREEN_TIEBREAK},
            **shipped_key(prof.modular)}
     return cached_frame("modular_table", key, lambda: _modular_table(prof, progress), refresh=refresh)
 
@@ -143,7 +167,7 @@ def _modular_table(prof, progress: bool) -> pd.DataFrame:
     card_scores = {r["plan"]: {k: v for k, v in r.items() if k.startswith(("dev_", "test_"))}
                    for r in log.attrs.get("card", {}).get("ladders", [])}
     cands, seen = [], {}
-    for strategy, plan in ladders(teacher, bank):
+    for strategy, plan in ladders(teacher, bank) + screened_ladder(prof, teacher, bank, task, progress):
         first = not any(c.method == "modules" for c in cands)
         method = "teacher" if strategy == "teacher" else "modules"
         if str(plan) in seen:  # a plan on both ladders is evaluated once, listed under both
@@ -258,13 +282,17 @@ def step_cost_ratio(batch_size: int = 64, steps: int = 20, granularities=(2, 3, 
 TARGETS = {1.1: 0.99, 1.5: 0.95, 2.0: 0.93, 3.0: 0.80}  # relative word accuracy the study aims for (issue #12)
 
 
-def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0), methods=None) -> pd.DataFrame:
-    """At each ratio: the module plan and the best baseline (lowest test WER) of that ratio, among
-    `methods` (every baseline when None)."""
+def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0), methods=None,
+                 strategies=RULE_STRATEGIES + ("screened",)) -> pd.DataFrame:
+    """At each ratio: the module plan of the rule-based ladders and the best baseline (lowest test
+    WER) of that ratio, among `methods` (every baseline when None); then, for each assembly strategy
+    in `strategies` (the two rule-based ladders and the one that reads the dev screen), the plan it
+    assembles for that ratio (its rung of the smallest ratio reaching it) and its test WER and PER:
+    columns `{strategy}_plan`, `{strategy}_test_wer`, `{strategy}_test_per`."""
     rows = []
     for r in ratios:
         at = table[(table.ratio - r).abs() < 0.01]
-        mods = at[at.method == "modules"].sort_values("test_wer")
+        mods = at[(at.method == "modules") & at.strategy.isin(RULE_STRATEGIES)].sort_values("test_wer")
         base = at[~at.method.isin(["modules", "teacher"])] if methods is None else at[at.method.isin(methods)]
         base = base.dropna(subset=["test_wer"]).sort_values("test_wer")
         if not len(mods):
@@ -275,6 +303,11 @@ def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0), methods=None) -> p
             b = base.iloc[0]
             row.update(baseline=f"{b.method} {b.plan}", baseline_test_wer=b.test_wer, baseline_test_per=b.test_per,
                        wer_gap=m.test_wer - b.test_wer, per_gap=m.test_per - b.test_per)
+        for s in strategies:
+            rung = table[(table.method == "modules") & (table.strategy == s) & (table.ratio >= r - 0.01)]
+            if len(rung):
+                x = rung.sort_values(["ratio", "plan"]).iloc[0]
+                row.update({f"{s}_plan": x.plan, f"{s}_test_wer": x.test_wer, f"{s}_test_per": x.test_per})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -357,3 +390,135 @@ def conclusion(table: pd.DataFrame) -> str:
     else:
         lines.append("Every module plan's output/reference length ratio is inside 0.9-1.1: no decoder collapses.")
     return "\n".join(f"- {x}" for x in lines)
+
+
+# ---- learning curves on the same dev words (issue #25 item 3) --------------------------------
+
+CURVE_VERSION = 1
+CURVE_RATIOS = {"1.5x": 1.5, "2x": 2.0, "3x": 3.0, "6x": 6.0}
+
+
+def _curve_scores(model, task, words: int) -> dict[str, float]:
+    """PER and WER of greedy decoding on the first `words` dev words: what the bank's run logs."""
+    from .artifacts import length_ratio
+
+    pred = task.predict(model, "dev", limit=words, progress=False)
+    s = task.score(pred.hypothesis.tolist(), pred.reference.tolist())
+    return {"dev_per": s["per"], "dev_wer": s["wer"], "dev_len": length_ratio(pred)}
+
+
+def _ratio_tag(ratio: float) -> str | None:
+    tag = min(CURVE_RATIOS, key=lambda t: abs(CURVE_RATIOS[t] - ratio))
+    return tag if abs(CURVE_RATIOS[tag] - ratio) < 0.06 else None
+
+
+def learning_curves(profile=None, *, baseline_logs: dict[str, pd.DataFrame] | None = None, progress: bool = True,
+                    refresh: bool = False) -> pd.DataFrame:
+    """Dev scores against training steps on the SAME dev words (the first `CURVE_WORDS`, those the
+    bank's run logs every `curve_every` steps), long format: method, run, ratio (tag), step, dev_per,
+    dev_wer, dev_len, source.
+
+    - modules: the bank's logged curve (`source` "log") and, at its last step, its size-first plan
+      at 1.5x decoded on those words (the log holds 2x, 3x and 6x only);
+    - every baseline: its trained model decoded on those words at its step count (`source` "final
+      model"); a baseline's own log with `dev_wer_<tag>` columns (`baseline_logs`, {run: log}) adds its
+      curve (the shipped baselines were trained without evaluations: they have no curve);
+    - teacher: its score on the same words (`step` NaN, one row per ratio): the line to read the
+      curves against. Cached (the teacher's score too), keyed by the shipped cards."""
+    prof = get_profile(profile)
+    words = artifacts.CURVE_WORDS
+    logs = {k: v.to_dict("list") for k, v in (baseline_logs or {}).items()}
+    key = {"version": CURVE_VERSION, "teacher": teacher_hash(), "profile": asdict(prof.modular), "words": words,
+           "replacing": asdict(replacing_config(prof.modular)), "baselines": asdict(baseline_config(prof.modular)),
+           "logs": logs, **shipped_key(prof.modular)}
+    return cached_frame("learning_curves", key, lambda: _learning_curves(prof, words, baseline_logs or {}, progress),
+                        refresh=refresh)
+
+
+def teacher_curve_score(words: int | None = None) -> dict[str, float]:
+    """The teacher's dev PER and WER on the first `words` (default `CURVE_WORDS`) dev words, cached."""
+    words = words or artifacts.CURVE_WORDS
+
+    def compute() -> pd.DataFrame:
+        teacher, task = load_teacher()
+        return pd.DataFrame([_curve_scores(teacher, task, words)])
+
+    return cached_frame("teacher_curve_score", {"teacher": teacher_hash(), "words": words}, compute).iloc[0].to_dict()
+
+
+def _log_rows(log: pd.DataFrame, method: str, run: str) -> list[dict]:
+    """The logged evaluations of a training log (`dev_wer_<tag>`, `dev_per_<tag>`, `dev_len_<tag>`)."""
+    rows = []
+    for tag in CURVE_RATIOS:
+        if f"dev_wer_{tag}" not in log:
+            continue
+        for _, r in log.dropna(subset=[f"dev_wer_{tag}"]).iterrows():
+            rows.append({"method": method, "run": run, "ratio": tag, "step": int(r["step"]),
+                         **{m: float(r.get(f"{m}_{tag}", float("nan"))) for m in ("dev_per", "dev_wer", "dev_len")},
+                         "source": "log"})
+    return rows
+
+
+def _learning_curves(prof, words: int, baseline_logs: dict, progress: bool) -> pd.DataFrame:
+    from ..modular.plan import size_first
+    from ..modular.bank import block_params
+    from ..surgery import stack_depths
+
+    teacher, task = load_teacher()
+    bank, log = trained_bank(prof, teacher, task, progress)
+    rows = _log_rows(log, "modules", "bank") if len(log) else []
+    last = int(log.step.max()) if len(log) else prof.modular.steps
+    logged = {r["ratio"] for r in rows}
+    t_stack = stack_params(teacher)
+    for plan in size_first(stack_depths(teacher), bank.granularities, block_params(teacher)):
+        model = assemble(teacher, bank, plan)
+        tag = _ratio_tag(t_stack / stack_params(model))
+        if tag and tag not in logged and abs(CURVE_RATIOS[tag] - t_stack / stack_params(model)) < 0.01:
+            rows.append({"method": "modules", "run": "bank", "ratio": tag, "step": last,
+                         **_curve_scores(model.eval(), task, words), "source": "final model", "plan": str(plan)})
+            logged.add(tag)
+    for c in trained_baselines(prof, teacher, task, progress):
+        if c.model is None:
+            continue
+        tag = _ratio_tag(t_stack / stack_params(c.model))
+        if tag is None:
+            continue
+        info = c.row()  # method, plan (the spec's text) and train_steps, whatever the candidate's fields
+        rows.append({"method": info["method"], "run": f"{info['method']} {info['plan']}", "ratio": tag,
+                     "step": info.get("train_steps", float("nan")), **_curve_scores(c.model.eval(), task, words),
+                     "source": "final model", "plan": info["plan"]})
+    for run, blog in baseline_logs.items():
+        rows += _log_rows(blog, run.partition("-")[0], run)
+    t = teacher_curve_score(words)
+    rows += [{"method": "teacher", "run": "teacher", "ratio": tag, "step": float("nan"), **t, "source": "teacher"}
+             for tag in sorted({r["ratio"] for r in rows}, key=CURVE_RATIOS.get)]
+    df = pd.DataFrame(rows)
+    df.attrs.update(words=words, teacher=t)
+    return df
+
+
+def plot_learning_curves(curves: pd.DataFrame, metric: str = "dev_wer"):
+    """One panel per ratio: the bank's curve, each baseline's curve or final point, and the
+    teacher's score on the same dev words as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    if curves is None or not len(curves) or metric not in curves:
+        raise ValueError(f"plot_learning_curves: no {metric!r} to plot; pass the table learning_curves() returned")
+    tags = [t for t in CURVE_RATIOS if t in set(curves.ratio) and (curves[curves.ratio == t].method != "teacher").any()]
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.6), squeeze=False, sharey=True)
+    words = curves.attrs.get("words", artifacts.CURVE_WORDS)
+    for ax, tag in zip(axes[0], tags):
+        at = curves[curves.ratio == tag]
+        for (method, run), g in at[at.method != "teacher"].groupby(["method", "run"], sort=False):
+            g = g.sort_values("step")
+            style = "-o" if len(g) > 1 else "o"
+            ax.plot(g.step, g[metric], style, ms=5, label=run if method != "modules" else "modules (one run)")
+        teach = at[at.method == "teacher"]
+        if len(teach):
+            v = float(teach[metric].iloc[0])
+            ax.axhline(v, ls="--", color="k", lw=1, label=f"teacher ({v:.1f})")
+        ax.set(title=f"{tag}", xlabel="training step", ylabel=f"{metric.replace('_', ' ')} % (first {words} dev words)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
