@@ -19,7 +19,7 @@ Studies (`STUDIES`):
   sublayers (a 3-layer window per stack) against layer pruning at (nearly) equal parameters;
   recovery by token cross-entropy (`mtlab.merging.recover.recover`); scores test_per, test_wer and
   rel_word_acc (word accuracy relative to the teacher's). Table: reports/t5_merge_curves.csv,
-  shipped copy data/merging/curves/.
+  shipped copy data/merging_curves/ (not under data/merging, whose cards key the merge tables' cache).
 
 Methods are looked up by name: a study's own builders (`register_curve_method(study, name,
 build)`, e.g. block-influence pruning), else any registered FF-merge method
@@ -206,10 +206,14 @@ def run_curve(study: CurveStudy, ctx, name: str, settings: CurveSettings, work: 
                         f"{_shown(scores)}")
         model = study.load_start(ctx, run / START)  # what a resume would train: one path for both
 
+    evaluations = [_checkpoint_step(run / RUN) // settings.every]  # mtlab.train evaluates every `every` steps
+
     def evaluate(m):
         t = time.perf_counter()
         s = study.score(ctx, m)
-        _log_line(work, f"{name}: evaluation: {_shown(s)} ({time.perf_counter() - t:.0f}s to score)")
+        evaluations[0] += 1
+        _log_line(work, f"{name}: step {evaluations[0] * settings.every}/{settings.steps}: {_shown(s)} "
+                        f"({time.perf_counter() - t:.0f}s to score)")
         return s
 
     log = study.train(ctx, model, settings, run / RUN, evaluate, progress)
@@ -217,6 +221,17 @@ def run_curve(study: CurveStudy, ctx, name: str, settings: CurveSettings, work: 
     last = int(log.step.max()) if len(log) else 0
     _log_line(work, f"{name}: {'finished' if last >= settings.steps else 'stopped'} at step {last}/{settings.steps}")
     return rows
+
+
+def _checkpoint_step(out: Path) -> int:
+    """The step a run in `out` resumes from (0: none)."""
+    from .checkpoint import latest_dir
+
+    found = latest_dir(out / "checkpoint")
+    try:
+        return int(json.loads((found / "state.json").read_text()).get("step", 0)) if found else 0
+    except (OSError, ValueError):
+        return 0  # mtlab.train reports a corrupt checkpoint itself
 
 
 def _plain(v) -> bool:
@@ -681,7 +696,7 @@ def t5_study() -> CurveStudy:
         methods=("permute", "layer_prune"),
         setup=lambda settings, progress=True: t5_context(settings, progress=progress),
         load_start=_t5_load_start, train=_t5_train, score=_t5_score,
-        csv=ROOT / "reports" / "t5_merge_curves.csv", shipped=ROOT / "data" / "merging" / "curves",
+        csv=ROOT / "reports" / "t5_merge_curves.csv", shipped=ROOT / "data" / "merging_curves",
         work=ROOT / "runs" / "t5_curves", command="make t5-curves", builders={"layer_prune": _t5_prune},
         merge_builder=_t5_merge)
 

@@ -40,7 +40,8 @@ def test_permute_vs_prune_curves(ctx, tmp_path):
     assert perm.params_removed_frac.round(3).unique().tolist() == [0.104]
     pd.testing.assert_frame_equal(pd.read_csv(csv), table, check_dtype=False)
     log = (tmp_path / "w" / "progress.log").read_text()
-    assert "permute-10: built layers:" in log and "evaluation: mean_cos" in log and "finished at step 4/4" in log
+    assert "permute-10: built layers:" in log and "permute-10: step 2/4: mean_cos" in log
+    assert "permute-10: step 4/4: mean_cos" in log and "finished at step 4/4" in log
     assert "steps" in crossing_sentence(table)
     fig = curves.curve_figure(table)
     assert len(fig.axes) == 3
@@ -91,7 +92,8 @@ def test_resume_after_a_kill_and_methods_by_name(ctx, tmp_path, monkeypatch):
         assert built == ["10"]  # the candidate is built once; the resumed run trains the saved one
         assert table.step.tolist() == [0, 2, 4] and table.method.unique().tolist() == ["droplast"]
         assert table.mean_cos.iloc[1] == partial.mean_cos.iloc[1]
-        assert "resuming" in (tmp_path / "progress.log").read_text()
+        log = (tmp_path / "progress.log").read_text()
+        assert "resuming" in log and log.count("droplast-10: step 4/4") == 1 and log.count("droplast-10: step 2/4") == 1
     finally:
         STUDIES["minilm"].builders.pop("droplast", None)
 
