@@ -129,7 +129,7 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         except ValueError as e:
             p.error(str(e))
         table = ablation_table(a.steps, words=a.words, variants=a.only, seed=a.seed, device=device,
-                               equal_time=a.equal_time)
+                               equal_time=a.equal_time, skip_done=a.only is None)  # no --only: new rows only
         write_rows(table, ABLATION_CSV)  # merged: rows of other variants, seeds and devices are kept
         print(table.to_string(index=False))
     elif a.cmd == "report":

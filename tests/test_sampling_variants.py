@@ -219,3 +219,24 @@ def test_step_costs_measure_every_variant_against_the_recipe():
     df = step_costs(["sandwich"], batch_size=4, min_run_time=0.01, device="cpu")
     assert df.variant.tolist() == ["recipe", "sandwich"] and df.vs_recipe.iloc[0] == 1.0
     assert (df.sec_per_step > 0).all() and (df.device == "cpu").all()
+
+
+def test_a_rerun_without_only_trains_only_what_the_table_lacks(tmp_path, monkeypatch):
+    from mtlab.experiments import ablation
+
+    path = tmp_path / "ablation.csv"
+    path.write_text(ablation.ABLATION_CSV.read_text())
+    trained = []
+
+    def fake_row(name, steps, batch_size, words, progress=True, *, seed=0, device=None):
+        trained.append(name)
+        return pd.DataFrame([{"variant": name, "steps": steps, "batch_size": batch_size, "words": words,
+                              "seed": seed, "device": device, "train_seconds": 1.0, "sec_per_step": 1.0 / steps}])
+
+    monkeypatch.setattr(ablation, "variant_row", fake_row)
+    shipped = set(pd.read_csv(path).variant)
+    t = ablation.ablation_table(3000, variants=None, progress=False, device="cpu", csv=path, skip_done=True)
+    assert set(trained) == set(ablation.VARIANTS) - shipped and set(t.variant) == set(trained)
+    trained.clear()
+    ablation.ablation_table(3000, variants=["recipe"], progress=False, device="cpu", csv=path)
+    assert trained == ["recipe"]  # named explicitly: rerun (its row is then replaced)

@@ -184,12 +184,14 @@ def variant_row(name: str, steps: int, batch_size: int, words: int, progress: bo
 
 def ablation_table(steps: int = 3000, batch_size: int = 64, words: int = 1000, variants=None,
                    progress: bool = True, *, seed: int = 0, device: str | None = None,
-                   equal_time: bool = False, csv: str | Path | None = None) -> pd.DataFrame:
+                   equal_time: bool = False, csv: str | Path | None = None, skip_done: bool = False) -> pd.DataFrame:
     """One row per recipe variant (all registered ones by default), same budget for each.
 
     `equal_time`: each variant instead trains for the steps that cost the reference recipe's
     `steps`-step run on this device (`equal_time_steps`, from the rows in `csv`, default the
-    shipped table: both full-budget rows must be there)."""
+    shipped table: both full-budget rows must be there). `skip_done`: leave out the variants that
+    already have a row of this budget, seed and device in `csv` (what `make ablation` does, so a
+    rerun only trains new variants); the table may then be empty."""
     names = list(variants or VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -201,9 +203,13 @@ def ablation_table(steps: int = 3000, batch_size: int = 64, words: int = 1000, v
                    for n in names}
     else:
         budgets = dict.fromkeys(names, steps)
+    if skip_done:
+        done = read_rows(csv or ABLATION_CSV)
+        have = set(map(tuple, done[ROW_ID].astype(str).values))
+        names = [n for n in names if tuple(map(str, (n, budgets[n], batch_size, words, seed, device))) not in have]
     rows = [variant_row(n, budgets[n], batch_size, words, progress, seed=seed, device=device)
             for n in tqdm(names, desc="ablation", disable=not progress)]
-    df = pd.concat(rows, ignore_index=True)
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ROW_ID)
     df.attrs["config"] = {"steps": steps, "batch_size": batch_size, "words": words, "plans": PLANS, "seed": seed,
                           "device": device, "equal_time": equal_time}
     return df
