@@ -153,3 +153,14 @@ def test_t5_study_records_per_wer_and_relative_word_accuracy(tiny_t5, g2p_task, 
     assert list(table.columns) == ["method", "params_removed_frac", "step", "test_per", "test_wer", "rel_word_acc"]
     assert sorted(table.groupby("method").step.apply(list).tolist()) == [[0, 2, 4], [0, 2, 4]]
     assert table[["test_per", "test_wer", "rel_word_acc"]].notna().all().all()
+
+
+def test_cli_refuses_bad_runs_before_any_work():
+    from mtlab.cli import main
+
+    with pytest.raises(SystemExit, match="does not divide"):
+        main(["minilm-curves", "--steps", "5", "--every", "2"])
+    with pytest.raises(SystemExit, match="unknown curve method 'nope'"):
+        main(["minilm-curves", "--only", "nope-10"])
+    with pytest.raises(SystemExit, match=r"POINT in \['ff4'\]"):
+        main(["t5-curves", "--only", "permute-10"])
