@@ -157,7 +157,7 @@ HEADLINES = (
      ["method", "plan", "ratio", "test_wer", "test_per", "speedup_b64"],
      lambda t: t.drop_duplicates(["method", "plan"]), "mtlab.experiments.modular:conclusion"),
     ("merge.csv", "Merging FF sublayers against layer pruning",
-     ["model", "method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_wer", "test_per",
+     ["model", "method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_wer", "test_per", "test_n",
       "mean_cos", "recall_at_10"],
      lambda t: t[(t.model != "teacher") | (t.recovery_steps == t[t.model == "teacher"].recovery_steps.max())],
      "mtlab.experiments.merging:conclusion"),

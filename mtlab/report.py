@@ -28,9 +28,9 @@ def _png(fig) -> str:
 
 
 def learning_curve_figure(log: pd.DataFrame):
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The teacher's training curve (loss; dev PER/WER where logged). It leaves the matplotlib backend
+    alone: switching to Agg here kept a notebook's inline backend from showing it (00_teacher's empty
+    "Training curve"); `teacher_report` picks Agg itself."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
@@ -71,7 +71,17 @@ def teacher_report(out: Path, teacher: str | Path | None = None, limit: int | No
     log_path = path / "training_log.csv"
     curve = ""
     if log_path.exists():
-        curve = f'<img alt="learning curve" src="data:image/png;base64,{_png(learning_curve_figure(pd.read_csv(log_path)))}">'
+        import sys
+
+        import matplotlib
+
+        if "ipykernel" not in sys.modules:  # a command line: no display; a kernel keeps its inline backend
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = learning_curve_figure(pd.read_csv(log_path))
+        curve = f'<img alt="learning curve" src="data:image/png;base64,{_png(fig)}">'
+        plt.close(fig)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mtlab: bundled teacher</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}</style></head><body>

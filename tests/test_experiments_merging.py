@@ -74,6 +74,47 @@ def test_quality_columns_are_finite_where_they_apply(table):
     assert math.isclose(orig.mean_cos, 1, abs_tol=1e-5) and orig.recall_at_10 == 1
 
 
+def test_every_row_says_its_words_and_every_word_set_has_its_original(table):
+    """Issue 27: each row carries dev_n/test_n, and the original is scored on every test word set of the
+    teacher's rows, so that each comparison has its original on the same words."""
+    m = get_profile("smoke").merging
+    teacher = table[(table.model == "teacher") & table.test_wer.notna()]
+    assert {"dev_n", "test_n"} <= set(table.columns)
+    assert teacher.test_n.notna().all() and teacher.dev_n.notna().all()
+    assert set(teacher.test_n) == {m.eval_limit} and set(teacher.dev_n) == {m.select_limit}  # smoke: one word set
+    for n in set(teacher.test_n):
+        assert ((teacher.method == "original") & (teacher.test_n == n)).sum() == 1, n
+    assert table[table.model == "minilm"].test_n.notna().all()
+    text = X.conclusion(table)
+    assert f"on {m.eval_limit:,} test words" in text and "Merge against layer pruning, the baseline" in text
+
+
+def test_the_original_is_added_on_the_shipped_cards_words(cache_dir, monkeypatch):
+    """A shipped candidate (full splits) brings the teacher's scores on its words from its card: the table
+    gets a second original row on those words, and the shipped rows keep theirs."""
+    from mtlab.experiments import merge_artifacts as A
+
+    full = {"dev_per": 11.0, "dev_wer": 39.4, "dev_n": 5839, "test_per": 10.7, "test_wer": 39.9, "test_n": 5836}
+
+    def stages(c, m, root=None):
+        return [{"params": 1, "ff_removed": 4, "blocks_removed": 0, "recovery_steps": s,
+                 **{k: v + 1 for k, v in full.items() if not k.endswith("_n")}, "dev_n": 5839, "test_n": 5836}
+                for s in (0, 1000)]
+
+    monkeypatch.setattr(A, "shipped_stages", lambda c, m, root=None: stages(c, m) if c.info["kind"] == "combined"
+                        else None)
+    monkeypatch.setattr(A, "shipped_teacher", lambda c, root=None: dict(full))
+    monkeypatch.setattr("mtlab.shipped.shipped_state", lambda d: "planted")
+    from dataclasses import replace
+
+    smoke = get_profile("smoke")
+    t = X.teacher_merge_table(replace(smoke, merging=replace(smoke.merging, shipped=True)), progress=False)
+    orig = t[t.method == "original"].set_index("test_n")
+    assert sorted(orig.index) == [get_profile("smoke").merging.eval_limit, 5836]
+    assert orig.at[5836, "test_wer"] == 39.9 and orig.at[5836, "dev_n"] == 5839
+    assert set(t[t.kind == "combined"].test_n) == {5836}
+
+
 def test_second_call_reads_the_cache(table, cache_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed although the table is cached")

@@ -66,7 +66,7 @@ def merge_table() -> pd.DataFrame:
             ("minilm", "permute", "layers", "2-4", 0.10, 0, None, None, 0.80),
             ("minilm", "layer_prune", "layers", "2-4", 0.25, 0, None, None, 0.90)]
     return pd.DataFrame(rows, columns=["model", "method", "stack", "layers", "params_removed_frac", "recovery_steps",
-                                       "test_wer", "test_per", "mean_cos"])
+                                       "test_wer", "test_per", "mean_cos"]).assign(test_n=1000)
 
 
 def test_merge_conclusion_names_the_winner_and_the_margin():
@@ -89,6 +89,64 @@ def test_frontier_conclusion_names_the_best_kind_per_speedup():
     text = conclusion(f, speedups=(2.0, 5.0))
     assert "At 2x or more, **modules** decodes best" in text and "10.0 points better than layer_drop" in text
     assert "No candidate reaches 5x" in text
+
+
+def test_verdicts_use_the_speedups_and_wers_as_shown():
+    """Issue 27 item 3: a plan whose ideal speed-up shows as "1.50" (1.4958) counts at 1.5x, as the reader
+    sees it; two WERs that show the same are a tie, and a gap is the gap of the numbers shown."""
+    from mtlab.experiments.explore import conclusion, screen_conclusion
+
+    screen = pd.DataFrame({"plan": ["e=111111 d=111111", "e=2211 d=1122", "e=21111 d=222", "e=222 d=222"],
+                           "ideal_speedup": [1.0, 1.4958, 1.52, 2.0], "nll": [0.10, 0.20, 0.25, 0.40],
+                           "tf_word_acc": [0.9, 0.8, 0.78, 0.6]})
+    text = screen_conclusion(screen, speedups=(1.5,))
+    assert "best plan is **e=2211 d=1122** (1.50x)" in text and "e=21111 d=222" not in text
+    f = pd.DataFrame({"kind": ["teacher", "modules", "sft"], "plan": ["t", "a", "b"],
+                      "speedup_b64": [1.0, 1.996, 2.3], "test_wer": [10.0, 12.04, 12.16],
+                      "on_frontier": [True, True, True]})
+    text = conclusion(f, speedups=(2.0,))
+    assert "**modules** decodes best (a, 2.00x): 12.0% test WER, 0.2 points better than sft (12.2%)" in text
+    assert "tied with modules" in conclusion(f.assign(test_wer=[10.0, 12.04, 12.02]), speedups=(2.0,))
+    shown_apart = conclusion(f.assign(test_wer=[10.0, 12.04, 12.06]), speedups=(2.0,))  # 12.0 vs 12.1: no tie
+    assert "0.1 points better than sft (12.1%)" in shown_apart
+
+
+def test_the_teacher_curve_leaves_the_backend_alone(monkeypatch):
+    """Issue 27 item 5: `learning_curve_figure` switched matplotlib to Agg, so the inline backend of
+    00_teacher's kernel never showed the curve (an empty "Training curve" section)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from mtlab.report import learning_curve_figure
+    from mtlab.teacher import TEACHER_DIR
+
+    def no_switch(*a, **k):
+        raise AssertionError("learning_curve_figure switched the matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    fig = learning_curve_figure(pd.read_csv(TEACHER_DIR / "training_log.csv"))
+    assert len(fig.axes) == 2 and fig.axes[0].get_lines()
+    plt.close(fig)
+
+
+def test_explorers_say_they_are_live_in_a_kernel(monkeypatch):
+    """Issue 27 item 5: on a rendered page the explorers are blank; the library says so in the cell's output."""
+    import IPython
+    import IPython.display
+
+    from mtlab.experiments.explore import live_note
+
+    assert live_note("assembly explorer") is None  # no kernel: nothing shown
+    shown = []
+
+    class Shell:
+        kernel = object()
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj.data))
+    text = live_note("merge-set explorer")
+    assert shown == [text] and "live" in text and "JupyterLab" in text and "static copy" in text
+    assert "merge-set explorer" in text
 
 
 def test_similarity_screen_and_teacher_conclusions():
@@ -137,6 +195,8 @@ def test_smoke_rendered_notebook_shows_no_machine_path(tmp_path):
 
     run_notebooks(tmp_path, "smoke", only=["00_teacher"])
     page = (tmp_path / "00_teacher.html").read_text()
+    curve = page[page.index("Training curve"):page.index("Phone and word error rates")]
+    assert "<img" in curve, "the training curve is not shown"  # issue 27 item 5
     assert "## Conclusion" not in page and "Conclusion" in page and "Words per split" in page
     for root in (str(REPO), str(tmp_path), str(cache_root())):
         assert root not in page, f"{root} shown in the rendered notebook"

@@ -262,6 +262,29 @@ def screening_bench(profile=None, *, repeats: int = 3, progress: bool = True) ->
         "threads": torch.get_num_threads(), **sizes}])
 
 
+LIVE_NOTE = ("*The {what} below is live: in JupyterLab, with this notebook's kernel running, it answers its controls. "
+             "A rendered page (`make report`'s HTML) has no kernel, so it cannot draw it and the space stays blank; "
+             "the static copy after it shows the same data.*")
+
+
+def live_note(what: str) -> str | None:
+    """Display (in a notebook kernel) the line saying that an explorer is live in JupyterLab and blank on a
+    rendered page, where the static copy stands in; returns the text (None outside a kernel, where
+    nothing is shown). The explorers' functions call it, so no notebook cell carries it."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):
+        return None
+    from IPython.display import Markdown, display
+
+    text = LIVE_NOTE.format(what=what)
+    display(Markdown(text))
+    return text
+
+
 EXPLORER_MODELS = ("bundled", "tiny-12+12")   # assembly_explorer(model=...), $MTLAB_EXPLORER
 SEARCH_SHARE = 0.03   # the searched explorer's budget: this share of the exhaustive screen's block evaluations
 SEARCH_WORDS = 256    # at most this many dev words screened by the searched explorer (one batch)
@@ -311,7 +334,8 @@ def searched_explorer(teacher, bank, task, *, budget: int | None = None, sample:
 def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: bool = False, model: str | None = None):
     """The assembly explorer over the profile's screened space (and its decoded frontier). `model`
     (None: $MTLAB_EXPLORER, else "bundled"): "tiny-12+12" explores `tiny_12x12` through
-    `searched_explorer` instead (on the profile's screen words, at most SEARCH_WORDS)."""
+    `searched_explorer` instead (on the profile's screen words, at most SEARCH_WORDS). In a notebook it
+    first shows `live_note` (live in JupyterLab; blank on a rendered page, where the static copy stands in)."""
     import os
 
     from ..widgets import AssemblyExplorer
@@ -323,17 +347,21 @@ def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: boo
     if model == "tiny-12+12":
         _, task = load_teacher()
         limit = min(prof.explore.screen_limit or SEARCH_WORDS, SEARCH_WORDS)
-        return searched_explorer(*tiny_12x12(task), task, limit=limit, progress=progress)
+        explorer = searched_explorer(*tiny_12x12(task), task, limit=limit, progress=progress)
+        live_note("assembly explorer")
+        return explorer
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress)
     fr = frontier_table(prof, progress=progress) if with_frontier else None
+    live_note("assembly explorer")
     return AssemblyExplorer(scr, stack_depths(teacher), bank.granularities, block_params(teacher), fr)
 
 
 def merge_explorer(profile=None, *, progress: bool = False, background: bool = True):
     """The merge-set explorer on the teacher: CKA of FF outputs per stack, merges scored on the
     merging study's dev words (`select_limit`) on a background thread, correlations computed once
-    per layer pair, layer pruning compared at the closest size not larger than the merge."""
+    per layer pair, layer pruning compared at the closest size not larger than the merge. In a notebook
+    it first shows `live_note` (live in JupyterLab; blank on a rendered page)."""
     from ..merging.correlations import CorrelationCache
     from ..measure import count_params
     from ..ui.spec_sizes import SpecSizes
@@ -355,28 +383,38 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
         r = task.evaluate(net, "dev", limit=m.select_limit, progress=False)
         return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"], "n": r["n"]}
 
+    live_note("merge-set explorer")
     return MergeExplorer(sims, stack_depths(teacher), evaluate, params=SpecSizes(teacher), background=background,
                          similarity_label="CKA of FF outputs (train tokens)")
 
 
-__all__ = ["assembly_explorer", "searched_explorer", "tiny_12x12", "EXPLORER_MODELS", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS"]
+__all__ = ["assembly_explorer", "searched_explorer", "tiny_12x12", "EXPLORER_MODELS", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS", "as_shown", "live_note"]
 
 
 # ---------------------------------------------------------------------------
 # written conclusions, computed from the tables (notebooks 03 and 05, reports/index.html)
 
 SPEEDUPS = (1.5, 2.0, 3.0)   # the speed-ups at which the conclusions compare methods
+SPEED_DIGITS = 2             # speed-ups are shown to 2 decimals, and the verdicts compare what is shown
+WER_DIGITS = 1               # WER is shown to 1 decimal: two WERs that show the same tie
+
+
+def as_shown(values, digits: int = SPEED_DIGITS):
+    """Values rounded as the tables show them (a speed-up of 1.4958 reads "1.50" and counts as 1.5x), so a
+    verdict never turns on digits the reader cannot see."""
+    return values.round(digits) if hasattr(values, "round") else round(float(values), digits)
 
 
 def screen_conclusion(screen_df: pd.DataFrame, speedups=SPEEDUPS) -> str:
     """What the screen says (markdown bullets): how many plans, how many on the speed/NLL frontier,
-    and the best screened plan at each FLOP-ideal speed-up next to the teacher."""
+    and the best screened plan (lowest NLL) at each FLOP-ideal speed-up next to the teacher. A plan
+    reaches a speed-up when its speed-up as shown (2 decimals, `as_shown`) does."""
     teacher = screen_df.loc[screen_df.ideal_speedup.idxmin()]
     front = pareto_mask(screen_df, "ideal_speedup", "nll")
     lines = [f"{len(screen_df)} plans screened; {int(front.sum())} are on the speed/NLL frontier. The teacher "
              f"({teacher.plan}) has token NLL {teacher.nll:.3f} and teacher-forced word accuracy {100 * teacher.tf_word_acc:.1f}%."]
     for s in speedups:
-        fast = screen_df[screen_df.ideal_speedup >= s]
+        fast = screen_df[as_shown(screen_df.ideal_speedup) >= s]
         if not len(fast):
             lines.append(f"No plan reaches {s:g}x ideal speed-up (fastest: {screen_df.ideal_speedup.max():.2f}x).")
             continue
@@ -390,7 +428,8 @@ def screen_conclusion(screen_df: pd.DataFrame, speedups=SPEEDUPS) -> str:
 def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_b64") -> str:
     """A short written result of the frontier (`frontier_table`, reports/frontier.csv), computed from it
     (markdown bullets): which kinds are on the frontier, and per speed-up which kind decodes best
-    (test WER) among the candidates at least that fast, by how much over the next kind."""
+    (test WER) among the candidates at least that fast (as shown, 2 decimals), by how much over the next
+    kind (the gap of the WERs as shown, 1 decimal)."""
     missing = {"kind", "plan", speed, "test_wer", "on_frontier"} - set(frontier.columns)
     if missing:
         raise ValueError(f"conclusion needs the frontier columns {sorted(missing)}; pass frontier_table(profile)")
@@ -408,7 +447,7 @@ def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_
     lines.append(f"{len(on)} of {len(f)} candidates are on the WER/speed frontier (batch 64): "
                  + ", ".join(f"{k} {n}" for k, n in counts.items()) + ".")
     for s in speedups:
-        fast = f[(f[speed] >= s) & (f.kind != "teacher")]
+        fast = f[(as_shown(f[speed]) >= s) & (f.kind != "teacher")]
         if not len(fast):
             lines.append(f"No candidate reaches {s:g}x (fastest: {f[speed].max():.2f}x).")
             continue
@@ -417,8 +456,9 @@ def conclusion(frontier: pd.DataFrame, speedups=SPEEDUPS, speed: str = "speedup_
         text = f"At {s:g}x or more, **{w.kind}** decodes best ({w.plan}, {w[speed]:.2f}x): {w.test_wer:.1f}% test WER"
         if len(best) > 1:
             r = best.iloc[1]
-            text += (f", tied with {r.kind} ({r.plan})" if r.test_wer - w.test_wer < 0.05 else
-                     f", {r.test_wer - w.test_wer:.1f} points better than {r.kind} ({r.test_wer:.1f}%)")
+            gap = as_shown(r.test_wer, WER_DIGITS) - as_shown(w.test_wer, WER_DIGITS)  # the gap of the numbers shown
+            text += (f", tied with {r.kind} ({r.plan})" if gap < 0.05 else
+                     f", {gap:.1f} points better than {r.kind} ({r.test_wer:.1f}%)")
         lines.append(text + ".")
     if len(noisy):
         lines.append(f"Left out, speed-up too noisy to compare ({len(noisy)}): "

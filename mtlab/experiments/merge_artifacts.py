@@ -50,7 +50,7 @@ COMPARE = {"equal FF sublayers": "equal-ff", "equal params": "equal-params"}
 SEARCH_FIELDS = ("align_tokens", "select_limit", "window_sizes", "window_starts")  # what picks the windows
 
 __all__ = ["MERGE_DIR", "MERGE_COMMAND", "NOT_SHIPPED", "load_merge", "merge_card_config", "merge_name", "merge_names",
-           "shippable", "shipped_stages", "shipped_summary", "train_merge", "train_merges"]
+           "shippable", "shipped_stages", "shipped_summary", "shipped_teacher", "train_merge", "train_merges"]
 
 
 def merge_name(c: Candidate) -> str:
@@ -94,6 +94,19 @@ def shipped_stages(c: Candidate, m: MergingProfile, root: str | Path | None = No
     size = {k: card[k] for k in ("params", "ff_removed", "blocks_removed")}
     return [{**size, "recovery_steps": 0, **card["before"]},
             {**size, "recovery_steps": card["steps"], "recovery_seconds": card["train_seconds"], **card["after"]}]
+
+
+def shipped_teacher(c: Candidate, root: str | Path | None = None) -> dict | None:
+    """The teacher's scores on the words a shipped candidate was scored on (its card's `teacher`:
+    dev_*/test_* with dev_n/test_n, the same scorer and splits as its `before`/`after`), so that the
+    candidate is compared with the original on the same words; None when it is not shipped."""
+    from ..shipped import read_card
+
+    path = Path(root or MERGE_DIR) / merge_name(c)
+    if not (path / "card.json").exists():
+        return None
+    teacher = dict(read_card(path).get("teacher") or {})
+    return teacher if "test_n" in teacher else None
 
 
 def load_merge(c: Candidate, m: MergingProfile, root: str | Path | None = None) -> Candidate:

@@ -39,7 +39,8 @@ from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
 
-VERSION = 1                      # bump when a change of code changes what a table holds
+VERSION = 2                      # bump when a change of code changes what a table holds (2: the original on
+                                 # every word set of the table, dev_n/test_n in merge.csv)
 ALIGN_BATCH, SEED = 64, 0        # alignment batches: shuffled train split, as window_search builds them
 ANCHOR = "middle"
 COMBINED_SIZE = 3                # the combined candidate: one 3-layer set per stack (4 of 12 FF for 6+6)
@@ -50,7 +51,8 @@ RANK = {"kind": {"original": 0, "window": 1, "merge": 1, "prune": 1, "combined":
         "stack": {"-": 0, "encoder": 1, "layers": 1, "decoder": 2, "encoder+decoder": 3},
         "method": {"original": 0, "none": 0, "permute": 1, "vanilla": 2, "layer_prune": 3, "prune": 3}}
 COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac", "recovery_steps",
-           "dev_per", "dev_wer", "test_per", "test_wer", "mean_cos", "recall_at_10"]
+           "dev_per", "dev_wer", "dev_n", "test_per", "test_wer", "test_n", "mean_cos", "recall_at_10"]
+WORDS = ["dev_n", "test_n"]      # how many words (MiniLM: sentences) each row's dev and test scores are on
 FIGURE_WIDTH = 12.0              # inches: the width of a figure of three heatmaps (see similarity_figure)
 MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pearson correlation)"}
 
@@ -348,6 +350,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
                  "spec": "original", "params": n0, "ff_removed": 0, "blocks_removed": 0, "recovery_steps": 0,
                  **_scores(model, task, m, searched.get("original"))}]
         done: dict[tuple, list[dict]] = {}
+        originals: dict[tuple, dict] = {}  # the teacher scored on the words of shipped rows (their cards)
         cands = candidates(search)
         bar = tqdm(cands, desc="merge table", disable=not progress)
         for c in bar:
@@ -357,9 +360,20 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
             bar.set_postfix_str(c.label)
             if key not in done:
                 done[key] = _candidate_stages(c, ccfg, model, task, m, cache, searched, shipped=key[-1])
+                if key[-1]:
+                    from .merge_artifacts import shipped_teacher
+
+                    t = shipped_teacher(c)
+                    if t is not None:
+                        originals.setdefault((t.get("dev_n"), t.get("test_n")), t)
             info = {"kind": c.info["kind"], "compare": c.info["compare"], "method": c.method, "stack": c.info["stack"],
                     "layers": c.info["layers"]}
             rows += [{**info, "spec": c.label, **s} for s in done[key]]
+        first = (rows[0]["dev_n"], rows[0]["test_n"])
+        for i, (words, s) in enumerate(sorted(originals.items(), key=lambda kv: str(kv[0]))):
+            if words != first:  # one original row per word set, so every comparison has its original
+                rows.insert(1 + i, {**{k: v for k, v in rows[0].items() if not k.startswith(("dev_", "test_"))},
+                                    **{k: v for k, v in s.items() if k.startswith(("dev_", "test_"))}})
         df = pd.DataFrame(rows)
         df.insert(df.columns.get_loc("params") + 1, "params_removed", n0 - df.params)
         df.insert(df.columns.get_loc("params_removed") + 1, "params_removed_frac", (n0 - df.params) / n0)
@@ -406,28 +420,51 @@ def _candidate_stages(c: Candidate, rcfg: TrainConfig, model, task, m: MergingPr
 
 
 def before_after(table: pd.DataFrame, metrics=("test_per", "test_wer")) -> pd.DataFrame:
-    """Each candidate on one row: its test numbers before and after recovery, side by side."""
-    idx = ["kind", "compare", "method", "stack", "layers", "params_removed_frac"]
+    """Each candidate on one row: its test numbers before and after recovery, side by side, with the
+    number of test words they are on (`test_n`; the original once per word set)."""
+    idx = ["kind", "compare", "method", "stack", "layers", "params_removed_frac", "test_n"]
     wide = table.pivot_table(index=idx, columns="recovery_steps", values=list(metrics), sort=False)
     wide.columns = [f"{metric}@{steps}" for metric, steps in wide.columns]
     return _ranked(wide.reset_index(), ["kind", "compare", "stack", "method"]).reset_index(drop=True)
 
 
 def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
-    """Quality against the share of parameters removed, per method, before/after recovery."""
+    """Quality against the share of parameters removed, per method, before/after recovery: one row of
+    panels per word set (`test_n`), each with the original scored on those same words as its dashed line."""
     import matplotlib.pyplot as plt
+    import numpy as np
     import seaborn as sns
 
+    from ..ui.compare import check_same_words, word_sets
+
     hue = sorted(set(table.method), key=lambda k: (RANK["method"].get(k, 9), k))
-    d = table.assign(removed_pct=100 * table.params_removed_frac,
-                     stage=table.recovery_steps.map(lambda s: f"after {s} recovery steps" if s else "before recovery"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4))
-    for ax, metric in zip(list(axes) if len(metrics) > 1 else [axes], metrics):
-        sns.scatterplot(data=d, x="removed_pct", y=metric, hue="method", hue_order=hue, style="stage", s=70, ax=ax)
-        ax.axhline(d.loc[d.method == "original", metric].iloc[0], color="grey", ls="--", lw=1, label="original")
-        ax.set(xlabel="parameters removed (%)", ylabel=f"{metric} (%, lower is better)")
+    d = table.dropna(subset=list(metrics), how="all")
+    d = d.assign(removed_pct=100 * d.params_removed_frac,
+                 stage=d.recovery_steps.map(lambda s: f"after {s:g} recovery steps" if s else "before recovery"))
+    sets = word_sets(d) or [None]
+    fig, axes = plt.subplots(len(sets), len(metrics), figsize=(6 * len(metrics), 4 * len(sets)), squeeze=False)
+    for row, n in zip(np.atleast_2d(axes), sets):
+        g = d if n is None else d[d.test_n == n]
+        if "test_n" in g:
+            check_same_words(g, what="a panel of the quality plot")
+        orig = g[g.method == "original"]
+        for ax, metric in zip(row, metrics):
+            sns.scatterplot(data=g, x="removed_pct", y=metric, hue="method", hue_order=hue, style="stage", s=70, ax=ax)
+            if len(orig):
+                ax.axhline(orig[metric].iloc[0], color="grey", ls="--", lw=1,
+                           label="original" + ("" if n is None else " (same words)"))
+            ax.set(xlabel="parameters removed (%)", ylabel=f"{metric} (%, lower is better)",
+                   title="" if n is None else f"{n:,.0f} test words")
     fig.tight_layout()
     return fig
+
+
+def search_view(search: pd.DataFrame) -> pd.DataFrame:
+    """The window search as notebook 04 shows it: dev PER/WER with the dev words they are on (`dev_n`)
+    and `best`, the window kept per (stack, size, method): the lowest dev PER."""
+    view = search.rename(columns={"per": "dev_per", "wer": "dev_wer", "n_eval": "dev_n"})
+    return view[[c for c in ["stack", "layers", "method", "params_removed_frac", "dev_per", "dev_wer", "dev_n", "best"]
+                 if c in view.columns]]
 
 
 # ---------------------------------------------------------------------------
@@ -464,7 +501,9 @@ def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """The rows of reports/merge.csv (exactly COLUMNS): teacher candidates before/after recovery with
-    dev and test PER/WER, MiniLM's original and best windows with test mean cosine and recall@10."""
+    dev and test PER/WER, MiniLM's original and best windows with test mean cosine and recall@10.
+    Every row says how many words (MiniLM: sentences) its dev and test scores are on (`dev_n`,
+    `test_n`); the original has one row per word set, so each candidate has its original on the same words."""
     p = get_profile(profile)
     teacher = teacher_merge_table(p, progress=progress)
     mini = minilm_merge_table(p, progress=progress)
@@ -472,11 +511,14 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         t = _ranked(teacher, ["kind", "stack", "method"]).assign(model="teacher")
         mm = _ranked(mini[mini.best | (mini.kind == "original")], ["kind", "size", "method"])
+        n = mini.attrs.get("details", mini.attrs.get("config", {})).get("sentences", {})  # MiniLM: sentences, not words
         mm = pd.DataFrame({"model": "minilm", "method": mm.method.map(method_label),
                            "stack": mm["stack"].fillna("-"), "layers": mm.layers.fillna("-").replace("", "-"),
                            "params": mm.params, "params_removed_frac": mm.params_removed_frac, "recovery_steps": 0,
-                           "mean_cos": mm.test_cosine, "recall_at_10": mm.test_recall_at_10})
-        t = t.drop_duplicates(["method", "stack", "layers", "recovery_steps"])  # "equal params" may repeat a window
+                           "mean_cos": mm.test_cosine, "recall_at_10": mm.test_recall_at_10,
+                           "dev_n": n.get("dev"), "test_n": n.get("test")})
+        # "equal params" may repeat a window (scored on the same words: one row); on other words it stays
+        t = t.drop_duplicates(["method", "stack", "layers", "recovery_steps", "dev_n", "test_n"])
         return pd.concat([t, mm], ignore_index=True).reindex(columns=COLUMNS)
 
     cfg = {"kind": "merge_csv", "version": VERSION, "teacher": teacher.attrs["config"], "minilm": mini.attrs["config"]}
@@ -514,42 +556,111 @@ def _span(layers) -> int:
     return n
 
 
+def _words(n, split: str = "test") -> str:
+    return f"{split} words of an unknown number" if pd.isna(n) else f"{n:,.0f} {split} words"
+
+
+def _gap(a: float, b: float) -> float:
+    """b - a as the reader computes it from the numbers shown (WER to 1 decimal): 10.04 and 10.06 show
+    10.0 and 10.1, a gap of 0.1; a gap under 0.05 is a tie."""
+    return round(round(float(b), 1) - round(float(a), 1), 1)
+
+
+def _where(row) -> str:
+    """A row's layers, with its stack unless the layers name it ("encoder:1-3 decoder:1-3")."""
+    return str(row.layers) if ":" in str(row.layers) else f"{row['stack']} {row.layers}"
+
+
+def _stage(steps) -> str:
+    return f"after {steps:,.0f} recovery steps" if steps else "without recovery"
+
+
+def _vs_original(row, orig: pd.DataFrame) -> str:
+    """The gap of `row` to the original scored on the same test words (or a line saying there is none)."""
+    o = orig[orig.test_n == row.test_n] if pd.notna(row.test_n) else orig.iloc[0:0]
+    if not len(o):
+        return "no original scored on these words to compare with"
+    return f"{_gap(o.test_wer.iloc[0], row.test_wer):+.1f} points against the original's {o.test_wer.iloc[0]:.1f}% on these words"
+
+
 def _teacher_lines(t: pd.DataFrame) -> list[str]:
-    # each (stack, size) is compared at the longest recovery that two methods have scores after (combined
-    # candidates may have a longer, shipped budget than single windows; one not shipped yet has no scores)
+    # every comparison is between rows scored on the same test words (test_n): the original has one row
+    # per word set, and each (stack, size) is compared per word set at the longest recovery that two
+    # methods have scores after (combined candidates may have a longer, shipped budget than single
+    # windows; one not shipped yet has no scores)
+    from ..ui.compare import check_same_words
+
     scored = t.dropna(subset=["test_wer"])
-    scored = scored[scored.method != "original"]
-    two = scored.groupby([scored["stack"], scored.layers.map(_span), scored.recovery_steps]).method.transform("nunique") > 1
-    group = [scored["stack"], scored.layers.map(_span)]
-    top = scored.recovery_steps.where(two).groupby(group).transform("max")
-    final = scored[scored.recovery_steps == top]
-    orig = t[t.method == "original"]
-    lines = [f"The original teacher scores {orig.test_wer.iloc[0]:.1f}% WER / {orig.test_per.iloc[0]:.1f}% PER on test."] \
-        if len(orig) else []
+    orig = scored[scored.method == "original"].sort_values("test_n")
+    cands = scored[scored.method != "original"]
+    lines = []
+    if len(orig):
+        lines.append("The original teacher scores " + " and ".join(
+            f"{o.test_wer:.1f}% WER / {o.test_per:.1f}% PER on {_words(o.test_n)}" for o in orig.itertuples())
+            + (": each candidate below is compared with the original on its own words." if len(orig) > 1 else "."))
+    dev = orig.dev_n.dropna().min() if "dev_n" in orig and len(orig) else float("nan")
+    lines.append("How the rows are chosen: each window is the one with the lowest dev PER (the window search's "
+                 f"`best`{'' if pd.isna(dev) else f', on {dev:,.0f} dev words'}); the candidates of one size are "
+                 "then ranked by test WER (PER breaks ties).")
+    key = [cands["stack"], cands.layers.map(_span), cands.test_n]
+    two = cands.groupby([*key, cands.recovery_steps], dropna=False).method.transform("nunique") > 1
+    top = cands.recovery_steps.where(two).groupby(key, dropna=False).transform("max")
+    final = cands[cands.recovery_steps == top]
     wins: dict[str, int] = {}
     stages = set()
-    for (stack, size), g in final[final.method != "original"].groupby(["stack", final.layers.map(_span)], sort=False):
-        g = g.sort_values(["test_wer", "test_per"])
-        steps = int(g.recovery_steps.max())
-        stage = f"after {steps} recovery steps" if steps else "without recovery"
+    at = len(lines)
+    for (stack, size, n), g in final.groupby([final["stack"], final.layers.map(_span), final.test_n], sort=False,
+                                             dropna=False):
+        check_same_words(g, what=f"the comparison of {stack}, {size} layers")
         if g.method.nunique() < 2:
             continue
+        g = g.sort_values(["test_wer", "test_per"])
+        stage = _stage(g.recovery_steps.max())
         best, runner = g.iloc[0], g[g.method != g.iloc[0].method].iloc[0]
-        removed = (f"{100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
-                   f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed)")
-        if runner.test_wer - best.test_wer < 0.05:
-            lines.append(f"{stack}, {size} layers ({stage}): {best.method} and {runner.method} tie at {best.test_wer:.1f}% "
-                         f"WER ({100 * best.params_removed_frac:.1f}% vs {100 * runner.params_removed_frac:.1f}% of "
-                         "parameters removed).")
+        where = f"{stack}, {size} layers ({stage}, {_words(n)})"
+        if _gap(best.test_wer, runner.test_wer) < 0.05:
+            lines.append(f"{where}: {best.method} and {runner.method} tie at {best.test_wer:.1f}% WER "
+                         f"({100 * best.params_removed_frac:.1f}% vs {100 * runner.params_removed_frac:.1f}% of "
+                         f"parameters removed; {_vs_original(best, orig)}).")
             continue
         wins[best.method] = wins.get(best.method, 0) + 1
         stages.add(stage)
-        lines.append(f"{stack}, {size} layers ({stage}): **{best.method}** wins with {best.test_wer:.1f}% WER "
-                     f"({removed}, {runner.test_wer - best.test_wer:.1f} points better.")
+        lines.append(f"{where}: **{best.method}** wins with {best.test_wer:.1f}% WER / {best.test_per:.1f}% PER "
+                     f"({100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
+                     f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed), "
+                     f"{_gap(best.test_wer, runner.test_wer):.1f} points better; {_vs_original(best, orig)}.")
     if wins:
-        lines.insert(1 if len(orig) else 0, "Teacher, wins per method: " + ", ".join(
+        lines.insert(at, "Teacher, wins per method: " + ", ".join(
             f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1]))
             + f" (lowest test WER {stages.pop() if len(stages) == 1 else 'after the longest recovery two methods share'}).")
+    return lines + _baseline_lines(cands, orig)
+
+
+def _baseline_lines(cands: pd.DataFrame, orig: pd.DataFrame) -> list[str]:
+    """Merging against layer pruning, the study's baseline, per word set: the best merge (lowest test WER,
+    then PER) against the layer pruning row removing the closest share of parameters, after the longest
+    recovery both have, on the same test words."""
+    from ..ui.compare import check_same_words
+
+    lines = []
+    for n, g in cands.groupby(cands.test_n, sort=True, dropna=False):
+        merged, pruned = g[g.method != "layer_prune"], g[g.method == "layer_prune"]
+        steps = sorted(set(merged.recovery_steps) & set(pruned.recovery_steps))
+        if not steps:
+            continue
+        merged, pruned = merged[merged.recovery_steps == steps[-1]], pruned[pruned.recovery_steps == steps[-1]]
+        mg = merged.sort_values(["test_wer", "test_per"]).iloc[0]
+        pr = pruned.assign(gap=(pruned.params_removed_frac - mg.params_removed_frac).abs()).sort_values(
+            ["gap", "test_wer", "test_per"]).iloc[0]
+        check_same_words(pd.DataFrame([mg, pr]), what="merge against layer pruning")
+        diff = _gap(mg.test_wer, pr.test_wer)
+        verdict = ("merging and layer pruning tie" if abs(diff) < 0.05 else
+                   f"**merging** is {diff:.1f} points better" if diff > 0 else f"**layer pruning** is {-diff:.1f} points better")
+        lines.append(f"Merge against layer pruning, the baseline ({_words(n)}, {_stage(steps[-1])}): {verdict} — the best "
+                     f"merge, {mg.method} ({_where(mg)}), {mg.test_wer:.1f}% WER / {mg.test_per:.1f}% PER "
+                     f"with {100 * mg.params_removed_frac:.1f}% of parameters removed, against layer pruning at the "
+                     f"closest share removed ({_where(pr)}, {100 * pr.params_removed_frac:.1f}%) "
+                     f"{pr.test_wer:.1f}% / {pr.test_per:.1f}%; the merge is {_vs_original(mg, orig)}.")
     return lines
 
 
@@ -574,9 +685,12 @@ def _minilm_lines(m: pd.DataFrame) -> list[str]:
 
 def conclusion(merge: pd.DataFrame) -> str:
     """A short written result of the merge table (`merge_csv`, reports/merge.csv), computed from it
-    (markdown bullets): which method wins at which size on the teacher, by how much, and on MiniLM
-    whether merging or layer pruning keeps the embeddings closer to the original."""
-    missing = {"model", "method", "stack", "layers", "params_removed_frac", "recovery_steps"} - set(merge.columns)
+    (markdown bullets): how rows are chosen (windows by dev PER, candidates by test WER), which method
+    wins at which size on the teacher, by how much, the best merge against layer pruning (the baseline),
+    and on MiniLM whether merging or layer pruning keeps the embeddings closer to the original. Every
+    comparison is between rows scored on the same test words (`test_n`; `mtlab.ui.compare.check_same_words`),
+    each against the original scored on those words."""
+    missing = {"model", "method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_n"} - set(merge.columns)
     if missing:
         raise ValueError(f"conclusion needs the merge.csv columns {sorted(missing)}; pass merge_csv(profile)")
     lines = _teacher_lines(merge[merge.model == "teacher"]) if (merge.model == "teacher").any() else []
@@ -587,5 +701,5 @@ def conclusion(merge: pd.DataFrame) -> str:
 __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "similarity_figure",
            "teacher_window_search", "candidates", "spec_texts", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
-           "minilm_hash", "minilm_contrast", "conclusion", "similarity_conclusion", "COLUMNS", "combined_recovery_config",
+           "minilm_hash", "minilm_contrast", "conclusion", "search_view", "WORDS", "similarity_conclusion", "COLUMNS", "combined_recovery_config",
            "recovery_dir"]
