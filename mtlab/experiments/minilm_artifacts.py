@@ -11,6 +11,10 @@ and batch:
 * `merge-10`, `merge-20`: `minilm_ff_merging` at ~10% / ~20% of the parameters removed (window
   search on dev; permute, vanilla and layer pruning, each recovered).
 
+Recovery curves (quality every 500 recovery steps, permute merging vs layer pruning at ~10% / ~20%
+removed) are `mtlab.curves` (`make minilm-curves`, resumable, runs/minilm_curves), shipped as a
+table with its card under data/minilm/curves.
+
 Each is exported atomically (`mtlab.shipped.write_artifact`) with a card: the config, the budget
 (steps, batch, examples, wall seconds), the MiniLM package's weights hash, the test scores
 (mean_cos, recall_at_10, sim_spearman) and the command. Weights are stored compactly against
