@@ -249,10 +249,11 @@ def set_stack_layers(model: nn.Module, stack: str, blocks: list[nn.Module], *, u
             raise UnsupportedArchitectureError(f"{ana.family}: no config attribute registered for the depth of "
                                                f"stack {stack!r}; add it to ArchSpec.layer_counts")
         setattr(model.config, key, len(blocks))
-        sync_cache_depth(model)
+        depths = {name: len(blocks) if name == stack else len(other) for name, other in ana.stacks.items()}
+        sync_cache_depth(model, depths.get("decoder"))
 
 
-def sync_cache_depth(model: nn.Module) -> None:
+def sync_cache_depth(model: nn.Module, decoder_depth: int | None = None) -> None:
     """Make the decoder depth that transformers reads to size its default KV cache match the model's
     decoder stack (in place, on `model.config`; saved with it, so a plain reload is right too).
 
@@ -260,15 +261,18 @@ def sync_cache_depth(model: nn.Module) -> None:
     .num_hidden_layers`, which for a flat T5 config is `num_layers`, the ENCODER's depth: a T5 whose
     decoder is deeper than its encoder fails in plain `generate()` with an IndexError. transformers
     maps a flat config's `decoder_layers` to the decoder's `num_hidden_layers`, so that key is set
-    when the two differ. Models without a decoder stack are left alone. Called by `set_stack_layers`,
-    the one primitive every permanent change of a stack's depth goes through."""
+    when the two differ. Models without a decoder stack are left alone (`decoder_depth`: the decoder's
+    blocks, when the caller knows it). Called by `set_stack_layers`, the one primitive every permanent
+    change of a stack's depth goes through."""
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False) or not hasattr(config, "get_text_config"):
         return
-    stacks = anatomy(model).stacks
-    if "decoder" not in stacks:
-        return
-    depth = len(stacks["decoder"])
+    if decoder_depth is None:
+        stacks = anatomy(model).stacks
+        if "decoder" not in stacks:
+            return
+        decoder_depth = len(stacks["decoder"])
+    depth = decoder_depth
     if config.get_text_config(decoder=True).num_hidden_layers != depth:
         config.decoder_layers = depth
         got = config.get_text_config(decoder=True).num_hidden_layers

@@ -138,10 +138,10 @@ def apply(model: nn.Module, spec: str | Spec, *, bank=None, cache=None, batches_
         if s.merges and cache is not None and cache.model is model:
             cache = CorrelationCache(net, cache.batches_fn, max_tokens=cache.max_tokens)
     check_edits(net, s.edits)  # before any work: every edit names layers of `net`
-    if s.merges:
-        net = merge_model(net, s.merges, batches_fn, max_tokens, cache=cache)
+    if s.merges:  # a copy of `model`; an assembly is already one, merged in place
+        net = merge_model(net, s.merges, batches_fn, max_tokens, cache=cache, inplace=net is not model)
     if s.prunes:
-        net = prune_windows(net, s.prunes)
+        net = prune_windows(net, s.prunes, inplace=net is not model)
     return copy.deepcopy(model) if net is model else net
 
 

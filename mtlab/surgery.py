@@ -60,7 +60,7 @@ def span_block(originals: Mapping[str, Sequence[nn.Module]], bank, stack: str, s
     return bank.get(stack, k, start // k)
 
 
-def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]]) -> nn.Module:
+def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]], *, inplace: bool = False) -> nn.Module:
     """A copy of `model` without the given layers, e.g. {"decoder": [4, 5]}; every index refers to
     `model`'s own layers (all drops happen at once).
 
@@ -68,7 +68,8 @@ def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]]) -> nn.Modul
     renumbered to the kept layers; a set that loses layers keeps its survivors tied (still one
     Parameter per projection) and is forgotten once fewer than two remain.
     Raises ValueError naming the problem for unknown stacks, out-of-range or duplicate
-    indices, or a stack left empty. The input model is never modified."""
+    indices, or a stack left empty, before anything changes. The input model is never modified,
+    unless `inplace` (for a copy the caller owns): then it is cut and returned."""
     ana = anatomy(model)
     plan = {}
     for stack, idx in drop.items():
@@ -83,7 +84,7 @@ def drop_blocks(model: nn.Module, drop: Mapping[str, Iterable[int]]) -> nn.Modul
         if len(set(idx)) >= n:
             raise ValueError(f"{stack}: dropping {sorted(idx)} would leave no layer; keep at least one")
         plan[stack] = sorted(set(idx))
-    out = copy.deepcopy(model)
+    out = model if inplace else copy.deepcopy(model)
     out_ana = anatomy(out)
     for stack, idx in plan.items():
         layers = out_ana.stack(stack).layers

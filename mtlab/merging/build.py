@@ -26,8 +26,9 @@ __all__ = ["merge_model", "prune_model", "prune_windows", "check_windows", "tie_
 
 def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec | str,
                 batches_fn: BatchesFn | Sequence | None = None, max_tokens: int | None = 10_000, *,
-                cache: CorrelationCache | None = None, progress: bool = False) -> nn.Module:
-    """A merged, tied COPY of `model`; `model` itself is untouched.
+                cache: CorrelationCache | None = None, progress: bool = False, inplace: bool = False) -> nn.Module:
+    """A merged, tied COPY of `model`; `model` itself is untouched (`inplace`: `model` is merged and
+    returned, for a copy the caller owns).
 
     Correlations for "permute" sets are computed on the alignment data `batches_fn()`
     (a callable returning fresh batches: mtlab Batches or dicts of model inputs, e.g.
@@ -40,7 +41,7 @@ def merge_model(model: nn.Module, specs: Iterable[MergeSpec | str] | MergeSpec |
         cache = CorrelationCache(model, batches_fn, max_tokens=max_tokens, progress=progress)
     elif cache.model is not model:
         raise ValueError("cache was built for another model: correlations must come from the model being merged")
-    out = copy.deepcopy(model)
+    out = model if inplace else copy.deepcopy(model)
     merge_ffs(out, specs, correlations=cache)
     sync_cache_depth(out)  # a model given with a decoder deeper than its encoder generates too
     return out
@@ -77,16 +78,17 @@ def check_windows(model_or_anatomy: nn.Module | Anatomy, prunes: Iterable[PruneS
     return prunes
 
 
-def prune_windows(model: nn.Module, prunes: Iterable[PruneSpec | str]) -> nn.Module:
+def prune_windows(model: nn.Module, prunes: Iterable[PruneSpec | str], *, inplace: bool = False) -> nn.Module:
     """A copy of `model` with every window pruned at once (each keeps its first block and drops the
     rest); all windows name layers of `model` itself, so their order does not matter. Recorded
     merges are renumbered (`mtlab.surgery.drop_blocks`); `config.mtlab_pruned` gains one entry per
-    window, the dropped layers in the numbering of the model they were pruned from."""
+    window, the dropped layers in the numbering of the model they were pruned from. `model` is
+    untouched unless `inplace` (for a copy the caller owns)."""
     prunes = check_windows(model, prunes)
     drop: dict[str, list[int]] = {}
     for p in prunes:
         drop.setdefault(p.stack, []).extend(p.dropped())
-    out = drop_blocks(model, drop)
+    out = drop_blocks(model, drop, inplace=inplace)
     config = getattr(out, "config", None)
     if config is not None and prunes:
         config.mtlab_pruned = (list(getattr(config, "mtlab_pruned", None) or [])

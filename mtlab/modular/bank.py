@@ -142,7 +142,9 @@ def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> n
     plan = Plan.parse(plan, d) if isinstance(plan, str) else plan
     plan.validate(d, bank.granularities if bank is not None else {s: () for s in d})
     originals = stack_blocks(teacher)
-    model = copy.deepcopy(teacher)
+    # copy the teacher without the stacks the plan replaces (each becomes an empty ModuleList, filled below)
+    memo = {id(st.layers): nn.ModuleList() for s, st in anatomy(teacher).stacks.items() if s in plan.stacks}
+    model = copy.deepcopy(teacher, memo)
     for s in plan.stacks:
         blocks = [copy.deepcopy(span_block(originals, bank, s, start, k)) for start, k in plan.blocks(s)]
         replace_blocks(model, s, blocks)
