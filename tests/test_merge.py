@@ -468,3 +468,18 @@ def test_plain_transformers_on_a_merged_folder_points_to_load_merged(tmp_path):
     assert "mtlab_load_with" not in again.config.to_dict()
     assert torch.equal(_out(again, "t5"), _out(model, "t5"))
     assert "from mtlab.merging import load_merged" in (d / "README.md").read_text()
+
+
+def test_merged_models_with_a_deeper_decoder_generate_plainly(tmp_path):
+    """merge_model and load_merged return models whose plain generate() sizes its cache from the
+    decoder (the tiny T5 here has 2 encoder and 3 decoder layers; issue 22, item 2)."""
+    from mtlab.merging.build import merge_model
+    from mtlab.tasks.base import cache_kwargs
+
+    model = merge_model(_build("t5").float(), ["decoder:0-2@middle/vanilla"])
+    again = load_merged(save_merged(model, tmp_path / "m"))
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
+    for m in (model, again):
+        with torch.no_grad():
+            want = m.generate(input_ids=ids, max_new_tokens=4, **cache_kwargs(m))
+            assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4), want)

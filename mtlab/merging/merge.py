@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..anatomy import FF, FF_ROLES, Anatomy, anatomy, set_weight_oi, weight_oi
+from ..anatomy import FF, FF_ROLES, Anatomy, anatomy, set_weight_oi, sync_cache_depth, weight_oi
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from ..surgery import tie_params
 from .align import check_correlation, ff_width, permuted_weights
@@ -424,4 +424,5 @@ def load_merged(path: str | Path, model_class: type[nn.Module] | None = None) ->
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}/{weights_name} does not fit {model_class.__name__} ({e})") from e
+    sync_cache_depth(model)  # a folder saved before the decoder's depth was written for the KV cache
     return model.eval()
