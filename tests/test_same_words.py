@@ -110,3 +110,16 @@ def test_shipped_teacher_reads_the_scores_on_the_cards_words(tmp_path):
     scores = {"dev_wer": 39.4, "dev_n": 5839, "test_wer": 39.9, "test_per": 10.7, "test_n": 5836}
     (tmp_path / "permute-equal-ff" / "card.json").write_text(json.dumps({"teacher": scores}))
     assert shipped_teacher(c, tmp_path) == scores
+
+
+def test_minilm_chosen_says_how_many_sentences():
+    from mtlab.experiments.merging import minilm_chosen
+
+    raw = pd.DataFrame({"kind": ["original", "merge"], "size": [0, 2], "method": ["none", "permute"], "best": [False, True],
+                        "layers": [None, "1-2"], "params_removed_frac": [0.0, 0.1], "cosine": [1.0, 0.9],
+                        "test_cosine": [1.0, 0.8], "test_recall_at_10": [1.0, 0.7]})
+    raw.attrs["details"] = {"sentences": {"align": 500, "dev": 200, "test": 300}}
+    out = minilm_chosen(raw)
+    assert list(out.columns) == ["layers", "method", "params_removed_frac", "dev_cosine", "dev_n", "test_cosine",
+                                 "test_recall_at_10", "test_n"]
+    assert set(out.dev_n) == {200} and set(out.test_n) == {300}

@@ -487,10 +487,17 @@ def minilm_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
 
 
 def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
-    """The original and the window chosen on dev per (size, method), with dev and test fidelity."""
+    """The original and the window chosen on dev per (size, method), with dev and test fidelity and the
+    number of sentences each is measured on (`dev_n`, `test_n`, where the table's details record them)."""
     cols = ["layers", "method", "params_removed_frac", "cosine", "test_cosine", "test_recall_at_10"]
     chosen = _ranked(table[table.best | (table.kind == "original")], ["kind", "size", "method"])
-    return chosen.assign(method=chosen.method.map(method_label), layers=chosen.layers.fillna("-"))[cols].reset_index(drop=True)
+    out = chosen.assign(method=chosen.method.map(method_label), layers=chosen.layers.fillna("-"))[cols]
+    out = out.rename(columns={"cosine": "dev_cosine"})
+    n = table.attrs.get("details", table.attrs.get("config", {})).get("sentences", {})
+    if n.get("dev") is not None and n.get("test") is not None:
+        out.insert(out.columns.get_loc("dev_cosine") + 1, "dev_n", n["dev"])
+        out["test_n"] = n["test"]
+    return out.reset_index(drop=True)
 
 
 def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
