@@ -394,7 +394,7 @@ def conclusion(table: pd.DataFrame) -> str:
 
 # ---- learning curves on the same dev words (issue #25 item 3) --------------------------------
 
-CURVE_VERSION = 1
+CURVE_VERSION = 2  # 2: models cut from one shared run (LayerDrop) sit at that run's steps
 CURVE_RATIOS = {"1.5x": 1.5, "2x": 2.0, "3x": 3.0, "6x": 6.0}
 
 
@@ -487,6 +487,9 @@ def _learning_curves(prof, words: int, baseline_logs: dict, progress: bool) -> p
         rows.append({"method": info["method"], "run": f"{info['method']} {info['plan']}", "ratio": tag,
                      "step": info.get("train_steps", float("nan")), **_curve_scores(c.model.eval(), task, words),
                      "source": "final model", "plan": info["plan"]})
+    for r in rows:  # a model cut from a run counted on another row (train_steps 0): at that run's steps
+        if r["source"] == "final model" and r["method"] != "modules" and not r["step"] > 0:
+            r["step"] = max((x["step"] for x in rows if x["method"] == r["method"] and x["step"] > 0), default=r["step"])
     for run, blog in baseline_logs.items():
         rows += _log_rows(blog, run.partition("-")[0], run)
     t = teacher_curve_score(words)
@@ -517,6 +520,7 @@ def plot_learning_curves(curves: pd.DataFrame, metric: str = "dev_wer"):
         if len(teach):
             v = float(teach[metric].iloc[0])
             ax.axhline(v, ls="--", color="k", lw=1, label=f"teacher ({v:.1f})")
+        ax.set_xlim(0, 1.05 * float(curves.step.max()))
         ax.set(title=f"{tag}", xlabel="training step", ylabel=f"{metric.replace('_', ' ')} % (first {words} dev words)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
