@@ -117,6 +117,10 @@ def _renumber_merges(model: nn.Module, stack: str, kept: Sequence[int]) -> None:
             continue
         layers = tuple(new_index[i] for i in spec.layers if i in new_index)
         if len(layers) < 2:  # one survivor (or none) keeps the merged weights, untied to nothing
+            if layers:  # a lone survivor's low-rank delta becomes its own weight: nothing left to replay
+                from .merging.lowrank import fold_deltas  # lazy: mtlab.merging builds on this module
+
+                fold_deltas(anatomy(model).stack(stack).layers[layers[0]])
             continue
         if len(layers) == len(spec.layers):  # the whole set kept: order is kept, so first/middle/last hold
             anchor = new_index[spec.anchor] if isinstance(spec.anchor, int) else spec.anchor

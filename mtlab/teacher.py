@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .anatomy import sync_cache_depth
 from .checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from .measure import count_params
 from .tasks.g2p import EOS, PAD, G2PTask, G2PTokenizer
@@ -51,7 +52,9 @@ def build_teacher(tokenizer: G2PTokenizer, cfg: TeacherConfig):
         dropout_rate=cfg.dropout, feed_forward_proj="relu", tie_word_embeddings=True,
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
     )
-    return T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(config)
+    sync_cache_depth(model)  # a decoder deeper than the encoder must still size generate()'s cache right
+    return model
 
 
 def train_teacher(out_dir: str | Path = TEACHER_DIR, work_dir: str | Path = ROOT / "runs" / "teacher",

@@ -269,3 +269,21 @@ def test_window_search_compares_ranks_named_with_their_options():
     with pytest.raises(ValueError, match="unknown method"):
         window_search(bert, score_fn=score, align_batches=lambda: data, higher_is_better=True, methods=["lowrank:r=2"],
                       progress=False)
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2"])
+def test_a_lone_survivor_keeps_its_delta_as_its_own_weight(case, tmp_path):
+    """Dropping every other layer of a permute_lowrank set leaves one plain layer: its delta is folded
+    into its own weight (same outputs), the record is forgotten, and save_merged/load_merged replays it."""
+    from mtlab.surgery import drop_blocks
+
+    model = _build(case)
+    merged, spec = _merged(model, "permute_lowrank:r=3")
+    stack = A.anatomy(merged).stack(spec.stack)
+    reference = copy.deepcopy(merged)  # the survivor with its delta hooked on, cut by hand
+    A.set_stack_layers(reference, spec.stack, [A.anatomy(reference).stack(spec.stack).layers[0]])
+    got = drop_blocks(merged, {spec.stack: list(range(1, len(stack)))})
+    assert deltas(got) == {} and merged_specs(got) == [] and len(deltas(merged)) > 0  # the input is untouched
+    torch.testing.assert_close(_out(got, case), _out(reference, case), atol=1e-10, rtol=1e-10)
+    save_merged(got, tmp_path / "m")
+    torch.testing.assert_close(_out(load_merged(tmp_path / "m"), case), _out(got, case), atol=0, rtol=0)

@@ -72,3 +72,22 @@ def test_weights_from_another_config_are_refused(teacher_copy):
     (teacher_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not fit the config"):
         load_teacher(teacher_copy)
+
+
+def test_a_teacher_built_with_a_deeper_decoder_generates_plainly(tmp_path):
+    """build_teacher with more decoder than encoder layers: plain generate() in memory and after a plain
+    save/reload (transformers sizes its cache from the encoder's depth unless told otherwise)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from mtlab.tasks.g2p import G2PTokenizer
+    from mtlab.teacher import TeacherConfig, build_teacher
+
+    torch.manual_seed(0)
+    model = build_teacher(G2PTokenizer(["AA", "B", "K"]), TeacherConfig(d_model=32, d_ff=64, num_heads=2, num_layers=2,
+                                                        num_decoder_layers=4)).eval()
+    ids = torch.tensor([[5, 6, 7, 1]])
+    first = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    model.save_pretrained(tmp_path / "m")
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(again.generate(input_ids=ids, max_new_tokens=5, do_sample=False), first)

@@ -39,7 +39,7 @@ from .align import match
 from .methods import merge_method
 
 __all__ = ["LowRankDelta", "DELTA_NAME", "DEFAULT_RANK", "deltas", "delta_params", "effective_weight",
-           "fold_state_dict", "max_rank"]
+           "fold_deltas", "fold_state_dict", "max_rank"]
 
 DELTA_NAME = "mtlab_delta"
 DEFAULT_RANK = 8
@@ -186,6 +186,25 @@ def permute_lowrank(ffs, anchor, correlations):
     """Permute merging (aligned, averaged, tied) plus a rank-r delta per layer, initialised from the
     truncated SVD of each aligned layer minus the average and trained in recovery."""
     return {i: match(c) for i, c in correlations.items()}
+
+
+def fold_deltas(module: nn.Module) -> int:
+    """Fold every delta under `module` into its projection's own (new, untied) weight and bias, in
+    place, and remove the delta; the outputs are unchanged. Used when a set's other layers are
+    dropped and one layer is left: it is then a plain layer. Returns how many deltas were folded."""
+    n = 0
+    for m in list(module.modules()):
+        delta = getattr(m, DELTA_NAME, None)
+        if not isinstance(delta, LowRankDelta):
+            continue
+        with torch.no_grad():
+            w, b = effective_weight(m)
+            m.weight = nn.Parameter((w.T if isinstance(m, Conv1D) else w).detach().clone())
+            if b is not None:
+                m.bias = nn.Parameter(b.detach().clone())
+        delattr(m, DELTA_NAME)
+        n += 1
+    return n
 
 
 def fold_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
