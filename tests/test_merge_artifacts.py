@@ -123,10 +123,10 @@ def test_the_conclusion_compares_each_size_at_its_own_longest_shared_budget():
             ("vanilla", "encoder+decoder", "encoder:1-3 decoder:1-3", 0.19, 1000, None, None),  # not shipped
             ("layer_prune", "encoder+decoder", "encoder:1-3 decoder:1-3", 0.33, 1000, 48.0, 14.0)]
     t = pd.DataFrame(rows, columns=["method", "stack", "layers", "params_removed_frac", "recovery_steps", "test_wer",
-                                    "test_per"]).assign(model="teacher", mean_cos=None)
+                                    "test_per"]).assign(model="teacher", mean_cos=None, test_n=5836)
     text = X.conclusion(t)
-    assert "encoder, 3 layers (after 50 recovery steps): **permute** wins with 42.0% WER" in text
-    assert "encoder+decoder, 6 layers (after 1000 recovery steps): **permute** wins with 40.5% WER" in text
+    assert "encoder, 3 layers (after 50 recovery steps, 5,836 test words): **permute** wins with 42.0% WER" in text
+    assert "encoder+decoder, 6 layers (after 1,000 recovery steps, 5,836 test words): **permute** wins with 40.5% WER" in text
     assert "after the longest recovery two methods share" in text and "vanilla" not in text
 
 

@@ -288,7 +288,10 @@ def head_to_head(table: pd.DataFrame, ratios=(1.5, 2.0, 3.0), methods=None,
     WER) of that ratio, among `methods` (every baseline when None); then, for each assembly strategy
     in `strategies` (the two rule-based ladders and the one that reads the dev screen), the plan it
     assembles for that ratio (its rung of the smallest ratio reaching it) and its test WER and PER:
-    columns `{strategy}_plan`, `{strategy}_test_wer`, `{strategy}_test_per`."""
+    columns `{strategy}_plan`, `{strategy}_test_wer`, `{strategy}_test_per`. A table without a
+    `strategy` column (written before strategies were recorded) counts its module rows as rule-based."""
+    if "strategy" not in table:
+        table = table.assign(strategy=RULE_STRATEGIES[0])
     rows = []
     for r in ratios:
         at = table[(table.ratio - r).abs() < 0.01]
