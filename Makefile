@@ -8,13 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --constraint constraints.txt
 
-# torch's OpenMP threads sleep instead of spinning while they wait (mtlab/runtime.py): 3-15x faster when
-# another process uses a core, free when idle. Your own OMP_WAIT_POLICY wins; MTLAB_THREADS=off turns it off,
-# MTLAB_THREADS=N also sets N threads. Exported so every target's Python (and `make lab`'s kernels) has it.
-ifneq ($(MTLAB_THREADS),off)
-OMP_WAIT_POLICY ?= PASSIVE
-export OMP_WAIT_POLICY
-endif
+# Threads: every target's Python runs mtlab, which follows the free cores (mtlab/runtime.py: torch's
+# threads idle, fewer while other processes hold cores). MTLAB_THREADS=N fixes N threads, =passive sets
+# OMP_WAIT_POLICY=PASSIVE, =off leaves torch's defaults; the environment passes through to every target.
 
 # One stamp per install: core (`.`), the extras of pyproject.toml ([notebooks], [minilm], [report], [test]).
 # `make test` installs '.[test]' (everything: the CI path); the other targets install only what they need.

@@ -7,8 +7,11 @@ environment once, when `import torch` loads it):
 - `2threads`          2 threads, OpenMP's own wait policy (no OMP_WAIT_POLICY: libgomp spins a while
                       before it sleeps): what mtlab did before issue #23
 - `2threads_passive`  2 threads, OMP_WAIT_POLICY=PASSIVE (waiting workers sleep)
+- `2threads_spin10k`, `2threads_spin30k`  2 threads, libgomp spinning 10,000 / 30,000 times
+                      (GOMP_SPINCOUNT; its default is 300,000) before it sleeps
 - `default`           a clean environment and `import mtlab` before torch: what mtlab does now
-                      (mtlab/runtime.py, MTLAB_THREADS)
+                      (mtlab/runtime.py, MTLAB_THREADS: torch's threads, fewer while other
+                      processes hold cores, checked from the loops)
 
 and two loads: `idle`, and `busy` with ONE competing CPU-bound process that this script starts and
 stops itself (by default a small torch training loop with torch's own thread and wait settings:
@@ -48,6 +51,10 @@ SETTINGS = {
     "1thread": {"MTLAB_THREADS": "off", "OMP_NUM_THREADS": "1"},
     "2threads": {"MTLAB_THREADS": "off", "OMP_NUM_THREADS": "2"},
     "2threads_passive": {"MTLAB_THREADS": "off", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    # libgomp spins 300,000 times before sleeping when no policy is set; a short spin keeps back-to-back
+    # parallel regions fast and stops a parked sibling from costing a whole spin
+    "2threads_spin10k": {"MTLAB_THREADS": "off", "OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"},
+    "2threads_spin30k": {"MTLAB_THREADS": "off", "OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "30000"},
     "default": {},
 }
 SCALE = {  # words decoded, train batch, CKA tokens, screened words, sentences encoded, timed repeats
@@ -92,6 +99,7 @@ def _hot_paths(paths, s: dict) -> dict:
     if "train_step" in paths:
         from mtlab.modular import ReplacingConfig
         from mtlab.modular.replacing import Replacer, replacing_loss
+        from mtlab.runtime import fit_threads
         from mtlab.train import TrainConfig
 
         cfg = ReplacingConfig(granularities=(2, 3, 6), train=TrainConfig(steps=1000, batch_size=s["batch"]))
@@ -102,7 +110,8 @@ def _hot_paths(paths, s: dict) -> dict:
         batches = [task.collate("train", i) for i in task.batches("train", s["batch"], shuffle=True)[:4]]
         state = {"i": 0}
 
-        def step():
+        def step():  # what one step of mtlab.train's loop runs, its per-step thread check included
+            fit_threads()
             b = batches[state["i"] % len(batches)]
             state["i"] += 1
             loss, _ = loss_fn(replacer, b, 900)  # late in the curriculum: p near its end value

@@ -1,5 +1,5 @@
 """mtlab: flexible compression of pretrained Transformers (modular assembly, FF merging)."""
-# First, before anything can load torch: the OpenMP wait policy / threads (MTLAB_THREADS; mtlab/runtime.py)
+# First, before anything can load torch: threads and OpenMP settings (MTLAB_THREADS; mtlab/runtime.py)
 from . import runtime as _runtime
 
 _runtime.configure()

@@ -72,6 +72,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .anatomy import Anatomy, anatomy
+from .runtime import adaptive
 
 KINDS = ("ff_pre", "ff_gate", "ff_act", "ff_out", "attn_out", "block_out")
 DECODER = "decoder"
@@ -389,7 +390,7 @@ class Capture:
         try:
             model.eval()
             total = len(batches) if hasattr(batches, "__len__") else None
-            for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            for batch in adaptive(tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)):
                 inputs, self._base_masks = _inputs_and_masks(batch, self.anatomy, device, self._takes_labels)
                 if DECODER in self.stacks and isinstance(self._base_masks.get(DECODER), str):
                     raise ValueError("decoder points need the batch to have labels (or decoder_input_ids "

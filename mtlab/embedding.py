@@ -31,6 +31,8 @@ from scipy.stats import spearmanr
 from torch import nn
 from tqdm.auto import tqdm
 
+from .runtime import adaptive
+
 __all__ = ["mean_pool", "pooled", "embed_split", "mean_cosine", "neighbour_recall", "pairwise_spearman",
            "embedding_scores", "evaluate_embeddings", "distillation_loss", "recover_embeddings", "save_encoder"]
 
@@ -59,7 +61,7 @@ def embed_split(model: nn.Module, task, split: str, limit: int | None = None, ba
     n = sum(len(b) for b in index_batches)
     out = None
     try:
-        for index in tqdm(index_batches, desc=f"embed {split}", disable=not progress, leave=False):
+        for index in adaptive(tqdm(index_batches, desc=f"embed {split}", disable=not progress, leave=False)):
             b = task.collate(split, index).to(device)
             e = F.normalize(pooled(model, b.input_ids, b.attention_mask)[0], dim=1).cpu()
             if out is None:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embedding import mean_cosine, mean_pool, neighbour_recall
+from .runtime import adaptive
 
 __all__ = ["model_dir", "load_minilm", "stdlib_sentences", "split_of", "sentences", "batches", "embed",
            "fidelity", "minilm_merge_vs_prune", "similarity_maps", "special_token_contrast", "SimilarityContrast",
@@ -238,7 +239,7 @@ def embed(model: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     out = torch.empty(len(sentences), model.config.hidden_size)
     try:
-        for b in range(0, len(order), batch_size):
+        for b in adaptive(range(0, len(order), batch_size)):
             idx = order[b:b + batch_size]
             enc = {k: v.to(device) for k, v in _tokenize(tokenizer, [sentences[i] for i in idx], max_length).items()}
             pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])

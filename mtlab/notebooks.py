@@ -7,8 +7,8 @@ executed notebook becomes reports/NAME.html; reports/index.html links them with 
 profile, git revision, machine, torch threads / OpenMP wait policy and wall time of each.
 
 The kernels are separate processes started by jupyter_client with this process's environment,
-so they inherit the OpenMP wait policy that `import mtlab` put there (mtlab/runtime.py) before
-their own torch loads. Notebooks run one after another, not side by side: 05_frontier reuses
+so they inherit MTLAB_THREADS and any OMP_* setting; each kernel's mtlab adapts its own
+thread count to the free cores (mtlab/runtime.py). Notebooks run one after another, not side by side: 05_frontier reuses
 the tables of 02-04 (module table, screen, merge candidates) from the shared cache, and two
 kernels computing the same cached table at once would both compute it.
 """

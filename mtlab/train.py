@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .runtime import adaptive
 from .checkpoint import CheckpointError, atomic_dir, latest_dir, load_tensors, load_training_state, save_training_state
 from .tasks.base import Batch, Seq2SeqTask
 
@@ -306,7 +307,7 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     step = start
     running: dict[str, float] = {}
     counted = 0
-    for step in bar:
+    for step in adaptive(bar):
         lr = cfg.lr_at(step)
         batch, weight = shards.batch(step)
         parts = _update(model, batch, weight, step, lr, accel, optimizer, params, loss_fn, cfg, world)

@@ -1,5 +1,5 @@
-"""The OpenMP wait policy and thread count (mtlab/runtime.py) are set before torch loads, at every
-entry point, and the user's own settings (MTLAB_THREADS, OMP_WAIT_POLICY, OMP_NUM_THREADS) win."""
+"""Threads (mtlab/runtime.py): by default torch's count, lowered from the long loops to the cores other
+processes leave free; MTLAB_THREADS=N / passive / off and the user's own OMP_* settings win."""
 from __future__ import annotations
 
 import os
@@ -21,11 +21,68 @@ def _py(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=300, env={**CLEAN, **env}, cwd=ROOT)
 
 
-def test_default_sets_passive_and_leaves_threads_alone():
+def test_default_leaves_openmp_alone_and_adapts():
     env = {}
     s = runtime.configure(env, torch_loaded=False)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert s["policy_source"] == "mtlab" and s["effective"] and s["threads"] is None
+    assert env == {} and s["adaptive"] and s["threads"] is None and s["policy_source"] == "torch default"
+    s = runtime.configure({"OMP_NUM_THREADS": "2"}, torch_loaded=False)
+    assert not s["adaptive"]  # the user's own count wins
+
+
+def test_passive_sets_the_wait_policy():
+    env = {"MTLAB_THREADS": "passive"}
+    s = runtime.configure(env, torch_loaded=False)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and s["policy_source"] == "mtlab" and not s["adaptive"]
+
+
+@pytest.mark.parametrize("others, want", [(0.0, 2), (0.3, 2), (0.7, 1), (1.0, 1), (1.9, 1)])
+def test_free_cores_count_what_other_processes_leave(others, want):
+    before = (100.0, 10.0, 0.0)
+    own = 0.8  # this process used 0.8 CPU seconds of the 2 s window: never counted as another's
+    after = (100.0 + (others + own / 2) * 2, 10.0 + own, 2.0)
+    assert runtime.free_cores(before, after, 2) == want
+
+
+def test_fit_threads_follows_the_load_at_most_once_per_interval(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(runtime, "_STATE", {"mode": "auto", "adaptive": True})
+    monkeypatch.setattr(runtime, "_FIT", {})
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    start = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 2)
+    calls = []
+    clock = {"t": 0.0, "busy": 0.0}
+
+    def sample():
+        return clock["busy"], 0.0, clock["t"]
+
+    assert runtime.fit_threads(sample=sample) is None  # the first look only starts a window
+    clock.update(t=0.5, busy=1.0)
+    assert runtime.fit_threads(sample=sample) is None  # too soon
+    clock.update(t=2.0, busy=4.0)  # another process held 2 cores (4 s over 2 s): 1 thread left
+    assert runtime.fit_threads(sample=sample) == 1 and calls == [1]
+    clock.update(t=3.0, busy=4.1)  # it stopped: back to the count torch had
+    assert runtime.fit_threads(sample=sample) == 2 and calls == [1, 2]
+    calls.append(3)  # the user set their own count: theirs wins from now on
+    clock.update(t=5.0, busy=8.0)
+    assert runtime.fit_threads(sample=sample) is None and calls == [1, 2, 3]
+    assert start >= 1
+
+
+def test_other_modes_never_adapt(monkeypatch):
+    for mode in ("off", "1", "passive"):
+        monkeypatch.setattr(runtime, "_STATE", runtime.configure({"MTLAB_THREADS": mode}, torch_loaded=True))
+        assert runtime.fit_threads(sample=lambda: (0.0, 0.0, 0.0)) is None
+
+
+def test_the_long_loops_check_the_threads():
+    import importlib
+    import inspect
+
+    for name in ("train", "tasks.base", "capture", "embedding", "tasks.causal_lm", "explore.screen", "minilm"):
+        assert "adaptive(" in inspect.getsource(importlib.import_module(f"mtlab.{name}")), name
 
 
 def test_users_own_settings_win():
@@ -40,7 +97,7 @@ def test_users_own_settings_win():
 def test_a_thread_count_is_passed_on():
     env = {"MTLAB_THREADS": "1"}
     s = runtime.configure(env, torch_loaded=False)
-    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE" and s["threads"] == 1
+    assert env == {"MTLAB_THREADS": "1", "OMP_NUM_THREADS": "1"} and s["threads"] == 1 and not s["adaptive"]
 
 
 @pytest.mark.parametrize("bad", ["two", "-1", "0", "1.5"])
@@ -49,12 +106,12 @@ def test_a_bad_value_names_the_fix(bad):
         runtime.configure({"MTLAB_THREADS": bad}, torch_loaded=False)
 
 
-def test_set_after_torch_is_not_effective():
-    s = runtime.configure({}, torch_loaded=True)
+def test_passive_set_after_torch_is_not_effective():
+    s = runtime.configure({"MTLAB_THREADS": "passive"}, torch_loaded=True)
     assert s["wait_policy"] == "PASSIVE" and not s["effective"]
 
 
-def test_import_mtlab_before_torch_reaches_openmp_and_child_processes():
+def test_passive_reaches_openmp_and_child_processes_when_mtlab_comes_first():
     out = _py("""
         import os, subprocess, sys
         import mtlab
@@ -64,10 +121,15 @@ def test_import_mtlab_before_torch_reaches_openmp_and_child_processes():
         child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['OMP_WAIT_POLICY'])"],
                                capture_output=True, text=True).stdout.strip()
         print(s["wait_policy"], s["effective"], child)
-    """)
+    """, MTLAB_THREADS="passive")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["PASSIVE", "True", "PASSIVE"]
     assert "ThreadSettingWarning" not in out.stderr
+
+
+def test_torch_first_needs_no_warning_by_default():
+    out = _py("import torch, mtlab; from mtlab import runtime; print(runtime.settings()['adaptive'])")
+    assert out.returncode == 0 and out.stdout.strip() == "True" and "ThreadSettingWarning" not in out.stderr
 
 
 def test_mtlab_threads_n_sets_torch_threads_even_after_torch():
@@ -81,10 +143,10 @@ def test_torch_first_warns_once_with_the_fix():
         import mtlab
         from mtlab import runtime
         runtime.configure()   # a second call must not warn again
-    """)
+    """, MTLAB_THREADS="passive")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count("ThreadSettingWarning") == 1
-    assert "Import mtlab before torch" in out.stderr and "MTLAB_THREADS=off" in out.stderr
+    assert "Import mtlab before torch" in out.stderr and "unset MTLAB_THREADS" in out.stderr
 
 
 def test_a_bad_value_stops_the_cli_with_the_fix():
@@ -95,9 +157,9 @@ def test_a_bad_value_stops_the_cli_with_the_fix():
 
 def test_the_test_runner_and_make_set_it_before_torch():
     s = runtime.settings()   # this process: conftest imports mtlab before torch
-    assert s["effective"] and (s["wait_policy"] or s["mode"] == "off")
+    assert s["effective"]
     make = (ROOT / "Makefile").read_text()
-    assert "OMP_WAIT_POLICY ?= PASSIVE" in make and "export OMP_WAIT_POLICY" in make
+    assert "MTLAB_THREADS" in make and "OMP_WAIT_POLICY ?=" not in make  # nothing forced on every target
 
 
 def test_describe_names_threads_and_policy():

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy
+from ..runtime import adaptive
 from ..measure import count_params
 from ..modular.bank import ModuleBank, block_params, plan_stats, stack_block_flops
 from ..modular.plan import Plan
@@ -308,7 +309,7 @@ def _screen(teacher, bank, task, plans, index, stats, split, limit, batch_size, 
     names = {(p.stack("encoder"), p.stack("decoder")): str(p) for p in plans}
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
-    for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
+    for idx in adaptive(tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress)):
         r = BlockRunner(teacher, bank, task.collate(split, idx))
         for enc, enc_out in r.iter_outputs("encoder", by_enc):
             for dec, logits in r.iter_outputs("decoder", by_enc[enc], enc_out):
@@ -325,7 +326,7 @@ def _screen_single(teacher, bank, task, plans, index, stats, split, limit, batch
     names = {p.stack("layers"): str(p) for p in plans}
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
-    for idx in tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress):
+    for idx in adaptive(tqdm(index, desc=f"screen {len(plans)} plans", disable=not progress)):
         r = BlockRunner(teacher, bank, task.collate(split, idx))
         for tiling, logits in r.iter_outputs("layers", names):
             check_aligned(logits, r.batch.labels)
@@ -352,7 +353,7 @@ def _screen_per_plan(teacher, bank, task, plans, index, stats, split, limit, bat
     r0 = BlockRunner(teacher, bank, None)
     sums: dict[str, dict] = {}
     t0, evals = time.perf_counter(), 0
-    for idx in tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress):
+    for idx in adaptive(tqdm(index, desc=f"screen {len(plans)} plans one by one", disable=not progress)):
         b = task.collate(split, idx)
         inputs = b.model_inputs() if "decoder" in r0.originals else {"input_ids": b.input_ids,
                                                                           "attention_mask": b.attention_mask}

@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime import adaptive
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -240,7 +242,7 @@ class Seq2SeqTask:
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
         batches = self.batches(split, batch_size, limit=limit)
-        for index in tqdm(batches, desc=f"decode {split}", disable=not progress, leave=False):
+        for index in adaptive(tqdm(batches, desc=f"decode {split}", disable=not progress, leave=False)):
             b = self.collate(split, index).to(device)
             longest = int(b.attention_mask.sum(1).max())
             out = model.generate(

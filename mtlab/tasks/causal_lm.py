@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..runtime import adaptive
 from .base import SPLITS, Batch, Seq2SeqTask, check_finite, pad
 from .guards import check_causal
 from .split import split_by_hash
@@ -212,8 +213,8 @@ class CausalLMTask(Seq2SeqTask):
         device = next(model.parameters()).device
         nll, tokens, n = 0.0, 0, 0
         try:
-            for index in tqdm(self.batches(split, batch_size, limit=limit), desc=f"perplexity {split}",
-                              disable=not progress, leave=False):
+            for index in adaptive(tqdm(self.batches(split, batch_size, limit=limit), desc=f"perplexity {split}",
+                                       disable=not progress, leave=False)):
                 b = self.collate(split, index).to(device)
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
                 check_aligned(logits, b.labels)
