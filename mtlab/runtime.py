@@ -175,10 +175,10 @@ def describe() -> str:
     """One line for reports: threads and wait policy of this process."""
     s = settings()
     threads = s.get("torch_threads", s.get("threads") or "torch default")
-    adapt = " (adaptive: fewer while other processes hold cores)" if s.get("adaptive") else ""
+    adapt = "; adaptive: fewer threads while other processes hold cores" if s.get("adaptive") else ""
     policy = s.get("wait_policy") or "OpenMP default (spin)"
     note = "" if s.get("effective", True) else " (set after torch loaded: not in effect)"
-    return f"{threads} threads{adapt}, OpenMP wait policy {policy}{note}"
+    return f"{threads} threads, OpenMP wait policy {policy}{note}{adapt}"
 
 
 __all__ = ["configure", "settings", "describe", "parse", "fit_threads", "adaptive", "free_cores", "cpu_seconds", "ENV",

@@ -25,31 +25,37 @@ def tok():
     return minilm.load_minilm()[1]
 
 
+def plant_cls_spike(model: BertModel, cls: int) -> None:
+    """[CLS] spikes in dim 0, a channel private to FF neuron 0 of every layer, which fires on the
+    spike and writes 100x back into dim 0 (attention neither reads nor writes it)."""
+    with torch.no_grad():
+        emb = model.embeddings
+        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+            table.weight[:, 0] = 0.0
+        emb.word_embeddings.weight[cls, 0] = 50.0
+        for layer in model.encoder.layer:
+            att = layer.attention
+            for lin in (att.self.query, att.self.key, att.self.value):
+                lin.weight[:, 0] = 0.0
+            att.output.dense.weight[0] = 0.0
+            att.output.dense.bias[0] = 0.0
+            w_in, w_out = layer.intermediate.dense, layer.output.dense
+            w_in.weight[:, 0] = 0.0
+            w_in.weight[0] = 0.0
+            w_in.weight[0, 0], w_in.bias[0] = 10.0, -20.0
+            w_out.weight[0] = 0.0
+            w_out.weight[:, 0] = 0.0
+            w_out.weight[0, 0], w_out.bias[0] = 100.0, 0.0
+
+
 def _bert(tok, plant: bool = False) -> BertModel:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     model = BertModel(cfg).eval()
-    if plant:  # [CLS] spikes in dim 0, a channel private to FF neuron 0 of every layer, which fires on
-        with torch.no_grad():  # the spike and writes 100x back into dim 0 (attention neither reads nor writes it)
-            emb = model.embeddings
-            for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
-                table.weight[:, 0] = 0.0
-            emb.word_embeddings.weight[tok.cls_token_id, 0] = 50.0
-            for layer in model.encoder.layer:
-                att = layer.attention
-                for lin in (att.self.query, att.self.key, att.self.value):
-                    lin.weight[:, 0] = 0.0
-                att.output.dense.weight[0] = 0.0
-                att.output.dense.bias[0] = 0.0
-                w_in, w_out = layer.intermediate.dense, layer.output.dense
-                w_in.weight[:, 0] = 0.0
-                w_in.weight[0] = 0.0
-                w_in.weight[0, 0], w_in.bias[0] = 10.0, -20.0
-                w_out.weight[0] = 0.0
-                w_out.weight[:, 0] = 0.0
-                w_out.weight[0, 0], w_out.bias[0] = 100.0, 0.0
+    if plant:
+        plant_cls_spike(model, tok.cls_token_id)
     return model
 
 

@@ -227,25 +227,9 @@ def _spiky_bert(tok):
                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
     model = BertModel(cfg).eval()
-    cls = tok.cls_token_id
-    with torch.no_grad():
-        emb = model.embeddings
-        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
-            table.weight[:, 0] = 0.0
-        emb.word_embeddings.weight[cls, 0] = 50.0
-        for layer in model.encoder.layer:
-            att = layer.attention
-            for lin in (att.self.query, att.self.key, att.self.value):
-                lin.weight[:, 0] = 0.0
-            att.output.dense.weight[0] = 0.0
-            att.output.dense.bias[0] = 0.0
-            w_in, w_out = layer.intermediate.dense, layer.output.dense
-            w_in.weight[:, 0] = 0.0
-            w_in.weight[0] = 0.0
-            w_in.weight[0, 0], w_in.bias[0] = 10.0, -20.0
-            w_out.weight[0] = 0.0
-            w_out.weight[:, 0] = 0.0
-            w_out.weight[0, 0], w_out.bias[0] = 100.0, 0.0
+    from test_exclude_positions import plant_cls_spike
+
+    plant_cls_spike(model, tok.cls_token_id)
     return model
 
 
