@@ -605,10 +605,10 @@ class T5Context:
     _cands: list | None = None
 
     def candidates(self):
-        from .experiments.merging import _search, candidates
+        from .experiments.merging import candidates, window_table
 
         if self._cands is None:
-            self._cands = candidates(_search(self.profile, self.model, self.task, self.cache, self.progress))
+            self._cands = candidates(window_table(self.profile, self.model, self.task, self.cache, self.progress))
         return self._cands
 
 

@@ -68,7 +68,7 @@ AUTO_CLASSES = ("AutoModelForSeq2SeqLM", "AutoModelForCausalLM", "AutoModelForMa
 EXPORT_RECORD = "mtlab_export.json"
 #: the record's "format": an export whose record lists the files it wrote
 EXPORT_FORMAT = "mtlab-export-2"
-_PARTIAL = ".mtlab-export-partial"  # marks a temporary folder export is still writing
+PARTIAL_MARK = ".mtlab-export-partial"  # marks a temporary folder export is still writing
 
 
 class ExportError(RuntimeError):
@@ -93,7 +93,7 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
     """
     directory = Path(directory)
     where = directory.resolve()  # a symlinked folder: its target is written; '.' has a name
-    target = _inspect_target(where, type(model).__name__, overwrite)  # refuse before any work
+    target = inspect_target(where, type(model).__name__, overwrite)  # refuse before any work
     check_finite(model)
     if task is not None:
         task.check_model(model)
@@ -102,7 +102,7 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
     _remove_stale_temporaries(where)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(where), dir=where.parent))
     try:
-        (tmp / _PARTIAL).touch()
+        (tmp / PARTIAL_MARK).touch()
         original = model.config
         model.config = export_config(model)  # save_pretrained validates and writes model.config
         try:
@@ -111,13 +111,13 @@ def export(model: nn.Module, directory: str | Path, *, task=None, atol: float = 
             model.config = original
         tokenizer = _save_tokenizer(task, tmp)
         auto, report = check_reload(model, tmp, task=task, atol=atol, max_new_tokens=max_new_tokens)
-        files = sorted(f for f in _entries(tmp) if f not in (_PARTIAL, EXPORT_RECORD))
+        files = sorted(f for f in folder_entries(tmp) if f not in (PARTIAL_MARK, EXPORT_RECORD))
         write_json(tmp / EXPORT_RECORD, {
             "format": EXPORT_FORMAT, "model_class": type(model).__name__,
             "reload_with": f"transformers.{auto}.from_pretrained",
             "untied_merges": list(getattr(model.config, "mtlab_merges", None) or []),
             "tokenizer": tokenizer, "check": report, "files": files})
-        _place(tmp, where, target, files)
+        place_export(tmp, where, target, files)
         _remove_stale_temporaries(where)
     finally:
         if tmp.exists():  # a temporary folder of this call: everything in it was written by export
@@ -332,7 +332,7 @@ def _tmp_prefix(directory: Path) -> str:
     return f".{directory.name}.mtlab-export-"
 
 
-def _entries(folder: Path) -> list[str]:
+def folder_entries(folder: Path) -> list[str]:
     """Every file (and symlink) under `folder` as a relative POSIX path, and every empty directory
     (ending in '/')."""
     out = []
@@ -385,12 +385,12 @@ _OVERWRITE = (f"overwrite=True removes only the files an earlier mtlab export li
               "writes the export beside everything else, and never deletes or replaces a file mtlab did not write")
 
 
-def _inspect_target(directory: Path, model_class: str, overwrite: bool) -> _Target:
+def inspect_target(directory: Path, model_class: str, overwrite: bool) -> _Target:
     """What export may do in `directory`; ExportTargetError (before any work) when it may not."""
     if directory.exists() and not directory.is_dir():
         raise ExportTargetError(f"export: {directory} is a file, not a folder; give a folder path (export never "
                                 "replaces a file mtlab did not write, overwrite=True included)")
-    entries = _entries(directory) if directory.exists() else []
+    entries = folder_entries(directory) if directory.exists() else []
     if not entries:
         return _Target("new")
     record = read_export_record(directory)
@@ -438,7 +438,7 @@ def _remove_listed(folder: Path, files: list[str], keep: frozenset = frozenset()
         if p.is_symlink() or p.is_file():
             p.unlink()
     _prune_dirs(folder, files, keep)
-    return _entries(folder) if folder.exists() else []
+    return folder_entries(folder) if folder.exists() else []
 
 
 def _prune_dirs(folder: Path, files: list[str], keep: frozenset = frozenset()) -> None:
@@ -455,14 +455,14 @@ def _dirs(folder: Path) -> frozenset:
     return frozenset(Path(root).relative_to(folder) for root, _, _ in os.walk(folder))
 
 
-def _place(tmp: Path, directory: Path, target: _Target, files: list[str]) -> None:
+def place_export(tmp: Path, directory: Path, target: _Target, files: list[str]) -> None:
     """Put the checked folder `tmp` at `directory`: a rename when the target is missing, empty or an
     earlier export alone (the old one is moved aside first, then its listed files deleted); file by
     file beside the user's entries otherwise (see _place_beside)."""
     if target.mode == "beside":
         _place_beside(tmp, directory, target, files)
         return
-    (tmp / _PARTIAL).unlink()
+    (tmp / PARTIAL_MARK).unlink()
     if target.mode == "new":
         if directory.exists():
             directory.rmdir()  # empty when inspected; raises (and leaves it) if something appeared since
@@ -489,7 +489,7 @@ def _place_beside(tmp: Path, directory: Path, target: _Target, files: list[str])
     the new files out and the old ones back (the folder is as it was), success deletes the old ones.
     The user's entries are never moved, replaced or deleted."""
     ours = [f for f in target.ours if not f.endswith("/")]
-    theirs = [e for e in _entries(directory) if e not in set(ours)]
+    theirs = [e for e in folder_entries(directory) if e not in set(ours)]
     clash = _collisions([*files, EXPORT_RECORD], theirs)
     if clash:
         raise ExportTargetError(f"export: {directory} holds {_shown(clash)}, which mtlab did not write and the "
@@ -528,7 +528,7 @@ def _remove_stale_temporaries(directory: Path) -> None:
     for p in directory.parent.iterdir():
         if not (p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()):
             continue
-        if (p / _PARTIAL).is_file():
+        if (p / PARTIAL_MARK).is_file():
             shutil.rmtree(p, ignore_errors=True)
             continue
         record = read_export_record(p)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import write_json
-from .export import (_PARTIAL, EXPORT_RECORD, ExportError, _entries, _inspect_target, _place,
+from .export import (PARTIAL_MARK, EXPORT_RECORD, ExportError, folder_entries, inspect_target, place_export,
                      _remove_stale_temporaries, _tmp_prefix, export, read_export_record)
 
 __all__ = ["export_sentence_transformer", "st_files", "check_sentence_transformer", "CHECK_SENTENCES",
@@ -218,13 +218,13 @@ def export_sentence_transformer(model: nn.Module, directory: str | Path, *, toke
     where = directory.resolve()
     tpl = Path(template) if template is not None else (None if pooling is not None else _default_template())
     files = st_files(model, tpl, pooling=pooling, normalize=normalize, max_seq_length=max_seq_length)  # bad input first
-    target = _inspect_target(where, type(model).__name__, overwrite)
+    target = inspect_target(where, type(model).__name__, overwrite)
     tok = _tokenizer_from(tokenizer, task, tpl)
     where.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(where)
     outer = Path(tempfile.mkdtemp(prefix=_tmp_prefix(where), dir=where.parent))
     try:
-        (outer / _PARTIAL).touch()  # the whole temporary folder is export's: removed if left behind
+        (outer / PARTIAL_MARK).touch()  # the whole temporary folder is export's: removed if left behind
         inner = outer / "export"
         export(model, inner, task=task, atol=atol)
         if task is None or getattr(task, "tokenizer", None) is None:
@@ -246,13 +246,13 @@ def export_sentence_transformer(model: nn.Module, directory: str | Path, *, toke
         record = read_export_record(inner)
         if record is None or record["files"] is None:
             raise ExportError(f"export wrote no usable {EXPORT_RECORD} in {inner}")
-        written = sorted(f for f in _entries(inner) if f not in (_PARTIAL, EXPORT_RECORD))
+        written = sorted(f for f in folder_entries(inner) if f not in (PARTIAL_MARK, EXPORT_RECORD))
         record.update(files=written, sentence_transformers={
             "load_with": "sentence_transformers.SentenceTransformer", "files": sorted(files),
             "template": str(tpl) if tpl is not None else None, "pooling": "mean", **report})
         write_json(inner / EXPORT_RECORD, record)
-        (inner / _PARTIAL).touch()
-        _place(inner, where, target, written)
+        (inner / PARTIAL_MARK).touch()
+        place_export(inner, where, target, written)
         _remove_stale_temporaries(where)
     finally:
         if outer.exists():

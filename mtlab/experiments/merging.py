@@ -247,7 +247,7 @@ def combined_recovery_config(m: MergingProfile) -> TrainConfig:
     return replace(cfg, ckpt_every=min(cfg.ckpt_every, 100))
 
 
-def _search(p, model=None, task=None, cache=None, progress: bool = True) -> pd.DataFrame:
+def window_table(p, model=None, task=None, cache=None, progress: bool = True) -> pd.DataFrame:
     m = p.merging
 
     def compute():
@@ -265,7 +265,7 @@ def teacher_window_search(profile=None, *, progress: bool = True) -> pd.DataFram
     """`window_search` on both stacks of the teacher (window sizes of the profile; permute, vanilla
     and layer pruning; aligned on train, scored on `select_limit` dev words); `best` marks the
     window chosen per (stack, size, method). The share removed is `params_removed_frac`, as in every CSV."""
-    return _search(get_profile(profile), progress=progress)
+    return window_table(get_profile(profile), progress=progress)
 
 
 def candidates(search: pd.DataFrame) -> list[Candidate]:
@@ -343,7 +343,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         model, task = load_teacher()
         cache = CorrelationCache(model, align_batches(task), max_tokens=m.align_tokens)
-        search = _search(p, model, task, cache, progress)
+        search = window_table(p, model, task, cache, progress)
         searched = {r["spec"]: r for r in search.to_dict("records")}
         n0 = count_params(model)
         rows = [{"kind": "original", "compare": "-", "method": "original", "stack": "-", "layers": "-",

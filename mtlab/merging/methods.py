@@ -122,6 +122,11 @@ def get_merge_method(name: str) -> MergeMethod:
                          "@mtlab.merging.methods.merge_method(name)") from None
 
 
+def find_merge_method(name: str) -> MergeMethod | None:
+    """The registered method `name` (options after ':' ignored), or None when there is none."""
+    return _REGISTRY.get(str(name).partition(":")[0].strip().lower())
+
+
 def unregister_merge_method(name: str) -> None:
     """Remove a method (e.g. one a test registered)."""
     _REGISTRY.pop(name, None)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..anatomy import Anatomy, anatomy
-from .methods import _REGISTRY as _METHODS
-from .methods import merge_methods
+from .methods import find_merge_method, get_merge_method, merge_methods
 
 __all__ = ["MergeSpec", "PruneSpec", "as_merge_spec", "candidate_spec", "layer_runs", "ANCHORS"]
 
@@ -150,7 +149,7 @@ class MergeSpec:
         if self.method not in merge_methods():
             raise ValueError(f"{where}: unknown method {self.method!r}; use one of {merge_methods()} (or register "
                              "one with @mtlab.merging.methods.merge_method)")
-        _METHODS[self.method].option_values(dict(self.options), where)
+        get_merge_method(self.method).option_values(dict(self.options), where)
 
 
 def _options(given, text: str, method: str) -> tuple[tuple[str, object], ...]:
@@ -167,7 +166,7 @@ def _options(given, text: str, method: str) -> tuple[tuple[str, object], ...]:
             raise ValueError(f"cannot read option {part!r} of method {method!r}: write OPTION=VALUE, e.g. "
                              f"'{method}:r=8'")
         opts[k] = v
-    m = _METHODS.get(method)
+    m = find_merge_method(method)
     if m is not None and not set(opts) - set(m.options):
         opts = m.option_values(opts, f"merge method '{method}'")
     return tuple(sorted(opts.items()))
