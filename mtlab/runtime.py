@@ -141,8 +141,10 @@ def fit_threads(*, sample=None) -> int | None:
     if "threads" in _FIT and torch.get_num_threads() != _FIT["threads"]:  # the user set a count: theirs wins
         _STATE["adaptive"] = False
         return None
-    now = (sample or cpu_seconds)()
     last = _FIT.get("sample")
+    if sample is None and last is not None and time.monotonic() - last[2] < INTERVAL:
+        return None  # checked before reading /proc/stat: a loop calls this every item
+    now = (sample or cpu_seconds)()
     if last is None or now[2] - last[2] < INTERVAL:
         _FIT.setdefault("sample", now)
         _FIT.setdefault("max", torch.get_num_threads())
