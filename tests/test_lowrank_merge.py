@@ -242,14 +242,11 @@ def test_a_model_without_ff_handles_is_refused_with_the_fix():
 
 
 def test_window_search_compares_ranks_named_with_their_options():
+    from test_merge_search import tiny_bert_and_batches
+
     from mtlab.merging.windows import window_search
 
-    torch.manual_seed(0)
-    bert = T.BertModel(T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                    vocab_size=50, max_position_embeddings=32)).eval()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 50, (8, 12), generator=g),
-             "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(3)]
+    bert, data = tiny_bert_and_batches()
     with torch.no_grad():
         ref = bert(**data[0]).last_hidden_state
 

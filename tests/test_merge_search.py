@@ -160,13 +160,19 @@ def test_final_eval_scores_the_test_split(g2p_task, t5_44):
     assert {"per", "wer", "params"} <= set(df.columns) and df.params[1] < df.params[0]
 
 
-def test_window_search_with_a_score_function_on_an_encoder_only_model():
+def tiny_bert_and_batches():
+    """A 3-layer random BertModel and three batches of random token ids (encoder-only window searches)."""
     torch.manual_seed(0)
     bert = T.BertModel(T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                     vocab_size=50, max_position_embeddings=32)).eval()
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 50, (8, 12), generator=g),
              "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(3)]
+    return bert, data
+
+
+def test_window_search_with_a_score_function_on_an_encoder_only_model():
+    bert, data = tiny_bert_and_batches()
     probe = data[0]
     with torch.no_grad():
         ref = bert(**probe).last_hidden_state
