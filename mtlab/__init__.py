@@ -54,7 +54,7 @@ _NAMES = {
     "screen": ("mtlab.explore.screen", "screen"),
     "frontier_search": ("mtlab.explore.search", "frontier_search"),
     "load_teacher": ("mtlab.teacher", "load_teacher"),
-    "load_model_and_data": ("mtlab.recipe", "load_model_and_data"),
+    "load_model_and_data": ("mtlab.recipe_load", "load_model_and_data"),
     "run_recipe": ("mtlab.recipe", "run_recipe"),
     "export": ("mtlab.export", "export"),
 }

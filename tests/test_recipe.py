@@ -259,3 +259,24 @@ def test_task_errors_are_recipe_errors(gpt2_example, tmp_path):
     few.write_text("just one line\n")
     msg = _err({**BASE, "task": {"kind": "text", "path": str(few)}}, gpt2_example)
     assert msg.startswith("task: ") and "few hundred lines" in msg
+
+
+def test_the_schema_is_its_own_module_and_the_old_names_still_import():
+    """The recipe's schema (pydantic, no torch) is `mtlab.recipe_schema`; the checks against the model
+    `mtlab.recipe_load`; `mtlab.recipe` runs a recipe and still exports every name callers used."""
+    code = ("import sys; from mtlab.recipe_schema import load_recipe; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules); "
+            f"print(type(load_recipe({str(EXAMPLES / 'g2p_teacher' / 'recipe.yaml')!r})).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["False", "False", "Recipe"], out.stderr[-2000:]  # registries load when validating
+    import mtlab.recipe as R
+    import mtlab.recipe_load as RL
+    import mtlab.recipe_schema as RS
+
+    for name in ("Recipe", "RecipeError", "TaskSpec", "load_recipe"):
+        assert getattr(R, name) is getattr(RS, name)
+    for name in ("RecipeRunMismatch", "check_recipe", "check_output", "load_model_and_data", "load_model_and_task"):
+        assert getattr(R, name) is getattr(RL, name)
+    assert callable(R._train_cfg) and R.CONTROL and callable(R.run_recipe)
+    for mod in (R, RL, RS):
+        assert len(Path(mod.__file__).read_text().splitlines()) <= 400, mod.__name__
