@@ -9,9 +9,15 @@ arrives for an older state is kept for later but never displayed. With `backgrou
 merge explorer scores on a worker thread (newest request first), shows "computing..." meanwhile
 and keeps the kernel free for the next control change. CSS classes (`mtlab-*`) name the parts
 for browser tests.
+
+Acting on a pick: the Export button writes it through `mtlab.export.export` (and shows the Python code
+that does the same), "pin for comparison" puts two picks side by side, `static_copy()` is the plot for
+a rendered page (hidden in JupyterLab while the live explorer is on the page). The merge explorer
+draws only the latest state of a burst of control changes (a debounce on its worker thread).
 """
-from .ui.assembly import COVERED, STRATEGIES, AssemblyExplorer
-from .ui.explorer import PlotFigure
+from .ui.assembly import COVERED, CUSTOM, AssemblyExplorer, strategy_options
+from .ui.explorer import PlotFigure, StaticCopy
 from .ui.merge import MergeExplorer, MergeState
 
-__all__ = ["AssemblyExplorer", "MergeExplorer", "MergeState", "PlotFigure", "STRATEGIES", "COVERED"]
+__all__ = ["AssemblyExplorer", "MergeExplorer", "MergeState", "PlotFigure", "StaticCopy", "strategy_options", "CUSTOM",
+           "COVERED"]

@@ -89,3 +89,78 @@ def test_screen_refuses_bad_input(g2p_task, t5_6):
         screen(t5_6, bank, g2p_task, split="test", limit=8, progress=False)
     with pytest.raises(ValueError, match="granularity 3"):
         screen(t5_6, bank, g2p_task, ["e=33 d=111111"], limit=8, progress=False)
+
+
+def _shown_code(out: str) -> str:
+    import html
+    import re
+
+    return html.unescape(re.search(r"<pre[^>]*>(.*?)</pre>", out, re.S)[1])
+
+
+def _same_weights(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_explorers_export_the_pick_and_show_code_that_does_the_same(g2p_task, tiny_t5, tmp_path, monkeypatch):
+    """Export from both explorers: plain transformers reloads and generates; the code shown writes the same
+    weights; a foreign folder is refused with export's message."""
+    import numpy as np
+    import pandas as pd
+    import transformers
+
+    import mtlab.experiments.modular as modular
+    import mtlab.teacher
+    from mtlab.candidate import CompressionSpec, apply
+    from mtlab.experiments.explore import assembly_code, merge_code
+    from mtlab.modular import block_params
+    from mtlab.surgery import stack_depths
+    from mtlab.widgets import AssemblyExplorer, MergeExplorer
+
+    teacher = tiny_t5.eval()
+    bank = ModuleBank.build(teacher, (2,)).eval()
+    depths = stack_depths(teacher)
+    scr = screen(teacher, bank, g2p_task, limit=8, batch_size=8, progress=False)
+    e = AssemblyExplorer(scr, depths, bank.granularities, block_params(teacher),
+                         build=lambda p: assemble(teacher, bank, p), task=g2p_task, code=assembly_code("smoke"))
+    e.custom.value = "e=2 d=11"
+    assert e.export_dir.value == "exports/e2_d11"          # a default folder named after the plan
+    e.export_dir.value = str(tmp_path / "asm")
+    e.export_button.click()
+    assert "exported e=2 d=11 to" in e.export_out.value and "from_pretrained" in e.export_out.value
+    net = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "asm").eval()
+    assert len(net.encoder.block) == 1 and len(net.decoder.block) == 2
+    batch = g2p_task.collate("dev", [0, 1])
+    out = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=4)
+    assert out.shape[0] == 2
+    # the code shown does the same
+    monkeypatch.setattr(mtlab.teacher, "load_teacher", lambda *a, **k: (teacher, g2p_task))
+    monkeypatch.setattr(modular, "trained_bank", lambda *a, **k: (bank, None))
+    code = _shown_code(e.export_out.value).replace(str(tmp_path / "asm"), str(tmp_path / "asm-code"))
+    assert "Plan.parse('e=2 d=11')" in code
+    exec(compile(code, "shown", "exec"), {})
+    assert _same_weights(tmp_path / "asm", tmp_path / "asm-code")
+    # a folder of someone else's files: refused, untouched, the message says why and how
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert e.export(mine) is None
+    assert "not exported" in e.export_out.value and "overwrite" in e.export_out.value and "#b00" in e.export_out.value
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    sim = {s: pd.DataFrame(np.eye(n) * 0.5 + 0.5) for s, n in depths.items()}
+    m = MergeExplorer(sim, depths, lambda specs: {"params": 1, "dev_per": 1.0, "n": 1}, params=lambda specs: 1,
+                      build=lambda specs: apply(teacher, CompressionSpec(None, tuple(specs))), task=g2p_task,
+                      code=merge_code(200))
+    m.controls["encoder"]["method"].value = "vanilla"
+    m.export(tmp_path / "merge")
+    assert "exported encoder:0-1@middle/vanilla" in m.export_out.value and "before recovery" in m.export_out.value
+    net = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merge").eval()
+    out = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=4)
+    assert out.shape[0] == 2
+    code = _shown_code(m.export_out.value).replace(str(tmp_path / "merge"), str(tmp_path / "merge-code"))
+    exec(compile(code, "shown", "exec"), {})
+    assert _same_weights(tmp_path / "merge", tmp_path / "merge-code")

@@ -38,9 +38,8 @@ def test_strategy_and_ratio_fill_the_plan_and_update_readouts(explorer):
     e.strategy.value = "speed_first"
     e.ratio.value = 1.5
     assert e.plan.stack("encoder") == (1,) * 6 and len(e.plan.stack("decoder")) < 6  # decoder shrinks first
-    e.strategy.value = "uniform"
     e.ratio.value = 6.0
-    assert str(e.plan) == "e=6 d=6" and e.error.value == ""
+    assert str(e.plan) == "e=6 d=6" and e.error.value == "" and e.custom.value == "e=6 d=6"
 
 
 def test_span_controls_keep_plans_valid(explorer):
@@ -111,6 +110,7 @@ def test_merge_explorer_scores_merges_and_pruning_and_explains_bad_windows():
 import threading  # noqa: E402
 
 from mtlab.ui.latest import LatestWorker  # noqa: E402
+from mtlab.ui.merge import UPDATING  # noqa: E402
 from mtlab.ui.readout import BUSY, INVALID, metric_label  # noqa: E402
 
 FF, BLOCK, TOTAL = 20, 30, 1000   # toy sizes: a merge removes FF per extra layer, pruning BLOCK per block
@@ -246,8 +246,8 @@ def test_a_slow_result_for_an_old_state_never_lands():
     old = m.shown
     c["range"].value = (2, 5)                            # quick changes while 1-5 is being scored
     c["method"].value = "vanilla"
-    assert "encoder:2-5@middle/vanilla" in m.readout.value and "1-5" not in m.readout.value
-    assert BUSY in m.readout.value
+    assert "1-5" not in m.readout.value and "2-5" not in m.readout.value   # updating: no spec of the burst
+    assert UPDATING in m.readout.value and "updating" in m.caption.value
     score.gate.set()
     assert m.wait(30)
     assert ("encoder:1-5@middle/permute",) in m.memo                # the old result was kept ...
@@ -260,8 +260,8 @@ def test_a_slow_result_for_an_old_state_never_lands():
     assert "1-5" not in m.readout.value and not m.worker.errors
     c["method"].value = "permute"
     c["range"].value = (1, 5)                                        # back to the old state: its merge is known
-    assert "encoder:1-5@middle/permute" in m.readout.value and BUSY not in _row(m, "merged parameters")
-    assert m.wait(30) and BUSY not in m.readout.value
+    assert m.wait(30) and "encoder:1-5@middle/permute" in m.readout.value
+    assert BUSY not in _row(m, "merged parameters") and BUSY not in m.readout.value
     _assert_shows_controls(m)
 
 
@@ -322,7 +322,7 @@ def test_assembly_custom_mode_ratio_slider_shows_the_plans_ratio(explorer):
     e = explorer
     e.custom.value = "e=33 d=222"
     r = e.screen.loc["e=33 d=222", "ratio"]
-    assert e.ratio.disabled and e.ratio.value == pytest.approx(round(r, 2))
+    assert e.ratio.disabled and e.ratio.value == pytest.approx(r) and e.ratio.label == f"{r:.2f}"
     assert f"{r:.2f}x" in e.readout.value
 
 
@@ -350,9 +350,9 @@ def test_plots_keep_their_size_and_label_their_axes():
         assert m.drawn == {}
         sizes.add(Image.open(io.BytesIO(m.image.value)).size)
         e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
-        asm = {Image.open(io.BytesIO(e.image.value)).size}
+        asm = {Image.open(io.BytesIO(e.png)).size}         # the assembly plot: this PNG in HTML, with hover targets
         e.custom.value = "e=1221 d=111111"
-        asm.add(Image.open(io.BytesIO(e.image.value)).size)
+        asm.add(Image.open(io.BytesIO(e.png)).size)
     assert len(sizes) == 1 and len(asm) == 1
     fig = m.figure()
     assert fig.axes[0].get_xlabel() == "encoder layer" and fig.axes[0].get_ylabel() == "encoder layer"
@@ -450,3 +450,206 @@ def test_assembly_explorer_on_a_12_plus_12_space_reads_out_screens_of_the_chosen
     shown = e.plotted(searched)
     assert searched in set(shown.plan) and len(shown) < n and (shown.kind == "teacher").sum() == 1
     assert e.figure().axes[0].get_title() == searched
+
+
+# ---- issue #27: state in force, snapping ratios, acting on a pick -------------------------------------
+
+import re  # noqa: E402
+
+from mtlab.ui.assembly import ratio_options, strategy_options  # noqa: E402
+
+
+def test_custom_box_always_shows_the_plan_in_force(explorer):
+    e = explorer
+    e.custom.value = "e=2211 d=1122"
+    assert e.custom.value == str(e.plan) == "e=2211 d=1122"
+    e.strategy.value = "size_first"          # a strategy sets another plan: the box follows
+    assert e.custom.value == str(e.plan) != "e=2211 d=1122"
+    e.strategy.value = "speed_first"
+    assert e.custom.value == str(e.plan)
+    e.spans["encoder"][0].value = "6"        # a span control
+    assert e.custom.value == str(e.plan) and e.plan.stack("encoder") == (6,)
+    e.speedup.value = 2.0                    # best plan at a speed-up
+    assert e.custom.value == str(e.plan)
+    e.custom.value = "e=33 d=9"              # an invalid typed plan stays as typed, with the reason
+    assert e.custom.value == "e=33 d=9" and e.error.value and INVALID in e.readout.value
+
+
+def test_ratio_slider_snaps_to_the_ratios_of_the_space(explorer):
+    e = explorer
+    every = {round(e.plan_ratio(p), 9) for p in AssemblySpace(DEPTHS, KS)}
+    assert {round(v, 9) for _, v in e.ratios} == every                   # exactly the ratios plans have
+    labels = [lb for lb, _ in e.ratios]
+    assert len(set(labels)) == len(labels) and "3.00" in labels
+    assert int(e.ratio.layout.width.rstrip("px")) >= 400 and e.ratio.label in labels
+    e.strategy.value = "size_first"
+    e.ratio.value = dict(e.ratios)["3.00"]                              # 3, not 3.01
+    assert e.ratio.value == 3.0 and str(e.plan) == "e=33 d=33" and e.plan_ratio(e.plan) == pytest.approx(3.0)
+    e.custom.value = "e=33 d=222"                                       # custom: the slider shows the plan's ratio
+    assert e.ratio.value == pytest.approx(e.plan_ratio(e.plan)) and e.ratio.disabled
+
+
+def test_ratio_labels_separate_ratios_that_round_alike():
+    depths, ks = {"encoder": 6, "decoder": 6}, {"encoder": (2, 3, 6), "decoder": (2, 3, 6)}
+    opts = ratio_options(depths, ks, {"encoder": 1000, "decoder": 1003})
+    labels = [lb for lb, _ in opts]
+    assert len(set(labels)) == len(labels)
+    for label, v in opts:
+        assert float(label) == pytest.approx(v, abs=0.5 * 10 ** -len(label.split(".")[1]))
+
+
+def test_strategies_are_the_registered_ones():
+    from mtlab.modular.plan import ladders, strategies, using_screen
+
+    e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+    assert e.strategy.options == strategy_options() == (*strategies(), "custom")
+    with using_screen(_screen(), metric="nll", name="screened_test"):
+        e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+        assert "screened_test" in e.strategy.options
+        e.strategy.value = "screened_test"
+        e.ratio.value = dict(e.ratios)["2.00"]
+        ladder = [p for n, p in ladders(DEPTHS, KS, BP, names=["screened_test"])[1:]]
+        want = min((p for p in ladder if e.plan_ratio(p) >= 2.0 - 1e-9), key=e.plan_ratio)
+        assert e.plan == want and e.error.value == "" and e.custom.value == str(want)
+
+
+def test_best_plan_at_a_speedup_is_the_lowest_screened_nll_as_shown(explorer):
+    e = explorer
+    e.speedup.value = 2.0
+    df = _screen()
+    best = df[df.ideal_speedup.round(2) >= 2.0].sort_values("nll").plan.iloc[0]
+    assert str(e.plan) == best and e.strategy.value == "custom" and e.error.value == ""
+    assert "chosen as" in e.readout.value and "at &gt;= 2.00x" in e.readout.value
+    assert e.best_at_speedup(1.0) == df.sort_values("nll").plan.iloc[0]
+    e.speedup.value = 1.5
+    e.best.click()                          # the button does the same
+    assert str(e.plan) == df[df.ideal_speedup.round(2) >= 1.5].sort_values("nll").plan.iloc[0]
+    with pytest.raises(ValueError, match="lower the speed-up"):
+        e.best_at_speedup(99)
+
+
+def test_history_separates_close_nlls_and_two_picks_compare_side_by_side(explorer):
+    from mtlab.ui.readout import frame_html, separating_digits
+
+    assert separating_digits([1.23442, 1.23444], 2) == 5 and separating_digits([1.2, 1.3], 4) == 4
+    html_ = frame_html(pd.DataFrame({"plan": ["a", "b"], "screened_nll": [1.23442, 1.23444]}), "t", {"screened_nll": 4})
+    assert "1.23442" in html_ and "1.23444" in html_
+    e = explorer
+    with pytest.raises(ValueError, match="nothing to pin"):
+        e.custom.value = "e=1221 d=111111"   # invalid: nothing to pin
+        e.pin()
+    e.custom.value = "e=33 d=33"
+    e.pin_button.click()
+    e.custom.value = "e=222 d=6"
+    e.pin()
+    c = e.compare()
+    assert list(c.columns) == ["pick 1", "pick 2", "2 - 1"] and list(c.loc["plan"][:2]) == ["e=33 d=33", "e=222 d=6"]
+    assert c.loc["screened_nll", "2 - 1"] == pytest.approx(c.loc["screened_nll", "pick 2"] - c.loc["screened_nll", "pick 1"])
+    nll = e.screen.loc["e=33 d=33", "nll"]
+    assert f"{nll:.4f}" in e.compare_view.value and f"{nll:.4f}" in e.history_view.value   # NLL at 4+ digits
+    e.custom.value = "e=111111 d=111111"
+    e.pin()                                  # a third pin: the oldest goes
+    assert [p["plan"] for p in e.pins] == ["e=222 d=6", "e=111111 d=111111"]
+
+
+def test_hover_targets_sit_on_the_plotted_plans(explorer):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    e = explorer
+    e.custom.value = "e=33 d=33"
+    html_ = e.image.value
+    targets = re.findall(r"<i class='mtlab-pt( mtlab-pt-selected)?' data-plan='([^']+)' title='([^']+)' "
+                         r"style='left:([\d.]+)px;top:([\d.]+)px'>", html_)
+    assert len(targets) == len(e.plotted(str(e.plan)))
+    sel = [t for t in targets if t[0]]
+    assert len(sel) == 1 and sel[0][1] == "e=33 d=33" and sel[0][2].startswith("e=33 d=33 · 3.00x")
+    png = Image.open(io.BytesIO(base64.b64decode(re.search(r"base64,([^']+)'", html_)[1]))).convert("RGB")
+    a = np.asarray(png).astype(int)
+    x, y = float(sel[0][3]), float(sel[0][4])
+    yy, xx = np.mgrid[: a.shape[0], : a.shape[1]]
+    ring = np.abs(np.hypot(xx - x, yy - y) - 10) < 3          # the red ring drawn round the selected plan
+    red = (a[..., 0] > 200) & (a[..., 1] < 90) & (a[..., 2] < 90)
+    assert (red & ring).sum() > 20, "the selected hover target is not on the ring"
+
+
+def test_teacher_label_keeps_clear_of_the_ring():
+    from mtlab.ui.assembly import RING_PT, _clear
+
+    e = AssemblyExplorer(_screen(), DEPTHS, KS, BP)
+    near = _screen().sort_values("ideal_speedup").plan.iloc[:4]     # the teacher and its neighbours
+    for plan in near:
+        e.custom.value = plan
+        fig = e.figure()
+        ax = fig.axes[0]
+        label = next(t for t in ax.texts if t.get_text() == "teacher")
+        x, y = next((x, y) for x, y, p, _ in fig.mtlab_points if p == plan)
+        ext = label.get_window_extent(fig.canvas.get_renderer())
+        assert _clear(ext, (x, fig.bbox.height - y), RING_PT * fig.dpi / 72), plan
+
+
+def test_merge_burst_is_drawn_once_for_its_last_state():
+    m = _merge(background=True, delay=0.05)
+    assert m.wait(30)
+    seen, captions = [], []
+    m.readout.observe(lambda ch: seen.append(ch["new"]), names="value")
+    m.caption.observe(lambda ch: captions.append(ch["new"]), names="value")
+    renders, c = m.renders, m.controls
+    with m._lock:                            # the worker cannot draw while the burst arrives
+        for v in [(1, 5), (2, 5), (2, 4), (0, 4)]:
+            c["encoder"]["range"].value = v
+        c["decoder"]["on"].value = True
+        c["decoder"]["method"].value = "vanilla"
+    assert m.wait(30)
+    final = ["encoder:0-4@middle/permute", "decoder:3-5@middle/vanilla"]
+    assert m.specs() == final and m.renders == renders + 1        # one drawing, of the last state
+    for text in seen:                                            # the read-out never showed another spec
+        assert set(re.findall(r"(?:encoder|decoder):\d-\d@\w+/\w+", text)) <= set(final), text
+    assert all("1-5" not in x and "2-4" not in x for x in captions)
+    _assert_shows_controls(m)
+
+
+def test_latest_worker_with_a_delay_computes_a_burst_once():
+    done = []
+    w = LatestWorker(done.append, delay=0.3)
+    for x in range(5):
+        w.submit(x)
+    assert w.wait(30) and done == [4]
+
+
+def test_merge_readout_says_before_recovery_and_gives_a_verdict():
+    def evaluate(specs):
+        pruned = any(s.startswith("prune") for s in specs)
+        return {"params": _size(specs), "dev_per": 10.0 + (5.0 if pruned else 1.5 * len(specs)), "n": 32}
+
+    m = _merge(evaluate=evaluate)
+    text = m.readout.value
+    assert "before recovery" in _row(m, "numbers")
+    v = _row(m, "verdict (before recovery)")
+    assert "merge better by 3.50 on dev PER %" in v and "parameters removed: merge 4.0%, pruning 6.0%" in v
+    from mtlab.ui.merge import verdict
+    assert verdict({"params": 100}, {"params": 90, "dev_bleu": 20.0}, {"params": 90, "dev_bleu": 25.0},
+                   ["dev_bleu"], {}).startswith("layer pruning better by 5.00")   # higher BLEU is better
+    assert "LARGER" not in text
+
+
+def test_static_copies_hide_while_their_live_explorer_is_on_the_page(explorer):
+    e = explorer
+    copy = e.static_copy()
+    html_ = copy._repr_mimebundle_()["text/html"]
+    assert f".jp-Notebook:has(.mtlab-live-{e.token}) .mtlab-static-{e.token}{{display:none}}" in html_
+    assert f"mtlab-live-{e.token}" in e.widget._dom_classes and "data:image/png;base64," in html_
+    m = _merge()
+    assert m.token != e.token and f"mtlab-live-{m.token}" in m.widget._dom_classes
+    mc = m.static_copy()._repr_mimebundle_()["text/html"]
+    assert "encoder:3-5@middle/permute" in mc and "before recovery" in mc and f"mtlab-static-{m.token}" in mc
+
+
+def test_export_without_a_model_or_folder_says_why(explorer, tmp_path):
+    e = explorer
+    e.export_dir.value = ""
+    assert e.export() is None and "type a folder" in e.export_out.value
+    assert e.export(tmp_path / "x") is None and "build=" in e.export_out.value and not (tmp_path / "x").exists()

@@ -262,9 +262,10 @@ def screening_bench(profile=None, *, repeats: int = 3, progress: bool = True) ->
         "threads": torch.get_num_threads(), **sizes}])
 
 
-LIVE_NOTE = ("*The {what} below is live: in JupyterLab, with this notebook's kernel running, it answers its controls. "
-             "A rendered page (`make report`'s HTML) has no kernel, so it cannot draw it and the space stays blank; "
-             "the static copy after it shows the same data.*")
+LIVE_NOTE = ("*The {what} below is live: in JupyterLab, with this notebook's kernel running, it answers its controls "
+             "(its Export button writes the pick as a Hugging Face folder). A rendered page (`make report`'s HTML) has "
+             "no kernel, so it cannot draw it and the space stays blank; the static copy after it stands in there "
+             "(in JupyterLab that copy hides itself while the live explorer is on the page).*")
 
 
 def live_note(what: str) -> str | None:
@@ -302,13 +303,48 @@ def tiny_12x12(task, seed: int = 0):
     return teacher, ModuleBank.build(teacher, (2, 3, 4, 6, 12)).eval()
 
 
+def assembly_code(profile_name: str | None = None, *, tiny: bool = False):
+    """The Python code an assembly explorer shows after an export: the same plan assembled and exported
+    (`code(plan, folder) -> str`), from the bundled teacher and the profile's cached bank, or from the
+    12+12 T5 built from config (`tiny`)."""
+    def code(plan: str, folder: str) -> str:
+        head = ("from mtlab.export import export\nfrom mtlab.modular import Plan, assemble\n"
+                "from mtlab.teacher import load_teacher\n")
+        if tiny:
+            body = ("from mtlab.experiments.explore import tiny_12x12\n\nteacher, task = load_teacher()\n"
+                    "model, bank = tiny_12x12(task)  # the 12+12 T5 built from config (seed 0), untrained modules\n")
+            model = "model"
+        else:
+            body = ("from mtlab.experiments.modular import trained_bank\nfrom mtlab.profiles import get_profile\n\n"
+                    "teacher, task = load_teacher()\n"
+                    f"bank, _ = trained_bank(get_profile({profile_name!r}), teacher, task)  # cached by notebook 02\n")
+            model = "teacher"
+        return head + body + f"export(assemble({model}, bank, Plan.parse({plan!r})), {folder!r}, task=task)"
+
+    return code
+
+
+def merge_code(align_tokens: int):
+    """The Python code a merge explorer shows after an export: the same merge built and exported."""
+    def code(specs: list[str], folder: str) -> str:
+        return ("from mtlab.candidate import CompressionSpec, apply\nfrom mtlab.experiments.merging import align_batches\n"
+                "from mtlab.export import export\nfrom mtlab.teacher import load_teacher\n\n"
+                "teacher, task = load_teacher()\n"
+                f"model = apply(teacher, CompressionSpec(None, {tuple(specs)!r}), batches_fn=align_batches(task), "
+                f"max_tokens={align_tokens})\n"
+                f"export(model, {folder!r}, task=task)  # before recovery (notebook 04 recovers merges)")
+
+    return code
+
+
 def searched_explorer(teacher, bank, task, *, budget: int | None = None, sample: int = 200, limit: int = 64,
-                      seed: int = 0, progress: bool = False):
+                      seed: int = 0, progress: bool = False, code=None):
     """The assembly explorer on a space too large to screen whole: the plans `frontier_search`
     screened within `budget` block evaluations (default SEARCH_SHARE of the exhaustive screen's),
     the teacher and `sample` plans drawn uniformly, all on the same `limit` dev words (one batch);
     a plan the controls reach outside them is screened on demand on those words. `.search` holds
-    the search's table (attrs: block evaluations, beam)."""
+    the search's table (attrs: block evaluations, beam). Its Export button assembles the plan from
+    `teacher` and `bank` (`code(plan, folder)`: the code it shows)."""
     from ..explore.search import frontier_search
     from ..widgets import AssemblyExplorer
 
@@ -326,7 +362,8 @@ def searched_explorer(teacher, bank, task, *, budget: int | None = None, sample:
         return screen(teacher, bank, task, [plan], progress=False, **kw).iloc[0].to_dict()
 
     e = AssemblyExplorer(pd.concat(parts, ignore_index=True), stack_depths(teacher), bank.granularities,
-                         block_params(teacher), score=score)
+                         block_params(teacher), score=score, build=lambda plan: assemble(teacher, bank, plan), task=task,
+                         code=code)
     e.search = found
     return e
 
@@ -347,14 +384,16 @@ def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: boo
     if model == "tiny-12+12":
         _, task = load_teacher()
         limit = min(prof.explore.screen_limit or SEARCH_WORDS, SEARCH_WORDS)
-        explorer = searched_explorer(*tiny_12x12(task), task, limit=limit, progress=progress)
+        explorer = searched_explorer(*tiny_12x12(task), task, limit=limit, progress=progress,
+                                     code=assembly_code(tiny=True))
         live_note("assembly explorer")
         return explorer
     teacher, task, bank = _loaded(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress)
     fr = frontier_table(prof, progress=progress) if with_frontier else None
     live_note("assembly explorer")
-    return AssemblyExplorer(scr, stack_depths(teacher), bank.granularities, block_params(teacher), fr)
+    return AssemblyExplorer(scr, stack_depths(teacher), bank.granularities, block_params(teacher), fr,
+                            build=lambda plan: assemble(teacher, bank, plan), task=task, code=assembly_code(prof.name))
 
 
 def merge_explorer(profile=None, *, progress: bool = False, background: bool = True):
@@ -384,11 +423,15 @@ def merge_explorer(profile=None, *, progress: bool = False, background: bool = T
         return {"params": count_params(net), "dev_per": r["per"], "dev_wer": r["wer"], "n": r["n"]}
 
     live_note("merge-set explorer")
+    def build(specs: list[str]):
+        return apply(teacher, CompressionSpec(None, tuple(specs)), cache=cache)
+
     return MergeExplorer(sims, stack_depths(teacher), evaluate, params=SpecSizes(teacher), background=background,
-                         similarity_label="CKA of FF outputs (train tokens)")
+                         similarity_label="CKA of FF outputs (train tokens)", build=build, task=task,
+                         code=merge_code(m.align_tokens))
 
 
-__all__ = ["assembly_explorer", "searched_explorer", "tiny_12x12", "EXPLORER_MODELS", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS", "as_shown", "live_note"]
+__all__ = ["assembly_explorer", "assembly_code", "merge_code", "searched_explorer", "tiny_12x12", "EXPLORER_MODELS", "merge_explorer", "screen_table", "frontier_table", "picks", "combined_specs", "rank_agreement", "screening_bench", "screen_conclusion", "conclusion", "COLUMNS", "as_shown", "live_note"]
 
 
 # ---------------------------------------------------------------------------

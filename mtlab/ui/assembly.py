@@ -1,25 +1,62 @@
-"""The assembly explorer: a plan per span position, or by strategy and target ratio, read against a
-screened table: the whole assembly space (instant: no model is run), or, for a space too large to
-screen whole, the searched frontier and a sample, with any other plan screened on demand."""
+"""The assembly explorer: a plan per span position, by strategy and target ratio, or the best screened
+plan at a speed-up, read against a screened table: the whole assembly space (instant: no model is run),
+or, for a space too large to screen whole, the searched frontier and a sample, with any other plan
+screened on demand. The plan on screen can be pinned, compared and exported."""
 from __future__ import annotations
 
+import base64
+import html
+import math
+from itertools import product
 from typing import Callable, Mapping
 
 import pandas as pd
 
-from ..modular.plan import Plan, PlanError, size_first, speed_first, stack_ratio, tilings, uniform
+from ..modular.plan import Plan, PlanError, ladders, size_first, stack_ratio, strategies, tilings
 from .explorer import Explorer, PlotFigure, wrap_layout
 from .readout import fmt_metric, fmt_size, table
 
-STRATEGIES = ("size_first", "speed_first", "uniform", "custom")
+CUSTOM = "custom"   # the strategy of a plan set by hand (span controls, the custom box, best at a speed-up)
 COVERED = "·"   # a position inside a module span started below it
 PLOT_POINTS = 2000   # most plans drawn: beyond it, the frontier, the teacher, the plan and a sample
 ON_DEMAND = "on demand"   # `source` of a plan screened when it was chosen
+SPEED_DIGITS = 2     # speed-ups are shown to 2 decimals; "best at a speed-up" compares what is shown
+RING_PT = math.sqrt(260) / 2   # radius (points) of the ring `frontier_plot` draws round the selected plan
+
+
+def strategy_options() -> tuple[str, ...]:
+    """The registered assembly strategies (`mtlab.modular.plan.strategies`) and "custom"."""
+    return (*strategies(), CUSTOM)
+
+
+def ratio_options(depths: Mapping[str, int], granularities: Mapping[str, tuple[int, ...]],
+                  block_params: Mapping[str, int]) -> list[tuple[str, float]]:
+    """Every layer-stack compression ratio a plan of the space has, as (label, ratio), smallest first:
+    a ratio depends only on the number of blocks per stack. Labels have 2 decimals, more where two
+    ratios would read the same (so a reader never picks 1.50 and gets 1.4958)."""
+    counts = [sorted({len(t) for t in tilings(n, tuple(granularities.get(s, ())))}) for s, n in depths.items()]
+    full = sum(n * block_params[s] for s, n in depths.items())
+    values = sorted({round(full / sum(c * block_params[s] for s, c in zip(depths, combo)), 12)
+                     for combo in product(*counts)})
+    out = []
+    for i, v in enumerate(values):
+        d = 2
+        while d < 6 and any(f"{v:.{d}f}" == f"{w:.{d}f}" for w in values[max(0, i - 1):i + 2] if w != v):
+            d += 1
+        out.append((f"{v:.{d}f}", v))
+    return out
+
+
+def plan_slug(plan: str) -> str:
+    """'e=33 d=1122' -> 'e33_d1122': a folder name."""
+    return "_".join(part.replace("=", "") for part in str(plan).split())
 
 
 class AssemblyExplorer(Explorer):
-    """Pick a plan per span position or by strategy and target ratio; see its size, FLOP-ideal
-    speed-up, screened quality next to the original model's and its place among every screened plan.
+    """Pick a plan per span position, by strategy and target ratio, or as the best screened plan at a
+    FLOP-ideal speed-up; see its size, speed-up, screened quality next to the original model's and its
+    place among every screened plan (hover a point of the plot for its plan); pin two picks to compare
+    them; export the pick.
 
     `screen`: one row per plan (`mtlab.explore.screen.screen`: plan, params, ratio,
     ideal_speedup, nll, token_acc, tf_word_acc, words), optionally `source` (e.g. "searched",
@@ -27,11 +64,20 @@ class AssemblyExplorer(Explorer):
     speedup_b64, ...) whose numbers are shown when the plan is one of them. `score` (optional)
     screens a plan missing from the table (a row dict; it joins the table as "on demand"), so a
     partial table (`mtlab.experiments.explore.searched_explorer`) serves any plan. The read-out says
-    how many of the space's plans are screened."""
+    how many of the space's plans are screened. `build(plan) -> model` (optional) makes the Export
+    button work (`task`: its tokenizer is exported too); `code(plan, folder) -> str` is the Python
+    code shown after an export, doing the same.
+
+    The strategies are the registered ones (`mtlab.modular.plan.strategies`): size-first picks the
+    least disruptive plan reaching the target ratio; any other strategy, the least compressed plan of
+    its ladder that reaches it. The target ratio snaps to the ratios the space has."""
+
+    DIGITS = {"screened_nll": 4}
 
     def __init__(self, screen: pd.DataFrame, depths: Mapping[str, int], granularities: Mapping[str, tuple[int, ...]],
                  block_params: Mapping[str, int], frontier: pd.DataFrame | None = None,
-                 score: Callable[[Plan], Mapping] | None = None):
+                 score: Callable[[Plan], Mapping] | None = None, *, build: Callable[[Plan], object] | None = None,
+                 task=None, code: Callable[[str, str], str] | None = None):
         import ipywidgets as W
 
         from ..explore.space import AssemblySpace
@@ -45,18 +91,31 @@ class AssemblyExplorer(Explorer):
         self.depths, self.block_params = dict(depths), dict(block_params)
         self.granularities = {s: tuple(sorted(granularities.get(s, ()))) for s in self.depths}
         self.score_plan, self.plans_in_space = score, len(AssemblySpace(self.depths, self.granularities))
+        self.build, self.task, self.code = build, task, code
         self._busy = False
+        self._chosen: tuple[str, str] | None = None   # (plan, how it was chosen) for "best at a speed-up"
         self.current = Plan.teacher(self.depths)
 
-        self.strategy = W.Dropdown(options=STRATEGIES, value="size_first", description="strategy")
+        self.strategy = W.Dropdown(options=strategy_options(), value=strategy_options()[0], description="strategy")
         self.strategy.add_class("mtlab-strategy")
-        top = stack_ratio({s: min(tilings(n, self.granularities[s]), key=len) for s, n in self.depths.items()},
-                          self.block_params)
-        self.ratio = W.FloatSlider(value=min(2.0, top), min=1.0, max=round(top, 2), step=0.01, readout_format=".2f",
-                                   description="target ratio", continuous_update=False)
+        self.ratios = ratio_options(self.depths, self.granularities, self.block_params)
+        start = next((v for _, v in self.ratios if v >= 2.0 - 1e-9), self.ratios[-1][1])
+        self.ratio = W.SelectionSlider(options=self.ratios, value=start, description="target ratio",
+                                       continuous_update=False, layout=W.Layout(width="520px"),
+                                       style={"description_width": "80px"})
         self.ratio.add_class("mtlab-ratio")
-        self.custom = W.Text(description="custom plan", placeholder="e.g. e=1122 d=33", continuous_update=False)
+        self.custom = W.Text(description="custom plan", placeholder="e.g. e=1122 d=33", continuous_update=False,
+                             layout=W.Layout(width="330px"))
         self.custom.add_class("mtlab-custom")
+        fastest = float(self.screen.ideal_speedup.max())
+        self.speedup = W.BoundedFloatText(value=min(1.5, round(fastest, 2)), min=1.0, max=round(fastest, 2) + 0.005,
+                                          step=0.05, description="min speed-up", layout=W.Layout(width="190px"),
+                                          style={"description_width": "90px"})
+        self.best = W.Button(description="best plan at this speed-up", layout=W.Layout(width="210px"),
+                             tooltip="the screened plan with the lowest screened NLL among those at least this "
+                                     "fast (FLOP-ideal speed-up as shown, 2 decimals)")
+        self.speedup.add_class("mtlab-speedup")
+        self.best.add_class("mtlab-best")
         self.spans: dict[str, list] = {}
         rows = []
         for s, n in self.depths.items():
@@ -74,8 +133,14 @@ class AssemblyExplorer(Explorer):
         for w in (self.strategy, self.ratio):
             w.observe(lambda ch: self._on_strategy(), names="value")
         self.custom.observe(lambda ch: self._on_custom(), names="value")
-        self.widget = W.VBox([W.HBox([self.strategy, self.ratio]), self.custom, *rows, self.error,
-                              W.HBox([self.readout, self.plot], layout=wrap_layout()), self.history_view])
+        self.speedup.observe(lambda ch: self._on_best(), names="value")
+        self.best.on_click(lambda _: self._on_best())
+        self._auto_dir = ""
+        self.widget = self._live(W.VBox([
+            W.HBox([self.strategy, self.ratio], layout=W.Layout(flex_flow="row wrap")),
+            W.HBox([self.custom, self.speedup, self.best], layout=W.Layout(flex_flow="row wrap")),
+            *rows, self.error, W.HBox([self.readout, self.plot], layout=wrap_layout()), *self._actions(),
+            self.history_view]))
         self._on_strategy()
 
     # ---- state <-> plan -------------------------------------------------------------------
@@ -91,9 +156,12 @@ class AssemblyExplorer(Explorer):
             spans[s] = tuple(out)
         return Plan.of(spans)
 
+    def plan_ratio(self, plan: Plan) -> float:
+        return stack_ratio(dict(plan.spans), self.block_params)
+
     def set_plan(self, plan: Plan | str) -> None:
-        """Show `plan` in the span controls (raises PlanError for an invalid plan); in custom mode the
-        disabled ratio slider shows the plan's own compression ratio."""
+        """Show `plan` in the span controls and the custom box (raises PlanError for an invalid plan); in
+        custom mode the disabled ratio slider shows the plan's own compression ratio."""
         plan = Plan.parse(plan, self.depths) if isinstance(plan, str) else plan
         plan.validate(self.depths, self.granularities)
         self.current = plan
@@ -108,46 +176,72 @@ class AssemblyExplorer(Explorer):
                     boxes[i].value = COVERED
                 for i, b in enumerate(boxes):
                     b.disabled = i in covered
-            if self.strategy.value == "custom":
-                r = stack_ratio(dict(plan.spans), self.block_params)
-                self.ratio.value = min(max(round(r, 2), self.ratio.min), self.ratio.max)
+            self.custom.value = str(plan)   # the box always shows the plan in force
+            if self.strategy.value == CUSTOM:
+                r = self.plan_ratio(plan)
+                self.ratio.value = min((v for _, v in self.ratios), key=lambda v: abs(v - r))
+            if self.export_dir.value.strip() in ("", self._auto_dir):   # follow the plan until the user types one
+                self._auto_dir = self.export_dir.value = f"exports/{plan_slug(plan)}"
         finally:
             self._busy = False
         self._refresh()
 
     def target_plan(self) -> Plan:
-        """The plan the strategy and the target ratio choose (custom: the typed plan)."""
+        """The plan the strategy and the target ratio choose (custom: the plan in the custom box)."""
         s, t = self.strategy.value, self.ratio.value
-        if s == "custom":
+        if s == CUSTOM:
             return Plan.parse(self.custom.value or str(self.plan), self.depths)
-        if s == "size_first":
+        if s == "size_first":   # per target, not only its default ladder's rungs
             plans = size_first(self.depths, self.granularities, self.block_params, [t])
-        elif s == "speed_first":
-            ladder = [Plan.teacher(self.depths)] + speed_first(self.depths, self.granularities)
-            plans = [p for p in ladder if stack_ratio(dict(p.spans), self.block_params) >= t - 1e-9][:1]
         else:
-            options = [uniform(self.depths, k) for k in sorted({k for ks in self.granularities.values() for k in ks})]
-            options = [p for p in options if _valid(p, self.depths, self.granularities)]
-            plans = sorted(options, key=lambda p: abs(stack_ratio(dict(p.spans), self.block_params) - t))[:1]
+            ladder = [p for _, p in ladders(self.depths, self.granularities, self.block_params, names=[s])]
+            plans = sorted((p for p in ladder if self.plan_ratio(p) >= t - 1e-9), key=self.plan_ratio)[:1]
         if not plans:
             raise PlanError(f"no {s.replace('_', '-')} plan reaches a ratio of {t:.2f}: lower the target")
         return plans[0]
+
+    def best_at_speedup(self, speedup: float) -> str:
+        """The screened plan with the lowest screened NLL among those whose FLOP-ideal speed-up, as shown
+        (2 decimals), is at least `speedup` (ties: the faster one). Only screened plans count."""
+        shown = self.screen.ideal_speedup.round(SPEED_DIGITS)
+        fast = self.screen[shown >= round(float(speedup), SPEED_DIGITS)]
+        if not len(fast):
+            raise PlanError(f"no screened plan reaches {speedup:.2f}x FLOP-ideal speed-up (the fastest screened: "
+                            f"{self.screen.ideal_speedup.max():.2f}x): lower the speed-up")
+        return str(fast.assign(neg=-fast.ideal_speedup).sort_values(["nll", "neg"]).index[0])
 
     # ---- events ---------------------------------------------------------------------------
     def _on_strategy(self) -> None:
         if self._busy:
             return
-        self.ratio.disabled = self.strategy.value == "custom"
+        self._chosen = None
+        self.ratio.disabled = self.strategy.value == CUSTOM
         self._guard(lambda: self.set_plan(self.target_plan()))
+
+    def _to_custom(self) -> None:
+        self._busy = True
+        self.strategy.value = CUSTOM
+        self.ratio.disabled = True
+        self._busy = False
 
     def _on_custom(self) -> None:
         if self._busy:
             return
-        self._busy = True
-        self.strategy.value = "custom"
-        self.ratio.disabled = True
-        self._busy = False
+        self._chosen = None
+        self._to_custom()
         self._guard(lambda: self.set_plan(Plan.parse(self.custom.value, self.depths)))
+
+    def _on_best(self) -> None:
+        """Best plan at the typed speed-up: shown as a custom plan, the read-out says how it was chosen."""
+        def pick():
+            s = float(self.speedup.value)
+            plan = self.best_at_speedup(s)
+            self._chosen = (plan, f"lowest screened NLL of the {len(self.screen):,} screened plans at >= {s:.2f}x "
+                                  "FLOP-ideal speed-up")
+            self.set_plan(plan)
+
+        self._to_custom()
+        self._guard(pick)
 
     def _on_span(self, stack: str, i: int, change) -> None:
         """Position i now starts a span of k: spans it overlaps give way to original layers."""
@@ -167,11 +261,8 @@ class AssemblyExplorer(Explorer):
             out.append(spans.get(pos, 1))
             pos += out[-1]
         plan = Plan.of({s: (tuple(out) if s == stack else self.current.stack(s)) for s in self.depths})
-        self._busy = True
-        self.strategy.value = "custom"
-        self.ratio.disabled = True
-        self.custom.value = str(plan)
-        self._busy = False
+        self._chosen = None
+        self._to_custom()
         self._guard(lambda: self.set_plan(plan))
 
     # ---- read-outs ------------------------------------------------------------------------
@@ -180,9 +271,12 @@ class AssemblyExplorer(Explorer):
         self.readout.value = table(out)
         self._show(self.figure())
         r = self.screen.loc[str(self.plan)]
-        self._record(str(self.plan), {"plan": str(self.plan), "params": int(r.params), "ratio": float(r.ratio),
-                                      "ideal_speedup": float(r.ideal_speedup), "screened_nll": float(r.nll),
-                                      "screened_token_acc_%": 100 * float(r.token_acc)})
+        row = {"plan": str(self.plan), "params": int(r.params), "ratio": float(r.ratio),
+               "ideal_speedup": float(r.ideal_speedup), "screened_nll": float(r.nll),
+               "screened_token_acc_%": 100 * float(r.token_acc)}
+        if "tf_word_acc" in r and pd.notna(r.tf_word_acc):
+            row["screened_tf_word_acc_%"] = 100 * float(r.tf_word_acc)
+        self._record(str(self.plan), row)
 
     def row(self, plan: Plan) -> pd.Series:
         """The plan's screened row; a plan missing from the table is screened now with `score`
@@ -213,9 +307,12 @@ class AssemblyExplorer(Explorer):
             else None
         unit = next((u for u in ("words", "sentences", "tokens") if u in r and pd.notna(r[u])), None)  # the task's
         n = f" (dev, n={int(r[unit]):,} {unit})" if unit else " (dev)"
-        out = {"plan": key, "parameters": fmt_size(r.params, t.params if t is not None else None),
-               "stack compression": f"{r.ratio:.2f}x", "FLOP-ideal speed-up": f"{r.ideal_speedup:.2f}x",
-               f"screened token NLL{n}": fmt_metric(r.nll, t.nll if t is not None else None, 4)}
+        out = {"plan": key}
+        if self._chosen is not None and self._chosen[0] == key:
+            out["chosen as"] = self._chosen[1]
+        out.update({"parameters": fmt_size(r.params, t.params if t is not None else None),
+                    "stack compression": f"{r.ratio:.2f}x", "FLOP-ideal speed-up": f"{r.ideal_speedup:.2f}x",
+                    f"screened token NLL{n}": fmt_metric(r.nll, t.nll if t is not None else None, 4)})
         acc = [("token_acc", "screened token accuracy %")]
         if "tf_word_acc" in r:
             acc.append(("tf_word_acc", "screened teacher-forced word accuracy %"))
@@ -253,26 +350,96 @@ class AssemblyExplorer(Explorer):
 
     def figure(self, selected: bool = True):
         """The screened plans (FLOP-ideal speed-up vs token NLL; see `plotted`), their frontier, this
-        plan ringed (`selected=False`: none, for an invalid state). Same size whatever the state."""
+        plan ringed (`selected=False`: none, for an invalid state), the "teacher" label placed clear of the
+        ring. Same size whatever the state. `fig.mtlab_points`: (x px, y px, plan, tooltip) per plan."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
         from ..explore.frontier import frontier_plot
 
-        d = self.plotted(str(self.plan) if selected else None)
+        plan = str(self.plan) if selected else None
+        d = self.plotted(plan)
         fig = PlotFigure(figsize=self.FIGSIZE)   # not pyplot's: see Explorer
+        FigureCanvasAgg(fig)
         ax = fig.subplots()
-        frontier_plot(d, "ideal_speedup", "nll", ax=ax, highlight=str(self.plan) if selected else None)
+        frontier_plot(d, "ideal_speedup", "nll", ax=ax, highlight=plan)
         ax.set(xlabel="FLOP-ideal speed-up (x)", ylabel="screened token NLL (dev, nats)",
-               title=str(self.plan) if selected else "no valid plan selected")
+               title=plan if selected else "no valid plan selected")
         fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.91)
-        fig.mtlab_selected = str(self.plan) if selected else None
+        ax.get_xlim(), ax.get_ylim()   # settle the autoscaled limits: data -> pixels is fixed from here
+        h = fig.bbox.height
+        xy = ax.transData.transform(d[["ideal_speedup", "nll"]].to_numpy(float))
+        fig.mtlab_points = [(float(x), float(h - y), p, f"{p} · {r:.2f}x stack compression · {s:.2f}x FLOP-ideal "
+                             f"speed-up · screened NLL {nll:.4f}")
+                            for (x, y), p, r, s, nll in zip(xy, d.plan, d.ratio, d.ideal_speedup, d.nll)]
+        ring = next(((x, y) for x, y, p, _ in fig.mtlab_points if p == plan), None)
+        _place_teacher_label(fig, ax, ring)
+        fig.mtlab_selected = plan
         return fig
 
+    # ---- the plot with hover targets -------------------------------------------------------
+    def _image_widget(self, w: int, h: int):
+        import ipywidgets as W
 
-def _valid(plan: Plan, depths, granularities) -> bool:
-    try:
-        plan.validate(depths, granularities)
-        return True
-    except PlanError:
-        return False
+        return W.HTML(layout=W.Layout(width=f"{w}px", height=f"{h}px", margin="0", overflow="visible"))
+
+    def _paint(self, fig) -> None:
+        """The PNG with a transparent hover target over each plan: the browser's tooltip names the plan
+        (works offline and without a round trip to the kernel)."""
+        w, h = (int(round(v)) for v in fig.bbox.size)
+        img = base64.b64encode(self.png).decode()
+        selected = getattr(fig, "mtlab_selected", None)
+        pts = sorted(getattr(fig, "mtlab_points", []), key=lambda p: p[2] == selected)   # the ringed one on top
+        dots = "".join(f"<i class='mtlab-pt{' mtlab-pt-selected' if p == selected else ''}' "
+                       f"data-plan='{html.escape(p)}' title='{html.escape(tip)}' "
+                       f"style='left:{x:.1f}px;top:{y:.1f}px'></i>" for x, y, p, tip in pts)
+        self.image.value = (
+            "<style>.mtlab-pt{position:absolute;width:12px;height:12px;margin:-6px 0 0 -6px;border-radius:50%;"
+            "cursor:help}.mtlab-pt:hover{outline:1px solid #555}</style>"
+            f"<div class='mtlab-picture' style='position:relative;width:{w}px;height:{h}px;line-height:0'>"
+            f"<img src='data:image/png;base64,{img}' width='{w}' height='{h}' style='display:block' "
+            f"alt='{html.escape(self._caption(selected))}'>{dots}</div>")
+
+    # ---- export ----------------------------------------------------------------------------
+    def pick(self) -> Plan:
+        if self._key is None:
+            raise ValueError("the controls show no valid plan: fix the plan first (see the message above)")
+        return self.plan
+
+    def export_code(self, plan, directory: str) -> str:
+        if self.code is not None:
+            return self.code(str(plan), directory)
+        return super().export_code(str(plan), directory)
 
 
-__all__ = ["AssemblyExplorer", "STRATEGIES", "COVERED", "ON_DEMAND", "PLOT_POINTS"]
+def _place_teacher_label(fig, ax, ring) -> None:
+    """Move `frontier_plot`'s "teacher" label to the first offset whose text box is clear of the ring
+    round the selected plan (at `ring`, pixels from the top left) and inside the axes."""
+    label = next((t for t in ax.texts if t.get_text() == "teacher"), None)
+    if label is None:
+        return
+    xy = label.xy
+    label.remove()
+    renderer = fig.canvas.get_renderer()
+    h = fig.bbox.height
+    r = RING_PT * fig.dpi / 72 + 3   # the ring's radius and line, pixels
+    box = ax.get_window_extent(renderer)
+    offsets = [(4, 4), (10, 9), (10, -16), (-46, 9), (-46, -16), (16, 20), (16, -28), (-46, 22), (24, 2)]
+    for k, off in enumerate(offsets):
+        t = ax.annotate("teacher", xy, textcoords="offset points", xytext=off, fontsize=8)
+        e = t.get_window_extent(renderer)
+        clear = ring is None or _clear(e, (ring[0], h - ring[1]), r)
+        inside = e.x0 >= box.x0 and e.x1 <= box.x1 and e.y0 >= box.y0 and e.y1 <= box.y1
+        if (clear and inside) or k == len(offsets) - 1:
+            return
+        t.remove()
+
+
+def _clear(extent, centre, radius: float) -> bool:
+    """Whether a text box (display pixels) keeps out of a circle."""
+    cx = min(max(centre[0], extent.x0), extent.x1)
+    cy = min(max(centre[1], extent.y0), extent.y1)
+    return math.hypot(cx - centre[0], cy - centre[1]) > radius
+
+
+__all__ = ["AssemblyExplorer", "CUSTOM", "COVERED", "ON_DEMAND", "PLOT_POINTS", "strategy_options", "ratio_options",
+           "plan_slug"]

@@ -1,9 +1,12 @@
 """A background worker that always computes the LATEST request: a request submitted while another
 runs replaces any still waiting (a slider dragged across five positions costs at most two
-computations, not five), and the kernel stays free to receive the next control change."""
+computations, not five), and the kernel stays free to receive the next control change. With a
+`delay`, a request starts only once no newer one arrived for `delay` seconds (a debounce): a burst of
+control changes is computed once, for its last state."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, Hashable
 
 
@@ -11,10 +14,12 @@ class LatestWorker:
     """Runs `fn(request)` on one daemon thread, newest request first, older waiting ones dropped.
 
     `fn` must catch its own errors (an exception escaping it is kept in `errors` and the worker goes on).
-    `pending` and `running` tell what is queued and what is being computed now."""
+    `pending` and `running` tell what is queued and what is being computed now; `delay` (seconds) is the
+    quiet time a request waits for a newer one before it starts."""
 
-    def __init__(self, fn: Callable[[Hashable], None], name: str = "mtlab-worker"):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[[Hashable], None], name: str = "mtlab-worker", delay: float = 0.0):
+        self.fn, self.name, self.delay = fn, name, delay
+        self._submitted = 0.0
         self.pending = self.running = None
         self.errors: list[BaseException] = []
         self._cv = threading.Condition()
@@ -23,6 +28,7 @@ class LatestWorker:
     def submit(self, request: Hashable) -> None:
         with self._cv:
             self.pending = request
+            self._submitted = time.monotonic()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
@@ -44,6 +50,10 @@ class LatestWorker:
                     self._thread = None
                     self._cv.notify_all()
                     return
+                quiet = self._submitted + self.delay - time.monotonic()
+                if quiet > 0:   # a newer request may still come: wait for the burst to end
+                    self._cv.wait(quiet)
+                    continue
                 self.running, self.pending = self.pending, None
             try:
                 self.fn(self.running)

@@ -1,6 +1,8 @@
 """The merge-set explorer: FF windows per stack scored on demand (on a worker thread, newest state
-first), keyed by their exact specs so a result for an older state never reaches the screen, next to
-the original model and layer pruning at the closest size not larger."""
+first, a burst of control changes drawn once for its last state), keyed by their exact specs so a result
+for an older state never reaches the screen, next to the original model and layer pruning at the
+closest size not larger, with a verdict; every number is before recovery. The merge on screen can be
+pinned, compared and exported."""
 from __future__ import annotations
 
 import html
@@ -15,7 +17,13 @@ from ..merging.methods import get_merge_method, merge_methods
 from ..merging.spec import MergeSpec, PruneSpec
 from .explorer import Explorer, PlotFigure, wrap_layout
 from .latest import LatestWorker
-from .readout import BUSY, fmt_metric, fmt_params, fmt_size, metric_keys, metric_label, table
+from .readout import BUSY, INVALID, fmt_metric, fmt_params, fmt_size, lower_is_better, metric_keys, metric_label, table
+
+DEBOUNCE = 0.25   # seconds without a newer control change before the worker draws a state
+BEFORE_RECOVERY = ("before recovery: the merged and the pruned model as built, not fine-tuned (recovery, notebook 04, "
+                   "changes both)")
+UPDATING = "updating\u2026 (the controls changed)"
+_INVALID = "invalid"   # the worker's request for an invalid state: draw the plot without outline
 
 
 def _busy_line(specs) -> str:
@@ -47,12 +55,17 @@ class MergeExplorer(Explorer):
     the exact spec list. `params(specs) -> int`: the parameter count of a spec list without scoring
     it, used to pick the pruning comparison (without it: `prune_blocks(stack, a, b)` blocks per
     window, default b - a, and the read-out says when that is larger than the merge).
-    `background=True` scores on a worker thread (the notebook's choice; tests call `wait()`)."""
+    `background=True` draws and scores on a worker thread (the notebook's choice; tests call `wait()`):
+    a control change only marks the read-out and the outline as updating, and the worker draws once no
+    newer change came for `delay` seconds, so a burst is drawn once, for its last state, and no
+    intermediate spec reaches the read-out. `build(specs) -> model` (optional) makes the Export button
+    work (`task`: its tokenizer is exported too); `code(specs, folder) -> str` is the code shown after it."""
 
     def __init__(self, similarity: Mapping[str, pd.DataFrame], depths: Mapping[str, int],
                  evaluate: Callable[[list[str]], dict], prune_blocks: Callable[[str, int, int], int] | None = None,
                  *, params: Callable[[list[str]], int] | None = None, background: bool = False,
-                 similarity_label: str = "CKA of FF outputs"):
+                 similarity_label: str = "CKA of FF outputs", build: Callable[[list[str]], object] | None = None,
+                 task=None, code: Callable[[list[str], str], str] | None = None, delay: float = DEBOUNCE):
         import ipywidgets as W
 
         self.FIGSIZE = (0.9 + 3.9 * len(similarity), 3.6)   # one heatmap per stack, a colour bar
@@ -61,7 +74,8 @@ class MergeExplorer(Explorer):
         self.memo: dict[tuple, dict] = {}
         self._sizes: dict[tuple, int] = {}
         self._eval_lock = threading.Lock()
-        self.worker = LatestWorker(self._compute, "mtlab-merge-explorer") if background else None
+        self.build, self.task, self.code = build, task, code
+        self.worker = LatestWorker(self._work, "mtlab-merge-explorer", delay=delay) if background else None
         self.shown: MergeState | None = None   # the state the read-out, plot and outline show
         self.controls = {}
         rows = []
@@ -82,8 +96,10 @@ class MergeExplorer(Explorer):
             self.controls[s] = {"on": on, "range": rng, "anchor": anchor, "method": method}
             rows.append(W.HBox([on, rng, anchor, method]))
         self._outputs()
-        self.widget = W.VBox([*rows, self.error, self.status, W.HBox([self.readout, self.plot], layout=wrap_layout()),
-                              self.history_view])
+        self.export_dir.value = "exports/merge"
+        self.widget = self._live(W.VBox([*rows, self.error, self.status,
+                                         W.HBox([self.readout, self.plot], layout=wrap_layout()), *self._actions(),
+                                         self.history_view]))
         first = next(iter(self.depths))
         self.controls[first]["on"].value = True   # triggers the first update
 
@@ -146,9 +162,30 @@ class MergeExplorer(Explorer):
                 self.memo[key] = dict(self.evaluate_fn(list(key)))
         return self.memo[key]
 
+    def _work(self, st: MergeState | str) -> None:
+        """The worker's job: draw `st` (unless a newer state replaced it), then score what it needs."""
+        with self._lock:
+            if (st is _INVALID and self.shown is not None) or (st is not _INVALID and st != self.shown):
+                return   # the controls moved on: their own request is queued
+        try:
+            fig = self.figure(selected=False) if st is _INVALID else \
+                self.figure(windows={s: (a, b) for s, a, b in st.windows})   # slow: outside the lock
+        except Exception as e:  # noqa: BLE001 - shown in the error line, never lost in a thread
+            with self._lock:
+                self._message(f"drawing failed: {type(e).__name__}: {e}")
+            return
+        with self._lock:
+            if (st is _INVALID and self.shown is not None) or (st is not _INVALID and st != self.shown):
+                return
+            self._show(fig)
+            if st is _INVALID:
+                return
+            if self._land_now(st):
+                return
+        self._compute(st)
+
     def _compute(self, st: MergeState) -> None:
-        """Score what `st` needs (the worker's job); draw each part as soon as it is known, if `st` is
-        still the state on screen."""
+        """Score what `st` needs; draw each part as soon as it is known, if `st` is still the state on screen."""
         try:
             for key in st.keys():
                 if key not in self.memo:
@@ -189,7 +226,9 @@ class MergeExplorer(Explorer):
             c["anchor"].disabled = off or not get_merge_method(c["method"].value).needs_correlations
 
     def _update(self) -> None:
-        """Any control changed: draw the new state at once (outline; read-out from the memo or "computing")."""
+        """Any control changed. Without a worker: draw the new state at once (outline; read-out from the
+        memo or "computing"). With one: mark the read-out and outline as updating (no spec: the state may
+        be an intermediate one of a burst) and let the worker draw the latest state."""
         with self._lock:
             self._sync_controls()
             self.error.value = ""
@@ -197,22 +236,39 @@ class MergeExplorer(Explorer):
                 st = self.state()
             except (ValueError, KeyError) as e:
                 self.shown = None
-                self._invalid(str(e.args[0] if e.args else e))
+                if self.worker is None:
+                    self._invalid(str(e.args[0] if e.args else e))
+                    return
+                self._message(str(e.args[0] if e.args else e))
+                self.readout.value = f"<i>{INVALID}</i>"
+                self.status.value, self._key = "", None
+                self.caption.value = "<small>outlined: updating\u2026</small>"
+                self.worker.submit(_INVALID)
                 return
             self.shown = st
+            if self.worker is not None:
+                self._key = None
+                self.readout.value = table({"merge": UPDATING})
+                self.caption.value = "<small>outlined: updating\u2026</small>"
+                self.status.value = f"<span class='mtlab-busy' style='color:#a60'>&#9203; {UPDATING}</span>"
+                self.worker.submit(st)
+                return
             self._show(self.figure(windows={s: (a, b) for s, a, b in st.windows}))
-            if not st.merge:
-                self.readout.value = table({"merge": "nothing selected: tick a stack"})
-                self.status.value = ""
+            if self._land_now(st):
                 return
-            self._land(st)
-            if all(k in self.memo for k in st.keys()):
-                return
-            self.status.value = _busy_line(st.merge)
-        if self.worker is not None:
-            self.worker.submit(st)
-        else:
-            self._compute(st)
+        self._compute(st)
+
+    def _land_now(self, st: MergeState) -> bool:
+        """Show `st`'s read-out from the memo (lock held); True when nothing is left to score."""
+        if not st.merge:
+            self.readout.value = table({"merge": "nothing selected: tick a stack"})
+            self.status.value = ""
+            return True
+        self._land(st)
+        if all(k in self.memo for k in st.keys()):
+            return True
+        self.status.value = _busy_line(st.merge)
+        return False
 
     # ---- read-outs -----------------------------------------------------------------------------
     def readouts(self) -> dict[str, str]:
@@ -242,17 +298,20 @@ class MergeExplorer(Explorer):
                         for k in metrics})
             return out
 
-        out: dict[str, str | list[str]] = {"merge": list(st.merge)}
+        out: dict[str, str | list[str]] = {"merge": list(st.merge), "numbers": BEFORE_RECOVERY}
         out.update(rows("original", o))
         out.update(rows("merged", m))
         if not st.prune:
             out["layer pruning"] = st.prune_note or "none"
+            out["verdict (before recovery)"] = "none: no layer pruning inside the windows to compare with"
             return out
         out["layer pruning"] = list(st.prune)
         out["pruning compared at"] = st.prune_note
         out.update(rows("pruned", p))
         if m is not None and p is not None and p["params"] > m["params"]:
             out["pruned parameters"] += f" - LARGER than the merged model ({fmt_params(m['params'])})"
+        out["verdict (before recovery)"] = verdict(o, m, p, metrics, label) if m is not None and p is not None \
+            else BUSY
         return out
 
     def _history_row(self, st: MergeState) -> dict:
@@ -273,6 +332,29 @@ class MergeExplorer(Explorer):
         if () in self.memo:
             df.attrs["original"] = dict(self.memo[()])
         return df
+
+    # ---- acting on a pick ----------------------------------------------------------------------
+    def pick(self) -> list[str]:
+        with self._lock:
+            if self.shown is None or not self.shown.merge:
+                raise ValueError("the controls show no merge: tick a stack and choose a window of 2 or more layers")
+            return list(self.shown.merge)
+
+    def pick_text(self, specs) -> str:
+        return "; ".join(specs)
+
+    def export_code(self, specs, directory: str) -> str:
+        if self.code is not None:
+            return self.code(list(specs), directory)
+        return super().export_code(list(specs), directory)
+
+    def export_note(self) -> str:
+        return " (before recovery: the merged model as built, not fine-tuned; tied FF sublayers are written as copies)"
+
+    def static_copy(self):
+        """The read-out (scored now, blocking) and the heatmap as a rendered page shows them; hidden in
+        JupyterLab while this explorer is live."""
+        return super().static_copy(readout=self.readouts())
 
     @staticmethod
     def _caption(wins) -> str:
@@ -305,3 +387,26 @@ class MergeExplorer(Explorer):
 
 
 __all__ = ["MergeExplorer", "MergeState"]
+
+
+def verdict(o: dict | None, m: dict, p: dict, metrics: list[str], label: Mapping[str, str]) -> str:
+    """Merge against layer pruning on the first metric (lower is better for error rates): which is better
+    by how much, and the parameters each removes (pruning is chosen at the closest size not larger)."""
+    if not metrics:
+        return "no metric to compare"
+    k = metrics[0]
+    a, b = m.get(k), p.get(k)
+    if a is None or b is None:
+        return "no score to compare"
+    gap = (b - a) if lower_is_better(k) else (a - b)   # > 0: the merge is better
+    name = label.get(k, k)
+    if round(abs(gap), 2) == 0:
+        text = f"tie on {name} ({a:.2f} both)"
+    else:
+        text = f"{'merge' if gap > 0 else 'layer pruning'} better by {abs(gap):.2f} on {name} ({a:.2f} merged, {b:.2f} pruned)"
+    if o and o.get("params"):
+        rm, rp = (100 * (1 - r["params"] / o["params"]) for r in (m, p))
+        text += f"; parameters removed: merge {rm:.1f}%, pruning {rp:.1f}%"
+        if p["params"] > m["params"]:
+            text += " (pruning removes fewer: not an equal-size comparison)"
+    return text

@@ -77,26 +77,54 @@ def header(column: str) -> str:
     return prefix + (metric_label(column) if known else column.replace("_", " "))
 
 
-def frame_html(df, caption: str) -> str:
+def separating_digits(values, start: int = 2, most: int = 6) -> int:
+    """The fewest decimals (at least `start`) at which distinct values also print distinct: two picks whose
+    NLL differs in the 4th decimal never read the same."""
+    vals = sorted({float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    for d in range(start, most + 1):
+        if len({f"{v:.{d}f}" for v in vals}) == len(vals):
+            return d
+    return most
+
+
+def cell_text(v, digits: int = 2) -> str:
+    """A table cell: floats with `digits` decimals, integers with thousands separators, NaN/None empty."""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:,.{digits}f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def frame_html(df, caption: str, digits: Mapping[str, int] | None = None) -> str:
     """A small DataFrame as an HTML table with a caption (the explorers' history): headed by `header`,
-    numbers with 2 decimals, a list of specs one per line, nothing broken inside a word."""
+    floats with `digits[column]` decimals (default 2), more where two distinct values would print the same,
+    a list of specs one per line, nothing broken inside a word. Headings wrap, so the table stays narrow."""
     if df is None or not len(df):
         return ""
+    digits = digits or {}
+    places = {c: separating_digits(df[c], digits.get(c, 2)) if df[c].dtype.kind == "f" else 0 for c in df.columns}
 
-    def cell(v) -> str:
-        if isinstance(v, float):
-            text = "" if math.isnan(v) else f"{v:,.2f}"
-        elif isinstance(v, int) and not isinstance(v, bool):
-            text = f"{v:,}"
-        else:
-            text = "" if v is None else str(v)
-        lines = [html.escape(x) for x in text.split("; ")]
-        return "<td style='white-space:nowrap;padding:0 .6em;vertical-align:top'>" + "<br>".join(lines) + "</td>"
+    def cell(v, c) -> str:
+        lines = [html.escape(x) for x in cell_text(v, places[c]).split("; ")]
+        return "<td style='white-space:nowrap;padding:0 .5em;vertical-align:top'>" + "<br>".join(lines) + "</td>"
 
-    head = "".join(f"<th style='padding:0 .6em;white-space:nowrap'>{html.escape(header(c))}</th>" for c in df.columns)
-    rows = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in df.itertuples(index=False))
+    head = "".join(f"<th style='padding:0 .5em;vertical-align:bottom;max-width:9em'>{html.escape(header(c))}</th>"
+                   for c in df.columns)
+    rows = "".join("<tr>" + "".join(cell(v, c) for v, c in zip(r, df.columns)) + "</tr>"
+                   for r in df.itertuples(index=False))
     return (f"<div style='font-size:90%;overflow-x:auto'><b>{html.escape(caption)}</b>"
             f"<table><tr>{head}</tr>{rows}</table></div>")
+
+
+#: metrics where lower is better (error rates, losses); every other metric: higher is better
+LOWER_IS_BETTER = {"per", "wer", "cer", "nll", "loss", "ppl", "perplexity"}
+
+
+def lower_is_better(key: str) -> bool:
+    """'dev_per' -> True, 'dev_bleu' -> False."""
+    split, _, name = key.partition("_")
+    return (name if name and split in SPLITS else key) in LOWER_IS_BETTER
 
 
 def figure_png(fig, dpi: int = DPI) -> bytes:
