@@ -33,3 +33,22 @@ def tiny_t5(g2p_task):
     torch.manual_seed(0)
     return build_teacher(g2p_task.tokenizer, TeacherConfig(d_model=16, d_ff=32, num_heads=2, num_layers=2,
                                                            num_decoder_layers=2, dropout=0.1))
+
+
+@pytest.fixture(scope="session")
+def smoke_report(tmp_path_factory):
+    """Every notebook run and rendered ONCE per session in the smoke profile by make report's engine
+    (reports/*.html, index.html, notebooks.csv with each notebook's status), shared by test_notebooks.py,
+    test_pages.py and test_report_format.py. MTLAB_SMOKE_REPORT=DIR reuses a report already rendered there."""
+    from pathlib import Path
+
+    from mtlab.notebooks import ReportError, run_notebooks
+
+    if os.environ.get("MTLAB_SMOKE_REPORT"):
+        return Path(os.environ["MTLAB_SMOKE_REPORT"])
+    out = tmp_path_factory.mktemp("smoke-report")
+    try:
+        run_notebooks(out, "smoke")
+    except ReportError:
+        pass  # each notebook's test reads its status from notebooks.csv and fails there
+    return out

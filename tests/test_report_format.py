@@ -39,6 +39,58 @@ def test_fmt_keeps_only_the_columns_asked_and_names_a_missing_one():
         fmt(df, ["nope"])
 
 
+def test_fmt_formats_every_unit_and_says_why_a_value_is_missing():
+    """Issue 27 item 4: learning rates as 1e-4 (not 0.000), seconds with the digits that matter, shares
+    (EOS rate, loops) as percent, WER gaps in points, metrics of a ratio (`dev_per_1.5x`) as percent, and a
+    missing value as its reason, never "NaN" or blank."""
+    df = pd.DataFrame({"plan": ["a", "b"], "recovery_lr": [1e-4, 2.5e-4], "train_seconds": [1234.5, 0.25],
+                       "eos_rate": [0.9375, 1.0], "wer_gap": [2.34, -0.5], "dev_per_1.5x": [14.47, float("nan")],
+                       "speedup_b64": [float("nan"), 1.5], "test_wer@50": [41.0, float("nan")],
+                       "max_logit_diff": [1.2e-6, 0.0], "params_stored": [280000, 280000]})
+    assert cells(fmt(df)) == [["a", "1e-4", "1,234", "93.8", "+2.3", "14.5", "not timed", "41.0", "1.2e-06", "0.28"],
+                              ["b", "2.5e-4", "0.25", "100.0", "-0.5", "not scored", "1.50", "not run", "0", "0.28"]]
+    page = fmt(df).to_html()
+    for text in ("recovery lr", "EOS rate (%)", "WER gap (points)", "dev PER (%) at 1.5x", "params as stored (M)"):
+        assert f">{text}</th>" in page, text
+    assert cells(fmt(df[["plan", "speedup_b64"]], missing="timing skipped")) == [["a", "timing skipped"], ["b", "1.50"]]
+    assert cells(fmt(pd.DataFrame({"target": [0.1]}), units={"target": "fraction"})) == [["10.0"]]
+    shown = fmt(df, ["plan", "recovery_lr"], csv="x.csv").to_html()
+    assert "2 of 2 rows, 2 of 10 columns" in shown and "<a href='x.csv'>x.csv</a>" in shown
+
+
+def test_settings_replace_a_series_dump():
+    from mtlab.profiles import get_profile
+    from mtlab.ui.tables import settings
+
+    page = settings(get_profile("smoke").merging, name="profile smoke").to_html()
+    assert "dtype" not in page and "NaN" not in page and ">profile smoke</th>" in page
+    assert ">3e-4<" in page or ">1e-4<" in page or ">5e-4<" in page  # recovery_lr as written in a config
+
+
+def test_export_table_and_conclusion_show_unique_and_stored_parameters():
+    """Issue 27 item 9: a merged model exported as plain transformers stores its tied FF weights as copies;
+    the table and the conclusion give both counts instead of the stored one alone."""
+    import torch
+
+    from mtlab.experiments import your_model as ym
+
+    class Task:
+        primary_metric, higher_is_better = "ppl", False
+
+    ladder = pd.DataFrame({"plan": ["layers=4"], "params": [280000], "params_ratio": [1.0], "stack_ratio": [1.0],
+                           "ideal_speedup": [1.0], "dev_ppl": [10.0], "dev_tokens": [707]})
+    table = pd.DataFrame({"model": ["original", "merged"], "params": [280000, 263500], "recovery_steps": [0, 0],
+                          "dev_ppl": [10.0, 12.0]})
+    merge = ym.MergeResult("layers:0-1@middle/permute", pd.DataFrame(), table, torch.nn.Linear(1, 1), pd.DataFrame())
+    exported = pd.DataFrame({"model": ["merged layers:0-1"], "reload_with": ["GPT2LMHeadModel"],
+                             "params_unique": [263500], "params_stored": [280000], "dev_ppl": [12.0],
+                             "dev_ppl_reloaded": [12.0], "max_logit_diff": [0.0]})
+    text = ym.conclusion(ladder, merge, pd.DataFrame({"plan": ["layers=4"], "on_frontier": [True]}), exported, Task())
+    assert "tied weights are written as copies, so the folder holds 0.28 M parameters" in text
+    assert "0.26 M unique parameters (5.9% fewer)" in text
+    assert label("params_unique") == "unique params (M)" and label("params_stored") == "params as stored (M)"
+
+
 def test_every_csv_names_the_share_removed_params_removed_frac():
     from mtlab.experiments import merging
 
@@ -189,11 +241,11 @@ def test_index_opens_with_the_headline_tables_and_fetches_nothing(tmp_path):
 # ---------------------------------------------------------------------------
 # one notebook rendered in the smoke profile through make report's engine
 
-def test_smoke_rendered_notebook_shows_no_machine_path(tmp_path):
+@pytest.mark.timeout(3600)
+def test_smoke_rendered_notebook_shows_no_machine_path(smoke_report):
     from mtlab.cache import cache_root
-    from mtlab.notebooks import run_notebooks
 
-    run_notebooks(tmp_path, "smoke", only=["00_teacher"])
+    tmp_path = smoke_report  # every notebook rendered once per session (conftest.py)
     page = (tmp_path / "00_teacher.html").read_text()
     curve = page[page.index("Training curve"):page.index("Phone and word error rates")]
     assert "<img" in curve, "the training curve is not shown"  # issue 27 item 5

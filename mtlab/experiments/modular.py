@@ -529,3 +529,20 @@ def plot_learning_curves(curves: pd.DataFrame, metric: str = "dev_wer"):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---- what notebook 02 shows (issue 27 item 4): compact views of the tables; modular.csv keeps every column ----
+
+TABLE_VIEW = ["method", "strategy", "plan", "params", "ratio", "speedup_b64", "test_wer", "test_per", "test_n",
+              "rel_word_acc", "len_ratio"]  # what the conclusion reads, and the size and speed of each row
+HEAD_TO_HEAD_VIEW = ["ratio", "modules_plan", "modules_test_wer", "modules_test_per", "baseline", "baseline_test_wer",
+                     "baseline_test_per", "wer_gap", "per_gap"]
+ABLATION_VIEW = ["variant", "steps", "batch_size"] + [f"dev_{m}_{r}" for r in ("1.5x", "2x", "3x", "6x")
+                                                       for m in ("per", "wer")] + ["len_ratio_6x"]
+
+
+def strategy_view(h2h: pd.DataFrame, strategies=RULE_STRATEGIES + ("screened",)) -> list[str]:
+    """The columns of `head_to_head` that compare the assembly strategies: per ratio, each strategy's
+    plan and its test WER and PER (the verdict against the baselines is HEAD_TO_HEAD_VIEW)."""
+    cols = ["ratio"] + [f"{s}_{c}" for s in strategies for c in ("plan", "test_wer", "test_per")]
+    return [c for c in cols if c in h2h.columns]

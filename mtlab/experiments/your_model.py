@@ -376,10 +376,13 @@ def _in_task_units(screened: pd.DataFrame, task) -> pd.DataFrame:
 
 
 def assembly_explorer_for(model: nn.Module, bank, screened: pd.DataFrame):
-    """The assembly explorer (`mtlab.widgets.AssemblyExplorer`) over a screened table of this model's bank."""
+    """The assembly explorer (`mtlab.widgets.AssemblyExplorer`) over a screened table of this model's bank;
+    in a kernel it first shows `live_note` (live in JupyterLab; blank on a rendered page)."""
     from ..modular import block_params
     from ..widgets import AssemblyExplorer
+    from .explore import live_note
 
+    live_note("assembly explorer")
     return AssemblyExplorer(screened, stack_depths(model), bank.granularities, block_params(model))
 
 
@@ -395,7 +398,8 @@ def _per_stack(matrix: pd.DataFrame, stacks) -> dict[str, pd.DataFrame]:
 def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, *, background: bool = True):
     """The merge-set explorer (`mtlab.widgets.MergeExplorer`) on this model: the CKA heatmap per stack
     (`similarity`), merges built on demand with correlations computed once per layer pair, scored on
-    `eval_limit` dev examples by the task's primary metric, layer pruning at the closest size."""
+    `eval_limit` dev examples by the task's primary metric, layer pruning at the closest size; in a kernel
+    it first shows `live_note` (live in JupyterLab; blank on a rendered page)."""
     from ..merging.correlations import CorrelationCache
     from ..measure import count_params
     from ..ui.spec_sizes import SpecSizes
@@ -416,6 +420,9 @@ def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, 
     depths = stack_depths(model)
     left_out = cka.attrs.get("config", {}).get("tokens_left_out", "none")
     label = "CKA of FF outputs (train tokens" + (", special tokens left out)" if left_out == "special tokens" else ")")
+    from .explore import live_note
+
+    live_note("merge-set explorer")
     return MergeExplorer(_per_stack(cka, depths), depths, evaluate, params=SpecSizes(model), background=background,
                          similarity_label=label)
 
@@ -440,8 +447,11 @@ def reload_plain(directory: str | Path) -> nn.Module:
 
 def export_and_reload(models: dict[str, nn.Module], task, root: str | Path, profile=None) -> pd.DataFrame:
     """Export each model (`mtlab.export.export`) to root/NAME, reload it with plain transformers and
-    score both on dev: one row per model with its folder (relative to root), the Auto class, parameters,
-    the two scores and the largest logit difference on one dev batch."""
+    score both on dev: one row per model with its folder (relative to root), the Auto class, its unique
+    parameters (`params_unique`: tied weights once, the saving a merge makes) and the parameters as stored
+    (`params_stored`: a plain architecture has no tied FF sublayers, so the export writes each tied weight
+    as a copy and the folder holds the original's count), the two scores and the largest logit
+    difference on one dev batch."""
     from ..export import export
     from ..measure import count_params
 
@@ -455,8 +465,11 @@ def export_and_reload(models: dict[str, nn.Module], task, root: str | Path, prof
             plain = reload_plain(path)
         with torch.no_grad():
             diff = float((net.eval()(**batch).logits - plain(**batch).logits).abs().max())
+        unique, stored = count_params(net), count_params(plain)
         rows.append({"model": name, "folder": path.name, "reload_with": type(plain).__name__,
-                     "params": count_params(plain), metric: _dev(net, task, limit)[metric],
+                     "params_unique": unique, "params_stored": stored,
+                     "stored_as": "tied weights written as copies" if stored > unique else "as built",
+                     metric: _dev(net, task, limit)[metric],
                      f"{metric}_reloaded": _dev(plain, task, limit)[metric], "max_logit_diff": diff})
     return pd.DataFrame(rows)
 
@@ -501,6 +514,13 @@ def conclusion(ladder: pd.DataFrame, merge: MergeResult, screened: pd.DataFrame,
     shown = ", ".join(front.plan[:8]) + (f" and {len(front) - 8} more" if len(front) > 8 else "")
     lines.append(f"{len(screened)} assemblies screened (teacher-forced NLL); {len(front)} on the speed/NLL frontier: "
                  f"{shown}.")
+    copies = exported[exported.params_stored > exported.params_unique] if "params_stored" in exported else exported[:0]
+    for r in copies.itertuples():
+        lines.append(f"{r.model} is exported as plain {r.reload_with}, which has no shared FF sublayers: the tied "
+                     f"weights are written as copies, so the folder holds {r.params_stored / 1e6:.2f} M parameters; "
+                     f"the model has {r.params_unique / 1e6:.2f} M unique parameters "
+                     f"({100 * (1 - r.params_unique / r.params_stored):.1f}% fewer), the saving of a runtime that "
+                     "shares them (mtlab.merging.load_merged).")
     same = (exported[m] - exported[f"{m}_reloaded"]).abs() <= 1e-6 * exported[m].abs().clip(lower=1)
     lines.append(f"{len(exported)} models exported; plain transformers reloads them "
                  f"({', '.join(sorted(set(exported.reload_with)))}) with "
