@@ -42,7 +42,6 @@ Layer choice rules, for a stack of n layers cut to `depth` (0-based layer indice
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import random
 from contextlib import ExitStack, contextmanager
@@ -53,10 +52,14 @@ from typing import Callable, Iterable, Mapping
 import pandas as pd
 from torch import nn
 
+from .block_influence import RULES as SCORE_RULES, block_scores, calibration_batches, choose_kept
 from .candidate import Budget, Candidate
 from .checkpoint import atomic_dir, write_json
 from .distill import DistillConfig, distill_loss
+from .keys import config_hash
 from .measure import count_params
+from .merging.spec import layer_runs
+from .registry import Registry
 from .surgery import drop_blocks, first_block_state_lent, stack_blocks, stack_depths, swapped
 from .tasks.base import Seq2SeqTask
 from .train import EvalFn, RunMismatchError, TrainConfig, config_diff, on_main_process, train
@@ -364,7 +367,7 @@ def default_run_dir(name: str, key: dict) -> Path:
     holds the depths only: the same folder for another model or data is refused when it is reused
     (each run records its teacher's and its student's weights hashes and its data's hash, and raises
     `mtlab.train.RunMismatchError` naming the field), never resumed."""
-    return Path("runs") / name / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path("runs") / name / config_hash(key, algorithm="sha256")
 
 
 @dataclass(frozen=True)
@@ -379,38 +382,44 @@ class BaselineBudget:
 
 
 Recipe = Callable[[nn.Module, Seq2SeqTask, BaselineBudget], list[Candidate]]
-_BASELINES: dict[str, Recipe] = {}
+
+#: every baseline recipe, with what the studies read: label, kind (the frontier's group: the name), rank
+#: (reading order: shipped run names and table rows), trains_per_depth (one run per target depth, or one
+#: run cut to every depth), the task kinds it trains on, `keep_rule` (a fixed layer choice rule of
+#: KEEP_RULES, which an embedding study re-trains with its own loss), `bundled` (shipped for the bundled
+#: teacher under data/baselines)
+BASELINES: Registry[Recipe] = Registry("baseline", "@mtlab.baselines.baseline(name)")
 
 
-def baseline(name: str) -> Callable[[Recipe], Recipe]:
+def baseline(name: str, *, label: str | None = None, rank: int | None = None, trains_per_depth: bool = True,
+             tasks=("seq2seq", "causal_lm"), description: str | None = None, **meta) -> Callable[[Recipe], Recipe]:
     """Decorator: register `recipe(teacher, task, budget) -> [Candidate, ...]` as baseline `name`: each
     candidate has its method, strategy, spec (the kept layers as text), model and `Budget` (a run shared
-    by several models counts once). `build_baselines` and the experiments run every registered recipe."""
+    by several models counts once). `build_baselines` and the experiments run every registered recipe.
+    The keywords are the entry's metadata in `BASELINES` (kind: the name; see `mtlab.registry.Entry`)."""
     def register(fn: Recipe) -> Recipe:
-        _BASELINES[name] = fn
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        BASELINES.add(name, fn, label=label or name, kind=name, rank=rank, trains_per_depth=bool(trains_per_depth),
+                      tasks=tasks, description=description or doc, **meta)
         return fn
 
     return register
 
 
 def baselines() -> tuple[str, ...]:
-    """The registered baselines, in registration order (built in: layer_drop, sft, layerdrop)."""
-    return tuple(_BASELINES)
+    """The registered baselines, in registration order (built in: layer_drop, sft, layerdrop, block_influence)."""
+    return BASELINES.names()
 
 
 def unregister_baseline(name: str) -> None:
-    _BASELINES.pop(name, None)
+    BASELINES.unregister(name)
 
 
 def build_baselines(teacher: nn.Module, task: Seq2SeqTask, budget: BaselineBudget,
                     names: Iterable[str] | None = None) -> list[Candidate]:
     """The candidates of every registered baseline recipe (`names`, default all), in registry order."""
-    names = baselines() if names is None else tuple(names)
-    unknown = [n for n in names if n not in _BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; use {baselines()} or register one with "
-                         "@mtlab.baselines.baseline(name)")
-    return [row for n in names for row in _BASELINES[n](teacher, task, budget)]
+    names = baselines() if names is None else BASELINES.check(names, "baseline")
+    return [row for n in names for row in BASELINES.get(n)(teacher, task, budget)]
 
 
 def run_cost(log: pd.DataFrame) -> Budget:
@@ -425,7 +434,8 @@ def kept_text(log: pd.DataFrame) -> str:
     return " ".join(f"{s[0]}={','.join(map(str, v))}" for s, v in keep.items())
 
 
-@baseline("layer_drop")
+@baseline("layer_drop", label="layer dropping + fine-tune", rank=2, trains_per_depth=True, keep_rule="alternate",
+          bundled=True)
 def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """Sajjad et al.'s alternate dropping to each depth, then a distillation fine-tune."""
     out = []
@@ -437,7 +447,7 @@ def _layer_drop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]
     return out
 
 
-@baseline("sft")
+@baseline("sft", label="shrink and fine-tune", rank=1, trains_per_depth=True, keep_rule="spread", bundled=True)
 def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """DistilBART's shrink and fine-tune to each depth."""
     out = []
@@ -449,7 +459,7 @@ def _sft_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     return out
 
 
-@baseline("layerdrop")
+@baseline("layerdrop", label="LayerDrop", rank=3, trains_per_depth=False, bundled=True)
 def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     """LayerDrop: ONE fine-tune, pruned to every other layer and to each depth (counted once)."""
     d = stack_depths(teacher)
@@ -465,4 +475,38 @@ def _layerdrop_recipe(teacher, task, budget: BaselineBudget) -> list[Candidate]:
     return out
 
 
-from . import block_influence  # noqa: E402,F401  registers "block_influence" (ShortGPT's block influence)
+# ---------------------------------------------------------------------------
+# Depth pruning by a measured score (mtlab.block_influence), then the same fine-tune
+
+def score_recipe(rule: str = "bi", name: str | None = None) -> Recipe:
+    """A baseline recipe: score the teacher's blocks on the task's train split
+    (`mtlab.block_influence.block_scores`), keep the layers `rule` chooses at each of the budget's
+    depths (every stack), and fine-tune each student with the same distillation as layer_drop and sft
+    (one run per depth). Register another rule under its own name, e.g.
+    `baseline("angular_distance", rank=5)(score_recipe("angular"))`."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"unknown rule {rule!r}; use one of {SCORE_RULES}")
+    method = name or {"bi": "block_influence", "angular": "angular_distance"}[rule]
+
+    def recipe(teacher, task, budget):
+        scores = block_scores(teacher, calibration_batches(task, seed=budget.train.seed), progress=budget.progress)
+        out = []
+        for depth in budget.depths:
+            want = {s: depth for s in stack_depths(teacher)}
+            kept = choose_kept(scores, want, rule)
+            m, log = layer_drop(teacher, task, kept, budget.train, progress=budget.progress,
+                                out_dir=budget.run_dir(method, {"depths": want, "rule": rule, "keep": kept}))
+            log.attrs["config"]["scores"] = scores.to_dict("records")
+            dropped = {s: [i for i in range(n) if i not in kept[s]] for s, n in stack_depths(teacher).items()}
+            text = " ".join(f"{s}:{layer_runs(v)}" for s, v in dropped.items() if v)
+            out.append(Candidate(method, kept_text(log), m, rule, run_cost(log), info={"rule": rule, "dropped": text}))
+        return out
+
+    recipe.__name__ = f"_{method}_recipe"
+    what = "block influence (ShortGPT)" if rule == "bi" else "angular distance (Gromov et al.)"
+    recipe.__doc__ = f"Depth pruning by {what}, then a distillation fine-tune."
+    return recipe
+
+
+baseline("block_influence", label="block influence (ShortGPT) + fine-tune", rank=4, trains_per_depth=True,
+         score_rule="bi", bundled=False)(score_recipe("bi"))

@@ -19,8 +19,9 @@ single blocks (n = 1). `choose_kept` turns scores into the kept layers per stack
 into a pruned copy. The registered baseline "block_influence" (`mtlab.baselines`) drops the blocks
 chosen by BI at each of the budget's depths, then gives the student the same distillation
 fine-tune as layer_drop and sft (`mtlab.baselines.layer_drop` with the chosen layers).
-`score_recipe("angular")` makes the same recipe with the angular rule, to register under another
-name (`baseline("angular_distance")(score_recipe("angular"))`).
+`mtlab.baselines.score_recipe("angular")` makes the same recipe with the angular rule, to register
+under another name (`baseline("angular_distance")(score_recipe("angular"))`). This module imports
+no baseline code (`mtlab.baselines` imports it), so the two form no import cycle.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from torch import nn
 
 from .anatomy import anatomy
 from .capture import BatchConsumer, Capture
+from .surgery import drop_blocks, stack_depths
 
-__all__ = ["RULES", "block_scores", "block_influence", "choose_kept", "prune_by_score", "score_recipe",
+__all__ = ["RULES", "block_scores", "block_influence", "choose_kept", "prune_by_score",
            "calibration_batches", "CALIBRATION_TOKENS", "CALIBRATION_BATCH"]
 
 RULES = ("bi", "angular")
@@ -166,48 +168,6 @@ def choose_kept(scores: pd.DataFrame, depths: Mapping[str, int], rule: str = "bi
 
 def prune_by_score(model: nn.Module, scores: pd.DataFrame, depths: Mapping[str, int], rule: str = "bi") -> nn.Module:
     """A pruned copy of `model` keeping `choose_kept(scores, depths, rule)` (no training)."""
-    from .baselines import keep_only
-
-    return keep_only(model, choose_kept(scores, depths, rule))
-
-
-def score_recipe(rule: str = "bi", name: str | None = None) -> Callable:
-    """A baseline recipe (`mtlab.baselines.baseline`): score the teacher's blocks on the task's train
-    split, keep the layers `rule` chooses at each of the budget's depths (every stack), and fine-tune
-    each student with the same distillation as layer_drop and sft (one run per depth)."""
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; use one of {RULES}")
-    method = name or {"bi": "block_influence", "angular": "angular_distance"}[rule]
-
-    def recipe(teacher, task, budget):
-        from .baselines import kept_text, layer_drop, run_cost
-        from .candidate import Candidate
-        from .merging.spec import layer_runs
-        from .surgery import stack_depths
-
-        scores = block_scores(teacher, calibration_batches(task, seed=budget.train.seed), progress=budget.progress)
-        out = []
-        for depth in budget.depths:
-            want = {s: depth for s in stack_depths(teacher)}
-            kept = choose_kept(scores, want, rule)
-            m, log = layer_drop(teacher, task, kept, budget.train, progress=budget.progress,
-                                out_dir=budget.run_dir(method, {"depths": want, "rule": rule, "keep": kept}))
-            log.attrs["config"]["scores"] = scores.to_dict("records")
-            dropped = {s: [i for i in range(n) if i not in kept[s]] for s, n in stack_depths(teacher).items()}
-            text = " ".join(f"{s}:{layer_runs(v)}" for s, v in dropped.items() if v)
-            out.append(Candidate(method, kept_text(log), m, rule, run_cost(log), info={"rule": rule, "dropped": text}))
-        return out
-
-    recipe.__name__ = f"_{method}_recipe"
-    what = "block influence (ShortGPT)" if rule == "bi" else "angular distance (Gromov et al.)"
-    recipe.__doc__ = f"Depth pruning by {what}, then a distillation fine-tune."
-    return recipe
-
-
-def _register() -> None:
-    from .baselines import baseline
-
-    baseline("block_influence")(score_recipe("bi"))
-
-
-_register()
+    kept = choose_kept(scores, depths, rule)
+    n = stack_depths(model)
+    return drop_blocks(model, {s: [i for i in range(n[s]) if i not in k] for s, k in kept.items() if len(k) < n[s]})

@@ -4,59 +4,25 @@ Notebooks, benchmarks and `make report` share one cache directory (`$MTLAB_CACHE
 `cache/` at the repository root), so modules are trained once and tables computed once. The
 key includes everything that changes the result (the teacher's weights by content hash, the
 profile section, the code's config fields): an artifact from another teacher or config is
-never silently reused, it simply lives under another key.
+never silently reused, it simply lives under another key. The hash and the config diff are
+`mtlab.keys`' (the one of each); the paths are `mtlab.paths`' (re-exported here).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from .checkpoint import atomic_dir, write_csv, write_json
-from .teacher import ROOT
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MTLAB_CACHE", ROOT / "cache"))
-
-
-def shown(path: str | Path) -> str:
-    """A path as messages and reports show it: `cache/<kind>/<hash>/...` under the cache root, relative
-    to the repository under it (so reports carry no machine path); a path the caller chose elsewhere
-    is shown as given."""
-    p = Path(path).absolute()
-    for root, prefix in ((cache_root(), "cache"), (ROOT, "")):
-        try:
-            return str(Path(prefix, p.relative_to(Path(root).absolute())))
-        except ValueError:
-            continue
-    return str(path)
-
-
-def config_hash(config) -> str:
-    """Stable short hash of a JSON-able config (dict keys sorted; tuples read as lists)."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def file_hash(path: str | Path) -> str:
-    """Content hash of a file (e.g. the teacher's weights), read in chunks."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+from .keys import changed_fields, config_hash, file_hash
+from .paths import ROOT, TEACHER_DIR, cache_root, shown
 
 
 def teacher_hash() -> str:
     """Content hash of the bundled teacher's weights: the part of every cache key that ties an
     artifact to the teacher it was made from."""
-    from .teacher import TEACHER_DIR
-
     return file_hash(TEACHER_DIR / "model.safetensors")
 
 
@@ -70,15 +36,6 @@ def artifact_dir(kind: str, config: dict) -> Path:
     return d
 
 
-def _flat(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): json.dumps(obj, default=str)}
-
-
 def stale_note(kind: str, config: dict) -> str | None:
     """Why an existing artifact of `kind` is not reused: which config fields differ from the
     newest one (another teacher's weights, another profile, newer code). None if there is none."""
@@ -88,11 +45,10 @@ def stale_note(kind: str, config: dict) -> str | None:
     if not others:
         return None
     try:
-        old = _flat(json.loads(others[-1].read_text()))
+        old = json.loads(others[-1].read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    new = _flat(json.loads(json.dumps(config, default=str)))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = changed_fields(old, config)
     fields = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
     return (f"cache: {kind} for this config ({here}) is new; the cached one in {shown(others[-1].parent)} differs in "
             f"{fields or 'nothing readable'}, so it is kept but not reused")
@@ -116,4 +72,5 @@ def cached_frame(kind: str, config: dict, compute: Callable[[], pd.DataFrame], *
     return df
 
 
-__all__ = ["cache_root", "config_hash", "stale_note", "teacher_hash", "file_hash", "artifact_dir", "cached_frame", "atomic_dir"]
+__all__ = ["ROOT", "cache_root", "config_hash", "stale_note", "teacher_hash", "file_hash", "artifact_dir", "cached_frame",
+           "atomic_dir", "shown"]

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .profiles import NAMES
 
-    p = argparse.ArgumentParser(prog="mtlab", description=__doc__)
+    p = argparse.ArgumentParser(prog="mtlab", description=__doc__, epilog=_REGISTERED, formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"mtlab {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run a recipe: compress your own model end to end (see examples/)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--only", nargs="*", default=None, help="these artifacts only (e.g. modules sft-3 merge-10)")
     ml.add_argument("--steps", type=int, default=None, help="override the steps of every run (the report then "
                                                              "refuses the artifacts: they no longer match it)")
-    for name, what in (("minilm-curves", "MiniLM: permute merging vs layer pruning at ~10%/~20% removed"),
+    for name, what in (("minilm-curves", "MiniLM: permute merging vs layer pruning at ~10%%/~20%% removed"),
                        ("t5-curves", "the T5 merge study: permute vs layer pruning at 4 of 12 FF sublayers")):
         cv = sub.add_parser(name, help=f"recovery curves (resumable), {what}: quality every --every steps")
         cv.add_argument("--steps", type=int, default=4000, help="recovery steps per run")
@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="docs/img", help="figure directory (default docs/img)")
     f.add_argument("--profile", default="default", choices=NAMES, help="whose cached artifacts to draw")
     return p
+
+
+_REGISTERED = "(the registered merge methods, baselines, strategies and task kinds)"
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that lists every registry's entries (`mtlab.registries`), read only when help is printed
+    (so other commands start without importing the registries)."""
+
+    def _format_text(self, text: str) -> str:
+        if text == _REGISTERED:
+            from .registries import registered_text
+
+            text = registered_text()
+        return super()._format_text(text)
 
 
 def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:

@@ -181,9 +181,11 @@ def stdlib_sentences(min_words: int = 5, max_words: int = 40) -> tuple[str, ...]
 
 
 def split_of(sentence: str) -> str:
-    """align (50%), dev (25%) or test (25%), from the first bytes of the sentence's SHA-1."""
-    h = int.from_bytes(hashlib.sha1(sentence.encode("utf-8")).digest()[:4], "big") % 100
-    return "align" if h < 50 else "dev" if h < 75 else "test"
+    """align (50%), dev (25%) or test (25%), from the first bytes of the sentence's SHA-1 (the one
+    splitter's scheme "percent", `mtlab.tasks.split`)."""
+    from .tasks.split import split_by_hash  # TODO(owner): move to the module's imports, drop `import hashlib`
+
+    return split_by_hash(sentence, 0.25, 0.25, scheme="percent", names=("align", "dev", "test"))
 
 
 def sentences(n: int | None = 1000, seed: int = 0) -> dict[str, list[str]]:

@@ -10,7 +10,10 @@ TransformerLens' notebooks do under CI:
               dev/test decoding, 100k-token statistics.
 
 Each experiment reads only its own section, so adding one is one dataclass and one field.
-A profile's sections are recorded with every result (`asdict`).
+A profile's sections are recorded with every result (`asdict`). Its lists of registered names are
+literal (a cache key must not depend on what was registered before this module was imported); each
+registry entry names the profiles that run it (e.g. `mtlab.merging.methods.METHODS.meta("profiles")`),
+and tests/test_registry.py checks that the two agree.
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ class MiniLMProfile:
     finetune_lr: float = 1e-4       # whole-model fine-tunes: baselines and FF-merge recovery
     ratios: tuple[float, ...] = (1.5, 2.0, 3.0)   # layer-stack ratios the per-ratio baselines are trained for
     merge_targets: tuple[float, ...] = (0.10, 0.20)  # shares of parameters removed (minilm_ff_merging)
-    merge_methods: tuple[str, ...] = ("permute", "vanilla")  # FF-merge methods (layer pruning always runs)
+    merge_methods: tuple[str, ...] = ("permute", "vanilla")  # FF-merge methods (layer pruning always runs): the
+                                    # registry entries naming this profile (`METHODS.meta("profiles")`)
     align_tokens: int = 10_000      # train tokens for the FF correlations of the merges
     train_sentences: int | None = None  # train sentences (None: the whole split, ~16.5k)
     select_limit: int | None = 200  # dev sentences (window choice, dev scores)

@@ -19,10 +19,9 @@ from .anatomy import sync_cache_depth
 from .checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from .measure import count_params
 from .tasks.g2p import EOS, PAD, G2PTask, G2PTokenizer
+from .paths import ROOT, TEACHER_DIR  # noqa: F401  (re-exported: callers read them from here)
 from .train import TrainConfig, on_main_process, train
 
-ROOT = Path(__file__).resolve().parent.parent
-TEACHER_DIR = ROOT / "data" / "teacher"
 CARD_JSON = "card.json"
 DEV_SLICE = 500  # first N dev words: the quick check tests re-run against the card
 

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from .runtime import adaptive
 from .checkpoint import CheckpointError, atomic_dir, latest_dir, load_tensors, load_training_state, save_training_state
+from .keys import config_diff, config_hash, weights_hash
+from .paths import shown
 from .tasks.base import Batch, Seq2SeqTask
 
 
@@ -48,7 +50,6 @@ def data_hash(task, *splits: str) -> str:
     """Content hash of the token ids a run reads from `splits` (default "train") of `task`: another
     data file, split or tokenizer gives another hash. `mtlab.cache.config_hash` of the encoded
     examples, remembered on the task while its encoding is unchanged."""
-    from .cache import config_hash  # here: mtlab.cache imports the teacher, which trains with this module
 
     memo = getattr(task, "_mtlab_data_hashes", None)
     if memo is None:
@@ -68,11 +69,9 @@ def data_hash(task, *splits: str) -> str:
 
 
 def run_identity(model: torch.nn.Module, task, split: str = "train") -> dict[str, str]:
-    """What a run is of: {"model_hash": weights hash of `model` as given (`mtlab.modular.bank.weights_hash`,
+    """What a run is of: {"model_hash": weights hash of `model` as given (`mtlab.keys.weights_hash`,
     the one used for teachers and banks), "data_hash": `data_hash(task, split)`}. `train` records it in
     every checkpoint and refuses to resume one of another model or data."""
-    from .modular.bank import weights_hash
-
     return {"model_hash": weights_hash(model), "data_hash": data_hash(task, split)}
 
 
@@ -201,25 +200,6 @@ def _json(obj):
     return json.loads(json.dumps(obj))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(old: dict | None, new: dict | None, *, ignore=(), prefix: str = "",
-                was: str = "checkpoint") -> list[str]:
-    """'field: checkpoint X, now Y' (`was` names the old side) for every (nested, dotted) field that
-    differs, after a JSON round trip (tuples become lists); fields named in `ignore` are skipped."""
-    a, b = _flat(_json(old) or {}), _flat(_json(new) or {})
-    return [f"{prefix}{k}: {was} {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
-
-
 def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None,
                  identity: dict | None = None) -> None:
     """Raise RunMismatchError if out_dir's checkpoint was made with another config or meta (fields
@@ -246,8 +226,6 @@ def check_resume(out_dir: str | Path, cfg: TrainConfig, meta: dict | None = None
             old["model_hash"] = identity["model_hash"]
         diffs = config_diff(old, identity) + diffs
     elif identity is not None:
-        from .cache import shown
-
         print(f"note: {shown(found)} records no model or data hash (an older mtlab wrote it): it is resumed "
               "without checking that it was made from this model and data", flush=True)
     if diffs:
@@ -278,8 +256,6 @@ def _train(model, task, cfg: TrainConfig, out: Path, accel, *, params, loss_fn, 
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    from .cache import shown  # here: mtlab.cache imports the teacher, which trains with this module
-    from .modular.bank import weights_hash
 
     start, logged = 0, _logged_step(log_path)
     if (found := latest_dir(ckpt)) is not None:

@@ -25,6 +25,10 @@ per-layer modules, e.g. the low-rank deltas of `mtlab.merging.lowrank`); `load_m
 `extend(spec, ffs, None)` to rebuild those modules empty before the saved values are loaded.
 `searched=False` keeps a method out of the default method list of `window_search`
 (`merge_methods(searched=True)`); naming it still works everywhere.
+
+The registry is `METHODS` (`mtlab.registry.Registry`): each entry also carries the metadata the
+studies read (kind "merge", rank: the reading order of a merge table's rows, label, description).
+`permute_lowrank` registers itself in `mtlab.merging.lowrank`, which `mtlab.merging` imports.
 """
 from __future__ import annotations
 
@@ -34,9 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..anatomy import FF
+from ..registry import Registry
 from .align import match
 
-__all__ = ["MergeMethod", "merge_method", "merge_methods", "get_merge_method", "unregister_merge_method"]
+__all__ = ["METHODS", "MergeMethod", "merge_method", "merge_methods", "get_merge_method", "find_merge_method",
+           "unregister_merge_method"]
 
 AlignFn = Callable[[Mapping[int, FF], int, Mapping[int, torch.Tensor] | None], Mapping[int, object]]
 CheckFn = Callable[[object, Mapping[int, FF]], None]
@@ -81,27 +87,43 @@ def _options_text(name: str, options: Mapping[str, object]) -> str:
     return f"'{name}:" + ",".join(f"{k}={v}" for k, v in options.items()) + "'"
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+def _key(name: str) -> str:
+    return str(name).partition(":")[0].strip().lower()
+
+
+def _check_name(key: str) -> None:
+    if not key.isidentifier():
+        raise ValueError(f"merge method name {key!r} must be a word (letters, digits, _): it is the METHOD "
+                         "of a merge spec 'STACK:LAYERS@ANCHOR/METHOD'")
+
+
+#: every merge method, with what the studies read: label, kind ("merge": the frontier's group), rank
+#: (reading order of a merge table's rows), the task kinds it works for (all: it only aligns FF weights)
+METHODS: Registry[MergeMethod] = Registry("merge method", "@mtlab.merging.methods.merge_method(name)",
+                                          key=_key, check_name=_check_name)
 
 
 def merge_method(name: str, *, needs_correlations: bool = False, options: Mapping[str, object] | None = None,
                  check: CheckFn | None = None, extend: ExtendFn | None = None,
-                 searched: bool = True) -> Callable[[AlignFn], AlignFn]:
+                 searched: bool = True, label: str | None = None, rank: int | None = None,
+                 description: str | None = None, **meta) -> Callable[[AlignFn], AlignFn]:
     """Decorator: register `fn(ffs, anchor, correlations) -> {layer: perm | None}` as merge method
     `name` (lower case; the METHOD of a merge spec). Registering a name again replaces it.
-    `options` ({name: default}), `check`, `extend` and `searched`: see the module docstring."""
-    key = str(name).strip().lower()
-    if not key.isidentifier():
-        raise ValueError(f"merge method name {name!r} must be a word (letters, digits, _): it is the METHOD "
-                         "of a merge spec 'STACK:LAYERS@ANCHOR/METHOD'")
-
+    `options` ({name: default}), `check`, `extend` and `searched`: see the module docstring; `label`,
+    `rank`, `description` and any other keyword: the entry's metadata in `METHODS` (kind "merge")."""
+    _check_name(str(name).strip().lower())
+    key = _key(name)
     for k in options or {}:
         if not str(k).isidentifier():
             raise ValueError(f"option name {k!r} of merge method {name!r} must be a word (letters, digits, _)")
 
     def register(fn: AlignFn) -> AlignFn:
-        _REGISTRY[key] = MergeMethod(key, fn, bool(needs_correlations), dict(options or {}), check, extend,
-                                     bool(searched))
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        METHODS.add(key, MergeMethod(key, fn, bool(needs_correlations), dict(options or {}), check, extend,
+                                     bool(searched)),
+                    label=label or key, kind="merge", rank=rank, trains_per_depth=False,
+                    description=description or doc, searched=bool(searched),
+                    needs_correlations=bool(needs_correlations), **meta)
         return fn
 
     return register
@@ -110,39 +132,35 @@ def merge_method(name: str, *, needs_correlations: bool = False, options: Mappin
 def merge_methods(searched: bool = False) -> tuple[str, ...]:
     """The registered method names, in registration order (built in: permute, vanilla,
     permute_lowrank); `searched=True`: only those a window search runs by default."""
-    return tuple(k for k, m in _REGISTRY.items() if m.searched or not searched)
+    return METHODS.names(searched=True) if searched else METHODS.names()
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    """The registered method `name` (options after a colon are ignored: "permute_lowrank:r=8")."""
-    try:
-        return _REGISTRY[str(name).partition(":")[0].strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; use one of {merge_methods()} or register one with "
-                         "@mtlab.merging.methods.merge_method(name)") from None
+    """The registered method `name` (options after a colon are ignored: "permute_lowrank:r=8");
+    an unknown name raises a ValueError listing the registered ones and how to register one."""
+    return METHODS.get(name)
 
 
 def find_merge_method(name: str) -> MergeMethod | None:
     """The registered method `name` (options after ':' ignored), or None when there is none."""
-    return _REGISTRY.get(str(name).partition(":")[0].strip().lower())
+    found = METHODS.find(name)
+    return None if found is None else found.value
 
 
 def unregister_merge_method(name: str) -> None:
     """Remove a method (e.g. one a test registered)."""
-    _REGISTRY.pop(name, None)
+    METHODS.unregister(name)
 
 
-@merge_method("permute", needs_correlations=True)
+@merge_method("permute", needs_correlations=True, rank=1, profiles=("smoke", "default", "scratch", "full"))
 def permute(ffs, anchor, correlations):
     """Verma et al.: align each layer's neurons to the anchor's by a linear assignment on their
     feature correlations."""
     return {i: match(c) for i, c in correlations.items()}
 
 
-@merge_method("vanilla")
+@merge_method("vanilla", rank=2, profiles=("default", "scratch", "full"))
 def vanilla(ffs, anchor, correlations):
     """Plain averaging, no alignment (the paper's ablation)."""
     return {i: None for i in ffs if i != anchor}
 
-
-from . import lowrank  # noqa: E402,F401  registers permute_lowrank (tied FF + per-layer low-rank deltas)

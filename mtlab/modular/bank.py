@@ -8,7 +8,6 @@ assembled model is an ordinary model of the teacher's class with fewer layers:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -21,6 +20,7 @@ from ..anatomy import anatomy
 from ..measure import count_params
 from ..surgery import replace_blocks, span_block, stack_blocks, stack_depths
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
+from ..keys import weights_hash  # noqa: F401  (re-exported: callers read it from here)
 from .plan import Plan, PlanError, ladders
 
 INITS = ("first", "middle", "last")
@@ -122,17 +122,6 @@ class ModuleBank(nn.Module):
             raise CheckpointError(f"{path}/modules.safetensors does not fit this teacher ({str(e)[:200]})") from e
         bank.teacher_hash = digest
         return bank
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-1 over the model's state dict (names, dtypes, shapes and bytes, in name order): the
-    identity of a teacher's weights, independent of file format and device."""
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def assemble(teacher: nn.Module, bank: ModuleBank | None, plan: Plan | str) -> nn.Module:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Mapping
 
+from ..registry import Registry
+
 ALIASES = {"e": "encoder", "enc": "encoder", "encoder": "encoder", "d": "decoder", "dec": "decoder",
            "decoder": "decoder", "l": "layers", "layers": "layers"}
 
@@ -226,45 +228,52 @@ def stack_ratio(spans: Mapping[str, tuple[int, ...]], block_params: Mapping[str,
 # ---- the strategy registry: a strategy turns a space into a ladder of plans ---------------
 
 StrategyFn = Callable[[Mapping[str, int], Mapping[str, Iterable[int]], Mapping[str, int]], "list[Plan]"]
-_STRATEGIES: dict[str, StrategyFn] = {}
+
+#: every assembly strategy, with what the studies and the assembly explorer read: label, kind ("modules":
+#: the frontier's group), rank (the explorer's and tables' order), `laddered` (in the default `ladders`,
+#: which the shipped bank cards and tables hold; "uniform" is offered by the explorer only)
+STRATEGIES: Registry[StrategyFn] = Registry("assembly strategy", "@mtlab.modular.plan.assembly_strategy(name)",
+                                             plural="assembly strategies")
 
 
-def assembly_strategy(name: str) -> Callable[[StrategyFn], StrategyFn]:
+def assembly_strategy(name: str, *, label: str | None = None, rank: int | None = None, laddered: bool = True,
+                      description: str | None = None, **meta) -> Callable[[StrategyFn], StrategyFn]:
     """Decorator: register `fn(depths, granularities, block_params) -> [Plan, ...]` (a ladder of plans
     from mild to strong compression) as assembly strategy `name`; `ladders` and the experiments
-    list every registered strategy. Registering a name again replaces it."""
+    list every registered strategy (`laddered=False`: only when named). Registering a name again
+    replaces it. The keywords are the entry's metadata in `STRATEGIES` (kind "modules")."""
     def register(fn: StrategyFn) -> StrategyFn:
-        _STRATEGIES[name] = fn
+        doc = (getattr(fn, "__doc__", None) or "").strip().split("\n")[0]
+        STRATEGIES.add(name, fn, label=label or name, kind="modules", rank=rank, trains_per_depth=False,
+                       description=description or doc, laddered=bool(laddered), **meta)
         return fn
 
     return register
 
 
-def strategies() -> tuple[str, ...]:
-    """The registered assembly strategies, in registration order (built in: size_first, speed_first)."""
-    return tuple(_STRATEGIES)
+def strategies(ladder_only: bool = True) -> tuple[str, ...]:
+    """The assembly strategies `ladders` runs by default, in registration order (built in: size_first,
+    speed_first); `ladder_only=False`: every registered one (also "uniform", which only the assembly
+    explorer offers by default)."""
+    return STRATEGIES.names(laddered=True) if ladder_only else STRATEGIES.names()
 
 
 def unregister_strategy(name: str) -> None:
-    _STRATEGIES.pop(name, None)
+    STRATEGIES.unregister(name)
 
 
 def ladders(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]], block_params: Mapping[str, int],
             names: Iterable[str] | None = None) -> list[tuple[str, Plan]]:
     """(strategy, plan) for the teacher (strategy "teacher") and every plan of each strategy's ladder
-    (`names`, default all registered)."""
-    names = strategies() if names is None else tuple(names)
-    unknown = [n for n in names if n not in _STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown assembly strategy {unknown}; use {strategies()} or register one with "
-                         "@mtlab.modular.plan.assembly_strategy(name)")
+    (`names`, default `strategies()`: every laddered one)."""
+    names = strategies() if names is None else STRATEGIES.check(names)
     out = [("teacher", Plan.teacher(depths))]
     for n in names:
-        out += [(n, p) for p in _STRATEGIES[n](depths, granularities, block_params)]
+        out += [(n, p) for p in STRATEGIES.get(n)(depths, granularities, block_params)]
     return out
 
 
-@assembly_strategy("size_first")
+@assembly_strategy("size_first", label="size-first", rank=1)
 def size_first(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
                block_params: Mapping[str, int], targets: Iterable[float] = DEFAULT_TARGETS) -> list[Plan]:
     """Size-first ladder: for each target parameter ratio, the least disruptive plan that reaches it.
@@ -304,7 +313,8 @@ def speed_first(depths: Mapping[str, int], granularities: Mapping[str, Iterable[
     return out
 
 
-@assembly_strategy("speed_first")
+@assembly_strategy("speed_first", label="speed-first", rank=2,
+                   description="Speed-first ladder: the decoder shrunk rung by rung before the encoder.")
 def _speed_first_ladder(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
                         block_params: Mapping[str, int]) -> list[Plan]:
     return speed_first(depths, granularities)
@@ -313,6 +323,24 @@ def _speed_first_ladder(depths: Mapping[str, int], granularities: Mapping[str, I
 def uniform(depths: Mapping[str, int], k: int) -> Plan:
     """Every stack tiled by modules of one size k (layers past the last full span stay original)."""
     return Plan.of({s: (k,) * (n // k) + (1,) * (n % k) for s, n in depths.items()})
+
+
+@assembly_strategy("uniform", label="uniform", rank=3, laddered=False,
+                   description="Every stack tiled by one module size, one plan per size (the explorer's 'uniform').")
+def uniform_ladder(depths: Mapping[str, int], granularities: Mapping[str, Iterable[int]],
+                   block_params: Mapping[str, int]) -> list[Plan]:
+    """One `uniform` plan per module size of the bank that tiles it validly, mild to strong compression.
+    Not in the default ladders (`strategies()`), so the shipped ladders are unchanged."""
+    out: list[Plan] = []
+    for k in sorted({k for ks in granularities.values() for k in ks}):
+        plan = uniform(depths, k)
+        try:
+            plan.validate(depths, granularities)
+        except PlanError:
+            continue
+        if plan not in out:
+            out.append(plan)
+    return sorted(out, key=lambda p: stack_ratio(dict(p.spans), block_params))
 
 
 # ---- a strategy that reads scores: the best plan under each size budget ---------------------
@@ -391,7 +419,7 @@ def screened(scores, metric: str = "tf_word_acc", *, higher_is_better: bool | No
 def register_screened(scores, name: str = "screened", **kw) -> str:
     """Register `screened(scores, **kw)` as assembly strategy `name` (from then on `ladders` lists
     it); returns the name. `using_screen` registers it only for a `with` block."""
-    assembly_strategy(name)(screened(scores, **kw))
+    assembly_strategy(name, description="The best screened plan under each size budget.")(screened(scores, **kw))
     return name
 
 
@@ -403,12 +431,9 @@ class using_screen:
         self.fn, self.name = screened(scores, **kw), name
 
     def __enter__(self) -> str:
-        self.before = _STRATEGIES.get(self.name)
-        assembly_strategy(self.name)(self.fn)
+        self.before = STRATEGIES.find(self.name)
+        assembly_strategy(self.name, description="The best screened plan under each size budget.")(self.fn)
         return self.name
 
     def __exit__(self, *exc) -> None:
-        if self.before is None:
-            unregister_strategy(self.name)
-        else:
-            _STRATEGIES[self.name] = self.before
+        STRATEGIES.restore(self.before, self.name)

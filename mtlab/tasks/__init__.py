@@ -6,5 +6,7 @@ from .g2p import G2PTask
 from .pairs import PairsTask
 from .sentences import SentencesTask
 from .split import split_by_hash
+from .kinds import TASKS, task_kind, task_kinds
 
-__all__ = ["Seq2SeqTask", "CausalLMTask", "G2PTask", "PairsTask", "SentencesTask", "split_by_hash"]
+__all__ = ["Seq2SeqTask", "CausalLMTask", "G2PTask", "PairsTask", "SentencesTask", "split_by_hash", "TASKS", "task_kind",
+           "task_kinds"]

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import editdistance
 
-__all__ = ["Metric", "task_metric", "get_metric", "task_metrics", "unregister_metric", "per_wer", "default_metric",
+from ..registry import Registry
+
+__all__ = ["METRICS", "Metric", "task_metric", "get_metric", "task_metrics", "unregister_metric", "per_wer", "default_metric",
            "median_words", "ShortTargetsWarning", "BLEU_ORDER"]
 
 #: the n-gram order of sacrebleu's BLEU: references shorter than this many words score 0.0
@@ -52,36 +54,41 @@ class Metric:
         return self.fn([str(h) for h in hypotheses], [str(r) for r in references], **options)
 
 
-_METRICS: dict[str, Metric] = {}
+#: every task metric (`mtlab.registry.Registry`: names in registration order, lower case), each entry
+#: with its kind (the task kind it scores: "seq2seq", decoded text against references)
+METRICS: Registry[Metric] = Registry("metric", "@mtlab.tasks.metrics.task_metric(name, keys, primary, higher_is_better)",
+                                     key=lambda name: str(name).strip().lower())
 
 
-def task_metric(name: str, keys: Sequence[str], primary: str, higher_is_better: bool) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator: register `fn(hypotheses, references, **options) -> {key: score}` as metric `name`."""
+def task_metric(name: str, keys: Sequence[str], primary: str, higher_is_better: bool,
+                **meta) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: register `fn(hypotheses, references, **options) -> {key: score}` as metric `name`
+    (any keyword: the entry's metadata, e.g. label=, description=)."""
     if primary not in keys:
         raise ValueError(f"metric {name!r}: the primary score {primary!r} must be one of its keys {list(keys)}")
 
     def register(fn: ScoreFn) -> ScoreFn:
-        _METRICS[name] = Metric(name, tuple(keys), primary, higher_is_better, fn)
+        key = str(name).strip().lower()
+        METRICS.add(key, Metric(key, tuple(keys), primary, higher_is_better, fn),
+                    **{"kind": "seq2seq", "tasks": ("seq2seq",), "primary": primary,
+                       "higher_is_better": bool(higher_is_better), **meta})
         return fn
 
     return register
 
 
 def get_metric(name: str) -> Metric:
-    key = str(name).strip().lower()
-    if key not in _METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(_METRICS)} (or register one with "
-                         "@mtlab.tasks.metrics.task_metric)")
-    return _METRICS[key]
+    """The metric `name` (any case); an unknown name raises a ValueError listing the registered ones."""
+    return METRICS.get(name)
 
 
 def task_metrics() -> tuple[str, ...]:
     """The registered metric names, in registration order."""
-    return tuple(_METRICS)
+    return METRICS.names()
 
 
 def unregister_metric(name: str) -> None:
-    _METRICS.pop(name, None)
+    METRICS.unregister(name)
 
 
 def median_words(texts: Sequence[str]) -> float:

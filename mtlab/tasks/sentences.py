@@ -17,7 +17,6 @@ sentences are ordered by that hash, so any prefix (`limit=`) is an unbiased samp
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import re
 import sysconfig
@@ -27,9 +26,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..keys import digest, text_hash
+from ..paths import ROOT
 from .base import SPLITS, Batch, Seq2SeqTask, pad
+from .split import split_by_hash
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 CORPUS_DIR = ROOT / "data" / "sentences"
 CORPUS = CORPUS_DIR / "sentences.txt"
 MIN_WORDS, MAX_WORDS = 5, 40
@@ -138,7 +139,7 @@ def write_corpus(path: str | Path = CORPUS, root: str | Path | None = None, prog
     text = "".join(s + "\n" for s in sents)
     sizes = {k: len(v) for k, v in split_corpus(sents).items()}
     card = CARD.format(n=len(sents), python=platform.python_version(), files=len(stdlib_sources(root)),
-                       mb=len(text.encode()) / 1e6, sha=hashlib.sha256(text.encode()).hexdigest(),
+                       mb=len(text.encode()) / 1e6, sha=text_hash(text, "sha256"),
                        min_words=MIN_WORDS, max_words=MAX_WORDS, path=path.name, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, content in ((path, text), (path.with_name("README.md"), card)):
@@ -193,13 +194,13 @@ def read_corpus(path: str | Path = CORPUS) -> list[str]:
 
 
 def _digest(sentence: str) -> bytes:
-    return hashlib.sha256(sentence.encode("utf-8")).digest()
+    return digest(sentence, "sha256")
 
 
 def split_of(sentence: str) -> str:
-    """train (80%), dev (10%) or test (10%), from the SHA-256 of the sentence: the same everywhere."""
-    h = int.from_bytes(_digest(sentence)[:8], "big") % 100
-    return "train" if h < SHARES["train"] else "dev" if h < SHARES["train"] + SHARES["dev"] else "test"
+    """train (80%), dev (10%) or test (10%), from the SHA-256 of the sentence: the same everywhere
+    (`mtlab.tasks.split`'s scheme "percent_sha256")."""
+    return split_by_hash(sentence, SHARES["dev"] / 100, SHARES["test"] / 100, scheme="percent_sha256")
 
 
 def split_corpus(sentences: Sequence[str]) -> dict[str, list[str]]:
