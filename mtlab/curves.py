@@ -21,6 +21,11 @@ Studies (`STUDIES`):
   rel_word_acc (word accuracy relative to the teacher's). Table: reports/t5_merge_curves.csv,
   shipped copy data/merging_curves/ (not under data/merging, whose cards key the merge tables' cache).
 
+Each study also has the method `original` (not among its default methods; run it with `--only
+original-10` / `--only original-ff4`): the CONTROL curve, the original itself (0 parameters removed)
+recovered the same way, so what a method's recovery gains can be told from what the fine-tune alone
+does (issue 22, item 10).
+
 Methods are looked up by name: a study's own builders (`register_curve_method(study, name,
 build)`, e.g. block-influence pruning), else any registered FF-merge method
 (`mtlab.merging.methods.merge_methods()`, e.g. a low-rank-delta merge) as a merge window of the
@@ -47,11 +52,13 @@ from .train import TrainConfig
 
 __all__ = ["CURVE_COLUMNS", "CurveStudy", "CurveSettings", "STUDIES", "register_curve_method", "curve_methods",
            "run_names", "run_curves", "curve_table", "crossings", "crossing_sentence", "curve_figure",
-           "ship_curves", "read_curves", "recovery_curves", "CurvesView", "cli", "minilm_study", "t5_study"]
+           "ship_curves", "read_curves", "recovery_curves", "CurvesView", "cli", "minilm_study", "t5_study",
+           "CONTROL_METHOD"]
 
 #: the MiniLM table's columns (issue #26)
 CURVE_COLUMNS = ["method", "params_removed_frac", "step", "mean_cos", "recall_at_10", "sim_spearman"]
 START, RUN, START_JSON, PROGRESS = "start", "run", "start.json", "progress.log"
+CONTROL_METHOD = "original"  # the control curve's method: the original recovered the same way (not a default)
 
 
 @dataclass
@@ -551,6 +558,16 @@ def _minilm_window(ctx: MiniLMContext, method: str | None, size: int) -> tuple[n
                  "layers": str(best.layers), "dev_mean_cos": float(best.mean_cos), "params": int(best.params)}
 
 
+def _minilm_original(ctx: MiniLMContext, point: Point):
+    """The control curve: a trainable copy of the original (0 parameters removed), recovered like the others."""
+    import copy
+
+    from .measure import count_params
+
+    return copy.deepcopy(ctx.base), {"spec": "original", "params_removed_frac": 0.0, "layers": "",
+                                     "dev_mean_cos": 1.0, "params": count_params(ctx.base)}
+
+
 def _minilm_merge(method: str) -> Builder:
     def build(ctx: MiniLMContext, point: Point):
         return _minilm_window(ctx, method, ctx.plan_for(point)[0])
@@ -587,7 +604,8 @@ def minilm_study() -> CurveStudy:
         setup=lambda settings, progress=True: minilm_context(settings, progress=progress), load_start=_minilm_load_start, train=_minilm_train,
         score=_minilm_score, csv=ROOT / "reports" / "minilm_curves.csv",
         shipped=ROOT / "data" / "minilm" / "curves", work=ROOT / "runs" / "minilm_curves",
-        command="make minilm-curves", builders={"layer_prune": _minilm_prune}, merge_builder=_minilm_merge)
+        command="make minilm-curves", builders={"layer_prune": _minilm_prune, CONTROL_METHOD: _minilm_original},
+        merge_builder=_minilm_merge)
 
 
 # ---------------------------------------------------------------------------
@@ -655,6 +673,16 @@ def _t5_pick(ctx: T5Context, method: str, compare: str):
                      "must include 3 (mtlab.experiments.merging.candidates)")
 
 
+def _t5_original(ctx: T5Context, point: Point):
+    """The control curve: a trainable copy of the teacher (0 parameters removed), recovered like the others."""
+    import copy
+
+    from .measure import count_params
+
+    net = copy.deepcopy(ctx.model).requires_grad_(True)
+    return net, {"spec": "original", "params_removed_frac": 0.0, "layers": "-", "params": count_params(net)}
+
+
 def _t5_merge(method: str) -> Builder:
     def build(ctx: T5Context, point: Point):
         return _t5_pick(ctx, method, "equal FF sublayers")
@@ -697,8 +725,8 @@ def t5_study() -> CurveStudy:
         setup=lambda settings, progress=True: t5_context(settings, progress=progress),
         load_start=_t5_load_start, train=_t5_train, score=_t5_score,
         csv=ROOT / "reports" / "t5_merge_curves.csv", shipped=ROOT / "data" / "merging_curves",
-        work=ROOT / "runs" / "t5_curves", command="make t5-curves", builders={"layer_prune": _t5_prune},
-        merge_builder=_t5_merge)
+        work=ROOT / "runs" / "t5_curves", command="make t5-curves",
+        builders={"layer_prune": _t5_prune, CONTROL_METHOD: _t5_original}, merge_builder=_t5_merge)
 
 
 STUDIES["minilm"] = minilm_study()

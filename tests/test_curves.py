@@ -164,3 +164,28 @@ def test_cli_refuses_bad_runs_before_any_work():
         main(["minilm-curves", "--only", "nope-10"])
     with pytest.raises(SystemExit, match=r"POINT in \['ff4'\]"):
         main(["t5-curves", "--only", "permute-10"])
+
+
+def test_original_is_the_control_curve_of_both_studies(ctx, tiny_t5, g2p_task, tmp_path):
+    """Issue 22, item 10: `original-POINT` is the original (0 parameters removed) recovered the same way, so
+    a method's curve can be read against what the fine-tune alone does; not a default method (runs on request)."""
+    from mtlab.curves import CONTROL_METHOD, run_names
+
+    assert CONTROL_METHOD == "original"
+    for name, point in (("minilm", "10"), ("t5", "ff4")):
+        s = STUDIES[name]
+        assert "original" in curves.curve_methods(s) and "original" not in s.methods
+        assert f"original-{point}" not in run_names(s)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    table = run_curves("minilm", SMOKE, only=["original-10"], ctx=ctx, work=tmp_path / "m", csv=tmp_path / "m.csv",
+                       progress=False)
+    assert table.method.unique().tolist() == ["original"] and (table.params_removed_frac == 0).all()
+    assert table.step.tolist() == [0, 2, 4]
+    assert table.mean_cos.iloc[0] == pytest.approx(1.0, abs=1e-5)  # as built: the original itself
+    assert all((before[k] == v).all() for k, v in ctx.model.state_dict().items())  # the original is left as it was
+    t5ctx = curves.t5_context(model=tiny_t5, task=g2p_task, profile="smoke", progress=False)
+    t5 = run_curves("t5", SMOKE, only=["original-ff4"], ctx=t5ctx, work=tmp_path / "t", csv=tmp_path / "t.csv",
+                    progress=False)
+    assert t5.method.unique().tolist() == ["original"] and t5.step.tolist() == [0, 2, 4]
+    assert (t5.params_removed_frac == 0).all()
+    assert t5.test_wer.iloc[0] == pytest.approx(t5ctx.baseline["test_wer"])  # as built: the teacher itself
