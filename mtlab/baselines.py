@@ -56,9 +56,10 @@ from .block_influence import RULES as SCORE_RULES, block_scores, calibration_bat
 from .candidate import Budget, Candidate
 from .checkpoint import atomic_dir, write_json
 from .distill import DistillConfig, distill_loss
-from .keys import config_hash
+from .keys import config_hash, weights_hash
 from .measure import count_params
 from .merging.spec import layer_runs
+from .modular.plan import Plan
 from .registry import Registry
 from .surgery import drop_blocks, first_block_state_lent, stack_blocks, stack_depths, swapped
 from .tasks.base import Seq2SeqTask
@@ -126,8 +127,6 @@ def resolve_keep(model: nn.Module, keep, depths: Mapping[str, int] | None = None
     a rule name ("top", "alternate", "spread") with `depths` (target depth per stack);
     {stack: depth} (the "spread" rule); {stack: [layers]} (explicit); or a modular Plan
     (its depth per stack, "spread" rule). Raises ValueError naming the fix."""
-    from .modular.plan import Plan
-
     if isinstance(keep, Plan):
         d = _check_stacks(model, keep.stacks)
         keep.validate(d)
@@ -190,8 +189,6 @@ def _budget(log: pd.DataFrame, cfg: TrainConfig, **meta) -> dict:
 def _claim(out: Path, meta: dict, teacher: nn.Module, fresh: bool = False) -> None:
     """Refuse to resume a checkpoint written for a different baseline, layer choice or teacher
     (RunMismatchError naming the fields); record this run's in out/baseline.json."""
-    from .modular.bank import weights_hash
-
     meta = json.loads(json.dumps({**meta, "teacher_hash": weights_hash(teacher)}))
     tag = out / "baseline.json"
     if not fresh and (out / "checkpoint").exists() and tag.exists():
@@ -353,8 +350,6 @@ def layerdrop_prune(model: nn.Module, keep="every_other") -> nn.Module:
         if keep in ("every_other", "alternate"):
             keep = {s: list(range(0, n, 2)) for s, n in stack_depths(model).items()}
         else:
-            from .modular.plan import Plan
-
             keep = Plan.parse(keep, stack_depths(model))
     return keep_only(model, keep).eval()
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..anatomy import anatomy
-from ..measure import count_params
+from ..measure import count_params, latency
 from ..surgery import replace_blocks, span_block, stack_blocks, stack_depths
 from ..checkpoint import CheckpointError, atomic_dir, load_tensors, write_json
 from ..keys import weights_hash  # noqa: F401  (re-exported: callers read it from here)
@@ -189,7 +189,6 @@ def plan_table(teacher: nn.Module, bank: ModuleBank | None, plans, task, *, meas
     generation speed-up over the teacher at each batch size (`speedup_b{n}`), timed in one run."""
     import pandas as pd
 
-    from ..measure import latency
 
     d = depths(teacher)
     plans = [Plan.parse(p, d) if isinstance(p, str) else p for p in plans]

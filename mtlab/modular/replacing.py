@@ -26,8 +26,10 @@ from ..surgery import span_block, stack_blocks, stack_depths, swapped
 from ..tasks.base import Batch, Seq2SeqTask
 from ..tasks.causal_lm import check_aligned
 from ..distill import logit_kd
-from ..train import TrainConfig, on_main_process, train
-from .bank import ModuleBank
+from ..keys import config_diff, weights_hash
+from ..train import BOOKKEEPING, RunMismatchError, TrainConfig, on_main_process, train
+from .bank import ModuleBank, block_params
+from .plan import Plan, enumerate_plans, ladders, stack_ratio
 
 
 @dataclass
@@ -161,14 +163,10 @@ class PlanPool:
 
     @property
     def teacher(self):
-        from .plan import Plan
-
         return Plan.teacher(self.depths)
 
     @cached_property
     def ladder(self) -> list[dict[str, tuple[int, ...]]]:
-        from .plan import ladders
-
         out = []
         for _, plan in ladders(self.depths, self.granularities, self.block_params, names=self.strategies):
             spans = dict(plan.spans)
@@ -181,8 +179,6 @@ class PlanPool:
 
     @cached_property
     def space(self) -> list[dict[str, tuple[int, ...]]]:
-        from .plan import enumerate_plans
-
         out = [dict(p.spans) for p in enumerate_plans(self.depths, self.granularities) if p != self.teacher]
         if not out:
             raise ValueError(f"the assembly space of granularities {self.granularities} holds only the teacher: "
@@ -192,8 +188,6 @@ class PlanPool:
     @cached_property
     def most_compressed(self) -> dict[str, tuple[int, ...]]:
         """The plan of the fewest parameters (the first of the space at the highest ratio)."""
-        from .plan import stack_ratio
-
         return max(self.space, key=lambda spans: stack_ratio(spans, self.block_params))
 
 
@@ -397,8 +391,6 @@ def replacing_loss(cfg: ReplacingConfig, seed: int = 0):
 
     def pool_of(model: Replacer) -> PlanPool:
         if id(model) not in pools:
-            from .bank import block_params
-
             pools[id(model)] = PlanPool({s: len(b) for s, b in model.originals.items()}, model.bank.granularities,
                                         block_params(model.teacher), sampling.strategies)
         return pools[id(model)]
@@ -468,9 +460,6 @@ def train_modules(teacher: nn.Module, task: Seq2SeqTask, cfg: ReplacingConfig, o
     Returns (bank, per-step log DataFrame with the config in attrs)."""
     import json
     import shutil
-
-    from ..train import BOOKKEEPING, RunMismatchError, config_diff
-    from .bank import weights_hash
 
     out = Path(out_dir)
     saved = out / "bank" / "bank.json"

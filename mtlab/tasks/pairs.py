@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .base import SPLITS, Batch, ModelMismatchError, Seq2SeqTask, pad
+from .guards import generation_cap, position_limit
 from .metrics import BLEU_ORDER, ShortTargetsWarning, default_metric, get_metric, median_words, short_targets_message
 from .split import split_by_hash
 
@@ -501,8 +502,6 @@ class PairsTask(Seq2SeqTask):
         """Cap the source and target lengths at what `model`'s absolute position table holds
         (`max_position_embeddings`, e.g. a BART with 64 positions; relative or rotary positions, as in
         T5, have no bound), so training and decoding never index past it. Warns when data gets cut."""
-        from .guards import generation_cap, position_limit
-
         limit = position_limit(model)
         if limit is None:
             return self
@@ -523,8 +522,6 @@ class PairsTask(Seq2SeqTask):
     def check_model(self, model, splits: Sequence[str] | None = None) -> None:
         """The vocabulary checks of every task, and that the encoded texts fit the model's position table."""
         super().check_model(model, splits)
-        from .guards import generation_cap, position_limit
-
         limit = position_limit(model)
         if limit is None:
             return
@@ -540,8 +537,6 @@ class PairsTask(Seq2SeqTask):
 
     def predict(self, model, split: str, *, max_new_tokens: int | None = None, **kw):
         """`Seq2SeqTask.predict`, decoding at most as many tokens as the model's position table holds."""
-        from .guards import generation_cap
-
         cap = generation_cap(model)
         if cap is not None:
             if max_new_tokens is not None and max_new_tokens > cap:
