@@ -160,3 +160,60 @@ def test_a_registered_task_metric_scores_pairs_tasks_and_recipes(tmp_path):
     with pytest.raises(ValueError, match="unknown metric 'exact'.*task_metric"):
         get_metric("exact")
     assert get_metric("per_wer")(["K AE1 T"], ["K AE1 T"]) == {"per": 0.0, "wer": 0.0}
+
+
+def test_a_registered_strategy_is_an_option_of_the_assembly_explorer():
+    """A strategy registered in one function is offered by the assembly explorer, which picks its plan;
+    "uniform" (the explorer's old hard-coded option) is registered, out of the default ladders."""
+    import pandas as pd
+
+    from mtlab.explore.space import AssemblySpace
+    from mtlab.modular import STRATEGIES, Plan, assembly_strategy, ladders, strategies, unregister_strategy, uniform
+    from mtlab.ui.assembly import strategy_options
+    from mtlab.widgets import AssemblyExplorer
+
+    depths, ks, bp = {"encoder": 6, "decoder": 6}, {"encoder": (2, 3, 6), "decoder": (2, 3)}, {"encoder": 100, "decoder": 150}
+    screen = pd.DataFrame([{"plan": str(p), "params": 1, "ratio": 1.0, "ideal_speedup": 1.0, "nll": 0.1, "token_acc": 0.9}
+                           for p in AssemblySpace(depths, ks)])
+    assert [str(p) for p in STRATEGIES.get("uniform")(depths, ks, bp)] == [str(uniform(depths, 2)), str(uniform(depths, 3))]
+    assert "uniform" in strategies(ladder_only=False) and "uniform" not in {s for s, _ in ladders(depths, ks, bp)}
+
+    @assembly_strategy("decoder_threes")
+    def decoder_threes(depths, granularities, block_params):
+        return [Plan.of({"encoder": (1,) * depths["encoder"], "decoder": (3,) * (depths["decoder"] // 3)})]
+
+    try:
+        assert "decoder_threes" in strategy_options()
+        e = AssemblyExplorer(screen, depths, ks, bp)
+        assert "decoder_threes" in e.strategy.options
+        e.strategy.value = "decoder_threes"
+        e.ratio.value = min(v for _, v in e.ratio.options if v > 1.01)   # past the teacher; the plan is 1.67x
+        assert str(e.target_plan()) == "e=111111 d=33"
+    finally:
+        unregister_strategy("decoder_threes")
+    assert "decoder_threes" not in strategy_options()
+
+
+def test_a_registered_task_kind_is_listed_and_its_model_kind_checked(capsys):
+    from mtlab.cli import main
+    from mtlab.tasks import TASKS, Seq2SeqTask, task_kind, task_kinds
+
+    @task_kind("tagging", kind="seq2seq", metric="exact", description="Tag every word.")
+    class TaggingTask(Seq2SeqTask):
+        name = "tagging"
+
+    try:
+        assert task_kinds()[-1] == "tagging" and task_kinds("seq2seq") == ("g2p", "pairs", "tagging")
+        e = TASKS.entry("tagging")
+        assert (e.value, e.kind, e.tasks, e.extra["metric"], e.extra["needs_path"]) == \
+            (TaggingTask, "seq2seq", ("seq2seq",), "exact", True)
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "task kinds: g2p, pairs, text, sentences, tagging" in capsys.readouterr().out
+    finally:
+        TASKS.unregister("tagging")
+    assert "tagging" not in task_kinds()
+    with pytest.raises(ValueError, match=r"unknown task kind\(s\) \['vision'\]; use some of \('seq2seq', 'causal_lm'"):
+        task_kind("images", kind="vision")
+    with pytest.raises(ValueError, match="unknown task kind 'tagging'; valid task kinds: g2p, pairs, text, sentences"):
+        TASKS.get("tagging")
