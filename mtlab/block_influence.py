@@ -26,7 +26,7 @@ no baseline code (`mtlab.baselines` imports it), so the two form no import cycle
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 
 from .anatomy import anatomy
 from .capture import BatchConsumer, Capture
-from .surgery import drop_blocks, stack_depths
+from .layer_rules import keep_only
 
 __all__ = ["RULES", "block_scores", "block_influence", "choose_kept", "prune_by_score",
            "calibration_batches", "CALIBRATION_TOKENS", "CALIBRATION_BATCH"]
@@ -168,6 +168,4 @@ def choose_kept(scores: pd.DataFrame, depths: Mapping[str, int], rule: str = "bi
 
 def prune_by_score(model: nn.Module, scores: pd.DataFrame, depths: Mapping[str, int], rule: str = "bi") -> nn.Module:
     """A pruned copy of `model` keeping `choose_kept(scores, depths, rule)` (no training)."""
-    kept = choose_kept(scores, depths, rule)
-    n = stack_depths(model)
-    return drop_blocks(model, {s: [i for i in range(n[s]) if i not in k] for s, k in kept.items() if len(k) < n[s]})
+    return keep_only(model, choose_kept(scores, depths, rule))

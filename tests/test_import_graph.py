@@ -24,7 +24,7 @@ KNOWN_CYCLES = {
 
 #: modules whose mtlab imports are all at module level (the cycles that made them lazy are broken)
 NO_FUNCTION_LEVEL = ("mtlab.registry", "mtlab.registries", "mtlab.keys", "mtlab.paths", "mtlab.cache", "mtlab.teacher",
-                     "mtlab.train", "mtlab.baselines", "mtlab.block_influence", "mtlab.profiles",
+                     "mtlab.train", "mtlab.baselines", "mtlab.layer_rules", "mtlab.block_influence", "mtlab.profiles",
                      "mtlab.merging.methods", "mtlab.modular.plan", "mtlab.modular.bank", "mtlab.modular.replacing",
                      "mtlab.tasks.split", "mtlab.tasks.kinds", "mtlab.tasks.metrics", "mtlab.tasks.pairs",
                      "mtlab.tasks.sentences")
