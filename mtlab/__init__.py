@@ -13,8 +13,9 @@ The front door: the names a compression study needs, importable from `mtlab` its
                 screen (every assembly, teacher-forced), frontier_search (too many to screen)
     data        load_teacher (the bundled G2P teacher and task), load_model_and_data (your model
                 folder and data file, checked as a recipe's are)
-    run         run_recipe (`mtlab run recipe.yaml`: everything a recipe lists), export (a folder
-                plain transformers loads, checked by reloading)
+    run         run_recipe (`mtlab run recipe.yaml`: everything a recipe lists), study (`mtlab study
+                recipe.yaml`: the report's four tables for your model), export (a folder plain
+                transformers loads, checked by reloading)
 
 Each name is imported on first use (PEP 562), so `import mtlab` stays cheap: it loads neither
 torch nor transformers, and no submodule import can cycle back through this file. The rest of
@@ -57,6 +58,7 @@ _NAMES = {
     "load_model_and_data": ("mtlab.recipe_load", "load_model_and_data"),
     "run_recipe": ("mtlab.recipe", "run_recipe"),
     "export": ("mtlab.export", "export"),
+    "study": ("mtlab.study", "study"),
 }
 
 __all__ = list(_NAMES) + ["__version__"]

@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--fresh", action="store_true", help="delete the results and work/ of an earlier run in the "
                      "output folder (of another recipe, model or data) and start over")
+    st = sub.add_parser("study", help="the report's whole analysis for your model: similarity, modules and baselines "
+                        "at every ratio, merges against pruning, the speed frontier (four CSVs and index.html)")
+    st.add_argument("recipe", help="the recipe YAML file; its `study:` section sets similarity tokens and timing")
+    st.add_argument("--out", default=None, help="output folder (overrides the recipe's output)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.add_argument("--fresh", action="store_true", help="delete an earlier run's results and work/ in the output "
+                    "folder (of another recipe, model or data) and start over")
     t = sub.add_parser("teacher", help="train (or resume) the bundled teacher and export it to data/teacher")
     t.add_argument("--out", default=None, help="export directory (default data/teacher)")
     t.add_argument("--work", default=None, help="checkpoint/log directory (default runs/teacher)")
@@ -95,6 +102,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     if a.cmd == "run":
         return _run(a.recipe, a.output, a.check, not a.no_progress, a.fresh)
+    if a.cmd == "study":
+        return _study(a.recipe, a.out, not a.no_progress, a.fresh)
     if a.cmd == "teacher":
         from .teacher import ROOT, TEACHER_DIR, TeacherConfig, train_teacher
 
@@ -233,6 +242,23 @@ def _run(recipe: str, output: str | None, check: bool, progress: bool, fresh: bo
     print(df.to_string(index=False))
     out = Path(output) if output else r.output
     print(f"done in {time.time() - t0:.0f}s: models in {out / 'models'}, open {out / 'summary.html'}")
+    return 0
+
+
+def _study(recipe: str, out: str | None, progress: bool, fresh: bool) -> int:
+    """`mtlab study`: like `mtlab run`, a recipe error is one message and exit status 2."""
+    from .recipe import RecipeError
+    from .study import study
+
+    t0 = time.time()
+    try:
+        res = study(recipe, out=out, progress=progress, fresh=fresh)
+    except RecipeError as e:
+        print(f"mtlab study: {e}", file=sys.stderr)
+        return 2
+    for name, text in res.conclusions.items():
+        print(f"{name}: {text}")
+    print(f"done in {time.time() - t0:.0f}s: tables and index.html in {res.out}")
     return 0
 
 

@@ -68,7 +68,7 @@ Built = "tuple[dict[str, Candidate], dict[str, pd.DataFrame]]"   # a section's c
 
 
 def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
-    from .candidate import Candidate
+    from .candidate import Budget, Candidate
     from .explore import screen
     from .modular import ReplacingConfig, assemble, teacher_ladders, train_modules
     from .modular.plan import Plan
@@ -76,15 +76,20 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
 
     m = r.modules
     cfg = ReplacingConfig(granularities=m.granularities, train=_train_cfg(m.steps, m.batch_size, m.lr, r.seed))
-    bank, _ = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
+    bank, log = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
     depths = stack_depths(teacher)
+    strategies: dict = {}  # plan -> the strategies whose ladder holds it ("custom": listed in the recipe)
     if m.plans == "ladders":
-        plans = list(dict.fromkeys(p for _, p in teacher_ladders(teacher, bank)))
+        for strategy, p in teacher_ladders(teacher, bank):
+            strategies.setdefault(p, []).append(strategy)
     else:
-        plans = [Plan.parse(t, depths) for t in m.plans]
-    plans = [p for p in plans if p != Plan.teacher(depths)]
-    out = {f"modules {p}": Candidate("modules", p, assemble(teacher, bank, p), info={"kind": "modules"})
-           for p in plans}
+        strategies = {Plan.parse(t, depths): ["custom"] for t in m.plans}
+    plans = [p for p in strategies if p != Plan.teacher(depths)]
+    seconds = float(log["seconds"].max()) if "seconds" in log and len(log) else None
+    # one training run serves every plan: its cost is counted once, on the first plan
+    out = {f"modules {p}": Candidate("modules", p, assemble(teacher, bank, p), ", ".join(strategies[p]),
+                                     Budget(1, m.steps, seconds) if i == 0 else Budget(), info={"kind": "modules"})
+           for i, p in enumerate(plans)}
     tables = {}
     if m.screen:
         tables["screen"] = screen(teacher, bank, task, split="dev", limit=m.screen_limit, batch_size=m.batch_size,
@@ -92,7 +97,12 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     return out, tables
 
 
-def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
+def _merges(r: Recipe, teacher, task, work: Path, progress: bool, *, pruning: bool = False,
+            before: bool = False) -> Built:
+    """The merges of the recipe (its sets and the window search's best window per size and method),
+    each recovered, and the control. `pruning`: also the window search's best layer-pruning windows,
+    recovered the same way (kind "prune"); `before`: also every merge and pruning as built, before
+    recovery (stage "before recovery"), so a study splits a recovered score into edit and fine-tune."""
     from .candidate import Budget, Candidate, apply, parse_spec
     from .merging.correlations import CorrelationCache
     from .merging.recover import recover
@@ -109,15 +119,24 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
                            eval_kw={"batch_size": r.eval.batch_size}, progress=progress)
         tables["window_search"] = df
         specs += [s for s in df[df.best & (df.kind == "merge")].spec if s not in specs]
+        if pruning:
+            specs += [s for s in df[df.best & (df.kind == "prune")].spec if s not in specs]
     for text in specs:
         spec = parse_spec(text)
+        kind = "prune" if text.startswith("prune") else "merge"
+        method = "layer_prune" if kind == "prune" else spec.method
         model = apply(teacher, spec, cache=cache).requires_grad_(True)
-        budget = Budget()
+        budget, stage = Budget(), "as built"
         if mg.recovery.steps:
+            if before:
+                out[f"{kind} {text} (before recovery)"] = Candidate(
+                    method, spec, copy.deepcopy(model).eval(), budget=Budget(),
+                    info={"kind": kind, "stage": "before recovery", "recovery_steps": 0})
             cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
             model, log = recover(model.train(), task, cfg, work / "recover" / _slug(text), progress=progress, save=False)
-            budget = Budget(1, mg.recovery.steps, log.attrs.get("config", {}).get("train_seconds"))
-        out[f"merge {text}"] = Candidate("merge", spec, model.eval(), budget=budget, info={"kind": "merge"})
+            budget, stage = Budget(1, mg.recovery.steps, log.attrs.get("config", {}).get("train_seconds")), "recovered"
+        out[f"{kind} {text}"] = Candidate(method, spec, model.eval(), budget=budget,
+                                          info={"kind": kind, "stage": stage, "recovery_steps": mg.recovery.steps})
     if mg.recovery.steps and specs:  # the control: the original fine-tuned exactly as the merges were recovered
         cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
         model, log = recover(copy.deepcopy(teacher).train().requires_grad_(True), task, cfg,
@@ -125,7 +144,8 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
         out[CONTROL] = Candidate("control", f"original fine-tuned {mg.recovery.steps} steps like the merges' recovery",
                                  model.eval(), budget=Budget(1, mg.recovery.steps,
                                                              log.attrs.get("config", {}).get("train_seconds")),
-                                 info={"kind": "control"})
+                                 info={"kind": "control", "stage": "recovered",
+                                       "recovery_steps": mg.recovery.steps})
     return out, tables
 
 
@@ -139,6 +159,24 @@ def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
             for c in build_baselines(teacher, task, budget, b.names)}, {}
 
 
+def build_candidates(r: Recipe, teacher, task, work: Path, progress: bool = True, *, pruning: bool = False,
+                     before: bool = False) -> Built:
+    """Every model the recipe asks for, the original first (kind "original"), then its modules,
+    merges (with `pruning` and `before`, see `_merges`) and baselines, trained in `work` (resumed
+    there), with the side tables (screen, window_search): the one path of `mtlab run` and `mtlab study`."""
+    from .candidate import Candidate
+
+    cands = {"original": Candidate("original", "", teacher, provenance="given", info={"kind": "original"})}
+    tables: dict[str, pd.DataFrame] = {}
+    for section, build in (("modules", _modules), ("merge", _merges), ("baselines", _baselines)):
+        if getattr(r, section) is not None:
+            kw = {"pruning": pruning, "before": before} if section == "merge" else {}
+            built, side = build(r, teacher, task, work, progress, **kw)
+            cands.update(built)
+            tables.update(side)
+    return cands, tables
+
+
 def export_model(model, directory: Path, task) -> str:
     """A folder plain transformers loads: `mtlab.export.export` when this mtlab has it, else
     `save_pretrained` of an untied copy (merged FFs get their own weights), plus the tokenizer."""
@@ -148,7 +186,7 @@ def export_model(model, directory: Path, task) -> str:
     return "mtlab.export"
 
 
-def _prepare_output(r: Recipe, record: dict, identity: dict, fresh: bool = False) -> Path:
+def prepare_output(r: Recipe, record: dict, identity: dict, fresh: bool = False) -> Path:
     """The output folder: new, or one this same recipe wrote from the same model and data (then its
     work/ resumes); `check_output` refuses any other. `fresh`: first delete what an earlier run of a
     recipe wrote there (RUN_FILES; other files stay)."""
@@ -193,19 +231,11 @@ def run_recipe(source: str | Path | dict | Recipe, *, output: str | Path | None 
     if output is not None:
         r = r.model_copy(update={"output": Path(output)})
     teacher, task = load_model_and_task(r)
-    check_recipe(r, teacher, task, output=False)  # the output folder: _prepare_output, by the same check_output
+    check_recipe(r, teacher, task, output=False)  # the output folder: prepare_output, by the same check_output
     record = json.loads(r.model_dump_json())
-    out = _prepare_output(r, record, run_identity(teacher, task), fresh)
-    work, t0 = out / "work", time.perf_counter()
-    from .candidate import Candidate
-
-    cands = {"original": Candidate("original", "", teacher, provenance="given", info={"kind": "original"})}
-    tables: dict[str, pd.DataFrame] = {}
-    for section, build in (("modules", _modules), ("merge", _merges), ("baselines", _baselines)):
-        if getattr(r, section) is not None:
-            built, side = build(r, teacher, task, work, progress)
-            cands.update(built)
-            tables.update(side)
+    out = prepare_output(r, record, run_identity(teacher, task), fresh)
+    t0 = time.perf_counter()
+    cands, tables = build_candidates(r, teacher, task, out / "work", progress)
     for name, table in tables.items():
         write_csv(out / f"{name}.csv", table)
     from .measure import count_params

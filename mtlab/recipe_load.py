@@ -175,7 +175,8 @@ def check_recipe(r: Recipe, model, task=None, *, output: bool = True) -> None:
 
 #: what a run writes in its output folder (deleted by a fresh run; anything else there is kept)
 RUN_FILES = ("work", "models", "results.csv", "summary.html", "screen.csv", "window_search.csv", "run.json",
-             "recipe.json")
+             "recipe.json", "similarity.csv", "modular.csv", "merge.csv", "frontier.csv", "method_budget.csv",
+             "index.html")  # mtlab run's files, then mtlab study's
 
 
 def check_output(r: Recipe, model, task=None, identity: dict | None = None) -> None:

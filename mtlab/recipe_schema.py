@@ -172,6 +172,21 @@ class EvalSpec(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class StudySpec(_Strict):
+    """What `mtlab study` measures beyond the recipe's models: similarity tokens and speed timing."""
+    cka_tokens: int = Field(2000, ge=1, description="train tokens per stack for the CKA similarity maps")
+    speed_batch_sizes: tuple[int, ...] = Field((1, 16), description="batch sizes every model is timed at")
+    speed_seconds: float = Field(1.0, gt=0, description="timing per model and batch size (split over rounds)")
+    speed_rounds: int = Field(3, ge=1, description="interleaved timing rounds (ratios within a round)")
+
+    @field_validator("speed_batch_sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if not v or any(b < 1 for b in v):
+            raise ValueError(f"each batch size is >= 1, got {list(v)}; e.g. speed_batch_sizes: [1, 16]")
+        return tuple(sorted(set(v)))
+
+
 class Recipe(_Strict):
     """What to compress (model, task), how (modules, merge, baselines), and where to (output)."""
     model: str = Field(..., description="a from_pretrained folder (or hub name), or 'bundled' (the G2P teacher)")
@@ -182,6 +197,7 @@ class Recipe(_Strict):
     merge: MergeSection | None = None
     baselines: BaselinesSpec | None = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    study: StudySpec = Field(default_factory=StudySpec, description="`mtlab study` only: similarity and speed")
     seed: int = 0
 
     @model_validator(mode="after")
