@@ -107,3 +107,39 @@ def test_a_study_folder_of_another_model_is_refused(tmp_path):
     m.save_pretrained(tmp_path / name)
     with pytest.raises(RecipeError, match="fresh"):
         study(load_recipe(recipe, base=tmp_path), progress=False)
+
+
+def test_every_example_folder_has_a_study_recipe_that_validates():
+    from mtlab.recipe_schema import load_recipe as load
+
+    folders = [p for p in (ROOT / "examples").iterdir() if p.is_dir() and (p / "recipe.yaml").exists()]
+    assert folders and all((p / "study.yaml").is_file() for p in folders)
+    for p in folders:
+        assert load(p / "study.yaml").study.speed_batch_sizes  # the schema reads it (typed, no unknown keys)
+
+
+@pytest.mark.slow
+def test_the_tiny_gpt2_example_study_runs_from_the_cli(tmp_path):
+    """`mtlab study examples/tiny_gpt2/study.yaml --out DIR` on a copy of the example (its model built)."""
+    import shutil
+    import sys
+
+    from mtlab.cli import main
+
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples" / "tiny_gpt2", root / "examples" / "tiny_gpt2")
+    (root / "tests" / "data").mkdir(parents=True)
+    shutil.copy(TEXT, root / "tests" / "data" / TEXT.name)
+    sys.path.insert(0, str(root / "examples" / "tiny_gpt2"))
+    try:
+        import make_model
+    finally:
+        sys.path.pop(0)
+    make_model.make(root / "examples" / "tiny_gpt2" / "tiny-gpt2", steps=20, text=root / "tests" / "data" / TEXT.name)
+    out = tmp_path / "study"
+    assert main(["study", str(root / "examples" / "tiny_gpt2" / "study.yaml"), "--out", str(out), "--no-progress"]) == 0
+    for t in (*TABLES, "method_budget"):
+        assert len(pd.read_csv(out / f"{t}.csv")), t
+    mod = pd.read_csv(out / "modular.csv")
+    assert set(mod[mod.kind == "baseline"].stack_ratio.round(2)) == {4.0, 2.0, 1.33}  # every depth: 1, 2, 3 of 4
+    assert (out / "index.html").is_file()
