@@ -78,7 +78,7 @@ def label(column: str, kind: str | None = None) -> str:
             text += " (x)"
         elif kind == "params":
             text += " (M)"
-        elif kind == "seconds" and not text.endswith((" s", " seconds")):
+        elif kind == "seconds" and not text.endswith(("seconds", " s")):
             text += " (s)"
     if suffix:
         text += f" at {suffix.group()[1:]}"
