@@ -237,9 +237,10 @@ def fmt(df: pd.DataFrame | pd.Series, columns: list[str] | None = None, *, index
     # words read from the left; short labels (plans, methods) stay on one line
     styles = []
     for i, c in enumerate(df.columns):
-        if kinds[c] == "other" and df[c].dtype == object and not _is_flag(df[c]):
+        if kinds[c] == "other" and (df[c].dtype == object or pd.api.types.is_string_dtype(df[c])) and not _is_flag(df[c]):
             short = df[c].astype(str).str.len().max() <= 24
-            styles.append({"selector": f"td.col{i}", "props": "text-align:left" + ("; white-space:nowrap" if short else "")})
+            styles += [{"selector": f"td.col{i}", "props": "text-align:left" + ("; white-space:nowrap" if short else "")},
+                       {"selector": f"th.col{i}", "props": "text-align:left"}]
     if index:
         styler = styler.format_index(lambda v: "n/a" if _isna(v) else _plain(v), axis="index")
     else:
