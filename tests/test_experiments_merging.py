@@ -35,10 +35,11 @@ def test_merge_csv_has_the_columns_and_methods(table):
     assert list(table.columns) == X.COLUMNS
     assert set(table.model) == {"teacher", "minilm"}
     for model, g in table.groupby("model"):
-        assert set(g.method) == METHODS, model
+        assert set(g.method) == METHODS | ({X.CONTROL} if model == "teacher" else set()), model
         assert (g.method == "original").sum() == 1
     t = table[table.model == "teacher"]
     assert set(t.recovery_steps) == {0, STEPS}
+    assert t[t.method == X.CONTROL].recovery_steps.tolist() == [STEPS]  # the control of that one budget
     for method in METHODS - {"original"}:  # every method before and after the same recovery budget
         steps = t[t.method == method].groupby(["stack", "layers"]).recovery_steps.apply(set)
         assert all(s == {0, STEPS} for s in steps), method
@@ -54,7 +55,8 @@ def test_params_removed_frac_matches_params(table):
         n0 = g.loc[g.method == "original", "params"].item()
         np.testing.assert_allclose(g.params_removed_frac, 1 - g.params / n0, atol=1e-12)
         assert ((g.params_removed_frac >= 0) & (g.params_removed_frac < 1)).all()
-        assert (g.loc[g.method != "original", "params_removed_frac"] > 0).all()
+        assert (g.loc[~g.method.isin(["original", X.CONTROL]), "params_removed_frac"] > 0).all()
+        assert (g.loc[g.method == X.CONTROL, "params_removed_frac"] == 0).all()
     t = table[(table.model == "teacher") & (table["stack"] == "encoder+decoder")]
     n0 = table.loc[(table.model == "teacher") & (table.method == "original"), "params"].item()
     for method in ("permute", "vanilla"):  # the combined candidate ties away 4 of the 12 FF sublayers
@@ -89,6 +91,22 @@ def test_every_row_says_its_words_and_every_word_set_has_its_original(table):
     assert f"on {m.eval_limit:,} test words" in text and "Merge against layer pruning, the baseline" in text
 
 
+def test_every_recovered_row_has_its_control_on_the_same_words(table):
+    """Issue 22, item 10: the table has the original fine-tuned with the recovery config of its recovered rows,
+    scored on the same dev and test words, and `vs_control` is each recovered row's test WER minus the control's."""
+    t = table[table.model == "teacher"]
+    ctl = t[t.method == X.CONTROL]
+    assert len(ctl) == 1 and ctl.recovery_steps.item() == STEPS
+    rec = t[(t.recovery_steps > 0) & (t.method != X.CONTROL)]
+    assert set(rec.test_n) == set(ctl.test_n) and set(rec.dev_n) == set(ctl.dev_n)
+    assert X.missing_controls(t).empty
+    np.testing.assert_allclose(rec.vs_control, rec.test_wer - ctl.test_wer.item())
+    assert t[t.recovery_steps == 0].vs_control.isna().all() and ctl.vs_control.isna().all()
+    assert table[table.model == "minilm"].vs_control.isna().all()
+    assert X.teacher_merge_table("smoke").attrs["details"]["recovery"]["steps"] == STEPS
+    assert "the original fine-tuned the same way" in X.conclusion(table)
+
+
 def test_the_original_is_added_on_the_shipped_cards_words(cache_dir, monkeypatch):
     """A shipped candidate (full splits) brings the teacher's scores on its words from its card: the table
     gets a second original row on those words, and the shipped rows keep theirs."""
@@ -104,6 +122,7 @@ def test_the_original_is_added_on_the_shipped_cards_words(cache_dir, monkeypatch
     monkeypatch.setattr(A, "shipped_stages", lambda c, m, root=None: stages(c, m) if c.info["kind"] == "combined"
                         else None)
     monkeypatch.setattr(A, "shipped_teacher", lambda c, root=None: dict(full))
+    monkeypatch.setattr(A, "shipped_control", lambda m, root=None: None)  # the control: not shipped here
     monkeypatch.setattr("mtlab.shipped.shipped_state", lambda d: "planted")
     from dataclasses import replace
 

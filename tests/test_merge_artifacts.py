@@ -28,6 +28,7 @@ def shipped(tmp_path_factory):
         mp.setenv("MTLAB_CACHE", str(root / "cache"))
         search = X.teacher_window_search(TINY, progress=False)
         made = {n: A.train_merge(n, TINY, root / "merging", root / "runs", words=4, progress=False) for n in SHIPPED}
+        A.train_control(TINY, root / "merging", root / "runs", words=4, progress=False)
         yield root, search, made
 
 
@@ -56,7 +57,7 @@ def test_ship_and_reload_give_the_same_model_and_scores(shipped):
     assert {"test_per", "test_wer", "dev_per", "dev_wer"} <= set(card["before"]) & set(card["after"])
     assert card["before"]["test_n"] == 4 and "rel_word_acc" in card["relative"]["after"]
     summary = A.shipped_summary(root / "merging")
-    assert sorted(summary.name) == sorted(SHIPPED) and (summary.steps == 2).all()
+    assert sorted(summary.name) == sorted([*SHIPPED, A.CONTROL_NAME]) and (summary.steps == 2).all()
     target = summary.attrs["target"]
     assert target["permute_keeps_99"] == (target["permute_rel_word_acc"] >= 0.99)
     assert "permute_beats_prune_at_equal_params" not in target  # layer pruning at equal params is not shipped here
@@ -106,6 +107,13 @@ def test_the_merge_table_reads_the_cards_and_notes_what_is_not_shipped(shipped, 
     assert "make merges" in capsys.readouterr().out
     windows = t[t.kind == "window"]
     assert set(windows.recovery_steps) == {0, 1} and windows.note.isna().all()  # windows: cache recovery
+    # a control per budget: the windows' (fine-tuned in the cache) and the combined rows' (read from its card),
+    # each scored on the words of the rows it is the control of
+    ctl = t[t.kind == "control"].set_index("recovery_steps")
+    assert sorted(ctl.index) == [1, 2] and (ctl.method == X.CONTROL).all() and ctl.note.isna().all()
+    assert ctl.at[2, "test_n"] == 4 and ctl.at[2, "test_wer"] == read_card(root / "merging" / A.CONTROL_NAME)["after"]["test_wer"]
+    assert ctl.at[1, "test_n"] == windows.test_n.iloc[0]
+    assert X.control_gaps(t)[(t.method == "permute") & (t.kind == "combined") & (t.recovery_steps == 2)].notna().all()
 
 
 def test_smoke_reads_nothing_shipped():

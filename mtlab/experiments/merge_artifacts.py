@@ -13,6 +13,11 @@ format, a pruned one as a plain transformers folder (`mtlab.export`).
 
 With `MergingProfile.shipped`, `teacher_merge_table` reads these cards (`shipped_stages`, after
 `shipped.verify`) instead of recovering in the cache; `load_merge` returns the model itself.
+
+The control (issue 22, item 10): `original-control` is the teacher itself fine-tuned with the same
+`combined_recovery_config` (steps, batch, lr, seed: the same batches), scored on the same words, so
+that a recovered candidate's gap to the original splits into what the merge did and what the
+fine-tune alone did (`train_control`, `load_control`, `shipped_control`; `make merges` trains it too).
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from ..shipped import ArtifactMismatch, verify, write_artifact
 from ..tasks.diagnosis import score_splits
 from ..teacher import ROOT, load_teacher
 from ..train import on_main_process
-from .merging import ANCHOR, COMBINED_SIZE, align_batches, candidates, combined_recovery_config, teacher_window_search
+from .merging import (ANCHOR, COMBINED_SIZE, CONTROL, align_batches, candidates, combined_recovery_config,
+                      fine_tuned_control, teacher_window_search)
 
 MERGE_DIR = ROOT / "data" / "merging"
 MERGE_WORK = ROOT / "runs" / "merging"
@@ -49,8 +55,11 @@ NOT_SHIPPED = "not shipped: make merges"
 COMPARE = {"equal FF sublayers": "equal-ff", "equal params": "equal-params"}
 SEARCH_FIELDS = ("align_tokens", "select_limit", "window_sizes", "window_starts")  # what picks the windows
 
+CONTROL_NAME = "original-control"  # the teacher fine-tuned like the combined candidates (the control)
+
 __all__ = ["MERGE_DIR", "MERGE_COMMAND", "NOT_SHIPPED", "load_merge", "merge_card_config", "merge_name", "merge_names",
-           "shippable", "shipped_stages", "shipped_summary", "shipped_teacher", "train_merge", "train_merges"]
+           "shippable", "shipped_stages", "shipped_summary", "shipped_teacher", "train_merge", "train_merges",
+           "CONTROL_NAME", "control_card_config", "load_control", "shipped_control", "train_control"]
 
 
 def merge_name(c: Candidate) -> str:
@@ -60,7 +69,7 @@ def merge_name(c: Candidate) -> str:
 
 def merge_names() -> list[str]:
     """Every name a combined candidate can ship under (which exist depends on the search)."""
-    return [f"{m}-equal-ff" for m in (*merge_methods(), "layer_prune")] + ["layer_prune-equal-params"]
+    return [f"{m}-equal-ff" for m in (*merge_methods(), "layer_prune")] + ["layer_prune-equal-params", CONTROL_NAME]
 
 
 def shippable(search: pd.DataFrame) -> dict[str, Candidate]:
@@ -123,6 +132,44 @@ def load_merge(c: Candidate, m: MergingProfile, root: str | Path | None = None) 
         net = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return Candidate(c.method, c.spec, net, card["compare"], Budget(1, card["steps"], card["train_seconds"]),
                      provenance="shipped", scores=dict(card["after"]), info=dict(c.info))
+
+
+def control_card_config(m: MergingProfile) -> dict:
+    """What the shipped control must match: the combined candidates' recovery recipe, on the teacher itself."""
+    return {"recovery": asdict(combined_recovery_config(m)), "spec": "original", "control": CONTROL}
+
+
+def _control_verified(m: MergingProfile, root: str | Path | None) -> tuple[Path, dict]:
+    path = Path(root or MERGE_DIR) / CONTROL_NAME
+    remake = f"{MERGE_COMMAND} (or python -m mtlab merges --only {CONTROL_NAME})"
+    return path, verify(path, teacher_hash=teacher_hash(), config=control_card_config(m), remake=remake)
+
+
+def load_control(m: MergingProfile, root: str | Path | None = None) -> Candidate:
+    """The shipped control: the teacher fine-tuned with `combined_recovery_config(m)` (float32, eval
+    mode), with its scores and budget from the card, after `shipped.verify` (teacher hash, recipe, files)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path, card = _control_verified(m, root)
+    net = AutoModelForSeq2SeqLM.from_pretrained(path / "model", dtype=torch.float32).eval()
+    return Candidate("control", "original", net, CONTROL, Budget(1, card["steps"], card["train_seconds"]),
+                     provenance="shipped", scores=dict(card["after"]), info={"kind": "control"})
+
+
+def shipped_control(m: MergingProfile, root: str | Path | None = None) -> dict | None:
+    """The control's row after recovery (full splits, from its verified card: steps, seconds, dev_*/test_*
+    with dev_n/test_n); None when it is not shipped yet. A card from another teacher or recipe, or a
+    modified weights file, raises `ArtifactMismatch`."""
+    try:
+        _, card = _control_verified(m, root)
+    except ArtifactMismatch:
+        if (Path(root or MERGE_DIR) / CONTROL_NAME).exists():
+            raise
+        print(f"the control {CONTROL_NAME} is not shipped yet (`{MERGE_COMMAND}` fine-tunes it); its row stays "
+              "empty", flush=True)
+        return None
+    return {"params": card["params"], "ff_removed": 0, "blocks_removed": 0, "recovery_steps": card["steps"],
+            "recovery_seconds": card["train_seconds"], **card["after"]}
 
 
 def _rounded(d: dict) -> dict:
@@ -219,18 +266,68 @@ def train_merge(name: str, profile=MERGE_PROFILE, out_root: str | Path | None = 
     return replace(load_merge(c, m, out_root), model=net)
 
 
+def train_control(profile=MERGE_PROFILE, out_root: str | Path | None = None, work_root: str | Path | None = None, *,
+                  teacher_scores: dict | None = None, words: int | None = None, progress: bool = True) -> Candidate | None:
+    """The control of the combined candidates: the teacher fine-tuned (or resumed) in work_root/original-control
+    with the same `combined_recovery_config` as they are, scored on `words` words of dev and test (None: the
+    full splits), shipped with a card to out_root/original-control (bf16, a plain transformers folder).
+    Returns the shipped control, or None when the run stopped before its last step."""
+    p = get_profile(profile)
+    m = p.merging
+    rcfg = combined_recovery_config(m)
+    out_root, work = Path(out_root or MERGE_DIR), Path(work_root or MERGE_WORK) / CONTROL_NAME
+    try:
+        return load_control(m, out_root)  # already shipped with this recipe: nothing to do
+    except ArtifactMismatch:
+        pass
+    teacher, task = load_teacher()
+    if teacher_scores is None:
+        teacher_scores = _rounded(score_splits(teacher, task, limit=words, progress=progress))
+    net, log = fine_tuned_control(teacher, task, rcfg, work, progress=progress)
+    done = int(log.step.max()) if len(log) else 0
+    if done < rcfg.steps:
+        print(f"{CONTROL_NAME}: stopped at step {done}/{rcfg.steps}; rerun `{MERGE_COMMAND}` to resume")
+        return None
+    net.to(torch.bfloat16).to(torch.float32).eval()  # score exactly what ships
+    after = _rounded(score_splits(net, task, limit=words, progress=progress))
+    n = count_params(net)
+    card = {"what": "the control of the bundled teacher's FF-merging study: the teacher itself fine-tuned with the "
+                    "combined candidates' recovery config (same steps, batch, lr, seed, data)",
+            "name": CONTROL_NAME, "spec": "original", "method": CONTROL, "compare": "control", "stack": "-",
+            "layers": "-", "teacher_hash": teacher_hash(), "config": control_card_config(m), "profile": p.name,
+            "steps": done, "batch_size": rcfg.batch_size, "lr": rcfg.lr, "examples_seen": done * rcfg.batch_size,
+            "train_seconds": round(float(log.seconds.max()), 1),
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "words": words or "all", "params": n, "params_removed": 0, "params_removed_frac": 0.0, "ff_removed": 0,
+            "blocks_removed": 0, "teacher": teacher_scores, "before": teacher_scores, "after": after,
+            "relative": {"before": _rel(teacher_scores, teacher_scores), "after": _rel(after, teacher_scores)},
+            "format": FORMATS[False], "command": MERGE_COMMAND}
+
+    def files(tmp: Path) -> None:
+        _save(net, tmp / "model")
+        log.to_csv(tmp / "training_log.csv", index=False)
+
+    on_main_process(lambda: write_artifact(out_root / CONTROL_NAME, files, card, render_merge_card(card, log)))
+    return replace(load_control(m, out_root), model=net)
+
+
 def train_merges(names: list[str] | None = None, profile=MERGE_PROFILE, *, progress: bool = True) -> list[str]:
     """`make merges`: every combined candidate of the profile's search (or `names`), one after the
-    other with the same budget; the teacher is scored once on the full splits. Returns the names shipped."""
+    other with the same budget, and the control (`train_control`: the teacher fine-tuned the same way);
+    the teacher is scored once on the full splits. Returns the names shipped."""
     p = get_profile(profile)
-    search = teacher_window_search(p, progress=progress)
-    names = list(shippable(search)) if names is None else names
+    search = None if names == [CONTROL_NAME] else teacher_window_search(p, progress=progress)
+    names = [*shippable(search), CONTROL_NAME] if names is None else names
     teacher, task = load_teacher()
     teacher_scores = _rounded(score_splits(teacher, task, progress=progress))
     shipped = []
     for name in names:
         t0 = time.time()
-        if train_merge(name, p, search=search, teacher_scores=teacher_scores, progress=progress) is not None:
+        if name == CONTROL_NAME:
+            net = train_control(p, teacher_scores=teacher_scores, progress=progress)
+        else:
+            net = train_merge(name, p, search=search, teacher_scores=teacher_scores, progress=progress)
+        if net is not None:
             shipped.append(name)
         print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
     summary = shipped_summary()
@@ -269,12 +366,14 @@ def shipped_summary(root: str | Path | None = None) -> pd.DataFrame:
 
 def render_merge_card(card: dict, log: pd.DataFrame) -> str:
     cols = ["per", "wer", "len_ratio", "eos_rate", "sub", "ins", "del", "n"]
+    control = card.get("compare") == "control"  # the teacher fine-tuned: "as built" is the teacher itself
+    stages = (("teacher", "teacher"), *(() if control else (("as built", "before"),)),
+              (f"after {card['steps']:,} steps", "after"))
     rows = [{"model": label, "split": s, **{c: card[key].get(f"{s}_{c}") for c in cols}}
-            for label, key in (("teacher", "teacher"), ("as built", "before"), (f"after {card['steps']:,} steps", "after"))
-            for s in ("dev", "test")]
+            for label, key in stages for s in ("dev", "test")]
     curve = log[[c for c in ("step", "loss", "lr", "seconds") if c in log]].astype({"step": int}).astype({"step": str})
     rel = card["relative"]
-    return f"""# mtlab merge candidate `{card['name']}` for the bundled teacher
+    return f"""# mtlab merge {'control' if control else 'candidate'} `{card['name']}` for the bundled teacher
 
 - {card['what']}.
 - Spec: `{card['spec']}`; {card['ff_removed']} FF sublayers and {card['blocks_removed']} blocks removed:

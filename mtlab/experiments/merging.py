@@ -39,22 +39,25 @@ from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
 
-VERSION = 2                      # bump when a change of code changes what a table holds (2: the original on
-                                 # every word set of the table, dev_n/test_n in merge.csv)
+VERSION = 3                      # bump when a change of code changes what a table holds (2: the original on
+                                 # every word set of the table, dev_n/test_n in merge.csv; 3: the control rows
+                                 # "original (fine-tuned)" and vs_control)
 ALIGN_BATCH, SEED = 64, 0        # alignment batches: shuffled train split, as window_search builds them
 ANCHOR = "middle"
 COMBINED_SIZE = 3                # the combined candidate: one 3-layer set per stack (4 of 12 FF for 6+6)
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # MiniLM's sentences come from stdlib docstrings
 METHOD = {"none": "original", "prune": "layer_prune"}  # table names; a merge method keeps its registered name
-RANK = {"kind": {"original": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order of rows
+RANK = {"kind": {"original": 0, "control": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order
         "compare": {"-": 0, "single window": 1, "equal FF sublayers": 2, "equal params": 3},
         "stack": {"-": 0, "encoder": 1, "layers": 1, "decoder": 2, "encoder+decoder": 3},
-        "method": {"original": 0, "none": 0, "permute": 1, "vanilla": 2, "layer_prune": 3, "prune": 3}}
+        "method": {"original": 0, "none": 0, "original (fine-tuned)": 0.5, "permute": 1, "vanilla": 2,
+                   "layer_prune": 3, "prune": 3}}
 COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac", "recovery_steps",
-           "dev_per", "dev_wer", "dev_n", "test_per", "test_wer", "test_n", "mean_cos", "recall_at_10"]
+           "dev_per", "dev_wer", "dev_n", "test_per", "test_wer", "test_n", "vs_control", "mean_cos", "recall_at_10"]
 WORDS = ["dev_n", "test_n"]      # how many words (MiniLM: sentences) each row's dev and test scores are on
 FIGURE_WIDTH = 12.0              # inches: the width of a figure of three heatmaps (see similarity_figure)
 MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pearson correlation)"}
+CONTROL = "original (fine-tuned)"  # the method of the control row: the original fine-tuned like the recovered rows
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +240,15 @@ def recovery_config(m: MergingProfile) -> TrainConfig:
                        ckpt_every=max(1, steps))
 
 
+def fine_tuned_control(model, task, cfg: TrainConfig, out_dir, *, progress: bool = False, save: bool = False):
+    """The control of a recovery: a trainable copy of the original (left as it is) fine-tuned by `recover`
+    with the recovery config `cfg` of the merges it is compared with (same steps, batch, lr, seed:
+    the same batches), resumable in `out_dir`. Returns (model in eval mode, log)."""
+    import copy
+
+    return recover(copy.deepcopy(model).train().requires_grad_(True), task, cfg, out_dir, progress=progress, save=save)
+
+
 def combined_recovery_config(m: MergingProfile) -> TrainConfig:
     """The recovery budget of the combined candidates: `combined_recovery_steps` (None: the windows'
     `recovery_config`), same batch, lr and seed; a checkpoint every 100 steps at most, so a long
@@ -335,7 +347,9 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     recovery_steps (0: before), dev_* on `select_limit` dev words, test_* on `eval_limit` test words.
     The combined candidates get `combined_recovery_config`; with `shipped`, their rows are read from
     the cards under data/merging (full dev/test splits, see dev_n/test_n), and one not shipped yet
-    is a row whose `note` says `make merges`."""
+    is a row whose `note` says `make merges`. For every recovery config the table uses there is a
+    CONTROL row (kind "control", method "original (fine-tuned)"): the teacher fine-tuned with that
+    config (`fine_tuned_control`; shipped: data/merging/original-control), scored on the same words."""
     p = get_profile(profile)
     m = p.merging
     rcfg = recovery_config(m)
@@ -351,6 +365,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
                  **_scores(model, task, m, searched.get("original"))}]
         done: dict[tuple, list[dict]] = {}
         originals: dict[tuple, dict] = {}  # the teacher scored on the words of shipped rows (their cards)
+        recovered: dict[tuple, TrainConfig] = {}  # (steps, shipped) -> the recovery config of recovered rows
         cands = candidates(search)
         bar = tqdm(cands, desc="merge table", disable=not progress)
         for c in bar:
@@ -369,6 +384,13 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
             info = {"kind": c.info["kind"], "compare": c.info["compare"], "method": c.method, "stack": c.info["stack"],
                     "layers": c.info["layers"]}
             rows += [{**info, "spec": c.label, **s} for s in done[key]]
+            if any(s["recovery_steps"] for s in done[key]):
+                recovered.setdefault((ccfg.steps, key[-1]), ccfg)
+        # the controls: the original fine-tuned with each recovery config the table uses, on the same words
+        for (_, shipped), ccfg in recovered.items():
+            rows.append({**{k: v for k, v in rows[0].items() if not k.startswith(("dev_", "test_"))},
+                         "kind": "control", "method": CONTROL,
+                         **_control_stage(ccfg, model, task, m, shipped=shipped, originals=originals)})
         first = (rows[0]["dev_n"], rows[0]["test_n"])
         for i, (words, s) in enumerate(sorted(originals.items(), key=lambda kv: str(kv[0]))):
             if words != first:  # one original row per word set, so every comparison has its original
@@ -391,6 +413,7 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
         from .merge_artifacts import MERGE_DIR
 
         extra["shipped"] = shipped_state(MERGE_DIR)  # a card written (or replaced) by `make merges` makes a new table
+    extra["control"] = CONTROL
     cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg), **extra)
     return _cached("teacher_merge", cfg, compute)
 
@@ -419,6 +442,62 @@ def _candidate_stages(c: Candidate, rcfg: TrainConfig, model, task, m: MergingPr
     return [{"params": count_params(net), "ff_removed": ff, "blocks_removed": blocks, **s} for s in stages]
 
 
+def _control_stage(rcfg: TrainConfig, model, task, m: MergingProfile, *, shipped: bool,
+                   originals: dict) -> dict:
+    """The control's scores after `rcfg`: the teacher fine-tuned in the cache (`fine_tuned_control`,
+    scored on the table's words), or read from the shipped control's verified card (full splits; the
+    teacher's scores on those words go to `originals`); not shipped yet: a row with the note."""
+    from .merge_artifacts import CONTROL_NAME, MERGE_DIR, NOT_SHIPPED, shipped_control
+
+    if shipped:
+        stage = shipped_control(m)
+        if stage is None:
+            return {"recovery_steps": rcfg.steps, "note": NOT_SHIPPED}
+        from ..shipped import read_card
+
+        t = read_card(MERGE_DIR / CONTROL_NAME).get("teacher") or {}
+        if "test_n" in t:
+            originals.setdefault((t.get("dev_n"), t.get("test_n")), t)
+        return stage
+    t0 = time.perf_counter()
+    net, _ = fine_tuned_control(model, task, rcfg, recovery_dir(["original"], rcfg))
+    return {"recovery_steps": rcfg.steps, "recovery_seconds": time.perf_counter() - t0, **_scores(net, task, m)}
+
+
+def control_gaps(table: pd.DataFrame, metric: str = "test_wer") -> pd.Series:
+    """Per row, `metric` minus that of its CONTROL: the original fine-tuned for the same recovery steps,
+    scored on the same words (same test_n and dev_n). NaN for rows that were not recovered (and the
+    controls); a recovered row with no such control is NaN too, and `missing_controls` names it."""
+    def key(r) -> tuple:
+        return tuple(None if pd.isna(r.get(k)) else float(r.get(k)) for k in ("recovery_steps", "test_n", "dev_n"))
+
+    ctl = table[table.method == CONTROL].dropna(subset=[metric])
+    ref = {key(r): r[metric] for _, r in ctl.iterrows()}
+    rec = (table.recovery_steps > 0) & ~table.method.isin(["original", CONTROL])
+    return pd.Series([row[metric] - ref[key(row)] if ok and key(row) in ref else float("nan")
+                      for ok, (_, row) in zip(rec, table.iterrows())], index=table.index, dtype=float)
+
+
+def missing_controls(table: pd.DataFrame, metric: str = "test_wer") -> pd.DataFrame:
+    """The recovered rows (with scores) that have no control on their words and recovery steps: their
+    gain cannot be told from what the fine-tune alone does."""
+    rec = (table.recovery_steps > 0) & ~table.method.isin(["original", CONTROL]) & table[metric].notna()
+    return table[rec & control_gaps(table, metric).isna()]
+
+
+def check_controls(table: pd.DataFrame, metric: str = "test_wer", *, what: str = "this comparison") -> pd.DataFrame:
+    """`table` unchanged when every recovered row has its control (see `control_gaps`); otherwise a
+    ValueError naming the rows and the fix."""
+    bad = missing_controls(table, metric)
+    if len(bad):
+        rows = "; ".join(f"{r.method} {r.layers} after {r.recovery_steps:,.0f} steps on {r.test_n:,.0f} test words"
+                         for r in bad.head(4).itertuples())
+        raise ValueError(f"{what} has recovered rows without their control ({len(bad)}: {rows}): add the original "
+                         f"fine-tuned with the same recovery config, scored on the same words (method {CONTROL!r}; "
+                         "teacher_merge_table adds it, and `make merges` ships the combined candidates' one)")
+    return table
+
+
 def before_after(table: pd.DataFrame, metrics=("test_per", "test_wer")) -> pd.DataFrame:
     """Each candidate on one row: its test numbers before and after recovery, side by side, with the
     number of test words they are on (`test_n`; the original once per word set)."""
@@ -430,14 +509,15 @@ def before_after(table: pd.DataFrame, metrics=("test_per", "test_wer")) -> pd.Da
 
 def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
     """Quality against the share of parameters removed, per method, before/after recovery: one row of
-    panels per word set (`test_n`), each with the original scored on those same words as its dashed line."""
+    panels per word set (`test_n`), each with the original scored on those same words as its dashed line
+    and the control (the original fine-tuned like the recovered rows, same words) as a dotted line per budget."""
     import matplotlib.pyplot as plt
     import numpy as np
     import seaborn as sns
 
     from ..ui.compare import check_same_words, word_sets
 
-    hue = sorted(set(table.method), key=lambda k: (RANK["method"].get(k, 9), k))
+    hue = sorted(set(table.method) - {CONTROL}, key=lambda k: (RANK["method"].get(k, 9), k))
     d = table.dropna(subset=list(metrics), how="all")
     d = d.assign(removed_pct=100 * d.params_removed_frac,
                  stage=d.recovery_steps.map(lambda s: f"after {s:g} recovery steps" if s else "before recovery"))
@@ -447,12 +527,17 @@ def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
         g = d if n is None else d[d.test_n == n]
         if "test_n" in g:
             check_same_words(g, what="a panel of the quality plot")
-        orig = g[g.method == "original"]
+        orig, ctl = g[g.method == "original"], g[g.method == CONTROL]
         for ax, metric in zip(row, metrics):
-            sns.scatterplot(data=g, x="removed_pct", y=metric, hue="method", hue_order=hue, style="stage", s=70, ax=ax)
+            sns.scatterplot(data=g[g.method != CONTROL], x="removed_pct", y=metric, hue="method", hue_order=hue,
+                            style="stage", s=70, ax=ax)
             if len(orig):
                 ax.axhline(orig[metric].iloc[0], color="grey", ls="--", lw=1,
                            label="original" + ("" if n is None else " (same words)"))
+            for c, color in zip(ctl.sort_values("recovery_steps").itertuples(), ("black", "tab:brown", "tab:pink")):
+                ax.axhline(getattr(c, metric), color=color, ls=":", lw=1.2,
+                           label=f"control: original fine-tuned {c.recovery_steps:,.0f} steps")
+            ax.legend(fontsize=8)
             ax.set(xlabel="parameters removed (%)", ylabel=f"{metric} (%, lower is better)",
                    title="" if n is None else f"{n:,.0f} test words")
     fig.tight_layout()
@@ -510,7 +595,9 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """The rows of reports/merge.csv (exactly COLUMNS): teacher candidates before/after recovery with
     dev and test PER/WER, MiniLM's original and best windows with test mean cosine and recall@10.
     Every row says how many words (MiniLM: sentences) its dev and test scores are on (`dev_n`,
-    `test_n`); the original has one row per word set, so each candidate has its original on the same words."""
+    `test_n`); the original has one row per word set, so each candidate has its original on the same words.
+    Each recovery budget has its CONTROL row ("original (fine-tuned)": the teacher fine-tuned the same way,
+    on the same words), and `vs_control` is a recovered row's test WER minus its control's (points)."""
     p = get_profile(profile)
     teacher = teacher_merge_table(p, progress=progress)
     mini = minilm_merge_table(p, progress=progress)
@@ -526,6 +613,7 @@ def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:
                            "dev_n": n.get("dev"), "test_n": n.get("test")})
         # "equal params" may repeat a window (scored on the same words: one row); on other words it stays
         t = t.drop_duplicates(["method", "stack", "layers", "recovery_steps", "dev_n", "test_n"])
+        t = t.assign(vs_control=control_gaps(t))  # test WER points against the control on the same words
         return pd.concat([t, mm], ignore_index=True).reindex(columns=COLUMNS)
 
     cfg = {"kind": "merge_csv", "version": VERSION, "teacher": teacher.attrs["config"], "minilm": mini.attrs["config"]}
@@ -590,6 +678,20 @@ def _vs_original(row, orig: pd.DataFrame) -> str:
     return f"{_gap(o.test_wer.iloc[0], row.test_wer):+.1f} points against the original's {o.test_wer.iloc[0]:.1f}% on these words"
 
 
+def _vs_control(row, ctl: pd.DataFrame) -> str:
+    """A recovered row against its control (the original fine-tuned the same steps, scored on the same test
+    words), as a clause to append; '' for a row that was not recovered."""
+    if not row.recovery_steps:
+        return ""
+    c = ctl[(ctl.recovery_steps == row.recovery_steps) & (ctl.test_n == row.test_n)]
+    if not len(c):
+        return ("; **no control** on these words (the original fine-tuned the same way): what the merge did cannot "
+                "be told from what the fine-tune did")
+    c = c.iloc[0]
+    return (f"; {row.method} after recovery: {row.test_wer:.1f}% WER, the original fine-tuned the same way: "
+            f"{c.test_wer:.1f}% ({_gap(c.test_wer, row.test_wer):+.1f} points against the control)")
+
+
 def _teacher_lines(t: pd.DataFrame) -> list[str]:
     # every comparison is between rows scored on the same test words (test_n): the original has one row
     # per word set, and each (stack, size) is compared per word set at the longest recovery that two
@@ -599,12 +701,20 @@ def _teacher_lines(t: pd.DataFrame) -> list[str]:
 
     scored = t.dropna(subset=["test_wer"])
     orig = scored[scored.method == "original"].sort_values("test_n")
-    cands = scored[scored.method != "original"]
+    ctl = scored[scored.method == CONTROL].sort_values("test_n")
+    cands = scored[~scored.method.isin(["original", CONTROL])]
     lines = []
     if len(orig):
         lines.append("The original teacher scores " + " and ".join(
             f"{o.test_wer:.1f}% WER / {o.test_per:.1f}% PER on {_words(o.test_n)}" for o in orig.itertuples())
             + (": each candidate below is compared with the original on its own words." if len(orig) > 1 else "."))
+    if len(ctl):
+        lines.append("The control, the original fine-tuned with the same recovery config as the merges (same steps, "
+                     "batch, lr, seed, data), scores " + " and ".join(
+                         f"{c.test_wer:.1f}% WER / {c.test_per:.1f}% PER after {c.recovery_steps:,.0f} steps on "
+                         f"{_words(c.test_n)}" for c in ctl.itertuples())
+                     + ": a recovered model is read against it, so the fine-tune's own effect is not credited to "
+                       "the merge.")
     dev = orig.dev_n.dropna().min() if "dev_n" in orig and len(orig) else float("nan")
     lines.append("How the rows are chosen: each window is the one with the lowest dev PER (the window search's "
                  f"`best`{'' if pd.isna(dev) else f', on {dev:,.0f} dev words'}); the candidates of one size are "
@@ -628,22 +738,30 @@ def _teacher_lines(t: pd.DataFrame) -> list[str]:
         if _gap(best.test_wer, runner.test_wer) < 0.05:
             lines.append(f"{where}: {best.method} and {runner.method} tie at {best.test_wer:.1f}% WER "
                          f"({100 * best.params_removed_frac:.1f}% vs {100 * runner.params_removed_frac:.1f}% of "
-                         f"parameters removed; {_vs_original(best, orig)}).")
+                         f"parameters removed; {_vs_original(best, orig)}{_vs_control(best, ctl)}).")
             continue
         wins[best.method] = wins.get(best.method, 0) + 1
         stages.add(stage)
         lines.append(f"{where}: **{best.method}** wins with {best.test_wer:.1f}% WER / {best.test_per:.1f}% PER "
                      f"({100 * best.params_removed_frac:.1f}% of parameters removed) against {runner.method} "
                      f"{runner.test_wer:.1f}% ({100 * runner.params_removed_frac:.1f}% removed), "
-                     f"{_gap(best.test_wer, runner.test_wer):.1f} points better; {_vs_original(best, orig)}.")
+                     f"{_gap(best.test_wer, runner.test_wer):.1f} points better; {_vs_original(best, orig)}"
+                     f"{_vs_control(best, ctl)}.")
     if wins:
         lines.insert(at, "Teacher, wins per method: " + ", ".join(
             f"{m} {n}" for m, n in sorted(wins.items(), key=lambda kv: -kv[1]))
             + f" (lowest test WER {stages.pop() if len(stages) == 1 else 'after the longest recovery two methods share'}).")
-    return lines + _baseline_lines(cands, orig)
+    lines += _baseline_lines(cands, orig, ctl)
+    bad = missing_controls(t)
+    if len(bad):
+        lines.append(f"**{len(bad)} recovered row(s) have no control** on their words (" + ", ".join(
+            f"{r.method} {r.layers} after {r.recovery_steps:,.0f} steps" for r in bad.head(4).itertuples())
+            + "): their gain against the original may be the fine-tune's; `make merges` ships the control of the "
+              "combined candidates.")
+    return lines
 
 
-def _baseline_lines(cands: pd.DataFrame, orig: pd.DataFrame) -> list[str]:
+def _baseline_lines(cands: pd.DataFrame, orig: pd.DataFrame, ctl: pd.DataFrame | None = None) -> list[str]:
     """Merging against layer pruning, the study's baseline, per word set: the best merge (lowest test WER,
     then PER) against the layer pruning row removing the closest share of parameters, after the longest
     recovery both have, on the same test words."""
@@ -667,7 +785,8 @@ def _baseline_lines(cands: pd.DataFrame, orig: pd.DataFrame) -> list[str]:
                      f"merge, {mg.method} ({_where(mg)}), {mg.test_wer:.1f}% WER / {mg.test_per:.1f}% PER "
                      f"with {100 * mg.params_removed_frac:.1f}% of parameters removed, against layer pruning at the "
                      f"closest share removed ({_where(pr)}, {100 * pr.params_removed_frac:.1f}%) "
-                     f"{pr.test_wer:.1f}% / {pr.test_per:.1f}%; the merge is {_vs_original(mg, orig)}.")
+                     f"{pr.test_wer:.1f}% / {pr.test_per:.1f}%; the merge is {_vs_original(mg, orig)}"
+                     f"{'' if ctl is None else _vs_control(mg, ctl)}.")
     return lines
 
 
@@ -709,4 +828,4 @@ __all__ = ["similarity_frames", "similarity_matrix", "similarity_summary", "simi
            "teacher_window_search", "candidates", "spec_texts", "teacher_merge_table", "before_after", "quality_plot",
            "minilm_merge_table", "minilm_chosen", "merge_csv", "save_csv", "recovery_config", "config_for", "teacher_hash",
            "minilm_hash", "minilm_contrast", "conclusion", "search_view", "WORDS", "similarity_conclusion", "COLUMNS", "combined_recovery_config",
-           "recovery_dir"]
+           "recovery_dir", "CONTROL", "fine_tuned_control", "control_gaps", "missing_controls", "check_controls"]

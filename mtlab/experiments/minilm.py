@@ -49,7 +49,7 @@ __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "
            "baseline_student", "baseline_rows", "merge_rows", "minilm_modules", "minilm_module_table",
            "minilm_baseline_table", "minilm_merge_study", "latency_inputs", "candidate_models", "minilm_frontier",
            "minilm_csv", "ladder_vs_baselines", "minilm_conclusion", "CSV_COLUMNS", "trainable", "student_rows",
-           "reference_embeddings"]
+           "reference_embeddings", "CONTROL", "control_student", "control_row", "merge_view"]
 
 STACK = "layers"
 RECOVERY = TrainConfig(steps=300, batch_size=32, lr=5e-5, warmup=30, log_every=50, ckpt_every=100, eval_every=0)
@@ -165,8 +165,9 @@ def _scores(model: nn.Module, task, ref_test: torch.Tensor, limit: int | None) -
 
 STUDY_VERSION = 1
 BASELINE_RULES = {"layer_drop": "alternate", "sft": "spread"}   # mtlab.baselines' layer choice rules
+CONTROL = "original (fine-tuned)"  # the control: the original fine-tuned like the merges' recovery (issue 22, item 10)
 KIND = {"original": "teacher", "modules": "modules", "permute": "merge", "vanilla": "merge",
-        "layer_prune": "layer_prune", "layer_drop": "layer_drop", "sft": "sft"}
+        "layer_prune": "layer_prune", "layer_drop": "layer_drop", "sft": "sft", CONTROL: "control"}
 CSV_COLUMNS = ["method", "plan", "params", "params_removed_frac", "recovery_steps", "train_steps", "mean_cos",
                "recall_at_10", "sim_spearman", "speedup_b1", "speedup_b64"]
 
@@ -357,6 +358,27 @@ def baseline_rows(teacher: nn.Module, task, m, ref: torch.Tensor, root: Path,
     return rows
 
 
+def control_student(teacher: nn.Module, task, m, run: Path, progress: bool = True, *, save: bool = True):
+    """The control of the merges' recovery: a trainable copy of the original (`trainable`: the profile's
+    frozen embeddings too) fine-tuned by embedding distillation with the SAME `finetune_config(m)` as
+    every merge and prune recovery (same steps, batch, lr, seed, data), resumable in `run`.
+    Returns (model in eval mode, log)."""
+    return recover_embeddings(trainable(teacher, m), teacher, task, finetune_config(m), run, eval_limit=m.select_limit,
+                              progress=progress, save=save)
+
+
+def control_row(teacher: nn.Module, task, m, ref: torch.Tensor, model: nn.Module | None, note: str = "") -> dict:
+    """The control's row of the merge table (`minilm_ff_merging`'s columns): the original fine-tuned
+    `m.steps` steps, scored on the same test sentences as the merges (`model` None: no scores, `note`)."""
+    row = {"target": 0.0, "method": CONTROL, "spec": "original", "layers": "", "params": count_params(teacher),
+           "params_removed_frac": 0.0, "stage": "recovered", "recovery_steps": m.steps}
+    if model is None:
+        return {**row, "note": note}
+    s = test_scores(model, task, ref)
+    return {**row, "test_mean_cos": s["mean_cos"], "test_recall_at_10": s["recall_at_10"],
+            "test_spearman": s["sim_spearman"]}
+
+
 def merge_rows(table: pd.DataFrame) -> pd.DataFrame:
     """`minilm_ff_merging`'s table in the study's columns (one row per candidate and stage)."""
     t = table[table.method != "original"]
@@ -481,21 +503,63 @@ def _shipped_merges(m) -> pd.DataFrame:
     return pd.concat([df[df.method == "original"].head(1), df[df.method != "original"]], ignore_index=True)
 
 
+def _shipped_control(m) -> tuple[nn.Module | None, str]:
+    """(the shipped control, "") after `verify`, or (None, the note) when it is not shipped yet."""
+    from . import minilm_artifacts as shipped
+
+    if shipped.missing(shipped.CONTROL_NAME, m):
+        print(f"MiniLM {shipped.CONTROL_NAME}: {shipped.NOT_SHIPPED}; its row stays empty", flush=True)
+        return None, shipped.NOT_SHIPPED
+    return shipped.load_control(m)[0], ""
+
+
 def minilm_merge_study(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """`minilm_ff_merging` at the profile's targets, recovery = the module run's steps and batch,
-    on the study's sentences; recovered models kept in the run directory for the frontier."""
+    on the study's sentences; recovered models kept in the run directory for the frontier. The last
+    row is the CONTROL: the original fine-tuned with the same recovery (`control_student`), scored on
+    the same test sentences, so a recovered merge or prune is read against it, not only the original."""
     _, m = _profile(profile)
 
     def compute():
-        if m.shipped:
-            return _shipped_merges(m)
         model, tok = original()
-        return minilm_ff_merging(trainable(model, m), tok, study_task(m, tok), targets=tuple(m.merge_targets),
-                                 methods=tuple(m.merge_methods), recovery=finetune_config(m),
-                                 align_tokens=m.align_tokens, select_limit=m.select_limit, eval_limit=None,
-                                 out_dir=_runs(profile) / "merging", progress=progress)
+        task = study_task(m, tok)
+        if m.shipped:
+            table = _shipped_merges(m)
+            control = _shipped_control(m)
+        else:
+            table = minilm_ff_merging(trainable(model, m), tok, task, targets=tuple(m.merge_targets),
+                                      methods=tuple(m.merge_methods), recovery=finetune_config(m),
+                                      align_tokens=m.align_tokens, select_limit=m.select_limit, eval_limit=None,
+                                      out_dir=_runs(profile) / "merging", progress=progress)
+            control = (control_student(model, task, m, _runs(profile) / "merging" / "control", progress)[0], "")
+        row = control_row(model, task, m, _reference(task), *control)
+        out = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+        out.attrs = table.attrs
+        return out
 
     return _table("minilm_merge_study", profile, compute)
+
+
+def merge_view(merges: pd.DataFrame, metric: str = "test_mean_cos") -> pd.DataFrame:
+    """`minilm_merge_study` as notebook 06 shows it: one row per target and method with `metric` as built
+    (`mean_cos@0`) and after recovery (`mean_cos@N`), and `vs_control`: after recovery minus the CONTROL's
+    (the original fine-tuned the same N steps, same test sentences; NaN where there is no control)."""
+    short = metric.removeprefix("test_")
+    wide = merges.groupby(["target", "method", "params_removed_frac", "recovery_steps"], sort=False,
+                          dropna=False)[metric].first().unstack("recovery_steps")  # a row without scores stays
+    wide = wide[sorted(wide.columns)]
+    wide.columns = [f"{short}@{s:g}" for s in wide.columns]
+    wide = wide.reset_index()
+    ref = {int(x.recovery_steps): x[metric] for _, x in merges[merges.method == CONTROL].dropna(subset=[metric]).iterrows()}
+    steps = [int(c.split("@")[1]) for c in wide.columns if "@" in str(c)]
+    gaps = []
+    for _, r in wide.iterrows():
+        after = [(n, r[f"{short}@{n}"]) for n in steps if n > 0 and n in ref and pd.notna(r[f"{short}@{n}"])]
+        gaps.append(after[-1][1] - ref[after[-1][0]] if after and r.method != CONTROL else float("nan"))
+    wide["vs_control"] = gaps
+    rank = {"original": 0, CONTROL: 1}
+    return wide.sort_values(["target", "method"], key=lambda col: col.map(rank).fillna(2) if col.name == "method"
+                            else col, kind="stable").reset_index(drop=True)
 
 
 def latency_inputs(task, batch_sizes, split: str = "test") -> dict[int, dict]:
@@ -522,6 +586,8 @@ def candidate_models(profile, rows: pd.DataFrame, bank) -> dict[str, nn.Module]:
     for r in live.drop_duplicates("arch").itertuples():
         if r.method == "original":
             out[r.arch] = model
+        elif r.method == CONTROL:  # the original's architecture: timed as the original (see minilm_frontier)
+            continue
         elif r.method == "modules":
             out[r.arch] = assemble(model, bank, r.plan)
         else:
@@ -593,6 +659,9 @@ def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
     def compute():
         rows = pd.concat([modules, baselines, merges], ignore_index=True)
         rows["arch"] = rows.method + " " + rows.plan.fillna("")
+        first = rows.arch[rows.method == "original"]
+        if len(first):  # the control has the original's architecture: one timing
+            rows.loc[rows.method == CONTROL, "arch"] = first.iloc[0]
         bank, _ = minilm_modules(profile, progress=progress)
         models = candidate_models(profile, rows, bank)
         _, tok = original()
@@ -606,7 +675,10 @@ def minilm_frontier(profile=None, *, progress: bool = True) -> pd.DataFrame:
         rows["kind"] = rows.method.map(KIND)
         rows["cos_gap"] = 1 - rows.mean_cos
         speed = f"speedup_b{max(m.latency_batches)}"
-        return mark_frontiers(rows, quality="cos_gap", speed=speed)
+        ctl = rows.method == CONTROL  # a yardstick, not a compressed model: never on a frontier
+        marked = mark_frontiers(rows[~ctl], quality="cos_gap", speed=speed)
+        flags = {c: False for c in ("on_frontier", "on_frontier_params", "on_frontier_any")}
+        return pd.concat([marked, rows[ctl].assign(**flags)]).loc[rows.index]
 
     return _table("minilm_frontier", profile, compute)
 
@@ -629,9 +701,23 @@ def _best(df: pd.DataFrame) -> pd.Series:
     return df.loc[df.mean_cos.idxmax()]
 
 
+def _against_control(mb, pb, ctl: pd.DataFrame) -> str:
+    """The end of a merge-vs-prune sentence: both recovered rows against the control (the original fine-tuned
+    the same steps on the same sentences), or a flag that there is none."""
+    c = ctl[ctl.recovery_steps == mb.recovery_steps]
+    if c.empty:
+        return ("; **no control** (the original fine-tuned the same way), so what the recovery gained cannot be "
+                "told from what the fine-tune alone does.")
+    c = c.iloc[0]
+    return (f"; the original fine-tuned the same {int(c.recovery_steps)} steps on the same data, the control, scores "
+            f"{c.mean_cos:.3f}: the recovered merge is {mb.mean_cos - c.mean_cos:+.3f} and layer pruning "
+            f"{pb.mean_cos - c.mean_cos:+.3f} against it.")
+
+
 def minilm_conclusion(frontier: pd.DataFrame) -> str:
     """A few sentences computed from the frontier table: merge against pruning after recovery at
-    each target, the best method at each number of layers, and who sits on the speed frontier."""
+    each target, each against the CONTROL (the original fine-tuned the same way), the best method at each
+    number of layers, and who sits on the speed frontier."""
     out = []
     if "note" in frontier and frontier.note.notna().any():
         gone = frontier[frontier.note.notna()]
@@ -639,6 +725,7 @@ def minilm_conclusion(frontier: pd.DataFrame) -> str:
                    + ", ".join(sorted(set(gone.method))) + ".")
     rec = frontier[frontier.method.isin(["permute", "vanilla", "layer_prune"]) & (frontier.recovery_steps > 0)]
     rec = rec.dropna(subset=["mean_cos"])
+    ctl = frontier[frontier.method == CONTROL].dropna(subset=["mean_cos"]) if "method" in frontier else frontier
     for target, g in rec.groupby("target"):
         merges, prune = g[g.method != "layer_prune"], g[g.method == "layer_prune"]
         if merges.empty or prune.empty:
@@ -647,7 +734,8 @@ def minilm_conclusion(frontier: pd.DataFrame) -> str:
         verdict = "beats" if mb.mean_cos > pb.mean_cos else "does not beat"
         out.append(f"At ~{target:.0%} of the parameters removed, after {int(mb.recovery_steps)} recovery steps, "
                    f"merging ({mb.method}, {mb.params_removed_frac:.1%} removed) {verdict} layer pruning "
-                   f"({pb.params_removed_frac:.1%} removed): mean cosine {mb.mean_cos:.3f} vs {pb.mean_cos:.3f}.")
+                   f"({pb.params_removed_frac:.1%} removed): mean cosine {mb.mean_cos:.3f} vs {pb.mean_cos:.3f}"
+                   + _against_control(mb, pb, ctl))
     table = ladder_vs_baselines(frontier)
     for layers, row in table.drop(index=table.index.max(), errors="ignore").iterrows():
         row = row.dropna()

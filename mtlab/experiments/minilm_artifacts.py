@@ -9,7 +9,9 @@ and batch:
 * `layer_drop-D`, `sft-D`: layer dropping and shrink-and-fine-tune at D kept layers
   (D = 4, 3, 2: ratios 1.5x, 2x, 3x), fine-tuned by embedding distillation;
 * `merge-10`, `merge-20`: `minilm_ff_merging` at ~10% / ~20% of the parameters removed (window
-  search on dev; permute, vanilla and layer pruning, each recovered).
+  search on dev; permute, vanilla and layer pruning, each recovered);
+* `control`: the original itself fine-tuned with the same recovery (`minilm.control_student`), the
+  row every recovered merge or prune is read against (issue 22, item 10).
 
 Recovery curves (quality every 500 recovery steps, permute merging vs layer pruning at ~10% / ~20%
 removed) are `mtlab.curves` (`make minilm-curves`, resumable, runs/minilm_curves), shipped as a
@@ -40,8 +42,8 @@ from ..teacher import ROOT
 from ..train import on_main_process
 
 __all__ = ["MINILM_DIR", "MINILM_WORK", "MINILM_COMMAND", "artifact_names", "remake", "card_config", "ship",
-           "load_modules", "load_student", "load_merges", "shipped_status", "missing", "NOT_SHIPPED",
-           "ArtifactMismatch"]
+           "load_modules", "load_student", "load_merges", "load_control", "shipped_status", "missing", "NOT_SHIPPED",
+           "ArtifactMismatch", "CONTROL_NAME"]
 
 MINILM_DIR = ROOT / "data" / "minilm"
 MINILM_WORK = ROOT / "runs" / "minilm"
@@ -49,6 +51,7 @@ MINILM_COMMAND = "make minilm"
 NOT_SHIPPED = "not shipped: make minilm"
 RUNTIME = ("shipped", "latency_batches", "latency_seconds", "latency_rounds")  # fields that change no weights
 WEIGHTS = "weights.safetensors"
+CONTROL_NAME = "control"         # the original fine-tuned like the merges (data/minilm/control)
 
 
 def _root(root) -> Path:
@@ -56,12 +59,12 @@ def _root(root) -> Path:
 
 
 def artifact_names(m) -> list[str]:
-    """modules, layer_drop-D and sft-D per ratio of `m`, merge-P per merge target (P in %)."""
+    """modules, layer_drop-D and sft-D per ratio of `m`, merge-P per merge target (P in %), the control."""
     from .minilm import depth_for
 
     depths = [depth_for(r, 6) for r in m.ratios]
     return (["modules"] + [f"{meth}-{d}" for d in depths for meth in ("layer_drop", "sft")]
-            + [f"merge-{round(t * 100)}" for t in m.merge_targets])
+            + [f"merge-{round(t * 100)}" for t in m.merge_targets] + [CONTROL_NAME])
 
 
 def remake(name: str) -> str:
@@ -118,6 +121,8 @@ def ship(name: str, m, root=None, work=None, *, progress: bool = True) -> bool:
         return _ship_modules(m, out, work, progress)
     if name.startswith("merge-"):
         return _ship_merges(name, m, out, work, progress)
+    if name == CONTROL_NAME:
+        return _ship_control(m, out, work, progress)
     return _ship_baseline(name, m, out, work, progress)
 
 
@@ -216,6 +221,35 @@ def _ship_merges(name: str, m, out: Path, work: Path, progress: bool) -> bool:
     return True
 
 
+def _ship_control(m, out: Path, work: Path, progress: bool) -> bool:
+    """The control: the original fine-tuned with the merges' recovery (`minilm.control_student`), scored
+    on the same test sentences (its decoded weights, as shipped)."""
+    from .minilm import control_row, control_student, original, reference_embeddings, study_task, trainable
+
+    model, tok = original()
+    task = study_task(m, tok)
+    student, log = control_student(model, task, m, work, progress, save=False)
+    if not len(log) or int(log.step.max()) < m.steps:
+        print(f"{CONTROL_NAME}: stopped before step {m.steps}; rerun to resume")
+        return False
+    base = _base()
+    shipped = trainable(model, m)
+    shipped.load_state_dict(_decoded(student.state_dict(), base))
+    row = control_row(model, task, m, reference_embeddings(task), shipped.eval())
+    row.update(mean_cos=row["test_mean_cos"], recall_at_10=row["test_recall_at_10"], sim_spearman=row["test_spearman"])
+    card = _card(CONTROL_NAME, m, "the control of MiniLM's merge study: the original itself fine-tuned by embedding "
+                                  "distillation with the merges' recovery (same steps, batch, lr, seed, data)",
+                 _seconds(work / "log.csv"), [row], models={"control": "control.safetensors"})
+
+    def files(tmp: Path) -> None:
+        save_packed(tmp / "control.safetensors", student.state_dict(), base)
+        if (work / "log.csv").exists():
+            (tmp / "training_log.csv").write_text((work / "log.csv").read_text())
+
+    on_main_process(lambda: write_artifact(out, files, card, render_card(card)))
+    return True
+
+
 def _skeleton(original: nn.Module, spec: str) -> nn.Module:
     """A copy of the original with the architecture of a merge or prune spec (values to be loaded)."""
     from ..candidate import apply
@@ -295,6 +329,16 @@ def load_merges(name: str, m, root=None) -> tuple[pd.DataFrame, dict[str, nn.Mod
         net.load_state_dict(load_packed(path / file, _base()))
         models[meth] = net.eval().requires_grad_(False)
     return rows, models
+
+
+def load_control(m, root=None) -> tuple[nn.Module, dict]:
+    """(the original fine-tuned like the merges, card) of the shipped control, after `verify`."""
+    from .minilm import original
+
+    path, card = _verify(CONTROL_NAME, m, root)
+    model = copy.deepcopy(original()[0])
+    model.load_state_dict(load_packed(path / card["models"]["control"], _base()))
+    return model.eval().requires_grad_(False), card
 
 
 def shipped_status(m, root=None) -> dict[str, str]:
