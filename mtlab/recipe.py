@@ -75,8 +75,15 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     from .surgery import stack_depths
 
     m = r.modules
-    cfg = ReplacingConfig(granularities=m.granularities, train=_train_cfg(m.steps, m.batch_size, m.lr, r.seed))
-    bank, log = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
+    train = _train_cfg(m.steps, m.batch_size, m.lr, r.seed)
+    if _embeds(task):  # an encoder: modules distil the original's sentence embeddings and hidden states
+        from .modular.embedding_replacing import EmbeddingReplacingConfig, train_embedding_modules
+
+        bank, log = train_embedding_modules(copy.deepcopy(teacher), task, EmbeddingReplacingConfig(
+            granularities=m.granularities, train=train), work / "modules", progress=progress)
+    else:
+        cfg = ReplacingConfig(granularities=m.granularities, train=train)
+        bank, log = train_modules(copy.deepcopy(teacher), task, cfg, work / "modules", progress=progress)
     depths = stack_depths(teacher)
     strategies: dict = {}  # plan -> the strategies whose ladder holds it ("custom": listed in the recipe)
     if m.plans == "ladders":
@@ -97,6 +104,24 @@ def _modules(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     return out, tables
 
 
+def _embeds(task) -> bool:
+    """An encoder's sentence embeddings: trained by distilling the original's, not by cross-entropy."""
+    from .tasks.sentences import SentencesTask
+
+    return isinstance(task, SentencesTask)
+
+
+def _recover(model, teacher, task, cfg, out: Path, progress: bool):
+    """The recovery fine-tune of every kind of task (embeddings: distilling the original's)."""
+    if _embeds(task):
+        from .embedding import recover_embeddings
+
+        return recover_embeddings(model, teacher, task, cfg, out, eval_limit=None, progress=progress, save=False)
+    from .merging.recover import recover
+
+    return recover(model, task, cfg, out, progress=progress, save=False)
+
+
 def _merges(r: Recipe, teacher, task, work: Path, progress: bool, *, pruning: bool = False,
             before: bool = False) -> Built:
     """The merges of the recipe (its sets and the window search's best window per size and method),
@@ -105,7 +130,6 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool, *, pruning: bo
     recovery (stage "before recovery"), so a study splits a recovered score into edit and fine-tune."""
     from .candidate import Budget, Candidate, apply, parse_spec
     from .merging.correlations import CorrelationCache
-    from .merging.recover import recover
     from .merging.windows import window_search
 
     mg = r.merge
@@ -133,14 +157,14 @@ def _merges(r: Recipe, teacher, task, work: Path, progress: bool, *, pruning: bo
                     method, spec, copy.deepcopy(model).eval(), budget=Budget(),
                     info={"kind": kind, "stage": "before recovery", "recovery_steps": 0})
             cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
-            model, log = recover(model.train(), task, cfg, work / "recover" / _slug(text), progress=progress, save=False)
+            model, log = _recover(model.train(), teacher, task, cfg, work / "recover" / _slug(text), progress)
             budget, stage = Budget(1, mg.recovery.steps, log.attrs.get("config", {}).get("train_seconds")), "recovered"
         out[f"{kind} {text}"] = Candidate(method, spec, model.eval(), budget=budget,
                                           info={"kind": kind, "stage": stage, "recovery_steps": mg.recovery.steps})
     if mg.recovery.steps and specs:  # the control: the original fine-tuned exactly as the merges were recovered
         cfg = _train_cfg(mg.recovery.steps, mg.recovery.batch_size, mg.recovery.lr, r.seed)
-        model, log = recover(copy.deepcopy(teacher).train().requires_grad_(True), task, cfg,
-                             work / "recover" / "control_original", progress=progress, save=False)
+        model, log = _recover(copy.deepcopy(teacher).train().requires_grad_(True), teacher, task, cfg,
+                              work / "recover" / "control_original", progress)
         out[CONTROL] = Candidate("control", f"original fine-tuned {mg.recovery.steps} steps like the merges' recovery",
                                  model.eval(), budget=Budget(1, mg.recovery.steps,
                                                              log.attrs.get("config", {}).get("train_seconds")),
@@ -153,6 +177,8 @@ def _baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> Built:
     from .baselines import BaselineBudget, build_baselines, default_run_dir
 
     b = r.baselines
+    if _embeds(task):
+        return _encoder_baselines(r, teacher, task, work, progress), {}
     budget = BaselineBudget(train=_train_cfg(b.steps, b.batch_size, b.lr, r.seed), depths=b.depths, progress=progress,
                             run_dir=lambda name, key: work / default_run_dir(name, key))
     return {f"{c.method} {c.label}": replace(c, info={"kind": "baseline"})
@@ -175,6 +201,34 @@ def build_candidates(r: Recipe, teacher, task, work: Path, progress: bool = True
             cands.update(built)
             tables.update(side)
     return cands, tables
+
+
+def _encoder_baselines(r: Recipe, teacher, task, work: Path, progress: bool) -> dict:
+    """An encoder's baselines: each registered baseline with a layer rule (`keep_rule`: sft keeps
+    layers spread over the stack, layer_drop alternate ones) cut to every depth, then fine-tuned to
+    the original's embeddings with the baseline budget; one without a rule is a row saying so."""
+    from .baselines import BASELINES
+    from .candidate import Budget, Candidate
+    from .layer_rules import keep_layers, keep_only
+    from .surgery import stack_depths
+
+    b, out = r.baselines, {}
+    cfg = _train_cfg(b.steps, b.batch_size, b.lr, r.seed)
+    (stack, n), = stack_depths(teacher).items()
+    for name in b.names:
+        rule = BASELINES.entry(name).extra.get("keep_rule")
+        if rule is None:
+            out[name] = Candidate(name, "", note=f"{name} has no layer rule for an encoder (it prunes after one "
+                                  "fine-tune of the whole model); left out", info={"kind": "baseline"})
+            continue
+        for depth in b.depths:
+            keep = keep_layers(rule, depth, n)
+            student = keep_only(teacher, {stack: keep}).train().requires_grad_(True)  # a copy
+            student, log = _recover(student, teacher, task, cfg, work / "baselines" / f"{name}-{depth}", progress)
+            spent = Budget(1, b.steps, log.attrs.get("config", {}).get("train_seconds"))
+            out[f"{name} {stack}={','.join(map(str, keep))}"] = Candidate(
+                name, f"{stack}={','.join(map(str, keep))}", student.eval(), rule, spent, info={"kind": "baseline"})
+    return out
 
 
 def export_model(model, directory: Path, task) -> str:

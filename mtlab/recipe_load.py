@@ -9,6 +9,7 @@ another recipe, model (weights) or data (`RecipeRunMismatch`, naming the field).
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -73,6 +74,8 @@ def _load(name: str, tokenizer: str | None, spec: TaskSpec):
     from .tasks.guards import ENCODER_FIX, check_causal, check_head_loaded, describe, generation_cap, model_role
 
     role = model_role(config)
+    if spec.kind == "sentences":
+        return _encoder(name, tokenizer, spec, config, role)
     if spec.kind == "pairs" and not seq2seq:
         raise RecipeError(f"task.kind: {name} is {describe(config)}, not an encoder-decoder; " +
                           (ENCODER_FIX if role == "encoder" else "use kind: text (a text file) with it"))
@@ -103,6 +106,27 @@ def _load(name: str, tokenizer: str | None, spec: TaskSpec):
             task.fit_positions(model)  # sources and targets cut to the position table, before any training
     except (ValueError, KeyError, TypeError) as e:  # the tasks' own errors name the problem and the fix
         raise RecipeError(f"task: {e}") from None
+    return model, task
+
+
+def _encoder(name: str, tokenizer: str | None, spec: TaskSpec, config, role: str):
+    """(encoder, SentencesTask) with the encoder as the task's reference: every model is scored by how
+    well its sentence embeddings match the original's."""
+    from transformers import AutoModel
+
+    from .tasks.causal_lm import load_tokenizer
+    from .tasks.guards import describe
+    from .tasks.sentences import SentencesTask
+
+    if role != "encoder":
+        raise RecipeError(f"task.kind: {name} is {describe(config)}, not an encoder; kind sentences compresses a "
+                          "sentence encoder (BERT-style, e.g. all-MiniLM-L6-v2): use kind text or pairs for it")
+    model = AutoModel.from_pretrained(name).float().eval()
+    try:
+        task = SentencesTask(load_tokenizer(tokenizer or name), path=spec.path, max_length=spec.max_length or 128)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise RecipeError(f"task: {e}") from None
+    task.reference = copy.deepcopy(model).requires_grad_(False)  # a frozen copy: training never moves it
     return model, task
 
 

@@ -36,9 +36,12 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """The data: the bundled G2P task, a file of text pairs (seq2seq), or a text file (decoder-only LMs)."""
-    kind: Literal["g2p", "pairs", "text"] = Field(description="g2p (bundled CMUdict), pairs (tsv/csv/jsonl), text")
-    path: Path | None = Field(None, description="the pairs or text file (not for g2p)")
+    """The data: the bundled G2P task, a file of text pairs (seq2seq), a text file (decoder-only LMs), or
+    sentences for an encoder's embeddings (scored against the original model's)."""
+    kind: Literal["g2p", "pairs", "text", "sentences"] = Field(
+        description="g2p (bundled CMUdict), pairs (tsv/csv/jsonl), text, sentences (an encoder's embeddings)")
+    path: Path | None = Field(None, description="the pairs or text file (not for g2p); sentences: one a line "
+                              "(null: the bundled English corpus, data/sentences)")
     block_size: int | None = Field(64, ge=1, description="text: tokens per example; null: one example per line")
     metric: str | None = Field(None, description="pairs: a registered task metric (mtlab.tasks.metrics: bleu, chrf, "
                                "rouge, ...); null: chrf when the median target has under 4 words, else bleu")
@@ -47,6 +50,7 @@ class TaskSpec(_Strict):
     target_col: str | int | None = Field(None, description="pairs: the target column; null: 'target', or the second")
     max_target_len: int | None = Field(None, ge=1, description="pairs: target tokens trained on and decoded at most; "
                                        "null: 256, cut to the model's position table (e.g. BART's positions)")
+    max_length: int | None = Field(None, ge=1, description="sentences: tokens per sentence at most; null: 128")
     dev_fraction: float = Field(0.05, gt=0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
 
@@ -61,12 +65,14 @@ class TaskSpec(_Strict):
     def _path_fits_kind(self):
         if self.kind == "g2p" and self.path is not None:
             raise ValueError("the g2p task is bundled: remove path (or use kind: pairs for your own file)")
-        if self.kind != "g2p" and self.path is None:
+        if self.kind not in ("g2p", "sentences") and self.path is None:
             raise ValueError(f"kind {self.kind!r} needs the data file, e.g. path: data/train.txt")
         pairs_only = [k for k in ("source_col", "target_col", "max_target_len") if getattr(self, k) is not None]
         if self.kind != "pairs" and pairs_only:
             raise ValueError(f"{', '.join(pairs_only)}: only for kind: pairs; remove "
                              f"{'them' if len(pairs_only) > 1 else 'it'}")
+        if self.kind != "sentences" and self.max_length is not None:
+            raise ValueError("max_length: only for kind: sentences (text uses block_size); remove it")
         return self
 
 

@@ -107,7 +107,7 @@ def _err(data: dict, base: Path | None = None) -> str:
 
 @pytest.mark.parametrize("change,field,fix", [
     ({"modles": {}}, "modles", "did you mean 'modules'"),
-    ({"task": {"kind": "txt", "path": "x"}}, "task.kind", "'g2p', 'pairs' or 'text'"),
+    ({"task": {"kind": "txt", "path": "x"}}, "task.kind", "'g2p', 'pairs', 'text' or 'sentences'"),
     ({"task": {"kind": "text"}}, "task", "path: data/train.txt"),
     ({"task": {"kind": "g2p"}}, "model", "model: bundled"),
     ({"task": {"kind": "text", "path": "x", "max_target_len": 8}}, "task", "max_target_len: only for kind: pairs"),

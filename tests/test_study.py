@@ -49,6 +49,22 @@ def _bart(tmp_path: Path) -> str:
     return "bart"
 
 
+def _bert(tmp_path: Path) -> str:
+    """A tiny BERT-style encoder from a config, with the real all-MiniLM-L6-v2 tokenizer (offline)."""
+    import torch
+    import transformers as T
+
+    from mtlab.minilm import model_dir
+
+    tok = T.AutoTokenizer.from_pretrained(str(model_dir()))
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    return "bert"
+
+
 def _recipe(model: str, task: dict, depths) -> dict:
     return {"model": model, "task": task, "output": "out",
             "modules": {"granularities": [2, 4], "steps": 3, "batch_size": 8, "screen": False},
@@ -61,6 +77,7 @@ def _recipe(model: str, task: dict, depths) -> dict:
 @pytest.mark.parametrize("make, task, metric", [
     (_llama, {"kind": "text", "path": str(TEXT), "block_size": 16}, "dev_ppl"),
     (_bart, {"kind": "pairs", "path": str(PAIRS), "metric": "chrf", "max_target_len": 12}, "dev_chrf"),
+    (_bert, {"kind": "sentences", "max_length": 32}, "dev_mean_cos"),
 ])
 def test_study_writes_the_four_tables_for_a_users_model(tmp_path, make, task, metric):
     name = make(tmp_path)
@@ -143,3 +160,14 @@ def test_the_tiny_gpt2_example_study_runs_from_the_cli(tmp_path):
     mod = pd.read_csv(out / "modular.csv")
     assert set(mod[mod.kind == "baseline"].stack_ratio.round(2)) == {4.0, 2.0, 1.33}  # every depth: 1, 2, 3 of 4
     assert (out / "index.html").is_file()
+
+
+def test_kind_sentences_refuses_a_model_that_is_not_an_encoder(tmp_path):
+    from mtlab.recipe import RecipeError, load_model_and_task
+
+    name = _llama(tmp_path)
+    recipe = _recipe(name, {"kind": "sentences"}, [2])
+    with pytest.raises(RecipeError, match="not an encoder"):
+        load_model_and_task(load_recipe(recipe, base=tmp_path))
+    with pytest.raises(RecipeError, match="max_length: only for kind: sentences"):
+        load_recipe(_recipe(name, {"kind": "text", "path": str(TEXT), "max_length": 8}, [2]), base=tmp_path)

@@ -17,10 +17,9 @@ __all__ = ["model_role", "describe", "check_head_loaded", "check_causal", "posit
            "cap_new_tokens", "ENCODER_FIX"]
 
 #: what an encoder-only model (BERT, MiniLM, RoBERTa) is compressed as in mtlab
-ENCODER_FIX = ("an encoder is compressed as a sentence-embedding model, with the Python API: "
-               "mtlab.tasks.SentencesTask and mtlab.embedding (evaluate_embeddings, recover_embeddings, save_encoder), "
-               "as notebook 06 does for all-MiniLM-L6-v2; a recipe has no encoder task kind (its kinds: g2p, "
-               "pairs for encoder-decoders, text for decoder-only LMs)")
+ENCODER_FIX = ("an encoder is compressed as a sentence-embedding model: use task kind: sentences (scored "
+               "against the original's embeddings; path: one sentence a line, or none for the bundled corpus), or "
+               "the Python API mtlab.tasks.SentencesTask and mtlab.embedding, as notebook 06 does for all-MiniLM-L6-v2")
 
 
 def model_role(config) -> str:

@@ -240,6 +240,8 @@ class SentencesTask(Seq2SeqTask):
             splits = {k: v[:per[k]] if per.get(k) is not None else v for k, v in splits.items()}
         self.splits = {k: (v, v) for k, v in splits.items()}
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.reference = None  # the original encoder `evaluate` scores against
+        self._reference_emb: dict = {}
 
     def sentences(self, split: str) -> list[str]:
         return self.texts(split)[0]
@@ -275,6 +277,26 @@ class SentencesTask(Seq2SeqTask):
         lengths = [len(s) for s in ids]
         mask = (pad([[1] * n for n in lengths], 0)).long()
         return Batch(input_ids, mask, input_ids.masked_fill(mask == 0, -100), list(index))
+
+    def evaluate(self, model, split: str, *, limit: int | None = None, batch_size: int = 64, progress: bool = False,
+                 **_) -> dict:
+        """The task interface of every kind: `model`'s sentence embeddings of a split's first `limit`
+        sentences scored against `self.reference`'s (the original model, set by whoever loads the pair,
+        e.g. a recipe): mean cos, recall@10 of neighbours, Spearman of pairwise similarities; plus n."""
+        import time
+
+        from ..embedding import embed_split, embedding_scores
+
+        if self.reference is None:
+            raise ValueError("this SentencesTask has no reference model to score embeddings against: set "
+                             "task.reference = the original encoder (a recipe with task kind sentences does)")
+        t0 = time.perf_counter()
+        key = (split, limit)
+        if key not in self._reference_emb:
+            self._reference_emb[key] = embed_split(self.reference, self, split, limit, batch_size, progress)
+        got = embed_split(model, self, split, limit, batch_size, progress)
+        return {"split": split, "n": int(got.shape[0]), **embedding_scores(self._reference_emb[key], got),
+                "seconds": time.perf_counter() - t0}
 
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
         raise NotImplementedError("sentence embeddings are scored against the original model, not from "
