@@ -41,7 +41,7 @@ def test_compact_codec_stores_only_what_changed(tmp_path):
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     root, work = tmp_path_factory.mktemp("minilm"), tmp_path_factory.mktemp("runs")
-    assert art.artifact_names(M) == ["modules", "layer_drop-3", "sft-3", "merge-10"]
+    assert art.artifact_names(M) == ["modules", "layer_drop-3", "sft-3", "merge-10", "control"]
     for name in art.artifact_names(M):
         assert art.ship(name, M, root, work, progress=False)
     return root, work
@@ -83,8 +83,9 @@ def test_bank_and_merges_reload_with_the_scores_of_their_cards(shipped):
     rows, models = art.load_merges("merge-10", M, root)
     assert set(models) == {"permute", "prune"} and set(rows.stage) == {"original", "selected", "recovered"}
     assert (rows[rows.stage == "recovered"].recovery_steps == 2).all()
-    size = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
+    size = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.parent.name != art.CONTROL_NAME)
     assert size < 40e6  # compact: a fp32 MiniLM alone is 90 MB
+    assert (root / art.CONTROL_NAME / "control.safetensors").stat().st_size < 15e6  # the control: int8 deltas
 
 
 def test_artifact_from_another_config_or_damaged_is_refused(shipped, tmp_path):
@@ -111,7 +112,10 @@ def test_report_reads_shipped_runs_and_notes_missing_ones(shipped, monkeypatch, 
     full = minilm_frontier(profile, progress=False)
     assert "note" not in full or full.note.isna().all()
     assert full.mean_cos.notna().all() and full.speedup_b64.notna().all()
-    assert {"modules", "sft", "layer_drop", "permute", "layer_prune"} <= set(full.method)
+    assert {"modules", "sft", "layer_drop", "permute", "layer_prune", "original (fine-tuned)"} <= set(full.method)
+    ctl = full[full.method == "original (fine-tuned)"]  # the control: timed as the original, never on a frontier
+    assert ctl.recovery_steps.tolist() == [M.steps] and not ctl.on_frontier_any.any()
+    assert "the control, scores" in minilm_conclusion(full)
     empty = tmp_path / "none"
     empty.mkdir()
     monkeypatch.setattr(art, "MINILM_DIR", empty)
