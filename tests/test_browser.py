@@ -7,6 +7,15 @@ and no error is shown. Then the merge explorer: tick a stack, drag a window, cha
 two changes at once, untick both stacks at once, make the window invalid; after each, once nothing is
 computing, the read-out, the plot's outline (its caption) and the error line must agree with the
 controls as the browser shows them. No console error, failed request or HTTP error may occur.
+
+Acting on a pick (issue #27): the custom-plan box always shows the plan in force (after span controls,
+a strategy, best-at-a-speed-up); the ratio slider, dragged with the mouse to 3, lands on 3.00 (its options
+are the space's ratios); the hover target under the ring names the ringed plan; two pinned picks compare
+side by side and the tables fit without horizontal scrolling; the static copies under the live explorers
+are hidden while those are on the page; Export writes the plan to a folder that plain transformers
+`from_pretrained` reloads and generates with, shows the code that does the same, and refuses a folder of
+someone else's files with export's message. In the merge explorer a burst of changes never puts an
+intermediate spec in the read-out, which says its numbers are before recovery and gives a verdict.
 Screenshots, the server log and the browser console go to $MTLAB_ARTIFACTS/browser/ (default:
 test-artifacts/browser/). The test runs twice: on the bundled teacher, and with the assembly explorer on a
 12+12 T5 built from config (85,849 plans, frontier search + sample, plans screened on demand; artifacts
@@ -30,7 +39,7 @@ NOTEBOOK = REPO / "notebooks" / "03_assembly_explorer.ipynb"
 CHROMIUM = os.environ.get("MTLAB_CHROMIUM", "/usr/bin/chromium")
 # the assembly explorer's models (notebook 03): the bundled 6+6 teacher and a 12+12 T5 built from config
 EXPLORERS = [os.environ["MTLAB_BROWSER_EXPLORER"]] if os.environ.get("MTLAB_BROWSER_EXPLORER") else ["bundled", "tiny-12+12"]
-BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "480"))  # seconds for the whole test, server start to last check
+BUDGET = float(os.environ.get("MTLAB_BROWSER_BUDGET", "600"))  # seconds for the whole test, server start to last check
 
 # the widget contract: CSS classes the notebook sets with widget.add_class(...)
 STRATEGY = ".mtlab-strategy select"
@@ -84,6 +93,34 @@ RUN_STATE = """() => {
     if (o.output_type === 'error') errors.push(`code cell ${i + 1}: ${o.ename}: ${o.evalue}`); });
   const pending = cells.filter(c => c.model.executionCount === null).length;
   return (errors.length || !pending) ? {errors, pending, cells: cells.length} : null;
+}"""
+CUSTOM_INPUT, RATIO_READOUT = ".mtlab-custom input", ".mtlab-ratio .widget-readout"
+SPEC = r"\b(?:encoder|decoder):\d+-\d+@\w+/\w+"
+# the read-out's rows as {label: value}
+READOUT_ROWS = """root => Object.fromEntries(Array.from(root.querySelectorAll('.mtlab-readout tr')).map(
+  tr => [tr.cells[0].innerText.trim(), tr.cells[1].innerText.trim()]))"""
+# the hover target under the centre of the ringed plan's target, and where it is against the plot image
+HOVER = """root => { const t = root.querySelector('.mtlab-pt-selected'), img = root.querySelector('.mtlab-plot img');
+  if (!t || !img) return null;
+  const b = t.getBoundingClientRect(), i = img.getBoundingClientRect();
+  const x = b.left + b.width / 2, y = b.top + b.height / 2, hit = document.elementFromPoint(x, y);
+  return {plan: t.dataset.plan, title: t.title, hit: hit && hit.dataset ? hit.dataset.plan : null,
+          inside: x > i.left && x < i.right && y > i.top && y < i.bottom}; }"""
+NO_HSCROLL = """el => Array.from(el.querySelectorAll('div')).filter(d => d.scrollWidth > d.clientWidth + 1).length === 0"""
+# every text the merge read-out shows, recorded in the page from now on
+RECORD_READOUT = """root => { const r = root.querySelector('.mtlab-readout'); window.__mtlabReadouts = [r.innerText];
+  new MutationObserver(() => window.__mtlabReadouts.push(r.innerText)).observe(r, {subtree: true, childList: true,
+  characterData: true}); }"""
+# a burst of changes in one go: the decoder's anchor to "first", the encoder window's upper handle down and up
+# again, its lower handle one step up (noUiSlider handles answer arrow keys with a change event each)
+BURST = """root => {
+  const rows = Array.from(root.querySelectorAll('.mtlab-merge-on')).map(on => on.parentElement);
+  const sel = rows[1].querySelector('.mtlab-anchor select');
+  sel.selectedIndex = Array.from(sel.options).findIndex(o => o.textContent.trim() === 'first');
+  sel.dispatchEvent(new Event('change', {bubbles: true}));
+  const key = (h, k) => h.dispatchEvent(new KeyboardEvent('keydown', {key: k, bubbles: true}));
+  const up = rows[0].querySelector('.noUi-handle-upper'), lo = rows[0].querySelector('.noUi-handle-lower');
+  key(up, 'ArrowLeft'); key(up, 'ArrowRight'); key(lo, 'ArrowRight');
 }"""
 IMG_CHANGED = """([root, sel, before]) => { const i = root.querySelector(sel);
   return !!i && i.complete && i.naturalWidth > 0 && i.src !== before; }"""
@@ -202,7 +239,7 @@ def _drive(page, lab, nb_name, deadline, shots, expect):
     # 4. change the strategy: the plan changes, so must the read-out and the plot
     labels, current = _option_labels(strategy)
     names = {_norm(lb): lb for lb in labels}
-    assert {"size_first", "speed_first", "uniform", "custom"} <= set(names), f"strategy options: {labels}"
+    assert {"size_first", "speed_first", "custom"} <= set(names), f"strategy options: {labels}"
     target = next(n for n in ["speed_first", "size_first"] if n != _norm(current or ""))
     _expect_change(explorer, readout, error, deadline, expect, lambda: strategy.select_option(label=names[target]),
                    f"strategy {current!r} -> {names[target]!r}")
@@ -225,6 +262,126 @@ def _drive(page, lab, nb_name, deadline, shots, expect):
                    f"span {current!r} -> {choice!r}")
     _snapshot(explorer, shots, "explorer-span-changed")
     assert COVERAGE.search(readout.inner_text()), f"no coverage after a span change: {readout.inner_text()!r}"
+    _act_on_picks(page, explorer, readout, error, strategy, names, deadline, shots, expect, lab)
+
+
+def _plan_in_force(explorer) -> str:
+    rows = explorer.evaluate(READOUT_ROWS)
+    box = explorer.locator(CUSTOM_INPUT).first.input_value()
+    assert box == rows["plan"], f"the custom-plan box shows {box!r} while the plan in force is {rows['plan']!r}"
+    return rows["plan"]
+
+
+def _act_on_picks(page, explorer, readout, error, strategy, names, deadline, shots, expect, lab):
+    """Issue #27 items 6-8 on the assembly explorer (see the module docstring)."""
+    import transformers
+
+    # the static copy under the live explorer is hidden (it would show an older state), a note says so
+    static = page.locator(".mtlab-static").first
+    assert static.count() and static.is_hidden(), "the static copy shows under the live explorer"
+    expect(page.locator(".mtlab-static-note").first).to_be_visible(timeout=deadline.ms(10))
+
+    # 6. the custom box follows the plan in force: a span control set a custom plan; a strategy sets another
+    custom = _plan_in_force(explorer)
+    _expect_change(explorer, readout, error, deadline, expect, lambda: strategy.select_option(label=names["size_first"]),
+                   "strategy -> size_first")
+    assert _plan_in_force(explorer) != custom
+
+    # 7. drag the ratio slider to 3 with the mouse: it lands on 3.00 (its options are the ratios of the space)
+    handle = explorer.locator(RATIO_HANDLE).first
+    base = explorer.locator(".mtlab-ratio .noUi-base").first
+    options = int(float(handle.get_attribute("aria-valuemax"))) + 1
+    width = base.bounding_box()["width"]
+    assert width >= 400, f"the target-ratio slider is {width:.0f} px wide"
+    label = explorer.locator(RATIO_READOUT).first
+
+    def drag_to(i: int) -> str:
+        """Drag the handle with the mouse to option i; the label the slider lands on."""
+        handle.evaluate("e => e.scrollIntoView({block: 'center'})")   # the mouse needs the slider on screen
+        bb, hb = base.bounding_box(), handle.bounding_box()
+        page.mouse.move(hb["x"] + hb["width"] / 2, hb["y"] + hb["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(bb["x"] + bb["width"] * i / (options - 1), hb["y"] + hb["height"] / 2, steps=6)
+        page.mouse.up()
+        return int(round(float(handle.get_attribute("aria-valuenow")))), label.inner_text().strip()
+
+    lo, hi, landed = 0, options - 1, None   # drag until the read-out says 3 (the labels rise with the index)
+    for _ in range(2 * options.bit_length() + 2):
+        at, landed = drag_to((lo + hi) // 2)
+        if float(landed) == 3.0 or lo >= hi:
+            break
+        lo, hi = (at + 1, hi) if float(landed) < 3.0 else (lo, at - 1)
+    assert landed == "3.00", f"the ratio slider has no 3.00 (it landed on {landed})"
+    page.wait_for_function(KERNEL_IDLE, timeout=deadline.ms(60), polling=250)
+    expect(readout).to_contain_text("stack compression", timeout=deadline.ms(30))
+    plan = _plan_in_force(explorer)
+    ratio = float(explorer.evaluate(READOUT_ROWS)["stack compression"].rstrip("x"))
+    assert ratio >= 3.0 and error.inner_text().strip() == "", (plan, ratio, error.inner_text())
+    if options < 40:   # the bundled 6+6 teacher
+        assert plan == "e=33 d=33", f"size-first at 3.00 chose {plan}"
+    _snapshot(explorer, shots, "explorer-ratio-3")
+
+    # 8a. hover: the target under the ring names the ringed plan, and sits on the plot
+    hover = explorer.evaluate(HOVER)
+    assert hover and hover["plan"] == plan and hover["hit"] == plan and hover["inside"], hover
+    assert hover["title"].startswith(plan), hover
+
+    # 8b. best plan at a speed-up: a custom plan, chosen by screened NLL, and the box shows it
+    text = readout.inner_text()
+    box = explorer.locator(".mtlab-speedup input").first
+    box.fill("1.5")
+    box.press("Tab")
+    explorer.locator("button.mtlab-best").first.click()   # the box may hold 1.5 already: the button picks anyway
+    expect(readout).to_contain_text("chosen as", timeout=deadline.ms(60))
+    page.wait_for_function(KERNEL_IDLE, timeout=deadline.ms(60), polling=250)
+    best = _plan_in_force(explorer)
+    speed = float(explorer.evaluate(READOUT_ROWS)["FLOP-ideal speed-up"].rstrip("x"))
+    assert speed >= 1.5 and readout.inner_text() != text
+
+    # 8c. pin two picks (the second: the best plan faster than the first): side by side, the tables fit
+    # without horizontal scrolling
+    explorer.locator(".mtlab-pin").first.click()
+    box.fill(f"{speed + 0.01:.2f}")
+    box.press("Enter")
+    page.wait_for_function(f"([root, b]) => {{ const rows = ({READOUT_ROWS})(root); "
+                           "return rows.plan && rows.plan !== b && 'chosen as' in rows; }",
+                           arg=[explorer.element_handle(), best], timeout=deadline.ms(60), polling=250)
+    page.wait_for_function(KERNEL_IDLE, timeout=deadline.ms(60), polling=250)
+    second = _plan_in_force(explorer)
+    explorer.locator(".mtlab-pin").first.click()
+    compare = explorer.locator(".mtlab-compare").first
+    expect(compare).to_contain_text("pick 2", timeout=deadline.ms(30))
+    assert second != best and best in compare.inner_text() and second in compare.inner_text(), compare.inner_text()
+    for sel in (".mtlab-compare", ".mtlab-history"):
+        assert explorer.locator(sel).first.evaluate(NO_HSCROLL), f"{sel} needs horizontal scrolling"
+    _snapshot(explorer, shots, "explorer-pinned")
+    for sel, name in ((".mtlab-compare", "explorer-compare"), (".mtlab-history", "explorer-history")):
+        explorer.locator(sel).first.scroll_into_view_if_needed()
+        explorer.locator(sel).first.screenshot(path=str(shots / f"{name}.png"))
+
+    # 8d. export: plain transformers reloads the folder and generates; the code that does the same is shown
+    out = explorer.locator(".mtlab-export-out").first
+    target = lab.root.parent / "exported"
+    explorer.locator(".mtlab-export-dir input").first.fill(str(target))
+    explorer.locator(".mtlab-export-dir input").first.press("Enter")
+    explorer.locator("button.mtlab-export").first.click()
+    expect(out).to_contain_text(f"exported {second} to", timeout=deadline.ms(180))
+    assert "export(assemble(" in explorer.locator(".mtlab-export-code").first.inner_text()
+    import torch
+
+    net = transformers.AutoModelForSeq2SeqLM.from_pretrained(target).eval()   # plain transformers, no mtlab
+    gen = net.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=5)
+    assert gen.shape[0] == 1 and gen.shape[1] > 1
+    _snapshot(explorer, shots, "explorer-exported")
+    # a folder of someone else's files is refused with export's message, and left as it was
+    foreign = lab.root.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    explorer.locator(".mtlab-export-dir input").first.fill(str(foreign))
+    explorer.locator(".mtlab-export-dir input").first.press("Enter")
+    explorer.locator("button.mtlab-export").first.click()
+    expect(out).to_contain_text("not exported", timeout=deadline.ms(60))
+    assert "overwrite" in out.inner_text() and [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def _expect_change(explorer, readout, error, deadline, expect, action, what):
@@ -268,7 +425,7 @@ def _merge_disagreement(snap) -> str | None:
     """Why the read-out, caption or error line disagree with the controls (None: they agree, nothing runs)."""
     kind, specs, caption = _merge_expectation(snap["controls"])
     text, err, status = snap["readout"], snap["error"], snap["status"]
-    if BUSY in status or BUSY in text:
+    if BUSY in status or BUSY in text or "updating" in status or "updating" in snap["caption"]:
         return "still computing"
     if snap["caption"] != caption:
         return f"caption {snap['caption']!r}, expected {caption!r}"
@@ -317,6 +474,8 @@ def _drive_merge(page, deadline, shots, expect):
     row = lambda i: explorer.locator(".mtlab-merge-on").nth(i).locator("xpath=..")  # noqa: E731
     snap = _merge_settle(explorer, deadline, "the first render", sizes)
     assert snap["controls"][0]["on"] and not snap["controls"][1]["on"], snap["controls"]
+    statics = page.locator(".mtlab-static")
+    assert statics.count() == 2 and all(statics.nth(i).is_hidden() for i in range(2)), "a static copy shows"
     _snapshot(explorer, shots, "merge-initial")
 
     # 1. tick the decoder
@@ -341,16 +500,25 @@ def _drive_merge(page, deadline, shots, expect):
 
     # 3. change the encoder's method: vanilla averaging (its anchor is disabled)
     enc.locator(".mtlab-method select").first.select_option(label="vanilla")
-    _merge_settle(explorer, deadline, "choosing vanilla for the encoder", sizes)
+    snap = _merge_settle(explorer, deadline, "choosing vanilla for the encoder", sizes)
     _snapshot(explorer, shots, "merge-vanilla")
 
-    # 4. two changes fired at once: the decoder's anchor, then the encoder window's lower handle one step up
-    row(1).locator(".mtlab-anchor select").first.select_option(label="first")
-    handle.focus()
-    handle.press("ArrowRight")
-    snap = _merge_settle(explorer, deadline, "two quick changes", sizes)
+    # 4. a burst: the decoder's anchor, then the encoder window's upper handle down and up, the lower one up:
+    # the read-out never shows a spec of an intermediate state
+    final_before = snap
+    explorer.evaluate(RECORD_READOUT)
+    explorer.evaluate(BURST)   # all at once, as fast as the page can send them
+    snap = _merge_settle(explorer, deadline, "a burst of changes", sizes)
     assert snap["controls"][1]["anchor"] == "first", snap["controls"]
-    _snapshot(explorer, shots, "merge-two-quick-changes")
+    final = set(_merge_expectation(snap["controls"])[1])
+    before = set(_merge_expectation(final_before["controls"])[1])
+    for text in page.evaluate("() => window.__mtlabReadouts"):
+        shown = set(re.findall(SPEC, text))
+        assert shown <= final or shown == before, f"an intermediate state reached the read-out: {shown} (final {final})"
+    rows = explorer.evaluate(READOUT_ROWS)
+    assert "before recovery" in rows.get("numbers", ""), rows
+    assert re.search(r"(merge|layer pruning) better by|tie on|none:", rows.get("verdict (before recovery)", "")), rows
+    _snapshot(explorer, shots, "merge-burst")
 
     # 5. untick both stacks at once
     boxes.nth(0).uncheck()

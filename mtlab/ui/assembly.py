@@ -47,6 +47,20 @@ def ratio_options(depths: Mapping[str, int], granularities: Mapping[str, tuple[i
     return out
 
 
+def parse_plan(text: str, depths: Mapping[str, int]) -> Plan:
+    """`Plan.parse`, also reading a stack that is one module of 10 or more layers: `str(Plan)` writes the
+    12-layer encoder as one 12-module as 'e=12', which `Plan.parse` reads as spans 1 and 2."""
+    plan = Plan.parse(text, depths)
+    spans = dict(plan.spans)
+    for item in text.replace(";", " ").split():
+        name, _, body = item.partition("=")
+        stack = Plan.parse(f"{name}=1").stacks[0]
+        n = depths.get(stack)
+        if n and body.isdigit() and len(body) > 1 and int(body) == n and sum(map(int, body)) != n:
+            spans[stack] = (n,)
+    return Plan.of(spans)
+
+
 def plan_slug(plan: str) -> str:
     """'e=33 d=1122' -> 'e33_d1122': a folder name."""
     return "_".join(part.replace("=", "") for part in str(plan).split())
@@ -93,7 +107,7 @@ class AssemblyExplorer(Explorer):
         self.score_plan, self.plans_in_space = score, len(AssemblySpace(self.depths, self.granularities))
         self.build, self.task, self.code = build, task, code
         self._busy = False
-        self._chosen: tuple[str, str] | None = None   # (plan, how it was chosen) for "best at a speed-up"
+        self._chosen: tuple[str, list[str]] | None = None   # (plan, how it was chosen) for "best at a speed-up"
         self.current = Plan.teacher(self.depths)
 
         self.strategy = W.Dropdown(options=strategy_options(), value=strategy_options()[0], description="strategy")
@@ -101,11 +115,11 @@ class AssemblyExplorer(Explorer):
         self.ratios = ratio_options(self.depths, self.granularities, self.block_params)
         start = next((v for _, v in self.ratios if v >= 2.0 - 1e-9), self.ratios[-1][1])
         self.ratio = W.SelectionSlider(options=self.ratios, value=start, description="target ratio",
-                                       continuous_update=False, layout=W.Layout(width="520px"),
+                                       continuous_update=False, layout=W.Layout(width="660px"),
                                        style={"description_width": "80px"})
         self.ratio.add_class("mtlab-ratio")
         self.custom = W.Text(description="custom plan", placeholder="e.g. e=1122 d=33", continuous_update=False,
-                             layout=W.Layout(width="330px"))
+                             layout=W.Layout(width="360px"), style={"description_width": "90px"})
         self.custom.add_class("mtlab-custom")
         fastest = float(self.screen.ideal_speedup.max())
         self.speedup = W.BoundedFloatText(value=min(1.5, round(fastest, 2)), min=1.0, max=round(fastest, 2) + 0.005,
@@ -162,7 +176,7 @@ class AssemblyExplorer(Explorer):
     def set_plan(self, plan: Plan | str) -> None:
         """Show `plan` in the span controls and the custom box (raises PlanError for an invalid plan); in
         custom mode the disabled ratio slider shows the plan's own compression ratio."""
-        plan = Plan.parse(plan, self.depths) if isinstance(plan, str) else plan
+        plan = parse_plan(plan, self.depths) if isinstance(plan, str) else plan
         plan.validate(self.depths, self.granularities)
         self.current = plan
         self._busy = True
@@ -190,7 +204,7 @@ class AssemblyExplorer(Explorer):
         """The plan the strategy and the target ratio choose (custom: the plan in the custom box)."""
         s, t = self.strategy.value, self.ratio.value
         if s == CUSTOM:
-            return Plan.parse(self.custom.value or str(self.plan), self.depths)
+            return parse_plan(self.custom.value or str(self.plan), self.depths)
         if s == "size_first":   # per target, not only its default ladder's rungs
             plans = size_first(self.depths, self.granularities, self.block_params, [t])
         else:
@@ -229,15 +243,15 @@ class AssemblyExplorer(Explorer):
             return
         self._chosen = None
         self._to_custom()
-        self._guard(lambda: self.set_plan(Plan.parse(self.custom.value, self.depths)))
+        self._guard(lambda: self.set_plan(parse_plan(self.custom.value, self.depths)))
 
     def _on_best(self) -> None:
         """Best plan at the typed speed-up: shown as a custom plan, the read-out says how it was chosen."""
         def pick():
             s = float(self.speedup.value)
             plan = self.best_at_speedup(s)
-            self._chosen = (plan, f"lowest screened NLL of the {len(self.screen):,} screened plans at >= {s:.2f}x "
-                                  "FLOP-ideal speed-up")
+            self._chosen = (plan, [f"lowest screened NLL at >= {s:.2f}x FLOP-ideal speed-up",
+                                   f"(among the {len(self.screen):,} screened plans)"])
             self.set_plan(plan)
 
         self._to_custom()
@@ -298,7 +312,7 @@ class AssemblyExplorer(Explorer):
         share = f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%" if pct >= 0.1 else f"{pct:.2g}%"
         return f"screened {n:,} of {total:,} plans ({share})"
 
-    def readouts(self) -> dict[str, str]:
+    def readouts(self) -> dict[str, str | list[str]]:
         """The current plan's numbers, each next to the original model's (the teacher's row of the screen)."""
         plan = self.plan
         key = str(plan)

@@ -202,8 +202,8 @@ class Explorer:
         df = pd.DataFrame({f"pick {i + 1}": [p.get(c) for c in cols] for i, p in enumerate(self.pins)}, index=cols)
         if len(self.pins) == 2:
             a, b = self.pins
-            df["2 - 1"] = [b[c] - a[c] if all(isinstance(x.get(c), (int, float)) and not isinstance(x.get(c), bool)
-                                                for x in (a, b)) else None for c in cols]
+            df["2 - 1"] = pd.Series([b[c] - a[c] if all(isinstance(x.get(c), (int, float)) and not isinstance(x.get(c), bool)
+                                                        for x in (a, b)) else None for c in cols], index=cols, dtype=object)
         return df
 
     def _compare_html(self) -> str:
