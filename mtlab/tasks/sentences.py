@@ -20,12 +20,14 @@ import ast
 import io
 import re
 import sysconfig
+import time
 import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..embedding import embed_split, embedding_scores
 from ..keys import digest, text_hash
 from ..paths import ROOT
 from .base import SPLITS, Batch, Seq2SeqTask, pad
@@ -283,10 +285,6 @@ class SentencesTask(Seq2SeqTask):
         """The task interface of every kind: `model`'s sentence embeddings of a split's first `limit`
         sentences scored against `self.reference`'s (the original model, set by whoever loads the pair,
         e.g. a recipe): mean cos, recall@10 of neighbours, Spearman of pairwise similarities; plus n."""
-        import time
-
-        from ..embedding import embed_split, embedding_scores
-
         if self.reference is None:
             raise ValueError("this SentencesTask has no reference model to score embeddings against: set "
                              "task.reference = the original encoder (a recipe with task kind sentences does)")
