@@ -20,8 +20,8 @@ from .latest import LatestWorker
 from .readout import BUSY, INVALID, fmt_metric, fmt_params, fmt_size, lower_is_better, metric_keys, metric_label, table
 
 DEBOUNCE = 0.25   # seconds without a newer control change before the worker draws a state
-BEFORE_RECOVERY = ("before recovery: the merged and the pruned model as built, not fine-tuned (recovery, notebook 04, "
-                   "changes both)")
+BEFORE_RECOVERY = ["before recovery: the merged and the pruned model as built,",
+                   "not fine-tuned (recovery, notebook 04, changes both)"]
 UPDATING = "updating\u2026 (the controls changed)"
 _INVALID = "invalid"   # the worker's request for an invalid state: draw the plot without outline
 
@@ -310,7 +310,7 @@ class MergeExplorer(Explorer):
         out.update(rows("pruned", p))
         if m is not None and p is not None and p["params"] > m["params"]:
             out["pruned parameters"] += f" - LARGER than the merged model ({fmt_params(m['params'])})"
-        out["verdict (before recovery)"] = verdict(o, m, p, metrics, label) if m is not None and p is not None \
+        out["verdict (before recovery)"] = verdict(o, m, p, metrics, label).split("; ") if m is not None and p is not None \
             else BUSY
         return out
 
@@ -354,7 +354,12 @@ class MergeExplorer(Explorer):
     def static_copy(self):
         """The read-out (scored now, blocking) and the heatmap as a rendered page shows them; hidden in
         JupyterLab while this explorer is live."""
-        return super().static_copy(readout=self.readouts())
+        st = self.state()
+        if not st.merge:
+            return super().static_copy(readout={"merge": "nothing selected: tick a stack"})
+        for key in st.keys():
+            self.scores(key)
+        return super().static_copy(readout=self._readouts(st))
 
     @staticmethod
     def _caption(wins) -> str:
