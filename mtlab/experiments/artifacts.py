@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..baselines import BASELINES
 from ..cache import teacher_hash
 from ..candidate import Budget, Candidate
 from ..modular import ModuleBank, Plan, ReplacingConfig, assemble, teacher_ladders, train_modules
@@ -173,7 +174,9 @@ def baseline_recipe(steps: int = 20_000, batch_size: int = 64, lr: float = 3e-4)
 def baseline_names(depths=BASELINE_DEPTHS) -> list[str]:
     """One shipped run each: sft-D and layer_drop-D for each depth D (a run per ratio), and the one
     LayerDrop run that every depth is cut from."""
-    return [f"{m}-{d}" for d in depths for m in ("sft", "layer_drop")] + ["layerdrop"]
+    per_depth = BASELINES.names(bundled=True, trains_per_depth=True, by_rank=True)
+    return [f"{m}-{d}" for d in depths for m in per_depth] + list(
+        BASELINES.names(bundled=True, trains_per_depth=False, by_rank=True))
 
 
 def _budget_of(name: str, cfg: TrainConfig, work: Path, progress: bool) -> tuple[str, BaselineBudget]:

@@ -50,8 +50,17 @@ METHOD = {"none": "original", "prune": "layer_prune"}  # table names; a merge me
 RANK = {"kind": {"original": 0, "control": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order
         "compare": {"-": 0, "single window": 1, "equal FF sublayers": 2, "equal params": 3},
         "stack": {"-": 0, "encoder": 1, "layers": 1, "decoder": 2, "encoder+decoder": 3},
-        "method": {"original": 0, "none": 0, "original (fine-tuned)": 0.5, "permute": 1, "vanilla": 2,
-                   "layer_prune": 3, "prune": 3}}
+        "method": {"original": 0, "none": 0, "original (fine-tuned)": 0.5, "layer_prune": 3, "prune": 3}}
+
+
+def method_ranks() -> dict:
+    """Reading order of the method column: the original and its control, then every registered merge
+    method by its registry rank (read now, so a method registered later takes its place), then pruning."""
+    from ..merging.methods import METHODS
+
+    fixed = RANK["method"]
+    return {**{k: v for k, v in fixed.items() if v < 1}, **METHODS.meta("rank"),
+            **{k: v for k, v in fixed.items() if v >= 1}}
 COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac", "recovery_steps",
            "dev_per", "dev_wer", "dev_n", "test_per", "test_wer", "test_n", "vs_control", "mean_cos", "recall_at_10"]
 WORDS = ["dev_n", "test_n"]      # how many words (MiniLM: sentences) each row's dev and test scores are on
@@ -288,7 +297,7 @@ def candidates(search: pd.DataFrame) -> list[Candidate]:
     candidate's `info` holds the table's kind, compare, stack and layers columns."""
     best = search[search.best]
     stacks = list(dict.fromkeys(search["stack"][search.kind != "original"]))
-    ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, RANK["method"].get(r.method, 9)))
+    ranked = sorted(best.itertuples(), key=lambda r: (stacks.index(r.stack), r.size, method_ranks().get(r.method, 9)))
     out = [Candidate(method_label(r.method), CompressionSpec.parse(r.spec), provenance="search",
                      info={"kind": "window", "compare": "single window", "stack": r.stack, "layers": r.layers})
            for r in ranked]
@@ -517,7 +526,8 @@ def quality_plot(table: pd.DataFrame, metrics=("test_per", "test_wer")):
 
     from ..ui.compare import check_same_words, word_sets
 
-    hue = sorted(set(table.method) - {CONTROL}, key=lambda k: (RANK["method"].get(k, 9), k))
+    ranks = method_ranks()
+    hue = sorted(set(table.method) - {CONTROL}, key=lambda k: (ranks.get(k, 9), k))
     d = table.dropna(subset=list(metrics), how="all")
     d = d.assign(removed_pct=100 * d.params_removed_frac,
                  stage=d.recovery_steps.map(lambda s: f"after {s:g} recovery steps" if s else "before recovery"))
@@ -588,7 +598,8 @@ def minilm_chosen(table: pd.DataFrame) -> pd.DataFrame:
 def _ranked(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     """Rows in reading order: the original first, then by stack, size, and permute, vanilla, layer_prune."""
     return df.sort_values(cols, kind="stable",
-                          key=lambda c: c.map(RANK[c.name]).fillna(9) if c.name in RANK else c)
+                          key=lambda c: c.map(method_ranks() if c.name == "method" else RANK[c.name]).fillna(9)
+                          if c.name in RANK else c)
 
 
 def merge_csv(profile=None, *, progress: bool = True) -> pd.DataFrame:

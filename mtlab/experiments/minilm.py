@@ -37,10 +37,12 @@ import torch
 from torch import nn
 
 from ..anatomy import anatomy
+from ..baselines import BASELINES
 from ..embedding import embed_split, embedding_scores, recover_embeddings
 from ..candidate import apply
 from ..measure import count_params
 from ..merging.correlations import CorrelationCache
+from ..merging.methods import METHODS
 from ..merging.windows import window_search
 from ..train import TrainConfig
 
@@ -164,10 +166,11 @@ def _scores(model: nn.Module, task, ref_test: torch.Tensor, limit: int | None) -
 # Sized by the profile's `minilm` section; tables cached (`mtlab.cache`), runs resumable.
 
 STUDY_VERSION = 1
-BASELINE_RULES = {"layer_drop": "alternate", "sft": "spread"}   # mtlab.baselines' layer choice rules
+# the registered baselines trained once per depth with a layer rule (sft: spread, layer_drop: alternate)
+BASELINE_RULES = BASELINES.meta("keep_rule", trains_per_depth=True)
 CONTROL = "original (fine-tuned)"  # the control: the original fine-tuned like the merges' recovery (issue 22, item 10)
-KIND = {"original": "teacher", "modules": "modules", "permute": "merge", "vanilla": "merge",
-        "layer_prune": "layer_prune", "layer_drop": "layer_drop", "sft": "sft", CONTROL: "control"}
+KIND = {"original": "teacher", "modules": "modules", **METHODS.meta("kind"), "layer_prune": "layer_prune",
+        **{b: BASELINES.entry(b).kind for b in BASELINE_RULES}, CONTROL: "control"}  # from the registries
 CSV_COLUMNS = ["method", "plan", "params", "params_removed_frac", "recovery_steps", "train_steps", "mean_cos",
                "recall_at_10", "sim_spearman", "speedup_b1", "speedup_b64"]
 
