@@ -41,6 +41,9 @@ def test_plan_text_round_trip_and_validation():
         Plan.parse("e=6").validate(DEPTHS, KS)
     with pytest.raises(PlanError, match="unknown stack"):
         Plan.parse("x=6")
+    for spans in ((12,), (6, 12), (1, 1, 10)):  # a span of 10+ layers reads back as itself, never as digits
+        q = Plan.of({"encoder": spans, "decoder": (1,)})
+        assert Plan.parse(str(q)) == q, str(q)
     with pytest.raises(PlanError, match="overlaps"):
         Plan.from_ranges({"encoder": [(0, 2), (1, 3), (3, 6)]}, DEPTHS)
     with pytest.raises(PlanError, match="gap: layers 2-2"):

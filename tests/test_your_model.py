@@ -138,7 +138,7 @@ def test_conclusion_names_a_reload_that_changed_the_scores():
     assert "with the same dev scores" in same
 
 
-def test_labels_and_units_fit_a_text_task(gpt2_dir):
+def test_labels_and_units_fit_a_text_task(gpt2_dir, tmp_path):
     """Issue 22 item 10 / issue 27 item 9: no "layers layers" header, the overall parameter ratio beside the
     stacks' ratio, counts in tokens (not words) and no word accuracy for a text task."""
     from mtlab.modular import ReplacingConfig, train_modules
@@ -162,14 +162,19 @@ def test_labels_and_units_fit_a_text_task(gpt2_dir):
     screened = ym.screen_space(model, bank, task, PROFILE)
     assert "tf_word_acc" not in screened.columns and "words" not in screened.columns and "tokens" in screened.columns
     assert screened.params_ratio.max() == pytest.approx(ladder.params_ratio.max())
-    ex = ym.assembly_explorer_for(model, bank, screened)
+    ex = ym.assembly_explorer_for(model, bank, screened, task)
     read = " ".join(ex.readouts())
     assert "tokens)" in read and "words" not in read and "word accuracy" not in read
+    import transformers as T
+
+    picked = ex.export(tmp_path / "picked")  # Export in notebook 07's explorer: a folder plain transformers loads
+    assert picked is not None and T.AutoModelForCausalLM.from_pretrained(picked).config.num_hidden_layers >= 1
     cka = ym.similarity(model, task, PROFILE)
     assert cka.attrs["config"]["tokens_left_out"] == "special tokens"
     assert cka.attrs["config"]["special_ids"] == sorted(task.tokenizer.all_special_ids)
     merges = ym.merge_explorer_for(model, task, cka, PROFILE, background=False)
     assert merges.scores(merges.specs())["n_unit"] == "tokens"
+    assert merges.export(tmp_path / "merged") is not None
     keys = " ".join(merges.readouts())
     assert "dev PPL" in keys and "tokens)" in keys and "words" not in keys
 

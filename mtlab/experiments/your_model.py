@@ -375,15 +375,17 @@ def _in_task_units(screened: pd.DataFrame, task) -> pd.DataFrame:
     return screened
 
 
-def assembly_explorer_for(model: nn.Module, bank, screened: pd.DataFrame):
+def assembly_explorer_for(model: nn.Module, bank, screened: pd.DataFrame, task=None):
     """The assembly explorer (`mtlab.widgets.AssemblyExplorer`) over a screened table of this model's bank;
-    in a kernel it first shows `live_note` (live in JupyterLab; blank on a rendered page)."""
-    from ..modular import block_params
+    its Export button assembles the pick (with `task`'s tokenizer when given); in a kernel it first shows
+    `live_note` (live in JupyterLab; blank on a rendered page)."""
+    from ..modular import assemble, block_params
     from ..widgets import AssemblyExplorer
     from .explore import live_note
 
     live_note("assembly explorer")
-    return AssemblyExplorer(screened, stack_depths(model), bank.granularities, block_params(model))
+    return AssemblyExplorer(screened, stack_depths(model), bank.granularities, block_params(model),
+                            build=lambda plan: assemble(model, bank, plan), task=task)
 
 
 def _per_stack(matrix: pd.DataFrame, stacks) -> dict[str, pd.DataFrame]:
@@ -424,7 +426,8 @@ def merge_explorer_for(model: nn.Module, task, cka: pd.DataFrame, profile=None, 
 
     live_note("merge-set explorer")
     return MergeExplorer(_per_stack(cka, depths), depths, evaluate, params=SpecSizes(model), background=background,
-                         similarity_label=label)
+                         similarity_label=label, task=task,
+                         build=lambda specs: apply(model, CompressionSpec(None, tuple(specs)), cache=cache))
 
 
 # ---------------------------------------------------------------------------

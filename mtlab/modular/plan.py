@@ -56,7 +56,8 @@ class Plan:
                 raise PlanError(f"unknown stack {name!r} in plan {text!r}; use one of {sorted(set(ALIASES.values()))}")
             if stack in spans:
                 raise PlanError(f"stack {stack!r} appears twice in plan {text!r}")
-            parts = body.split(",") if "," in body else list(body)
+            # digits alone ("1122") are spans of one digit; spans of 10+ layers are comma-separated ("12," or "6,12")
+            parts = [q for q in body.split(",") if q.strip()] if "," in body else list(body)
             if not parts or not all(re.fullmatch(r"\d+", p.strip()) for p in parts):
                 raise PlanError(f"spans of {stack} must be positive integers, got {body!r} in plan {text!r}")
             spans[stack] = tuple(int(p) for p in parts)
@@ -72,7 +73,7 @@ class Plan:
         short = {"encoder": "e", "decoder": "d", "layers": "layers"}
         out = []
         for s, v in self.spans:
-            body = "".join(map(str, v)) if all(k < 10 for k in v) else ",".join(map(str, v))
+            body = "".join(map(str, v)) if all(k < 10 for k in v) else ",".join(map(str, v)) + ("," if len(v) == 1 else "")
             out.append(f"{short.get(s, s)}={body}")
         return " ".join(out)
 
