@@ -19,7 +19,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mtlab"
 KNOWN_CYCLES = {
     "experiments.merging <-> merge_artifacts (#24)": {"mtlab.experiments.merging", "mtlab.experiments.merge_artifacts"},
     "experiments.minilm <-> minilm_artifacts (#24)": {"mtlab.experiments.minilm", "mtlab.experiments.minilm_artifacts"},
-    "experiments.modular <-> explore (#24)": {"mtlab.experiments.modular", "mtlab.experiments.explore"},
 }
 
 #: modules whose mtlab imports are all at module level (the cycles that made them lazy are broken)

@@ -35,6 +35,7 @@ from ..modular.plan import size_first
 from ..profiles import get_profile
 from ..shipped import shipped_state
 from ..teacher import load_teacher
+from .modular import _bank_key, _loaded, screen_table  # noqa: F401 (the screen lives beside the bank it reads)
 from .modular import (QUALITY, evaluate_candidates, modular_table, replacing_config, shipped_key, trained_bank,
                       trained_baselines)
 
@@ -44,34 +45,6 @@ COLUMNS = ["kind", "strategy", "plan", "params", "ratio", "ratio_model", "ideal_
            "on_frontier", "on_frontier_params", "train_runs", "train_seconds"]
 COMBINED_TARGETS = (1.5, 2.0, 3.0, 1.25)   # size-first rungs that get FF merges, in this order
 COMBINED_WINDOW = 3                        # blocks per stack whose FF sublayers are merged (top of the stack)
-
-
-def _bank_key(prof) -> dict:
-    return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular)),
-            **shipped_key(prof.modular, baselines=False)}
-
-
-def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
-    if teacher is None:
-        teacher, task = load_teacher()
-    if bank is None:
-        bank, _ = trained_bank(prof, teacher, task, progress)
-    return teacher, task, bank
-
-
-def screen_table(profile=None, teacher=None, task=None, bank=None, *, progress: bool = True) -> pd.DataFrame:
-    """The whole assembly space screened on dev (see `mtlab.explore.screen.screen`), cached."""
-    prof = get_profile(profile)
-    e = prof.explore
-
-    def compute():
-        t, tk, b = _loaded(prof, teacher, task, bank, progress)
-        df = screen(t, b, tk, split="dev", limit=e.screen_limit, batch_size=e.screen_batch, progress=progress)
-        df["block_evals"], df["seconds"] = df.attrs["block_evals"], df.attrs["seconds"]
-        return df
-
-    key = {"version": VERSION, "bank": _bank_key(prof), "limit": e.screen_limit, "batch": e.screen_batch}
-    return cached_frame("screen", key, compute)
 
 
 def picks(screen_df: pd.DataFrame, n: int, exclude=()) -> list[str]:

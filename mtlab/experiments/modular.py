@@ -30,6 +30,7 @@ from ..modular import ModuleBank, ReplacingConfig, assemble, teacher_ladders, tr
 from ..modular.plan import Plan, using_screen
 from ..profiles import ModularProfile, get_profile
 from ..shipped import ArtifactMismatch, shipped_state
+from ..explore.screen import screen
 from ..tasks.diagnosis import score_splits
 from ..teacher import load_teacher
 from ..train import TrainConfig
@@ -95,6 +96,37 @@ SCREEN_TIEBREAK = "nll"  # ties in word accuracy (common on few words) go to the
 RULE_STRATEGIES = ("size_first", "speed_first")
 
 
+SCREEN_VERSION = 4  # the screen cache's key version (it was experiments.explore's VERSION 4)
+
+
+def _bank_key(prof) -> dict:
+    return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular)),
+            **shipped_key(prof.modular, baselines=False)}
+
+
+def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
+    if teacher is None:
+        teacher, task = load_teacher()
+    if bank is None:
+        bank, _ = trained_bank(prof, teacher, task, progress)
+    return teacher, task, bank
+
+
+def screen_table(profile=None, teacher=None, task=None, bank=None, *, progress: bool = True) -> pd.DataFrame:
+    """The whole assembly space screened on dev (see `mtlab.explore.screen.screen`), cached."""
+    prof = get_profile(profile)
+    e = prof.explore
+
+    def compute():
+        t, tk, b = _loaded(prof, teacher, task, bank, progress)
+        df = screen(t, b, tk, split="dev", limit=e.screen_limit, batch_size=e.screen_batch, progress=progress)
+        df["block_evals"], df["seconds"] = df.attrs["block_evals"], df.attrs["seconds"]
+        return df
+
+    key = {"version": SCREEN_VERSION, "bank": _bank_key(prof), "limit": e.screen_limit, "batch": e.screen_batch}
+    return cached_frame("screen", key, compute)
+
+
 def screened_ladder(prof, teacher, bank, task, progress: bool = True) -> list[tuple[str, Plan]]:
     """("screened", plan) for each target ratio: the plan with the best `SCREEN_METRIC` within the
     ratio's size budget, read from the profile's screen of the bank's whole assembly space on dev
@@ -102,8 +134,6 @@ def screened_ladder(prof, teacher, bank, task, progress: bool = True) -> list[tu
     from ..modular.bank import block_params
     from ..modular.plan import ladders as plan_ladders
     from ..surgery import stack_depths
-    from .explore import screen_table
-
     scores = screen_table(prof, teacher, task, bank, progress=progress)
     with using_screen(scores, metric=SCREEN_METRIC, then=SCREEN_TIEBREAK) as name:
         return [(s, p) for s, p in plan_ladders(stack_depths(teacher), bank.granularities, block_params(teacher),
