@@ -310,11 +310,22 @@ def run_curves(study: str | CurveStudy = "minilm", settings: CurveSettings | Non
 # ---------------------------------------------------------------------------
 # reading the curves: crossings, sentence, figure
 
-def crossings(table: pd.DataFrame, metric: str = "mean_cos", a: str = "permute", b: str = "layer_prune"
-              ) -> pd.DataFrame:
+LOWER_IS_BETTER = ("per", "wer", "ppl", "nll", "loss", "cer")  # metric name parts where less is better
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` is better: not for error rates, perplexity or losses (by name)."""
+    return not any(part in LOWER_IS_BETTER for part in metric.lower().split("_"))
+
+
+def crossings(table: pd.DataFrame, metric: str = "mean_cos", a: str = "permute", b: str = "layer_prune",
+              higher: bool | None = None) -> pd.DataFrame:
     """Per params_removed_frac group of methods `a` and `b` (matched by point: the rows of one
     target), the steps both were scored at, the sign of a - b at each, and every step where the
-    sign changes (a crossing between two evaluations: the later step is reported)."""
+    sign changes (a crossing between two evaluations: the later step is reported). `ahead_at_end`
+    is the better one at the last step: higher values are better unless the metric is an error rate,
+    a perplexity or a loss (`higher_is_better`; `higher` overrides)."""
+    higher = higher_is_better(metric) if higher is None else higher
     rows = []
     ta, tb = table[table.method == a], table[table.method == b]
     for (fa, ga), (fb, gb) in _pairs(ta, tb):
@@ -328,9 +339,16 @@ def crossings(table: pd.DataFrame, metric: str = "mean_cos", a: str = "permute",
         rows.append({"a": a, "b": b, "metric": metric, "a_removed": fa, "b_removed": fb,
                      "steps": list(map(int, m.index)), "a_minus_b": diff.round(6).tolist(),
                      "first_step": int(m.index[0]), "last_step": int(m.index[-1]),
-                     "ahead_at_end": a if diff.iloc[-1] > 0 else b if diff.iloc[-1] < 0 else "tie",
+                     "ahead_at_end": _better(diff.iloc[-1], higher, a, b),
                      "crossings": cross})
     return pd.DataFrame(rows)
+
+
+def _better(a_minus_b: float, higher: bool, a: str, b: str) -> str:
+    """The name of the better of a and b given a - b and the metric's direction ("tie" when equal)."""
+    if abs(a_minus_b) < 1e-12:
+        return "tie"
+    return a if (a_minus_b > 0) == higher else b
 
 
 def _pairs(ta: pd.DataFrame, tb: pd.DataFrame):
@@ -362,7 +380,7 @@ def crossing_sentence(table: pd.DataFrame, metric: str | None = None, a: str = "
         where = (f"at ~{r.a_removed:.0%} removed ({a} {r.a_removed:.1%}, {b} {r.b_removed:.1%}), "
                  f"steps {r.first_step}-{r.last_step}")
         start = r.a_minus_b[0]
-        lead0 = a if start > 0 else b if start < 0 else "neither"
+        lead0 = _better(start, higher_is_better(metric), a, b).replace("tie", "neither")
         end = r.a_minus_b[-1]
         if r.crossings:
             steps = ", ".join(f"between steps {r.steps[r.steps.index(s) - 1]} and {s}" for s in r.crossings)

@@ -189,3 +189,18 @@ def test_original_is_the_control_curve_of_both_studies(ctx, tiny_t5, g2p_task, t
     assert t5.method.unique().tolist() == ["original"] and t5.step.tolist() == [0, 2, 4]
     assert (t5.params_removed_frac == 0).all()
     assert t5.test_wer.iloc[0] == pytest.approx(t5ctx.baseline["test_wer"])  # as built: the teacher itself
+
+
+def test_ahead_means_better_for_error_rates_too():
+    """A lower PER is better: the curve with the lower PER at the end is the one ahead (was reported backwards)."""
+    import pandas as pd
+
+    from mtlab.curves import crossing_sentence, crossings, higher_is_better
+
+    rows = [("permute", 0.19, s, per) for s, per in ((0, 12.4), (500, 12.0))] + \
+           [("layer_prune", 0.19, s, per) for s, per in ((0, 27.4), (500, 12.2))]
+    t = pd.DataFrame(rows, columns=["method", "params_removed_frac", "step", "test_per"])
+    assert not higher_is_better("test_per") and not higher_is_better("dev_ppl") and higher_is_better("mean_cos")
+    assert crossings(t, "test_per").ahead_at_end.iloc[0] == "permute"
+    assert "permute stays ahead" in crossing_sentence(t, "test_per")
+    assert crossings(t.assign(test_per=-t.test_per), "test_per", higher=True).ahead_at_end.iloc[0] == "permute"
