@@ -495,7 +495,20 @@ def recovery_curves(study: str = "minilm", root: str | Path | None = None) -> Cu
     source = str(shipped.relative_to(ROOT)) if shipped.exists() and shipped.is_relative_to(ROOT) else \
         str(shipped if shipped.exists() else s.csv)
     text = " ".join(f"{m}: {crossing_sentence(table, m)}" for m in s.metrics)
-    return CurvesView(study, table, text, source)
+    return CurvesView(study, table, text + control_sentence(table, s.metrics), source)
+
+
+def control_sentence(table: pd.DataFrame, metrics: Sequence[str]) -> str:
+    """Where the control (method "original": the original recovered the same way) ends, per metric,
+    beside the methods at the same step; "" when the table has no control curve."""
+    ctrl = table[table.method == "original"]
+    if ctrl.empty:
+        return ""
+    last = int(ctrl.step.max())
+    at = table[table.step == last].groupby("method")
+    parts = [f"{m}: " + ", ".join(f"{name} {g[m].iloc[0]:.4g}" for name, g in at if m in g and g[m].notna().any())
+             for m in metrics if m in table]
+    return f" At step {last}, the control (the original recovered the same way) and the methods: " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------

@@ -204,3 +204,15 @@ def test_ahead_means_better_for_error_rates_too():
     assert crossings(t, "test_per").ahead_at_end.iloc[0] == "permute"
     assert "permute stays ahead" in crossing_sentence(t, "test_per")
     assert crossings(t.assign(test_per=-t.test_per), "test_per", higher=True).ahead_at_end.iloc[0] == "permute"
+
+
+def test_the_control_curve_is_read_beside_the_methods():
+    import pandas as pd
+
+    from mtlab.curves import control_sentence
+
+    t = pd.DataFrame([("permute", 0.19, 500, 12.0), ("layer_prune", 0.19, 500, 12.2), ("original", 0.0, 500, 11.8)],
+                     columns=["method", "params_removed_frac", "step", "test_per"])
+    text = control_sentence(t, ["test_per"])
+    assert "step 500" in text and "original 11.8" in text and "permute 12" in text
+    assert control_sentence(t[t.method != "original"], ["test_per"]) == ""
