@@ -183,7 +183,8 @@ def _dispatch(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
 
 def _merges(p: argparse.ArgumentParser, only: list[str] | None, steps: int | None) -> int:
     """`mtlab merges`: recover and ship the combined FF-merge candidates (data/merging), resumable."""
-    from .experiments.merge_artifacts import MERGE_PROFILE, merge_names, train_merges
+    from .experiments.merge_artifacts import MERGE_PROFILE, merge_names
+    from .experiments.merge_training import train_merges
     from .profiles import get_profile, replace
 
     bad = sorted(set(only or ()) - set(merge_names()))

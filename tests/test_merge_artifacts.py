@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mtlab.experiments import merge_artifacts as A
+from mtlab.experiments import merge_training as T
 from mtlab.experiments import merging as X
 from mtlab.merging.build import check_ties
 from mtlab.profiles import get_profile, replace
@@ -27,8 +28,8 @@ def shipped(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTLAB_CACHE", str(root / "cache"))
         search = X.teacher_window_search(TINY, progress=False)
-        made = {n: A.train_merge(n, TINY, root / "merging", root / "runs", words=4, progress=False) for n in SHIPPED}
-        A.train_control(TINY, root / "merging", root / "runs", words=4, progress=False)
+        made = {n: T.train_merge(n, TINY, root / "merging", root / "runs", words=4, progress=False) for n in SHIPPED}
+        T.train_control(TINY, root / "merging", root / "runs", words=4, progress=False)
         yield root, search, made
 
 
@@ -41,7 +42,7 @@ def _logits(model, task):
 def test_ship_and_reload_give_the_same_model_and_scores(shipped):
     root, search, made = shipped
     _, task = load_teacher()
-    cands = A.shippable(search)
+    cands = T.shippable(search)
     assert set(A.merge_names()) >= set(cands) >= set(SHIPPED)
     for name in SHIPPED:
         back = A.load_merge(cands[name], TINY.merging, root / "merging")
@@ -69,15 +70,15 @@ def test_a_rerun_resumes_from_the_finished_run_to_the_same_weights(shipped, monk
     monkeypatch.setenv("MTLAB_CACHE", str(root / "cache"))
     name = "permute-equal-ff"
     files = read_card(root / "merging" / name)["files"]
-    assert A.train_merge(name, TINY, root / "merging", root / "runs", words=4, progress=False).provenance == "shipped"
+    assert T.train_merge(name, TINY, root / "merging", root / "runs", words=4, progress=False).provenance == "shipped"
     shutil.rmtree(root / "merging" / name)
-    A.train_merge(name, TINY, root / "merging", root / "runs", words=4, progress=False)
+    T.train_merge(name, TINY, root / "merging", root / "runs", words=4, progress=False)
     assert read_card(root / "merging" / name)["files"] == files  # same bf16 weights, byte for byte
 
 
 def test_another_recipe_teacher_or_damaged_file_is_refused(shipped, tmp_path, monkeypatch):
     root, search, _ = shipped
-    c = A.shippable(search)["permute-equal-ff"]
+    c = T.shippable(search)["permute-equal-ff"]
     with pytest.raises(ArtifactMismatch, match=r"recovery\.steps.*make merges"):
         A.load_merge(c, replace(TINY.merging, combined_recovery_steps=3), root / "merging")
     with pytest.raises(ArtifactMismatch, match=r"search\.select_limit"):
@@ -145,7 +146,7 @@ def test_the_frontier_takes_the_shipped_recovered_models(shipped, monkeypatch):
     monkeypatch.setenv("MTLAB_CACHE", str(root / "cache"))
     monkeypatch.setattr(A, "MERGE_DIR", root / "merging")
     teacher, task = load_teacher()
-    names = {f"{c.method} ({c.info['compare']})": name for name, c in A.shippable(search).items()}
+    names = {f"{c.method} ({c.info['compare']})": name for name, c in T.shippable(search).items()}
     rows = {names[c.strategy]: c for c in merge_rows(TINY, teacher, task, progress=False)}
     assert set(rows) >= set(SHIPPED) | {"vanilla-equal-ff"}
     for name in SHIPPED:  # the very models `make merges` shipped, with their card's budget

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mtlab.experiments import merge_artifacts as A
+from mtlab.experiments import merge_training as T
 from mtlab.experiments import merging as X
 from mtlab.experiments import minilm as ML
 from mtlab.experiments import minilm_artifacts as art
@@ -85,7 +86,7 @@ def test_fine_tuned_control_is_the_original_recovered_with_the_same_config(tiny_
 @pytest.fixture(scope="module")
 def t5_control(tmp_path_factory):
     root = tmp_path_factory.mktemp("control")
-    made = A.train_control(TINY, root / "merging", root / "runs", words=4, progress=False)
+    made = T.train_control(TINY, root / "merging", root / "runs", words=4, progress=False)
     return root / "merging", made
 
 

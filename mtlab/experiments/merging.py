@@ -38,13 +38,14 @@ from ..merging.windows import final_eval, window_search
 from ..profiles import MergingProfile, get_profile
 from ..teacher import load_teacher
 from ..train import TrainConfig
+from . import merge_artifacts as store  # its folder is read at call time (tests point it elsewhere)
+from .merge_artifacts import CONTROL_NAME, NOT_SHIPPED
+from .merge_recipe import (ALIGN_BATCH, ANCHOR, COMBINED_SIZE, CONTROL, SEED, align_batches,  # noqa: F401 (the study's recipe)
+                           combined_recovery_config, fine_tuned_control, recovery_config)
 
 VERSION = 2                      # bump when a change of code changes what a table holds (2: the original on
                                  # every word set of the table, dev_n/test_n in merge.csv); the control rows
                                  # change only teacher_merge and merge_csv: their keys name CONTROL instead
-ALIGN_BATCH, SEED = 64, 0        # alignment batches: shuffled train split, as window_search builds them
-ANCHOR = "middle"
-COMBINED_SIZE = 3                # the combined candidate: one 3-layer set per stack (4 of 12 FF for 6+6)
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # MiniLM's sentences come from stdlib docstrings
 METHOD = {"none": "original", "prune": "layer_prune"}  # table names; a merge method keeps its registered name
 RANK = {"kind": {"original": 0, "control": 0, "window": 1, "merge": 1, "prune": 1, "combined": 2},  # reading order
@@ -66,7 +67,6 @@ COLUMNS = ["model", "method", "stack", "layers", "params", "params_removed_frac"
 WORDS = ["dev_n", "test_n"]      # how many words (MiniLM: sentences) each row's dev and test scores are on
 FIGURE_WIDTH = 12.0              # inches: the width of a figure of three heatmaps (see similarity_figure)
 MEASURES = {"cka": "linear CKA", "matching": "neuron matching (mean matched Pearson correlation)"}
-CONTROL = "original (fine-tuned)"  # the method of the control row: the original fine-tuned like the recovered rows
 
 
 # ---------------------------------------------------------------------------
@@ -125,8 +125,6 @@ def save_csv(df: pd.DataFrame, out: str | Path | None, name: str) -> Path | None
     return write_csv(path, df)
 
 
-def align_batches(task):
-    return lambda: task.iter_batches("train", ALIGN_BATCH, shuffle=True, seed=SEED)
 
 
 # ---------------------------------------------------------------------------
@@ -241,31 +239,6 @@ def similarity_figure(frames: pd.DataFrame, model: str):
 # ---------------------------------------------------------------------------
 # the teacher: window search, candidates, recovery, final numbers
 
-def recovery_config(m: MergingProfile) -> TrainConfig:
-    """ONE recovery budget for every method: same steps, batch, lr schedule and data order (seed)."""
-    steps = m.recovery_steps
-    return TrainConfig(steps=steps, batch_size=m.recovery_batch_size, lr=m.recovery_lr, warmup=steps // 10,
-                       label_smoothing=0.1, precision="no", seed=SEED, log_every=max(1, steps // 5),
-                       ckpt_every=max(1, steps))
-
-
-def fine_tuned_control(model, task, cfg: TrainConfig, out_dir, *, progress: bool = False, save: bool = False):
-    """The control of a recovery: a trainable copy of the original (left as it is) fine-tuned by `recover`
-    with the recovery config `cfg` of the merges it is compared with (same steps, batch, lr, seed:
-    the same batches), resumable in `out_dir`. Returns (model in eval mode, log)."""
-    import copy
-
-    return recover(copy.deepcopy(model).train().requires_grad_(True), task, cfg, out_dir, progress=progress, save=save)
-
-
-def combined_recovery_config(m: MergingProfile) -> TrainConfig:
-    """The recovery budget of the combined candidates: `combined_recovery_steps` (None: the windows'
-    `recovery_config`), same batch, lr and seed; a checkpoint every 100 steps at most, so a long
-    run resumes (the shipped ones: `make merges`, mtlab/experiments/merge_artifacts.py)."""
-    if m.combined_recovery_steps is None:
-        return recovery_config(m)
-    cfg = recovery_config(replace(m, recovery_steps=m.combined_recovery_steps))
-    return replace(cfg, ckpt_every=min(cfg.ckpt_every, 100))
 
 
 def window_table(p, model=None, task=None, cache=None, progress: bool = True) -> pd.DataFrame:
@@ -385,9 +358,8 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
             if key not in done:
                 done[key] = _candidate_stages(c, ccfg, model, task, m, cache, searched, shipped=key[-1])
                 if key[-1]:
-                    from .merge_artifacts import shipped_teacher
 
-                    t = shipped_teacher(c)
+                    t = store.shipped_teacher(c)
                     if t is not None:
                         originals.setdefault((t.get("dev_n"), t.get("test_n")), t)
             info = {"kind": c.info["kind"], "compare": c.info["compare"], "method": c.method, "stack": c.info["stack"],
@@ -419,9 +391,8 @@ def teacher_merge_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
         extra["combined_recovery"] = asdict(combined_recovery_config(m))
     if m.shipped:
         from ..shipped import shipped_state
-        from .merge_artifacts import MERGE_DIR
 
-        extra["shipped"] = shipped_state(MERGE_DIR)  # a card written (or replaced) by `make merges` makes a new table
+        extra["shipped"] = shipped_state(store.MERGE_DIR)  # a card written (or replaced) by `make merges` makes a new table
     extra["control"] = CONTROL
     cfg = config_for("teacher_merge", p, teacher=teacher_hash(), recovery=asdict(rcfg), **extra)
     return _cached("teacher_merge", cfg, compute)
@@ -431,10 +402,9 @@ def _candidate_stages(c: Candidate, rcfg: TrainConfig, model, task, m: MergingPr
                       shipped: bool) -> list[dict]:
     """One candidate's rows: as built (recovery_steps 0) and after `rcfg`, recovered in the cache,
     or read from its shipped card (`shipped`); a candidate not shipped yet gets a row with a note."""
-    from .merge_artifacts import NOT_SHIPPED, shipped_stages
 
     if shipped:
-        stages = shipped_stages(c, m)
+        stages = store.shipped_stages(c, m)
         if stages is not None:
             return stages
     key = spec_texts(c)
@@ -456,15 +426,14 @@ def _control_stage(rcfg: TrainConfig, model, task, m: MergingProfile, *, shipped
     """The control's scores after `rcfg`: the teacher fine-tuned in the cache (`fine_tuned_control`,
     scored on the table's words), or read from the shipped control's verified card (full splits; the
     teacher's scores on those words go to `originals`); not shipped yet: a row with the note."""
-    from .merge_artifacts import CONTROL_NAME, MERGE_DIR, NOT_SHIPPED, shipped_control
 
     if shipped:
-        stage = shipped_control(m)
+        stage = store.shipped_control(m)
         if stage is None:
             return {"recovery_steps": rcfg.steps, "note": NOT_SHIPPED}
         from ..shipped import read_card
 
-        t = read_card(MERGE_DIR / CONTROL_NAME).get("teacher") or {}
+        t = read_card(store.MERGE_DIR / CONTROL_NAME).get("teacher") or {}
         if "test_n" in t:
             originals.setdefault((t.get("dev_n"), t.get("test_n")), t)
         return stage
