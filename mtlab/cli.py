@@ -204,7 +204,8 @@ def _minilm(p: argparse.ArgumentParser, only: list[str] | None, steps: int | Non
     each checkpoints, so stop any time and rerun to resume."""
     from dataclasses import replace
 
-    from .experiments.minilm_artifacts import MINILM_DIR, artifact_names, ship
+    from .experiments.minilm_artifacts import MINILM_DIR, artifact_names
+    from .experiments.minilm_training import ship
     from .profiles import get_profile
 
     m = get_profile("default").minilm

@@ -13,12 +13,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mtlab"
 
-#: cycles through function-level imports still present (issue #24, items 2 and 6): each is the set of
-#: modules of one strongly connected component. They are in the study layer (mtlab/experiments), which
-#: the study rewrite replaces; remove an entry when its cycle is gone (its xfail test then passes).
-KNOWN_CYCLES = {
-    "experiments.minilm <-> minilm_artifacts (#24)": {"mtlab.experiments.minilm", "mtlab.experiments.minilm_artifacts"},
-}
+#: cycles through function-level imports still allowed: none (issue #24 broke the last three, in the
+#: study layer: merging/merge_artifacts, minilm/minilm_artifacts, modular/explore)
+KNOWN_CYCLES: dict[str, set[str]] = {}
 
 #: modules whose mtlab imports are all at module level (the cycles that made them lazy are broken)
 NO_FUNCTION_LEVEL = ("mtlab.registry", "mtlab.registries", "mtlab.keys", "mtlab.paths", "mtlab.cache", "mtlab.teacher",
@@ -155,12 +152,6 @@ def test_no_cycle_hidden_by_function_level_imports_beyond_the_known_ones():
     assert new == [], (f"import cycles through function-level imports: {new}; import at module level and move what "
                        "both sides need into a module both import (as mtlab.paths / mtlab.keys did for cache, "
                        "teacher and train)")
-
-
-@pytest.mark.parametrize("name", list(KNOWN_CYCLES))
-@pytest.mark.xfail(reason="issue #24: a known cycle in the study layer (files another change rewrites)", strict=False)
-def test_known_cycle_is_broken(name):
-    assert KNOWN_CYCLES[name] not in cycles(import_graph())
 
 
 def test_function_level_mtlab_imports_are_counted_and_gone_where_the_cycles_were():

@@ -17,6 +17,7 @@ from mtlab.experiments import merge_training as T
 from mtlab.experiments import merging as X
 from mtlab.experiments import minilm as ML
 from mtlab.experiments import minilm_artifacts as art
+from mtlab.experiments import minilm_training
 from mtlab.profiles import MiniLMProfile, get_profile
 from mtlab.shipped import ArtifactMismatch, read_card
 from mtlab.teacher import load_teacher
@@ -139,7 +140,7 @@ def test_the_bundled_t5_control_verifies():
 def minilm_control(tmp_path_factory):
     root, work = tmp_path_factory.mktemp("minilm"), tmp_path_factory.mktemp("runs")
     assert art.CONTROL_NAME in art.artifact_names(M)
-    assert art.ship(art.CONTROL_NAME, M, root, work, progress=False)
+    assert minilm_training.ship(art.CONTROL_NAME, M, root, work, progress=False)
     return root, work
 
 

@@ -10,6 +10,7 @@ import torch
 
 from mtlab.compact import load_packed, pack_state, save_packed, unpack_state
 from mtlab.experiments import minilm_artifacts as art
+from mtlab.experiments import minilm_training
 from mtlab.profiles import MiniLMProfile, Profile
 from mtlab.shipped import ArtifactMismatch
 
@@ -43,7 +44,7 @@ def shipped(tmp_path_factory):
     root, work = tmp_path_factory.mktemp("minilm"), tmp_path_factory.mktemp("runs")
     assert art.artifact_names(M) == ["modules", "layer_drop-3", "sft-3", "merge-10", "control"]
     for name in art.artifact_names(M):
-        assert art.ship(name, M, root, work, progress=False)
+        assert minilm_training.ship(name, M, root, work, progress=False)
     return root, work
 
 
@@ -101,7 +102,7 @@ def test_artifact_from_another_config_or_damaged_is_refused(shipped, tmp_path):
     with pytest.raises(ArtifactMismatch, match="hash in its card"):
         art.load_student("sft-3", M, tmp_path)
     with pytest.raises(ValueError, match="unknown MiniLM artifact"):
-        art.ship("sft-9", M, tmp_path, tmp_path)
+        minilm_training.ship("sft-9", M, tmp_path, tmp_path)
 
 
 def test_report_reads_shipped_runs_and_notes_missing_ones(shipped, monkeypatch, tmp_path):

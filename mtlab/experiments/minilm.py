@@ -45,6 +45,9 @@ from ..merging.correlations import CorrelationCache
 from ..merging.methods import METHODS
 from ..merging.windows import window_search
 from ..train import TrainConfig
+from . import minilm_artifacts as shipped
+from .minilm_artifacts import (NOT_SHIPPED, STACK, depth_for, original,  # noqa: F401 (the study's names)
+                               shipped_status)
 
 __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "original", "fresh_copy", "study_task",
            "module_config", "finetune_config", "test_scores", "train_bank", "ladder_rows", "depth_for",
@@ -53,7 +56,6 @@ __all__ = ["equal_removal_plan", "minilm_ff_merging", "RECOVERY", "study_key", "
            "minilm_csv", "ladder_vs_baselines", "minilm_conclusion", "CSV_COLUMNS", "trainable", "student_rows",
            "reference_embeddings", "CONTROL", "control_student", "control_row", "merge_view"]
 
-STACK = "layers"
 RECOVERY = TrainConfig(steps=300, batch_size=32, lr=5e-5, warmup=30, log_every=50, ckpt_every=100, eval_every=0)
 
 
@@ -191,23 +193,11 @@ def study_key(profile=None) -> dict:
     _, m = _profile(profile)
     key = {"version": STUDY_VERSION, "minilm": asdict(m), "weights": minilm_hash(), "corpus": file_hash(CORPUS)}
     if m.shipped:  # a table made before an artifact was shipped (or re-shipped) is not reused
-        from .minilm_artifacts import shipped_status
-
         key["shipped"] = shipped_status(m)
     return key
 
 
 _LOADED: dict = {}
-
-
-def original():
-    """(all-MiniLM-L6-v2, tokenizer), loaded once per process; treat the model as read-only
-    (`fresh_copy` for anything that trains)."""
-    if "model" not in _LOADED:
-        from ..minilm import load_minilm
-
-        _LOADED["model"], _LOADED["tokenizer"] = load_minilm()
-    return _LOADED["model"], _LOADED["tokenizer"]
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:
@@ -288,13 +278,6 @@ def ladder_rows(teacher: nn.Module, bank, task, ref: torch.Tensor, steps: int) -
                      "params_removed_frac": 1 - n / n0, "recovery_steps": 0,
                      "train_steps": 0 if strategy == "teacher" else steps, **test_scores(model, task, ref)})
     return rows
-
-
-def depth_for(ratio: float, n: int) -> int:
-    """Blocks a stack of n keeps at layer-stack ratio `ratio` (6 layers: 1.5x -> 4, 2x -> 3, 3x -> 2)."""
-    if ratio < 1:
-        raise ValueError(f"ratios are compressions >= 1 (1.5 = two thirds of the layers), got {ratio}")
-    return max(1, round(n / ratio))
 
 
 def baseline_student(teacher: nn.Module, task, method: str, keep: list[int], cfg: TrainConfig, run: Path,
@@ -418,8 +401,6 @@ _reference = reference_embeddings
 def minilm_modules(profile=None, *, progress: bool = True):
     """(bank, log) of the profile's ONE module-replacing run on MiniLM: the shipped one (verified;
     None, None when it is not shipped yet), or trained once in the cache and read afterwards."""
-    from . import minilm_artifacts as shipped
-
     _, m = _profile(profile)
     if m.shipped:
         if shipped.missing("modules", m):
@@ -433,8 +414,6 @@ def minilm_modules(profile=None, *, progress: bool = True):
 def minilm_module_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """The original and the size-first ladder of the module run, scored on test (a module run not
     shipped yet: the original and one row with the note)."""
-    from .minilm_artifacts import NOT_SHIPPED
-
     _, m = _profile(profile)
 
     def compute():
@@ -471,8 +450,6 @@ def minilm_baseline_table(profile=None, *, progress: bool = True) -> pd.DataFram
 
 def _shipped_student(m):
     """student(method, keep) for `baseline_rows`: the shipped run (verified), or None and the note."""
-    from . import minilm_artifacts as shipped
-
     def student(method: str, keep: list[int]):
         name = f"{method}-{len(keep)}"
         if shipped.missing(name, m):
@@ -490,8 +467,6 @@ MERGE_COLUMNS = ["target", "method", "spec", "layers", "params", "params_removed
 def _shipped_merges(m) -> pd.DataFrame:
     """`minilm_ff_merging`'s table read from the shipped merge-P cards (a target not shipped yet:
     one row per method with the note)."""
-    from . import minilm_artifacts as shipped
-
     parts = []
     for t in m.merge_targets:
         name = f"merge-{round(t * 100)}"
@@ -508,8 +483,6 @@ def _shipped_merges(m) -> pd.DataFrame:
 
 def _shipped_control(m) -> tuple[nn.Module | None, str]:
     """(the shipped control, "") after `verify`, or (None, the note) when it is not shipped yet."""
-    from . import minilm_artifacts as shipped
-
     if shipped.missing(shipped.CONTROL_NAME, m):
         print(f"MiniLM {shipped.CONTROL_NAME}: {shipped.NOT_SHIPPED}; its row stays empty", flush=True)
         return None, shipped.NOT_SHIPPED
@@ -620,8 +593,6 @@ def _shipped_loader(m, model: nn.Module):
     """A row's model from data/minilm; a baseline not shipped yet is timed on its untrained
     architecture (its row carries the note and no scores)."""
     from ..baselines import keep_only
-    from . import minilm_artifacts as shipped
-
     merged = {}
     for t in m.merge_targets:
         name = f"merge-{round(t * 100)}"

