@@ -656,16 +656,18 @@ def test_export_without_a_model_or_folder_says_why(explorer, tmp_path):
 
 
 def test_a_stack_that_is_one_module_of_ten_or_more_layers_reads_back():
-    """str(Plan) writes one 12-module as 'e=12' (Plan.parse reads 1, 2): the explorer reads it as the module."""
+    """str(Plan) writes one 12-module as 'e=12,' (it reads back as itself); a user typing 'e=12' for a 12-layer
+    stack also means the one module (Plan.parse alone reads spans 1 and 2): the explorer reads both."""
     from mtlab.modular.plan import Plan
     from mtlab.ui.assembly import parse_plan
 
     depths, ks = {"encoder": 12, "decoder": 12}, {"encoder": (2, 3, 4, 6, 12), "decoder": (2, 3, 4, 6, 12)}
     plan = Plan.of({"encoder": (12,), "decoder": (3, 1, 4, 2, 1, 1)})
-    assert str(plan) == "e=12 d=314211" and parse_plan(str(plan), depths) == plan
+    assert str(plan) == "e=12, d=314211" and parse_plan(str(plan), depths) == plan == Plan.parse(str(plan))
+    assert parse_plan("e=12 d=314211", depths) == plan
     assert parse_plan("e=1,2,1,8 d=111111111111", depths).stack("encoder") == (1, 2, 1, 8)
     rows = [{"plan": str(p), "params": 1, "ratio": 1.0, "ideal_speedup": x, "nll": x, "token_acc": 0.5}
             for p, x in ((Plan.teacher(depths), 1.0), (plan, 3.0))]
     e = AssemblyExplorer(pd.DataFrame(rows), depths, ks, {"encoder": 10, "decoder": 10})
     e.best.click()
-    assert e.plan == plan and e.error.value == "" and e.custom.value == "e=12 d=314211"
+    assert e.plan == plan and e.error.value == "" and e.custom.value == "e=12, d=314211"

@@ -48,8 +48,8 @@ def ratio_options(depths: Mapping[str, int], granularities: Mapping[str, tuple[i
 
 
 def parse_plan(text: str, depths: Mapping[str, int]) -> Plan:
-    """`Plan.parse`, also reading a stack that is one module of 10 or more layers: `str(Plan)` writes the
-    12-layer encoder as one 12-module as 'e=12', which `Plan.parse` reads as spans 1 and 2."""
+    """`Plan.parse`, also reading a stack typed as one module of 10 or more layers: 'e=12' for a 12-layer
+    encoder means the one 12-module here (`Plan.parse` alone reads spans 1 and 2; `str(Plan)` writes 'e=12,')."""
     plan = Plan.parse(text, depths)
     spans = dict(plan.spans)
     for item in text.replace(";", " ").split():
