@@ -13,8 +13,10 @@ import torch
 
 from mtlab.experiments import your_model as ym
 from mtlab.profiles import PROFILES, YourModelProfile, replace
+from models import tiny_llama
 
 TEXT = Path(__file__).parent / "data" / "text_small.txt"
+
 PROFILE = replace(PROFILES["smoke"], your_model=YourModelProfile(
     demo_steps=2, granularities=(2,), steps=2, batch_size=4, cka_tokens=200, eval_limit=4, screen_limit=4,
     window_sizes=(2,), align_tokens=200, recovery_steps=3))
@@ -22,19 +24,7 @@ PROFILE = replace(PROFILES["smoke"], your_model=YourModelProfile(
 
 def _llama(tmp: Path) -> Path:
     """A 3-layer Llama (grouped-query attention) saved with a word-level tokenizer of the small text."""
-    import transformers as T
-
-    from mtlab.tasks.causal_lm import word_tokenizer
-
-    tok = word_tokenizer(TEXT.read_text().splitlines())
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                                             pad_token_id=0))
-    model.save_pretrained(tmp / "llama")
-    tok.save_pretrained(tmp / "llama")
-    return tmp / "llama"
+    return tiny_llama(tmp, layers=3)
 
 
 def test_merge_and_recover_has_the_fine_tuned_original_as_control(tmp_path):

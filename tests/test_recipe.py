@@ -183,19 +183,11 @@ def test_check_only_validates(gpt2_example, tmp_path, capsys):
 
 def test_llama_recipe_with_ladders_and_every_baseline(tmp_path):
     """A Llama-style (GLU) model: every registered assembly strategy, merges found by window search."""
-    import torch
     import transformers as T
 
-    from mtlab.tasks.causal_lm import word_tokenizer
+    from models import tiny_llama
 
-    tok = word_tokenizer(TEXT.read_text().splitlines())
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                                             pad_token_id=0))
-    model.save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
+    tiny_llama(tmp_path)
     recipe = {"model": "llama", "task": {"kind": "text", "path": str(TEXT), "block_size": 16}, "output": "out",
               "modules": {"granularities": [2, 4], "steps": 3, "batch_size": 8, "screen": False},
               "merge": {"window_search": {"sizes": [2], "starts": [2], "select_limit": 4}, "align_tokens": 200,
@@ -208,7 +200,7 @@ def test_llama_recipe_with_ladders_and_every_baseline(tmp_path):
     assert len(df[df.kind == "baseline"]) == 2 and df.dev_ppl.notna().all()
     from mtlab.tasks import CausalLMTask
 
-    task = CausalLMTask.from_file(TEXT, tok, block_size=16)
+    task = CausalLMTask.from_file(TEXT, tmp_path / "llama", block_size=16)
     for row in df.dropna(subset=["path"]).itertuples():
         reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / row.path)
         assert reloaded.config.num_hidden_layers == len(reloaded.model.layers)

@@ -8,6 +8,7 @@ import pytest
 
 from mtlab.recipe import load_recipe
 from mtlab.study import TABLES, study
+from models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "text_small.txt"
@@ -16,20 +17,7 @@ SMOKE = {"cka_tokens": 200, "speed_batch_sizes": [1, 4], "speed_seconds": 0.05, 
 
 
 def _llama(tmp_path: Path) -> str:
-    import torch
-    import transformers as T
-
-    from mtlab.tasks.causal_lm import word_tokenizer
-
-    tok = word_tokenizer(TEXT.read_text().splitlines())
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                                             pad_token_id=0))
-    model.save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
-    return "llama"
+    return tiny_llama(tmp_path).name
 
 
 def _bart(tmp_path: Path) -> str:
