@@ -23,3 +23,23 @@ def tiny_llama(tmp: Path, layers: int = 4, name: str = "llama") -> Path:
     model.save_pretrained(tmp / name)
     tok.save_pretrained(tmp / name)
     return tmp / name
+
+
+def tiny_gpt2_example(root: Path, steps: int = 40) -> Path:
+    """examples/tiny_gpt2 copied into a tmp tree `root` that keeps its relative paths, with its model built
+    (`make_model.make`, `steps` steps); returns the copied example folder."""
+    import shutil
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    example = root / "examples" / "tiny_gpt2"
+    shutil.copytree(repo / "examples" / "tiny_gpt2", example)
+    (root / "tests" / "data").mkdir(parents=True)
+    shutil.copy(TEXT, root / "tests" / "data" / TEXT.name)
+    sys.path.insert(0, str(example))
+    try:
+        import make_model
+    finally:
+        sys.path.pop(0)
+    make_model.make(example / "tiny-gpt2", steps=steps, text=root / "tests" / "data" / TEXT.name)
+    return example

@@ -3,7 +3,6 @@ the fix, and the CLI's --version, choices and help."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +23,9 @@ TEXT = ROOT / "tests" / "data" / "text_small.txt"
 @pytest.fixture(scope="module")
 def gpt2_example(tmp_path_factory):
     """examples/tiny_gpt2 copied into a tmp tree that keeps its relative paths, with its model built."""
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(EXAMPLES / "tiny_gpt2", root / "examples" / "tiny_gpt2")
-    (root / "tests" / "data").mkdir(parents=True)
-    shutil.copy(TEXT, root / "tests" / "data" / TEXT.name)
-    sys.path.insert(0, str(root / "examples" / "tiny_gpt2"))
-    try:
-        import make_model
-    finally:
-        sys.path.pop(0)
-    make_model.make(root / "examples" / "tiny_gpt2" / "tiny-gpt2", steps=40, text=root / "tests" / "data" / TEXT.name)
-    return root / "examples" / "tiny_gpt2"
+    from models import tiny_gpt2_example
+
+    return tiny_gpt2_example(tmp_path_factory.mktemp("repo"), steps=40)
 
 
 def _check_output(out: Path, df: pd.DataFrame, metric: str) -> None:

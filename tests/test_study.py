@@ -126,23 +126,12 @@ def test_every_example_folder_has_a_study_recipe_that_validates():
 @pytest.mark.slow
 def test_the_tiny_gpt2_example_study_runs_from_the_cli(tmp_path):
     """`mtlab study examples/tiny_gpt2/study.yaml --out DIR` on a copy of the example (its model built)."""
-    import shutil
-    import sys
-
     from mtlab.cli import main
+    from models import tiny_gpt2_example
 
-    root = tmp_path / "repo"
-    shutil.copytree(ROOT / "examples" / "tiny_gpt2", root / "examples" / "tiny_gpt2")
-    (root / "tests" / "data").mkdir(parents=True)
-    shutil.copy(TEXT, root / "tests" / "data" / TEXT.name)
-    sys.path.insert(0, str(root / "examples" / "tiny_gpt2"))
-    try:
-        import make_model
-    finally:
-        sys.path.pop(0)
-    make_model.make(root / "examples" / "tiny_gpt2" / "tiny-gpt2", steps=20, text=root / "tests" / "data" / TEXT.name)
+    example = tiny_gpt2_example(tmp_path / "repo", steps=20)
     out = tmp_path / "study"
-    assert main(["study", str(root / "examples" / "tiny_gpt2" / "study.yaml"), "--out", str(out), "--no-progress"]) == 0
+    assert main(["study", str(example / "study.yaml"), "--out", str(out), "--no-progress"]) == 0
     for t in (*TABLES, "method_budget"):
         assert len(pd.read_csv(out / f"{t}.csv")), t
     mod = pd.read_csv(out / "modular.csv")
