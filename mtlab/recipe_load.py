@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .recipe_schema import Recipe, RecipeError, TaskSpec, _TaskOnly, explain
+from .recipe_schema import Recipe, RecipeError, TaskSpec, TaskOnly, explain
 from .train import RunMismatchError
 
 __all__ = ["RecipeRunMismatch", "load_model_and_task", "load_model_and_data", "check_recipe", "check_output",
@@ -39,7 +39,7 @@ def load_model_and_data(model: str | Path | None, kind: str, path: str | Path | 
     `kind` and `task` keywords are the recipe's `task` section (block_size, metric, source_col, target_col,
     max_target_len, dev_fraction, test_fraction). The g2p task needs the bundled teacher (model None or 'bundled')."""
     try:
-        spec = _TaskOnly.model_validate({"task": {"kind": kind, "path": path, **task}}).task
+        spec = TaskOnly.model_validate({"task": {"kind": kind, "path": path, **task}}).task
     except ValidationError as e:
         raise explain(e, "load_model_and_data") from None
     model = "bundled" if model is None and spec.kind == "g2p" else model

@@ -217,7 +217,7 @@ class Recipe(_Strict):
         return self
 
 
-class _TaskOnly(_Strict):
+class TaskOnly(_Strict):
     task: TaskSpec
 
 

@@ -86,7 +86,7 @@ class Registry(Generic[T]):
             self._check_name(key)
         known = {k: v for k in _FIELDS if k in meta for v in [meta.pop(k)] if v is not None}  # None: the default
         if "tasks" in known:
-            known["tasks"] = _task_kinds(known["tasks"], f"{self.what} {key!r}")
+            known["tasks"] = checked_task_kinds(known["tasks"], f"{self.what} {key!r}")
         doc = (getattr(value, "__doc__", None) or "").strip().split("\n")[0] if callable(value) else ""
         entry = Entry(key, value, **{"label": key, "description": doc, **known}, extra=dict(meta))
         self._entries[key] = entry
@@ -117,7 +117,7 @@ class Registry(Generic[T]):
         old = self.entry(name)
         known = {k: meta.pop(k) for k in _FIELDS if k in meta}
         if "tasks" in known:
-            known["tasks"] = _task_kinds(known["tasks"], f"{self.what} {old.name!r}")
+            known["tasks"] = checked_task_kinds(known["tasks"], f"{self.what} {old.name!r}")
         new = replace(old, **known, extra={**old.extra, **meta})
         self._entries[old.name] = new
         return new
@@ -199,7 +199,7 @@ def _value(entry: Entry, name: str, default: Any = None) -> Any:
     return entry.extra.get(name, default)
 
 
-def _task_kinds(tasks, where: str) -> tuple[str, ...]:
+def checked_task_kinds(tasks, where: str) -> tuple[str, ...]:
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks or ())
     bad = [t for t in tasks if t not in TASK_KINDS]
     if bad:

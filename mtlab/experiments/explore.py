@@ -35,7 +35,7 @@ from ..modular.plan import size_first
 from ..profiles import get_profile
 from ..shipped import shipped_state
 from ..teacher import load_teacher
-from .modular import _bank_key, _loaded, screen_table  # noqa: F401 (the screen lives beside the bank it reads)
+from .modular import bank_key, screen_table, teacher_task_bank  # noqa: F401 (the screen lives beside the bank it reads)
 from .modular import (QUALITY, evaluate_candidates, modular_table, replacing_config, shipped_key, trained_bank,
                       trained_baselines)
 
@@ -142,7 +142,7 @@ def combined_rows(prof, teacher, task, bank, progress: bool = True) -> list[Cand
         if not merges:
             continue
         spec = CompressionSpec(plan, tuple(merges))
-        d = artifact_dir("recovered", {"bank": _bank_key(prof), "plan": str(plan), "specs": list(map(str, merges)),
+        d = artifact_dir("recovered", {"bank": bank_key(prof), "plan": str(plan), "specs": list(map(str, merges)),
                                        "recovery": asdict(rcfg)})
         net = _recovered(lambda spec=spec: apply(teacher, spec, bank=bank, batches_fn=_align(task),
                                                  max_tokens=prof.merging.align_tokens), task, rcfg, d, progress)
@@ -155,7 +155,7 @@ def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
     """Every candidate decoded and timed in one run, frontiers marked (columns `COLUMNS` + more)."""
     prof = get_profile(profile)
     explore = {k: v for k, v in asdict(prof.explore).items() if k != "bench_limit"}  # the benchmark's own knob
-    key = {"version": VERSION, "bank": _bank_key(prof), "modular": asdict(prof.modular),
+    key = {"version": VERSION, "bank": bank_key(prof), "modular": asdict(prof.modular),
            "merging": asdict(prof.merging), "explore": explore, **shipped_key(prof.modular)}
     if prof.merging.shipped:
         from .merge_artifacts import MERGE_DIR
@@ -166,7 +166,7 @@ def frontier_table(profile=None, *, progress: bool = True) -> pd.DataFrame:
 
 def _frontier(prof, progress: bool) -> pd.DataFrame:
     torch.manual_seed(0)
-    teacher, task, bank = _loaded(prof, progress=progress)
+    teacher, task, bank = teacher_task_bank(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress).set_index("plan")
     cands, seen = [], set()
     for strategy, plan in teacher_ladders(teacher, bank):
@@ -214,7 +214,7 @@ def screening_bench(profile=None, *, repeats: int = 3, progress: bool = True) ->
     import statistics
 
     prof = get_profile(profile)
-    teacher, task, bank = _loaded(prof, progress=progress)
+    teacher, task, bank = teacher_task_bank(prof, progress=progress)
     plans = list(AssemblySpace.of(teacher, bank))
     kw = dict(split="dev", limit=prof.explore.bench_limit, batch_size=prof.explore.screen_batch, progress=progress)
     screen(teacher, bank, task, plans[:2], **{**kw, "limit": prof.explore.screen_batch})   # warm-up
@@ -361,7 +361,7 @@ def assembly_explorer(profile=None, *, with_frontier: bool = True, progress: boo
                                      code=assembly_code(tiny=True))
         live_note("assembly explorer")
         return explorer
-    teacher, task, bank = _loaded(prof, progress=progress)
+    teacher, task, bank = teacher_task_bank(prof, progress=progress)
     scr = screen_table(prof, teacher, task, bank, progress=progress)
     fr = frontier_table(prof, progress=progress) if with_frontier else None
     live_note("assembly explorer")

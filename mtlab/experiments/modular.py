@@ -99,12 +99,14 @@ RULE_STRATEGIES = ("size_first", "speed_first")
 SCREEN_VERSION = 4  # the screen cache's key version (it was experiments.explore's VERSION 4)
 
 
-def _bank_key(prof) -> dict:
+def bank_key(prof) -> dict:
+    """What a table built on the profile's module bank depends on: the teacher, the replacing recipe, the shipped bank."""
     return {"teacher": teacher_hash(), "replacing": asdict(replacing_config(prof.modular)),
             **shipped_key(prof.modular, baselines=False)}
 
 
-def _loaded(prof, teacher=None, task=None, bank=None, progress=True):
+def teacher_task_bank(prof, teacher=None, task=None, bank=None, progress=True):
+    """(teacher, task, bank) of the profile: the given ones, else the bundled teacher and its trained bank."""
     if teacher is None:
         teacher, task = load_teacher()
     if bank is None:
@@ -118,12 +120,12 @@ def screen_table(profile=None, teacher=None, task=None, bank=None, *, progress: 
     e = prof.explore
 
     def compute():
-        t, tk, b = _loaded(prof, teacher, task, bank, progress)
+        t, tk, b = teacher_task_bank(prof, teacher, task, bank, progress)
         df = screen(t, b, tk, split="dev", limit=e.screen_limit, batch_size=e.screen_batch, progress=progress)
         df["block_evals"], df["seconds"] = df.attrs["block_evals"], df.attrs["seconds"]
         return df
 
-    key = {"version": SCREEN_VERSION, "bank": _bank_key(prof), "limit": e.screen_limit, "batch": e.screen_batch}
+    key = {"version": SCREEN_VERSION, "bank": bank_key(prof), "limit": e.screen_limit, "batch": e.screen_batch}
     return cached_frame("screen", key, compute)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..registry import Registry, _task_kinds
+from ..registry import Registry, checked_task_kinds
 from .causal_lm import CausalLMTask
 from .g2p import G2PTask
 from .pairs import PairsTask
@@ -33,7 +33,7 @@ def task_kind(name: str, *, kind: str, metric: str | None = None, needs_path: bo
     """Decorator: register a Task class as task kind `name`; `kind` is its model's task kind
     ("seq2seq", "causal_lm", "embedding"), the one registered merge methods, baselines and strategies
     declare support for (`mtlab.registry.Entry.tasks`)."""
-    (kind,) = _task_kinds((kind,), f"task kind {name!r}")
+    (kind,) = checked_task_kinds((kind,), f"task kind {name!r}")
 
     def register(cls: type) -> type:
         TASKS.add(name, cls, label=label or name, kind=kind, tasks=(kind,), rank=rank, description=description,
