@@ -430,7 +430,7 @@ def ship_curves(study: str | CurveStudy = "minilm", table: pd.DataFrame | None =
                       (sorted(q for q in work.iterdir() if (q / START_JSON).exists()) if work.exists() else []))},
             "steps": int(table.step.max()) if len(table) else 0, "settings": settings.__dict__ if settings else None,
             "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-            "crossings": crossing_sentence(table), "command": study.command}
+            "crossings": crossing_sentence(table), "command": reproduce_command(study, settings, card_runs(work))}
     root.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(root) as tmp:
         write_csv(tmp / "curves.csv", table)
@@ -439,13 +439,30 @@ def ship_curves(study: str | CurveStudy = "minilm", table: pd.DataFrame | None =
     return root
 
 
+def card_runs(work: Path) -> list[str]:
+    """The run names in a curves work folder (each has its start record)."""
+    return sorted(q.name for q in work.iterdir() if (q / START_JSON).exists()) if work.exists() else []
+
+
+def reproduce_command(study: CurveStudy, settings: CurveSettings | None, runs=()) -> str:
+    """The make command that reproduces the shipped table: the study's target, with the steps and
+    cadence when they differ from the defaults, and the runs when they are not the default methods'."""
+    default = CurveSettings()
+    parts = [study.command]
+    if settings is not None and (settings.steps, settings.every) != (default.steps, default.every):
+        parts.append(f"STEPS={settings.steps} EVERY={settings.every}")
+    if runs and sorted(runs) != sorted(run_names(study)):
+        parts.append(f'ONLY="{" ".join(runs)}"')
+    return " ".join(parts)
+
+
 def _render(study: CurveStudy, card: dict, table: pd.DataFrame) -> str:
     runs = "\n".join(f"- `{n}`: {r.get('spec')} ({r.get('params_removed_frac', 0):.1%} of the parameters removed)"
                      for n, r in card["runs"].items())
     return f"""# mtlab recovery curves: `{study.name}`
 
 - Quality against recovery steps, one recovery run per method and share of parameters removed, scored
-  on the same test sentences at every evaluation (step 0: as built, before recovery).
+  on the same test examples at every evaluation (step 0: as built, before recovery).
 - Runs:
 {runs}
 - Up to step {card['steps']:,}; settings `{json.dumps(card['settings'])}`; {card['machine']}.

@@ -216,3 +216,13 @@ def test_the_control_curve_is_read_beside_the_methods():
     text = control_sentence(t, ["test_per"])
     assert "step 500" in text and "original 11.8" in text and "permute 12" in text
     assert control_sentence(t[t.method != "original"], ["test_per"]) == ""
+
+
+def test_the_card_names_the_command_with_its_settings_and_runs():
+    from mtlab.curves import STUDIES, CurveSettings, reproduce_command, run_names
+
+    s = STUDIES["minilm"]
+    assert reproduce_command(s, CurveSettings()) == s.command
+    assert reproduce_command(s, CurveSettings(steps=2000, every=250), ["permute-10", "original-10"]) == \
+        f'{s.command} STEPS=2000 EVERY=250 ONLY="permute-10 original-10"'
+    assert reproduce_command(s, CurveSettings(), run_names(s)) == s.command
