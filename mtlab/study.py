@@ -285,11 +285,13 @@ def study(source, *, out: str | Path | None = None, progress: bool = True, fresh
     tables = {"similarity": similarity_table(teacher, task, tokens=s.cka_tokens, progress=progress)}
     scored = score_table(cands, task, split=r.eval.split, limit=r.eval.limit, batch_size=r.eval.batch_size,
                          progress=progress)
-    speed = speed_table(cands, task, batch_sizes=s.speed_batch_sizes, seconds=s.speed_seconds, rounds=s.speed_rounds)
+    # a model before its recovery has the architecture (so the speed) of the recovered one: timed once, off the frontier
+    final = {n: c for n, c in cands.items() if c.info.get("stage") != "before recovery"}
+    speed = speed_table(final, task, batch_sizes=s.speed_batch_sizes, seconds=s.speed_seconds, rounds=s.speed_rounds)
     metric, higher = _metric(task, r.eval.split)
     tables["modular"] = modular_table(scored)
     tables["merge"] = merge_table(scored)
-    tables["frontier"] = frontier_table(scored, speed, metric, higher)
+    tables["frontier"] = frontier_table(scored[scored.name.isin(list(final))], speed, metric, higher)
     extra = {"method_budget": method_budget(tables["modular"]), **side}
     for name, t in {**tables, **extra}.items():
         t.attrs["config"] = {**t.attrs.get("config", {}), "recipe": record}

@@ -85,6 +85,7 @@ def test_study_writes_the_four_tables_for_a_users_model(tmp_path, make, task, me
     assert {"before recovery", "recovered"} <= set(mer.stage)
     fr = res.tables["frontier"]
     assert fr.on_frontier.any() and {"speedup_b1", "speedup_b4"} <= set(fr.columns)
+    assert "before recovery" not in set(fr.stage.dropna()) and fr.speedup_b4.notna().all()  # each model timed once
     sim = res.tables["similarity"]
     assert set(sim.point) == {"ff_out", "attn_out"}
     diag = sim[(sim.row == sim.col)].value
